@@ -1,0 +1,696 @@
+"""The admin CLI: parse input, call the service, render output. No rule lives here.
+
+Start-up time matters (`usermgr verify` in a loop, `--help`): this module imports only
+click and usermgr's stdlib-only modules; each command imports the service when it runs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+from usermgr import __version__, errors, output
+from usermgr.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+USER_FIELDS = ("id", "email", "username", "full_name", "is_active", "roles", "created_at", "last_login_at")
+CLAIM_FIELDS = ("sub", "email", "roles", "iss", "aud", "iat", "exp", "jti", "ver")
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+# ---- errors and the process boundary -------------------------------------------------
+
+
+def note(message: str) -> None:
+    """A message for the person or the log: standard error, never standard output."""
+    click.echo(f"usermgr: {message}", err=True)
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"usermgr: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _silence_stdout() -> None:
+    """After the reader of a pipe went away, send what is left nowhere, quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
+def _domain_error(error: BaseException) -> errors.UsermgrError | None:
+    if isinstance(error, errors.UsermgrError):
+        return error
+    if "sqlalchemy" in sys.modules:
+        from usermgr.database import as_domain_error
+
+        return as_domain_error(error)
+    return None
+
+
+class UsermgrGroup(click.Group):
+    """Turns every failure of a command into one line on stderr and its exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except BrokenPipeError:
+            _silence_stdout()
+            sys.exit(0)
+        except Exception as error:  # the one place that keeps tracebacks from users
+            if _debug(ctx):
+                raise
+            domain = _domain_error(error)
+            if domain is not None:
+                fail(str(domain), errors.exit_code(domain))
+            fail(
+                f"unexpected {type(error).__name__}: {error} (a bug: run again with --debug and report the traceback)",
+                errors.UNEXPECTED_EXIT_CODE,
+            )
+
+
+def _debug(ctx: click.Context) -> bool:
+    app = ctx.find_object(App)
+    if app is not None and app.options.get("debug"):
+        return True
+    return os.environ.get("USERMGR_DEBUG", "").lower() in ("1", "true", "yes", "on")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The console script: `usermgr` and `python -m usermgr`."""
+    try:
+        code = cli.main(args=argv, prog_name="usermgr", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as error:
+        click.echo(error.ctx.get_help() if error.ctx else "", err=True)
+        sys.exit(2)
+    except click.exceptions.UsageError as error:
+        command = error.ctx.command_path if error.ctx else "usermgr"
+        fail(f"{error.format_message()} (see `{command} --help`)", 2)
+    except click.ClickException as error:
+        fail(error.format_message(), error.exit_code)
+    except click.exceptions.Abort:
+        click.echo("", err=True)
+        fail("interrupted; nothing was changed", 130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+# ---- the application object -------------------------------------------------------------
+
+
+class App:
+    """Global options, with settings and the database opened only when a command needs them."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(
+                database_url=self.options.get("db"),
+                key_file=self.options.get("key_file"),
+                debug=bool(self.options.get("debug")),
+            )
+        return self._settings
+
+    def session(self, *, must_exist: bool = True) -> Session:
+        from usermgr import database
+
+        database.configure(self.settings.database_url, must_exist=must_exist)
+        return database.SessionLocal()
+
+
+pass_app = click.make_pass_decorator(App)
+
+
+# ---- shared options and input -----------------------------------------------------------
+
+
+def output_option(formats: Sequence[str] = output.USER_FORMATS, default: str | None = "table") -> Callable[..., Any]:
+    return click.option(
+        "-o",
+        "--output",
+        "fmt",
+        type=click.Choice(formats),
+        default=default,
+        show_default=default is not None,
+        help="Output format; scripts should always say which.",
+    )
+
+
+def password_stdin_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--password-stdin", is_flag=True, help="Read the password from the first line of standard input."
+    )(command)
+
+
+def users_argument(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.argument("users", nargs=-1, required=True, metavar="USER...")(command)
+
+
+def read_user_refs(values: Sequence[str]) -> tuple[list[str], str]:
+    """The USER arguments, or with `-` the lines of standard input; and what a position is."""
+    if "-" not in values:
+        return list(values), "argument"
+    if len(values) > 1:
+        raise click.UsageError("`-` reads users from standard input and cannot be mixed with other users")
+    return [line.rstrip("\r\n") for line in sys.stdin], "line"
+
+
+def stdin_is_terminal() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def read_password(from_stdin: bool, *, confirm: bool, command: str) -> str:
+    """A password from a hidden prompt on a terminal, or from standard input's first line."""
+    if from_stdin:
+        line = sys.stdin.readline()
+        if not line:
+            raise errors.InvalidInput("no password on standard input")
+        return line.removesuffix("\n").removesuffix("\r")
+    if not stdin_is_terminal():
+        raise click.UsageError(
+            f"no terminal to ask for the password on: pipe it in with `usermgr {command} --password-stdin`"
+        )
+    return click.prompt("Password", hide_input=True, confirmation_prompt=confirm)
+
+
+def show_user(user: Any, fmt: str) -> None:
+    from usermgr import service
+
+    record = service.user_record(user)
+    if fmt in ("table", "json"):
+        output.write_one(record, fmt, USER_FIELDS)
+    else:
+        output.write_records([record], fmt, USER_FIELDS)
+
+
+def summarize(verb: str, users: Sequence[Any]) -> None:
+    note(f"{verb} {len(users)} user{'s' if len(users) != 1 else ''}")
+
+
+# ---- the group ----------------------------------------------------------------------------
+
+
+@click.group(cls=UsermgrGroup, context_settings=CONTEXT_SETTINGS)
+@click.option("--db", envvar="USERMGR_DATABASE_URL", metavar="URL", help="Database URL or SQLite path [default: users.db].")
+@click.option(
+    "--key-file",
+    envvar="USERMGR_KEY_FILE",
+    type=click.Path(dir_okay=False),
+    help="Token signing key [default: usermgr.key beside a SQLite database].",
+)
+@click.option("--debug", is_flag=True, envvar="USERMGR_DEBUG", help="Show tracebacks of unexpected errors.")
+@click.version_option(__version__, prog_name="usermgr")
+@click.pass_context
+def cli(ctx: click.Context, db: str | None, key_file: str | None, debug: bool) -> None:
+    """Manage the users table of a web app: users, roles, passwords and tokens.
+
+    \b
+    Example:
+      usermgr init
+      usermgr create --email ada@example.com --admin
+      usermgr list -o email | head -1
+
+    Exit codes: 0 ok, 1 unexpected, 2 usage, 3 invalid input, 4 not found,
+    5 conflict, 6 authentication failed, 7 token invalid, 8 forbidden.
+    """
+    ctx.obj = App(db=db, key_file=key_file, debug=debug)
+
+
+@cli.command()
+@pass_app
+def init(app: App) -> None:
+    """Create or upgrade the schema, and create the key file (mode 0600) if missing.
+
+    Idempotent: safe to run on every deploy.
+
+    \b
+    Example:
+      usermgr --db users.db init
+    """
+    from usermgr import migrations, tokens
+
+    settings = app.settings
+    with app.session(must_exist=False) as db:
+        engine = db.get_bind()
+        migrations.upgrade(engine)
+        note(f"database {engine.url.render_as_string(hide_password=True)} is at schema revision {migrations.current_revision(engine)}")
+    if settings.key_file is None:
+        note("no key file for this database: set USERMGR_SECRET_KEY or give --key-file to sign tokens")
+    elif tokens.create_key_file(settings.key_file, settings.token_algorithm):
+        note(f"created key file {settings.key_file} (mode 0600)")
+
+
+@cli.command()
+@click.option("--email", required=True, help="Email address (stored lowercased).")
+@click.option("--username", help="Optional unique username.")
+@click.option("--full-name", help="Optional display name.")
+@click.option("--admin", is_flag=True, help="Grant the built-in admin role.")
+@click.option("--role", "roles", multiple=True, metavar="ROLE", help="Grant a role (repeatable).")
+@password_stdin_option
+@click.option("--no-password", is_flag=True, help="Create without a password: the user cannot log in yet.")
+@output_option()
+@pass_app
+def create(
+    app: App,
+    email: str,
+    username: str | None,
+    full_name: str | None,
+    admin: bool,
+    roles: tuple[str, ...],
+    password_stdin: bool,
+    no_password: bool,
+    fmt: str,
+) -> None:
+    """Add a user. The password comes from a hidden prompt or standard input, never argv.
+
+    \b
+    Example:
+      usermgr create --email ada@example.com --admin
+      printf '%s\\n' "$PW" | usermgr create --email bob@example.com --password-stdin -o id
+    """
+    from usermgr import service
+
+    if password_stdin and no_password:
+        raise click.UsageError("--password-stdin and --no-password cannot be used together")
+    service.new_user(email, username, full_name)  # bad fields fail before a password is asked for
+    if not password_stdin and not no_password and not stdin_is_terminal():
+        raise click.UsageError(
+            "no terminal to ask for the password on: use --password-stdin to read it from standard input, or --no-password"
+        )
+    password = None if no_password else read_password(password_stdin, confirm=True, command="create")
+    data = service.new_user(email, username, full_name, password)
+    with app.session() as db:
+        user = service.create_user(db, app.settings, data, roles=roles, admin=admin)
+    show_user(user, fmt)
+
+
+@cli.command()
+@click.argument("user")
+@output_option()
+@pass_app
+def show(app: App, user: str, fmt: str) -> None:
+    """Show one user, by email or id.
+
+    \b
+    Example:
+      usermgr show ada@example.com -o json
+    """
+    from usermgr import service
+
+    with app.session() as db:
+        show_user(service.get_user(db, user), fmt)
+
+
+@cli.command("list")
+@click.option("--role", help="Only users with this role.")
+@click.option("--admin", is_flag=True, help="Only admins.")
+@click.option("--active/--disabled", "active", default=None, help="Only enabled, or only disabled, users.")
+@click.option("--search", metavar="TEXT", help="Only users whose email, username or name contains TEXT.")
+@click.option("--limit", type=click.IntRange(min=0), help="At most N users.")
+@click.option("--offset", type=click.IntRange(min=0), default=0, help="Skip the first N users.")
+@output_option()
+@pass_app
+def list_users(
+    app: App, role: str | None, admin: bool, active: bool | None, search: str | None, limit: int | None, offset: int, fmt: str
+) -> None:
+    """List users, oldest first, streamed.
+
+    \b
+    Example:
+      usermgr list --role beta -o email | usermgr disable -
+    """
+    from usermgr import service
+
+    filters = service.UserFilter(role=role, admin=admin, active=active, search=search, limit=limit, offset=offset)
+    with app.session() as db:
+        output.write_records(service.iter_user_records(db, filters), fmt, USER_FIELDS)
+
+
+@cli.command()
+@click.argument("user")
+@click.option("--email", help="New email.")
+@click.option("--username", help="New username.")
+@click.option("--full-name", help="New display name.")
+@output_option()
+@pass_app
+def update(app: App, user: str, email: str | None, username: str | None, full_name: str | None, fmt: str) -> None:
+    """Change profile fields; only those given change.
+
+    \b
+    Example:
+      usermgr update ada@example.com --full-name "Ada King"
+    """
+    from usermgr import service
+
+    changes = service.user_changes(email=email, username=username, full_name=full_name)
+    with app.session() as db:
+        show_user(service.update_user(db, user, changes), fmt)
+
+
+@cli.command("set-password")
+@click.argument("user")
+@password_stdin_option
+@pass_app
+def set_password(app: App, user: str, password_stdin: bool) -> None:
+    """Set a new password; every token issued before it stops working.
+
+    \b
+    Example:
+      printf '%s\\n' "$PW" | usermgr set-password ada@example.com --password-stdin
+    """
+    from usermgr import service
+
+    with app.session() as db:
+        service.get_user(db, user)  # an unknown user fails before a password is asked for
+        password = read_password(password_stdin, confirm=True, command="set-password")
+        service.set_password(db, app.settings, user, password)
+    note("password changed; earlier tokens are revoked")
+
+
+def _batch_command(name: str, verb: str, action: Callable[..., list[Any]], doc: str) -> None:
+    """A command that changes every USER given (or read from stdin) in one transaction."""
+
+    @users_argument
+    @pass_app
+    def command(app: App, users: tuple[str, ...]) -> None:
+        refs, origin = read_user_refs(users)
+        with app.session() as db:
+            summarize(verb, action(db, refs, origin))
+
+    command.__doc__ = doc
+    cli.command(name)(command)
+
+
+def _service(name: str, *args: Any) -> Callable[..., list[Any]]:
+    """Call `service.<name>` lazily, so that defining the command imports nothing."""
+
+    def call(db: Session, refs: list[str], origin: str) -> list[Any]:
+        from usermgr import service
+
+        return getattr(service, name)(db, refs, *args, origin=origin)
+
+    return call
+
+
+_batch_command(
+    "disable",
+    "disabled",
+    _service("set_active", False),
+    """Block login for USERs and end their tokens; `-` reads them from stdin.
+
+    The last active admin cannot be disabled.
+
+    \b
+    Example:
+      usermgr list --role beta -o email | usermgr disable -
+    """,
+)
+_batch_command(
+    "enable",
+    "enabled",
+    _service("set_active", True),
+    """Allow USERs to log in again; `-` reads them from stdin. A lock stays until `unlock`.
+
+    \b
+    Example:
+      usermgr enable ada@example.com 42
+    """,
+)
+_batch_command(
+    "unlock",
+    "unlocked",
+    _service("unlock"),
+    """Clear the failed-login lock of USERs; `-` reads them from stdin.
+
+    \b
+    Example:
+      usermgr unlock ada@example.com
+    """,
+)
+_batch_command(
+    "grant-admin",
+    "granted admin to",
+    _service("grant_role", "admin"),
+    """Give USERs the built-in admin role; `-` reads them from stdin.
+
+    \b
+    Example:
+      usermgr grant-admin ada@example.com
+    """,
+)
+_batch_command(
+    "revoke-admin",
+    "revoked admin from",
+    _service("revoke_role", "admin"),
+    """Take the admin role from USERs; the last active admin keeps it.
+
+    \b
+    Example:
+      usermgr revoke-admin bob@example.com
+    """,
+)
+_batch_command(
+    "revoke-tokens",
+    "revoked the tokens of",
+    _service("revoke_tokens"),
+    """End every token issued to USERs so far; `-` reads them from stdin.
+
+    \b
+    Example:
+      usermgr revoke-tokens ada@example.com
+    """,
+)
+
+
+@cli.command()
+@users_argument
+@click.option("--yes", "-y", is_flag=True, help="Do not ask to confirm.")
+@pass_app
+def delete(app: App, users: tuple[str, ...], yes: bool) -> None:
+    """Remove USERs; asks to confirm unless --yes. The last active admin stays.
+
+    \b
+    Example:
+      usermgr delete bob@example.com --yes
+    """
+    from usermgr import service
+
+    if not yes and not stdin_is_terminal():
+        raise click.UsageError("no terminal to confirm on: add --yes to delete without asking")
+    refs, origin = read_user_refs(users)
+    if not yes and not click.confirm(f"Delete {len(refs)} user{'s' if len(refs) != 1 else ''}?", err=True):
+        note("nothing was deleted")
+        return
+    with app.session() as db:
+        summarize("deleted", service.delete_users(db, refs, origin))
+
+
+def _role_command(name: str, verb: str, action: str, doc: str) -> None:
+    @users_argument
+    @click.argument("role")
+    @pass_app
+    def command(app: App, users: tuple[str, ...], role: str) -> None:
+        from usermgr import service
+
+        refs, origin = read_user_refs(users)
+        with app.session() as db:
+            summarize(f"{verb} {role!r}:", getattr(service, action)(db, refs, role, origin=origin))
+
+    command.__doc__ = doc
+    cli.command(name)(command)
+
+
+_role_command(
+    "grant-role",
+    "granted",
+    "grant_role",
+    """Give USERs the named ROLE (created on first use).
+
+    \b
+    Example:
+      usermgr grant-role ada@example.com bob@example.com beta
+      usermgr list --search @corp.example -o id | usermgr grant-role - staff
+    """,
+)
+_role_command(
+    "revoke-role",
+    "revoked",
+    "revoke_role",
+    """Take the named ROLE from USERs; a user without it is left as it is.
+
+    \b
+    Example:
+      usermgr revoke-role bob@example.com beta
+    """,
+)
+
+
+@cli.command()
+@output_option(output.DATA_FORMATS)
+@pass_app
+def roles(app: App, fmt: str) -> None:
+    """List roles with their member counts.
+
+    \b
+    Example:
+      usermgr roles -o csv
+    """
+    from usermgr import service
+
+    with app.session() as db:
+        output.write_records(service.list_roles(db), fmt, ("name", "members"))
+
+
+@cli.command()
+@click.argument("user")
+@password_stdin_option
+@click.option("--ttl", metavar="DURATION", help="Token lifetime, such as 90s, 15m, 8h, 7d [default: USERMGR_TOKEN_TTL, 1h].")
+@pass_app
+def login(app: App, user: str, password_stdin: bool, ttl: str | None) -> None:
+    """Check USER's password and print only the access token, one line.
+
+    \b
+    Example:
+      TOKEN=$(printf '%s\\n' "$PW" | usermgr login ada@example.com --password-stdin)
+    """
+    from usermgr import service
+    from usermgr.config import parse_duration
+
+    lifetime = parse_duration(ttl, what="--ttl") if ttl is not None else None
+    password = read_password(password_stdin, confirm=False, command="login")
+    with app.session() as db:
+        token = service.login(db, app.settings, user, password, lifetime)
+    click.echo(token)
+
+
+@cli.command()
+@click.argument("tokens", nargs=-1, metavar="[TOKEN... | -]")
+@click.option("--role", help="Also require this role (exit 8 without it).")
+@click.option("--check-db", is_flag=True, help="Also check the user exists, is enabled and unlocked, and has not revoked the token.")
+@click.option("--public-key", type=click.Path(dir_okay=False, exists=True), help="Verify EdDSA tokens with this public key only.")
+@output_option(output.USER_FORMATS, default=None)
+@pass_app
+def verify(app: App, tokens: tuple[str, ...], role: str | None, check_db: bool, public_key: str | None, fmt: str | None) -> None:
+    """Check tokens offline: signature, expiry, issuer, audience and role.
+
+    Exit 0 when every token is valid, 7 when any is invalid, else 8 when any lacks the
+    role. `-` reads one token a line and prints one result a line [default -o jsonl];
+    a single token prints its claims [default -o table].
+
+    \b
+    Example:
+      usermgr verify "$TOKEN" --role admin >/dev/null && echo "admin"
+      cat tokens.txt | usermgr verify - -o jsonl
+    """
+    if not tokens:
+        if stdin_is_terminal():
+            raise click.UsageError("give a TOKEN, or `-` to read tokens from standard input")
+        tokens = ("-",)
+    if "-" in tokens and len(tokens) > 1:
+        raise click.UsageError("`-` reads tokens from standard input and cannot be mixed with other tokens")
+    with TokenChecker(app, role=role, check_db=check_db, public_key=public_key) as checker:
+        if tokens == ("-",):
+            code = _verify_stream(checker, (line.rstrip("\r\n") for line in sys.stdin), fmt or "jsonl")
+        else:
+            code = _verify_each(checker, tokens, fmt or "table")
+    sys.exit(code)
+
+
+class TokenChecker:
+    """Checks tokens the way `verify` was asked to: offline, or also against the database."""
+
+    def __init__(self, app: App, *, role: str | None, check_db: bool, public_key: str | None) -> None:
+        from pathlib import Path
+
+        from usermgr import tokens
+
+        self.settings = app.settings
+        self.role = role
+        self.key, self.algorithm = tokens.verification_key(self.settings, Path(public_key) if public_key else None)
+        self.db = app.session() if check_db else None
+
+    def __enter__(self) -> TokenChecker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.db is not None:
+            self.db.close()
+
+    def claims(self, token: str) -> dict[str, Any]:
+        """The token's claims; TokenInvalid or Forbidden when it does not pass."""
+        from usermgr import tokens
+
+        claims = tokens.decode_token(token, self.settings, self.key, self.algorithm, required_role=self.role)
+        if self.db is not None:
+            from usermgr import service
+
+            service.check_token_holder(self.db, claims, self.role)
+        return claims
+
+
+def _failure_code(error: errors.UsermgrError, worst: int) -> int:
+    code = errors.exit_code(error)
+    return code if worst == 0 or code == errors.exit_code(errors.TokenInvalid()) else worst
+
+
+def _verify_each(checker: TokenChecker, tokens: Sequence[str], fmt: str) -> int:
+    worst = 0
+    for token in tokens:
+        try:
+            claims = checker.claims(token)
+        except (errors.TokenInvalid, errors.Forbidden) as error:
+            click.echo(f"usermgr: error: {error}", err=True)
+            worst = _failure_code(error, worst)
+            continue
+        if fmt in ("table", "json"):
+            output.write_one(claims, fmt, CLAIM_FIELDS)
+        else:
+            output.write_records([_claims_record(claims)], fmt, CLAIM_FIELDS)
+    return worst
+
+
+def _claims_record(claims: dict[str, Any]) -> dict[str, Any]:
+    """Claims as a record that `-o email` and `-o id` can print (`id` is the subject)."""
+    return {**claims, "id": claims.get("sub")}
+
+
+RESULT_FIELDS = ("valid", "reason", "claims")
+FLAT_RESULT_FIELDS = ("valid", "reason", "sub", "email", "roles", "exp")
+
+
+def _verify_stream(checker: TokenChecker, lines: Any, fmt: str) -> int:
+    """One result a line, in the order of the input; the worst exit code wins."""
+    worst = 0
+
+    def results() -> Any:
+        nonlocal worst
+        for line in lines:
+            try:
+                claims = checker.claims(line)
+            except (errors.TokenInvalid, errors.Forbidden) as error:
+                worst = _failure_code(error, worst)
+                if fmt in ("email", "id"):
+                    continue
+                yield {"valid": False, "reason": str(error), "claims": None}
+                continue
+            yield {"valid": True, "reason": None, "claims": claims, **_claims_record(claims)}
+
+    if fmt in ("json", "jsonl"):
+        output.write_records(results(), fmt, RESULT_FIELDS)
+    else:
+        output.write_records(results(), fmt, FLAT_RESULT_FIELDS)
+    return worst
+
+
+if __name__ == "__main__":
+    main()

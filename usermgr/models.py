@@ -1,0 +1,53 @@
+"""The users table and its roles, as SQLAlchemy 2 typed ORM models."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import Column, ForeignKey, Integer, String, Table
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from usermgr.database import Base, UtcDateTime, utcnow
+
+ADMIN_ROLE = "admin"
+
+user_roles = Table(
+    "user_roles",
+    Base.metadata,
+    Column("user_id", Integer, ForeignKey("users.id", ondelete="CASCADE"), primary_key=True),
+    Column("role_id", Integer, ForeignKey("roles.id", ondelete="CASCADE"), primary_key=True, index=True),
+)
+
+
+class Role(Base):
+    __tablename__ = "roles"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)  # always stored lowercased
+    username: Mapped[str | None] = mapped_column(String(150), unique=True)
+    full_name: Mapped[str | None] = mapped_column(String(300))
+    hashed_password: Mapped[str | None] = mapped_column(String(512))
+    is_active: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    failed_logins: Mapped[int] = mapped_column(default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    token_version: Mapped[int] = mapped_column(default=0)
+
+    roles: Mapped[list[Role]] = relationship(secondary=user_roles, lazy="selectin", order_by=Role.name)
+
+    @property
+    def role_names(self) -> list[str]:
+        return [role.name for role in self.roles]
+
+    @property
+    def is_admin(self) -> bool:
+        return ADMIN_ROLE in self.role_names

@@ -1,0 +1,159 @@
+"""pydantic 2 schemas: what a user may be created, updated, imported and shown as.
+
+Every normalisation rule (email lowercased, NFKC, the password policy) lives here once.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    EmailStr,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+PASSWORD_MIN_LENGTH = 8
+PASSWORD_MAX_LENGTH = 1024
+ROLE_NAME = re.compile(r"[a-z0-9_-]{1,64}")
+USERNAME = re.compile(r"[A-Za-z0-9_.@+-]{1,150}")
+FULL_NAME_MAX_LENGTH = 300
+# Hash formats `import` stores as they are: argon2 (PHC) and bcrypt (modular crypt).
+HASH_FORMAT = re.compile(r"\$argon2(id|i|d)\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+|\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
+
+
+def _nfkc_stripped(value: Any) -> Any:
+    return unicodedata.normalize("NFKC", value).strip() if isinstance(value, str) else value
+
+
+def _has_invisible_or_control(text: str) -> bool:
+    # Cc: control characters (NUL, newline); Cf: format characters (right-to-left override).
+    return any(unicodedata.category(char) in ("Cc", "Cf") for char in text)
+
+
+def validate_password(password: str) -> str:
+    """The password policy, in one place: 8 to 1024 characters after NFKC normalisation.
+
+    Returns the normalised password, which is what gets hashed and verified.
+    """
+    normalized = unicodedata.normalize("NFKC", password)
+    if len(normalized) < PASSWORD_MIN_LENGTH:
+        raise ValueError(f"password too short: use at least {PASSWORD_MIN_LENGTH} characters")
+    if len(normalized) > PASSWORD_MAX_LENGTH:
+        raise ValueError(f"password too long: use at most {PASSWORD_MAX_LENGTH} characters")
+    return normalized
+
+
+def validate_role_name(name: str) -> str:
+    if not isinstance(name, str) or not ROLE_NAME.fullmatch(name):
+        raise ValueError(f"invalid role name {name!r}: use 1 to 64 of a-z, 0-9, _ and -")
+    return name
+
+
+def _check_username(value: str) -> str:
+    if not USERNAME.fullmatch(value):
+        raise ValueError("invalid username: use 1 to 150 of A-Z, a-z, 0-9 and . _ @ + -")
+    return value
+
+
+def _check_full_name(value: str) -> str:
+    if not value:
+        raise ValueError("full name must not be empty")
+    if len(value) > FULL_NAME_MAX_LENGTH:
+        raise ValueError(f"full name too long: use at most {FULL_NAME_MAX_LENGTH} characters")
+    if _has_invisible_or_control(value):
+        raise ValueError("full name must not contain control or invisible formatting characters")
+    return value
+
+
+def _check_hash(value: str) -> str:
+    if not HASH_FORMAT.fullmatch(value):
+        raise ValueError("unsupported hashed_password: give an argon2 ($argon2id$...) or bcrypt ($2b$...) hash")
+    return value
+
+
+Email = Annotated[EmailStr, BeforeValidator(_nfkc_stripped), AfterValidator(str.lower)]
+Username = Annotated[str, BeforeValidator(_nfkc_stripped), AfterValidator(_check_username)]
+FullName = Annotated[str, BeforeValidator(_nfkc_stripped), AfterValidator(_check_full_name)]
+Password = Annotated[str, AfterValidator(validate_password)]
+RoleName = Annotated[str, AfterValidator(validate_role_name)]
+HashedPassword = Annotated[str, AfterValidator(_check_hash)]
+
+
+class UserCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+    email: Email
+    username: Username | None = None
+    full_name: FullName | None = None
+    password: Password | None = Field(default=None, repr=False)
+
+
+class UserUpdate(BaseModel):
+    """Only the fields that were given are applied (see `model_fields_set`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    email: Email | None = None
+    username: Username | None = None
+    full_name: FullName | None = None
+
+
+class UserResponse(BaseModel):
+    """A user as shown to anyone: never the password hash."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    email: str
+    username: str | None
+    full_name: str | None
+    is_active: bool
+    roles: list[str]
+    created_at: datetime
+    last_login_at: datetime | None
+
+    @field_validator("roles", mode="before")
+    @classmethod
+    def _role_names(cls, value: Any) -> Any:
+        return [getattr(role, "name", role) for role in value]
+
+
+class ImportRow(BaseModel):
+    """One row of `usermgr import`: the contract's user fields, plus a password or a hash."""
+
+    model_config = ConfigDict(extra="ignore", hide_input_in_errors=True)
+
+    email: Email
+    username: Username | None = None
+    full_name: FullName | None = None
+    roles: list[RoleName] = []
+    is_active: bool = True
+    password: Password | None = Field(default=None, repr=False)
+    hashed_password: HashedPassword | None = Field(default=None, repr=False)
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ImportRow:
+        if self.password is not None and self.hashed_password is not None:
+            raise ValueError("give either password or hashed_password, not both")
+        return self
+
+
+def first_error(error: Any) -> str:
+    """A one-line message from a pydantic ValidationError, naming the field."""
+    details = error.errors()
+    if not details:
+        return str(error)
+    detail = details[0]
+    field = ".".join(str(part) for part in detail.get("loc", ()) if part != "__root__")
+    message = detail.get("msg", "invalid value").removeprefix("Value error, ")
+    more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+    return f"{field}: {message}{more}" if field else f"{message}{more}"

@@ -1,0 +1,72 @@
+"""Password hashing: argon2id for new hashes; bcrypt verified for imported ones and upgraded."""
+
+from __future__ import annotations
+
+import secrets
+from functools import cache
+
+import argon2
+from passlib.context import CryptContext
+
+BCRYPT_MAX_BYTES = 72
+# A cheap argon2 profile for test suites only (USERMGR_HASH_PROFILE=test).
+_TEST_PROFILE = {"time_cost": 1, "memory_cost": 1024, "parallelism": 1}
+
+
+@cache
+def context(profile: str = "default") -> CryptContext:
+    """The CryptContext for a hash profile: argon2-cffi's own defaults unless `test`."""
+    defaults = argon2.PasswordHasher()
+    params = _TEST_PROFILE if profile == "test" else {
+        "time_cost": defaults.time_cost,
+        "memory_cost": defaults.memory_cost,
+        "parallelism": defaults.parallelism,
+    }
+    return CryptContext(
+        schemes=["argon2", "bcrypt"],
+        deprecated=["bcrypt"],
+        argon2__type="ID",
+        **{f"argon2__{name}": value for name, value in params.items()},
+    )
+
+
+def hash_password(password: str, profile: str = "default") -> str:
+    """Hash an already policy-checked (NFKC-normalised) password with argon2id."""
+    return context(profile).hash(password)
+
+
+def _is_bcrypt(hashed: str) -> bool:
+    return hashed.startswith(("$2a$", "$2b$", "$2y$"))
+
+
+def verify_password(password: str, hashed: str | None, profile: str = "default") -> tuple[bool, str | None]:
+    """Check a password; on success also return a new argon2id hash when the stored one is
+    deprecated (bcrypt) or weaker than today's parameters, else None.
+
+    bcrypt only ever looked at the first 72 bytes and bcrypt 5 raises on longer input,
+    so such a password is checked on its first 72 bytes and rehashed from all of it.
+    """
+    if hashed is None:
+        verify_dummy(password, profile)
+        return False, None
+    ctx = context(profile)
+    candidate: str | bytes = password
+    if _is_bcrypt(hashed) and len(password.encode()) > BCRYPT_MAX_BYTES:
+        candidate = password.encode()[:BCRYPT_MAX_BYTES]
+    try:
+        ok = ctx.verify(candidate, hashed)
+    except (ValueError, TypeError):
+        return False, None  # a stored value that is not a hash we know never matches
+    if not ok:
+        return False, None
+    return True, ctx.hash(password) if ctx.needs_update(hashed) else None
+
+
+@cache
+def _dummy_hash(profile: str) -> str:
+    return hash_password(secrets.token_urlsafe(16), profile)
+
+
+def verify_dummy(password: str, profile: str = "default") -> None:
+    """Spend the time of a real check, so an unknown user answers as slowly as a known one."""
+    context(profile).verify(password, _dummy_hash(profile))

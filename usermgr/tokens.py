@@ -1,0 +1,216 @@
+"""JWT issue and verify with PyJWT, and the signing keys.
+
+Imports neither SQLAlchemy nor pydantic: `usermgr verify TOKEN` must start without them.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import stat
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from usermgr.config import Settings
+from usermgr.errors import ConfigurationError, Forbidden, TokenInvalid
+
+REQUIRED_CLAIMS = ["exp", "iat", "iss", "sub"]
+MIN_SECRET_BYTES = 32
+MAX_TOKEN_BYTES = 16 * 1024
+VERSION_CLAIM = "ver"
+
+
+# ---- keys -------------------------------------------------------------------------
+
+
+def _new_secret() -> str:
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+
+
+def _new_ed25519_pem() -> tuple[bytes, bytes]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    private = Ed25519PrivateKey.generate()
+    private_pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public_pem = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private_pem, public_pem
+
+
+def public_key_path(key_file: Path) -> Path:
+    return key_file.with_name(key_file.name + ".pub")
+
+
+def create_key_file(path: Path, algorithm: str) -> bool:
+    """Create the key file with mode 0600 unless it exists; True if it was created.
+
+    HS256: 32 random bytes, base64url, one line. EdDSA: an Ed25519 private key (PEM),
+    and its public key beside it as `<key file>.pub` for services that only verify.
+    """
+    if path.exists():
+        return False
+    if algorithm == "EdDSA":
+        private_pem, public_pem = _new_ed25519_pem()
+    else:
+        private_pem, public_pem = (_new_secret() + "\n").encode(), None
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    except OSError as error:
+        raise ConfigurationError(f"cannot create key file {path}: {error.strerror}") from None
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(private_pem)
+    if public_pem is not None:
+        public_key_path(path).write_bytes(public_pem)
+    return True
+
+
+def _read_private_file(path: Path) -> bytes:
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ConfigurationError(
+            f"no key file at {path}: run `usermgr init` to create one, or set USERMGR_SECRET_KEY"
+        ) from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigurationError(
+            f"key file {path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}): run `chmod 600 {path}`"
+        )
+    try:
+        return path.read_bytes().strip()
+    except OSError as error:
+        raise ConfigurationError(f"cannot read key file {path}: {error.strerror}") from None
+
+
+def _secret_material(settings: Settings) -> bytes:
+    if settings.secret_key:
+        return settings.secret_key.encode()
+    if settings.key_file is None:
+        raise ConfigurationError("no signing key: set USERMGR_SECRET_KEY, or give --key-file (USERMGR_KEY_FILE)")
+    return _read_private_file(settings.key_file)
+
+
+def signing_key(settings: Settings) -> Any:
+    """The key that mints tokens: the HS256 secret, or the Ed25519 private key."""
+    material = _secret_material(settings)
+    if settings.token_algorithm == "EdDSA":
+        return _load_pem(material, private=True)
+    if len(material) < MIN_SECRET_BYTES:
+        raise ConfigurationError(f"the HS256 secret is shorter than {MIN_SECRET_BYTES} bytes: use a longer one")
+    return material
+
+
+def verification_key(settings: Settings, public_key_file: Path | None = None) -> tuple[Any, str]:
+    """The key and the one algorithm tokens are checked with.
+
+    A public key file pins EdDSA and needs no secret: a service can verify but never issue.
+    """
+    if public_key_file is not None:
+        try:
+            material = public_key_file.read_bytes()
+        except OSError as error:
+            raise ConfigurationError(f"cannot read public key {public_key_file}: {error.strerror}") from None
+        return _load_pem(material, private=False), "EdDSA"
+    key = signing_key(settings)
+    if settings.token_algorithm == "EdDSA":
+        return key.public_key(), "EdDSA"
+    return key, "HS256"
+
+
+def _load_pem(material: bytes, *, private: bool) -> Any:
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError:
+        raise ConfigurationError("EdDSA needs the `crypto` extra: pip install 'usermgr[crypto]'") from None
+    try:
+        if private:
+            key = serialization.load_pem_private_key(material, password=None)
+            wanted: type = ed25519.Ed25519PrivateKey
+        else:
+            key = serialization.load_pem_public_key(material)
+            wanted = ed25519.Ed25519PublicKey
+    except (ValueError, TypeError):
+        raise ConfigurationError("the EdDSA key is not a PEM Ed25519 key") from None
+    if not isinstance(key, wanted):
+        raise ConfigurationError("the EdDSA key is not an Ed25519 key")
+    return key
+
+
+# ---- tokens -----------------------------------------------------------------------
+
+
+def issue_token(
+    settings: Settings, *, user_id: int, email: str, roles: list[str], token_version: int, ttl: int
+) -> str:
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "iss": settings.token_issuer,
+        "sub": str(user_id),
+        "email": email,
+        "roles": roles,
+        "iat": now,
+        "exp": now + ttl,
+        "jti": uuid.uuid4().hex,
+        VERSION_CLAIM: token_version,
+    }
+    if settings.token_audience:
+        claims["aud"] = settings.token_audience
+    return jwt.encode(claims, signing_key(settings), algorithm=settings.token_algorithm, headers={"typ": "JWT"})
+
+
+def _reason(error: jwt.PyJWTError) -> str:
+    if isinstance(error, jwt.ExpiredSignatureError):
+        return "expired"
+    if isinstance(error, jwt.ImmatureSignatureError):
+        return "not yet valid"
+    if isinstance(error, jwt.InvalidIssuerError):
+        return "wrong issuer"
+    if isinstance(error, jwt.InvalidAudienceError):
+        return "wrong audience"
+    if isinstance(error, jwt.MissingRequiredClaimError):
+        return f"missing claim {error.claim!r}"
+    if isinstance(error, jwt.InvalidSignatureError):
+        return "bad signature"
+    if isinstance(error, jwt.InvalidAlgorithmError):
+        return "algorithm not allowed"
+    return "malformed"
+
+
+def decode_token(
+    token: str, settings: Settings, key: Any, algorithm: str, *, required_role: str | None = None
+) -> dict[str, Any]:
+    """The claims of a valid token; TokenInvalid with the reason, or Forbidden without the role."""
+    token = token.strip()
+    if not token or len(token) > MAX_TOKEN_BYTES:
+        raise TokenInvalid("token invalid: malformed")
+    try:
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=[algorithm],
+            issuer=settings.token_issuer,
+            audience=settings.token_audience,
+            leeway=settings.token_leeway,
+            options={"require": REQUIRED_CLAIMS},
+        )
+    except jwt.PyJWTError as error:
+        raise TokenInvalid(f"token invalid: {_reason(error)}") from None
+    except (ValueError, TypeError):
+        raise TokenInvalid("token invalid: malformed") from None
+    roles = claims.get("roles")
+    if not isinstance(roles, list) or not isinstance(claims.get(VERSION_CLAIM, 0), int):
+        raise TokenInvalid("token invalid: malformed")
+    if required_role is not None and required_role not in roles:
+        raise Forbidden(f"forbidden: the token's holder does not have the role {required_role!r}")
+    return claims
