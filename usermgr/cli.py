@@ -54,7 +54,24 @@ def _domain_error(error: BaseException) -> errors.UsermgrError | None:
 
 
 class UsermgrGroup(click.Group):
-    """Turns every failure of a command into one line on stderr and its exit code."""
+    """Turns every failure into one line on stderr and its exit code, usage errors too."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> NoReturn:
+        extra["standalone_mode"] = False
+        try:
+            code = super().main(args=args, prog_name=prog_name, **extra)
+        except click.exceptions.NoArgsIsHelpError as error:
+            click.echo(error.ctx.get_help() if error.ctx else "", err=True)
+            sys.exit(2)
+        except click.exceptions.UsageError as error:
+            command = error.ctx.command_path if error.ctx else "usermgr"
+            fail(f"{error.format_message()} (see `{command} --help`)", 2)
+        except click.ClickException as error:
+            fail(error.format_message(), error.exit_code)
+        except click.exceptions.Abort:
+            click.echo("", err=True)
+            fail("interrupted; nothing was changed", 130)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -85,20 +102,7 @@ def _debug(ctx: click.Context) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """The console script: `usermgr` and `python -m usermgr`."""
-    try:
-        code = cli.main(args=argv, prog_name="usermgr", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as error:
-        click.echo(error.ctx.get_help() if error.ctx else "", err=True)
-        sys.exit(2)
-    except click.exceptions.UsageError as error:
-        command = error.ctx.command_path if error.ctx else "usermgr"
-        fail(f"{error.format_message()} (see `{command} --help`)", 2)
-    except click.ClickException as error:
-        fail(error.format_message(), error.exit_code)
-    except click.exceptions.Abort:
-        click.echo("", err=True)
-        fail("interrupted; nothing was changed", 130)
-    sys.exit(code if isinstance(code, int) else 0)
+    cli.main(args=argv, prog_name="usermgr")
 
 
 # ---- the application object -------------------------------------------------------------
@@ -690,6 +694,26 @@ def _verify_stream(checker: TokenChecker, lines: Any, fmt: str) -> int:
     else:
         output.write_records(results(), fmt, FLAT_RESULT_FIELDS)
     return worst
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
+@pass_app
+def serve(app: App, host: str, port: int) -> None:
+    """Run the HTTP API with uvicorn (needs the `api` extra).
+
+    \b
+    Example:
+      usermgr --db users.db serve --port 8000
+    """
+    try:
+        import uvicorn
+
+        from usermgr.api import create_app
+    except ImportError:
+        raise errors.ConfigurationError("the HTTP API needs the `api` extra: pip install 'usermgr[api]'") from None
+    uvicorn.run(create_app(app.settings), host=host, port=port)
 
 
 if __name__ == "__main__":
