@@ -1,4 +1,5 @@
-"""Every way usermgr prints data: table, json, jsonl, csv, and one value a line.
+"""Every format usermgr writes (table, json, jsonl, csv, one value a line) and reads back
+(csv, jsonl for `import`), so that each encoding rule lives in one place.
 
 Data goes to standard output, streamed row by row except for `table`, which must see
 every row to size its columns. Stdlib only at import time; tabulate loads on use.
@@ -9,13 +10,15 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TextIO
 
 USER_FORMATS = ("table", "json", "jsonl", "csv", "email", "id")
 DATA_FORMATS = ("table", "json", "jsonl", "csv")
-JSON_FORMATS = ("json", "jsonl")
+IMPORT_FORMATS = ("csv", "jsonl")
+LIST_SEPARATOR = ";"  # how CSV joins a list (roles); role names cannot contain it
 
 
 def _plain(value: Any) -> Any:
@@ -70,7 +73,7 @@ def _write_csv(records: Iterable[dict[str, Any]], fields: Sequence[str], out: Te
     writer.writerow(fields)
     count = 0
     for count, record in enumerate(records, start=1):
-        writer.writerow([_cell(record.get(field), ";") for field in fields])
+        writer.writerow([_cell(record.get(field), LIST_SEPARATOR) for field in fields])
     return count
 
 
@@ -115,3 +118,79 @@ def write_one(record: dict[str, Any], fmt: str, fields: Sequence[str], out: Text
         out.write(tabulate(rows, tablefmt="plain", disable_numparse=True) + "\n")
     else:
         write_records([record], fmt, fields, out)
+
+
+# ---- reading rows back (`usermgr import`) -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputRow:
+    """One row of input: its line number, and its fields or why they could not be read."""
+
+    line: int
+    fields: dict[str, Any] | None
+    problem: str | None = None
+
+
+def format_for_path(path: str) -> str | None:
+    """The import format a file name implies (`.csv`, `.jsonl`/`.ndjson`), if any."""
+    lowered = path.lower()
+    if lowered.endswith(".csv"):
+        return "csv"
+    if lowered.endswith((".jsonl", ".ndjson")):
+        return "jsonl"
+    return None
+
+
+def read_rows(stream: TextIO, fmt: str, list_fields: Sequence[str] = ("roles",)) -> Iterator[InputRow]:
+    """Rows of a CSV or JSONL stream, as `write_records` writes them.
+
+    CSV: empty cells are absent fields, and list fields are `;`-joined. Blank JSONL
+    lines are skipped.
+    """
+    return _read_csv(stream, list_fields) if fmt == "csv" else _read_jsonl(stream)
+
+
+def _read_jsonl(stream: TextIO) -> Iterator[InputRow]:
+    for line_number, line in enumerate(stream, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError:
+            yield InputRow(line_number, None, "not valid JSON")
+            continue
+        if not isinstance(value, dict):
+            yield InputRow(line_number, None, "not a JSON object")
+            continue
+        yield InputRow(line_number, value)
+
+
+def _read_csv(stream: TextIO, list_fields: Sequence[str]) -> Iterator[InputRow]:
+    reader = csv.reader(stream)
+    try:
+        header = next(reader, None)
+    except csv.Error as error:
+        yield InputRow(1, None, f"unreadable CSV header: {error}")
+        return
+    if header is None:
+        return
+    names = [name.strip() for name in header]
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            yield InputRow(reader.line_num, None, f"unreadable CSV: {error}")
+            return
+        if not any(cells):
+            continue
+        if len(cells) != len(names):
+            yield InputRow(reader.line_num, None, f"{len(cells)} cells where the header has {len(names)}")
+            continue
+        fields: dict[str, Any] = {name: cell for name, cell in zip(names, cells, strict=True) if cell != ""}
+        for name in list_fields:
+            if name in fields:
+                fields[name] = fields[name].split(LIST_SEPARATOR)
+        yield InputRow(reader.line_num, fields)

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -27,6 +28,7 @@ ROLE_NAME = re.compile(r"[a-z0-9_-]{1,64}")
 USERNAME = re.compile(r"[A-Za-z0-9_.@+-]{1,150}")
 FULL_NAME_MAX_LENGTH = 300
 # Hash formats `import` stores as they are: argon2 (PHC) and bcrypt (modular crypt).
+_HAS_OFFSET = re.compile(r"(Z|[+-]\d\d:?\d\d)$")
 HASH_FORMAT = re.compile(r"\$argon2(id|i|d)\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+|\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
 
 
@@ -139,6 +141,16 @@ class ImportRow(BaseModel):
     is_active: bool = True
     password: Password | None = Field(default=None, repr=False)
     hashed_password: HashedPassword | None = Field(default=None, repr=False)
+    created_at: AwareDatetime | None = None
+    last_login_at: AwareDatetime | None = None
+
+    @field_validator("created_at", "last_login_at", mode="before")
+    @classmethod
+    def _naive_is_utc(cls, value: Any) -> Any:
+        """Timestamps without an offset are taken as UTC, as usermgr writes them."""
+        if isinstance(value, str) and value and not _HAS_OFFSET.search(value):
+            return value + "+00:00"
+        return value
 
     @model_validator(mode="after")
     def _one_secret(self) -> ImportRow:

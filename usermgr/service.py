@@ -5,15 +5,20 @@ Both faces (cli.py, api.py) call these functions and add no rule of their own.
 
 from __future__ import annotations
 
+import marshal
+import os
+import tempfile
+import time
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import IO, Any
 
 from pydantic import ValidationError
-from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy import delete, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -22,7 +27,7 @@ from usermgr.config import Settings
 from usermgr.database import WRITE, utcnow
 from usermgr.errors import AuthenticationFailed, Conflict, Forbidden, InvalidInput, NotFound, TokenInvalid
 from usermgr.models import ADMIN_ROLE, Role, User, user_roles
-from usermgr.schemas import UserCreate, UserUpdate, first_error, validate_password, validate_role_name
+from usermgr.schemas import ImportRow, UserCreate, UserUpdate, first_error, validate_password, validate_role_name
 
 RECORD_FIELDS = ("id", "email", "username", "full_name", "is_active", "roles", "created_at", "last_login_at")
 _LOOKUP_CHUNK = 500
@@ -33,12 +38,15 @@ _STREAM_CHUNK = 2000
 
 
 @contextmanager
-def _writing(db: Session) -> Iterator[None]:
-    """One write transaction; a unique-constraint race surfaces as a Conflict."""
+def _writing(db: Session, *, dry_run: bool = False) -> Iterator[None]:
+    """One write transaction, rolled back instead of committed for a dry run; a
+    unique-constraint race surfaces as a Conflict."""
     try:
-        with db.begin():
+        with db.begin() as transaction:
             db.connection(execution_options=WRITE)
             yield
+            if dry_run:
+                transaction.rollback()
     except IntegrityError as error:
         raise Conflict(f"already exists: {_constraint_hint(error)}") from None
 
@@ -472,3 +480,226 @@ def check_token_holder(db: Session, claims: dict[str, Any], required_role: str |
     if required_role is not None and required_role not in user.role_names:
         raise Forbidden(f"forbidden: the user does not have the role {required_role!r}")
     return user
+
+
+# ---- bulk import ------------------------------------------------------------------------
+
+MAX_REPORTED_ROW_ERRORS = 20
+_IMPORT_CHUNK = 1000
+ON_CONFLICT = ("error", "skip", "update")
+
+
+@dataclass
+class ImportPlan:
+    """Rows that passed validation, spooled to a private temporary file so memory stays
+    flat, and the plaintext passwords still to be hashed (by line number)."""
+
+    spool: IO[bytes]
+    rows: int = 0
+    passwords: dict[int, str] = field(default_factory=dict, repr=False)
+    hashes: dict[int, str] = field(default_factory=dict, repr=False)
+
+    def close(self) -> None:
+        self.spool.close()
+        self.passwords.clear()
+
+
+@dataclass
+class ImportResult:
+    created: int = 0
+    updated: int = 0
+    skipped: int = 0
+
+
+def _spooled_row(line: int, row: ImportRow) -> tuple[Any, ...]:
+    return (
+        line,
+        row.email,
+        row.username,
+        row.full_name,
+        tuple(sorted(set(row.roles))),
+        row.is_active,
+        row.hashed_password,
+        row.created_at.isoformat() if row.created_at else None,
+        row.last_login_at.isoformat() if row.last_login_at else None,
+    )
+
+
+def plan_import(rows: Iterable[Any]) -> ImportPlan:
+    """Validate every row first; nothing is written while any row is bad.
+
+    `rows` are `output.InputRow`s. Bad rows are reported with their line numbers, the
+    first twenty and then a count, as one InvalidInput.
+    """
+    plan = ImportPlan(spool=tempfile.TemporaryFile())
+    problems: list[str] = []
+    bad = 0
+    for row in rows:
+        problem = row.problem
+        if problem is None:
+            try:
+                valid = ImportRow.model_validate(row.fields)
+            except ValidationError as error:
+                problem = first_error(error)
+        if problem is not None:
+            bad += 1
+            if len(problems) < MAX_REPORTED_ROW_ERRORS:
+                problems.append(f"line {row.line}: {problem}")
+            continue
+        if bad:
+            continue  # only counting now: nothing of this input will be written
+        if valid.password is not None:
+            plan.passwords[row.line] = valid.password
+        marshal.dump(_spooled_row(row.line, valid), plan.spool)
+        plan.rows += 1
+    if bad:
+        plan.close()
+        more = f" (the first {MAX_REPORTED_ROW_ERRORS} shown)" if bad > MAX_REPORTED_ROW_ERRORS else ""
+        raise InvalidInput("\n".join([*problems, f"{bad} invalid row{'s' if bad != 1 else ''}{more}; nothing was imported"]))
+    plan.spool.seek(0)
+    return plan
+
+
+def seconds_to_hash(plan: ImportPlan, settings: Settings) -> float:
+    """How long hashing the plan's plaintext passwords will take, from one measured hash."""
+    if not plan.passwords:
+        return 0.0
+    started = time.perf_counter()
+    security.hash_password("measure-the-cost", settings.hash_profile)
+    return (time.perf_counter() - started) * len(plan.passwords) / _hash_workers()
+
+
+def _hash_workers() -> int:
+    return os.cpu_count() or 1
+
+
+def hash_passwords(plan: ImportPlan, settings: Settings, progress: Callable[[int], None] | None = None) -> None:
+    """Hash the plan's plaintext passwords on every core, then forget the plaintext.
+
+    argon2-cffi releases the GIL, so a thread per core measured faster here than
+    argon2's own lanes alone (see bench/RESULTS.md).
+    """
+    lines = list(plan.passwords)
+
+    def hash_one(line: int) -> tuple[int, str]:
+        return line, security.hash_password(plan.passwords[line], settings.hash_profile)
+
+    with ThreadPoolExecutor(max_workers=_hash_workers()) as pool:
+        for line, hashed in pool.map(hash_one, lines):
+            plan.hashes[line] = hashed
+            if progress is not None:
+                progress(1)
+    plan.passwords.clear()
+
+
+def _spooled_rows(plan: ImportPlan) -> Iterator[tuple[Any, ...]]:
+    plan.spool.seek(0)
+    for _ in range(plan.rows):
+        yield marshal.load(plan.spool)
+
+
+def _chunks(rows: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
+    chunk: list[tuple[Any, ...]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _RoleIds:
+    """Role name -> id, creating roles on first use, within the import's transaction."""
+
+    def __init__(self, db: Session) -> None:
+        self.db = db
+        self.ids = {name: role_id for role_id, name in db.execute(select(Role.id, Role.name))}
+
+    def __call__(self, name: str) -> int:
+        if name not in self.ids:
+            self.ids[name] = self.db.scalar(insert(Role).values(name=name).returning(Role.id))
+        return self.ids[name]
+
+
+def apply_import(db: Session, plan: ImportPlan, *, on_conflict: str = "error", dry_run: bool = False) -> ImportResult:
+    """Write the plan in one transaction: all of it, or with --dry-run none of it.
+
+    An email already in the database (or earlier in the same input) is a Conflict unless
+    `on_conflict` is `skip` or `update`; `update` makes the user match the row, roles included.
+    """
+    result = ImportResult()
+    with _writing(db, dry_run=dry_run), _keeping_an_admin(db):
+        role_ids = _RoleIds(db)
+        for chunk in _chunks(_spooled_rows(plan), _IMPORT_CHUNK):
+            _import_chunk(db, plan, chunk, role_ids, on_conflict, result)
+    return result
+
+
+def _import_chunk(
+    db: Session, plan: ImportPlan, chunk: list[tuple[Any, ...]], role_ids: _RoleIds, on_conflict: str, result: ImportResult
+) -> None:
+    emails = [row[1] for row in chunk]
+    existing: dict[str, int | None] = dict(db.execute(select(User.email, User.id).where(User.email.in_(emails))).all())
+    pending: list[tuple[Any, ...]] = []
+
+    def insert_pending() -> None:
+        for row, user_id in zip(pending, _insert_rows(db, plan, pending, role_ids), strict=True):
+            existing[row[1]] = user_id
+        result.created += len(pending)
+        pending.clear()
+
+    for row in chunk:
+        line, email = row[0], row[1]
+        if email not in existing:
+            existing[email] = None  # to be inserted; a later row with this email conflicts with it
+            pending.append(row)
+        elif on_conflict == "error":
+            raise Conflict(f"line {line}: a user with email {email!r} already exists; use --on-conflict skip or update")
+        elif on_conflict == "skip":
+            result.skipped += 1
+        else:
+            if existing[email] is None:
+                insert_pending()
+            _update_from_row(db, plan, existing[email], row, role_ids)
+            result.updated += 1
+    if pending:
+        insert_pending()
+
+
+def _user_values(plan: ImportPlan, row: tuple[Any, ...]) -> dict[str, Any]:
+    line, email, username, full_name, _roles, is_active, hashed, created_at, last_login_at = row
+    values = {"email": email, "username": username, "full_name": full_name, "is_active": is_active}
+    values["hashed_password"] = plan.hashes.get(line, hashed)
+    values["last_login_at"] = datetime.fromisoformat(last_login_at) if last_login_at else None
+    if created_at:
+        values["created_at"] = datetime.fromisoformat(created_at)
+    return values
+
+
+def _insert_rows(db: Session, plan: ImportPlan, rows: list[tuple[Any, ...]], role_ids: _RoleIds) -> list[int]:
+    now = utcnow()
+    values = [
+        {"created_at": now, "updated_at": now, "failed_logins": 0, "token_version": 0, **_user_values(plan, row)}
+        for row in rows
+    ]
+    inserted = list(
+        db.execute(insert(User.__table__).returning(User.__table__.c.id, sort_by_parameter_order=True), values).scalars()
+    )
+    links = [
+        {"user_id": user_id, "role_id": role_ids(name)} for user_id, row in zip(inserted, rows, strict=True) for name in row[4]
+    ]
+    if links:
+        db.execute(insert(user_roles), links)
+    return inserted
+
+
+def _update_from_row(db: Session, plan: ImportPlan, user_id: int, row: tuple[Any, ...], role_ids: _RoleIds) -> None:
+    values = _user_values(plan, row)
+    if values["hashed_password"] is None:
+        del values["hashed_password"]  # a row without a secret keeps the user's password
+    values.pop("created_at", None)
+    db.execute(update(User.__table__).where(User.__table__.c.id == user_id).values(updated_at=utcnow(), **values))
+    db.execute(delete(user_roles).where(user_roles.c.user_id == user_id))
+    if row[4]:
+        db.execute(insert(user_roles), [{"user_id": user_id, "role_id": role_ids(name)} for name in row[4]])

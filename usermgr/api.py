@@ -1,0 +1,363 @@
+"""The HTTP API: a thin FastAPI face over the service. No rule lives here.
+
+Routes parse the request, call one service function and shape the answer; every rule
+(unique email, the last admin, lockout, token revocation) is the service's, exactly as
+for the CLI. Domain errors become JSON `{"detail": ...}` with the status from
+`errors.ERROR_TABLE`.
+
+Importing this module touches neither the database nor the key file: settings are
+loaded at startup (or on the first request) and the database is bound on first use.
+
+An existing FastAPI app can reuse the pieces::
+
+    api.install(app)                      # settings, database binding, error handlers
+    app.include_router(api.auth_router)
+    app.include_router(api.users_router)
+    # and in its own routes: Depends(api.get_db), Depends(api.current_user),
+    # Depends(api.require_role("editor"))
+"""
+
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from usermgr import __version__, database, errors, security, service, tokens
+from usermgr.config import Settings, load_settings
+from usermgr.models import ADMIN_ROLE, User
+from usermgr.schemas import ROLE_NAME, Password, UserCreate, UserResponse, UserUpdate, validate_role_name
+
+LIST_LIMIT_DEFAULT = 100
+LIST_LIMIT_MAX = 1000
+MAX_USER_ID = 2**31 - 1  # users.id is a 32-bit integer on PostgreSQL
+TOKEN_URL = "/auth/login"
+_STATE_KEY = "usermgr"
+
+
+# ---- per-app state: settings and the database binding, made on first use ---------------------
+
+
+class _Runtime:
+    """One app's settings (loaded from USERMGR_* on first use when not given) and whether
+    `database.configure` has run for it."""
+
+    def __init__(self, settings: Settings | None) -> None:
+        self._settings = settings
+        self._database_bound = False
+        self._lock = threading.RLock()
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            with self._lock:
+                if self._settings is None:
+                    self._settings = load_settings()
+        return self._settings
+
+    def bind_database(self) -> None:
+        """Bind `SessionLocal` once; a failure (no database yet) is retried on the next request."""
+        if self._database_bound:
+            return
+        with self._lock:
+            if not self._database_bound:
+                database.configure(self.settings.database_url)
+                self._database_bound = True
+
+
+def _runtime(request: Request) -> _Runtime:
+    runtime = getattr(request.app.state, _STATE_KEY, None)
+    if runtime is None:
+        raise RuntimeError("usermgr's routes need `usermgr.api.install(app)` (create_app() does it)")
+    return runtime
+
+
+# ---- errors ------------------------------------------------------------------------------------
+
+
+def _domain_error_response(_request: Request, error: errors.UsermgrError) -> JSONResponse:
+    code = errors.http_status(error)
+    headers = {"WWW-Authenticate": "Bearer"} if code == status.HTTP_401_UNAUTHORIZED else None
+    return JSONResponse({"detail": str(error)}, status_code=code, headers=headers)
+
+
+def _database_error_response(request: Request, error: DBAPIError) -> JSONResponse:
+    """A failure of the database itself is a 503; anything else stays a server error."""
+    domain = database.as_domain_error(error)
+    if domain is None:
+        raise error
+    return _domain_error_response(request, domain)
+
+
+def install(app: FastAPI, settings: Settings | None = None) -> FastAPI:
+    """Prepare `app` for usermgr's routers and dependencies: its settings (None = USERMGR_*
+    variables, read on first use) and the error handlers. Returns `app`."""
+    setattr(app.state, _STATE_KEY, _Runtime(settings))
+    app.add_exception_handler(errors.UsermgrError, _domain_error_response)
+    app.add_exception_handler(DBAPIError, _database_error_response)
+    return app
+
+
+def warm_up(app: FastAPI) -> None:
+    """Load the settings and compute the dummy hash now, so that the first login for an
+    unknown email is not slower than the next ones (and a bad setting fails at startup)."""
+    runtime: _Runtime = getattr(app.state, _STATE_KEY)
+    security.verify_dummy("warm-up", runtime.settings.hash_profile)
+
+
+# ---- reusable dependencies ---------------------------------------------------------------------
+
+oauth2_scheme = OAuth2PasswordBearer(tokenUrl=TOKEN_URL, auto_error=False)
+
+
+def get_settings(runtime: Annotated[_Runtime, Depends(_runtime)]) -> Settings:
+    return runtime.settings
+
+
+def get_db(runtime: Annotated[_Runtime, Depends(_runtime)]) -> Iterator[Session]:
+    """One session per request, closed after it; the service opens the transactions."""
+    runtime.bind_database()
+    db = database.SessionLocal()
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def token_claims(
+    token: Annotated[str | None, Depends(oauth2_scheme)], settings: Annotated[Settings, Depends(get_settings)]
+) -> dict[str, Any]:
+    """The claims of the request's bearer token: signature, expiry, issuer and audience checked."""
+    if not token:
+        raise errors.TokenInvalid(f"not authenticated: send `Authorization: Bearer <token>` (get one at {TOKEN_URL})")
+    key, algorithm = tokens.verification_key(settings)
+    return tokens.decode_token(token, settings, key, algorithm)
+
+
+def current_user(
+    claims: Annotated[dict[str, Any], Depends(token_claims)], db: Annotated[Session, Depends(get_db)]
+) -> User:
+    """The token's holder, if it still exists, is enabled, is not locked and has not revoked the token."""
+    return service.check_token_holder(db, claims)
+
+
+def require_role(name: str) -> Callable[..., User]:
+    """A dependency: the token's holder, who must hold role `name` now (in the database, not
+    just in the token's claims); 403 without it."""
+    role = validate_role_name(name)
+
+    def holder_with_role(
+        claims: Annotated[dict[str, Any], Depends(token_claims)], db: Annotated[Session, Depends(get_db)]
+    ) -> User:
+        return service.check_token_holder(db, claims, required_role=role)
+
+    holder_with_role.__name__ = f"require_role_{role}"
+    return holder_with_role
+
+
+DB = Annotated[Session, Depends(get_db)]
+Admin = Annotated[User, Depends(require_role(ADMIN_ROLE))]
+UserId = Annotated[int, Path(ge=1, le=MAX_USER_ID, description="The user's numeric id.")]
+RoleName = Annotated[str, Path(pattern=f"^{ROLE_NAME.pattern}$", description="A role name: 1 to 64 of a-z, 0-9, _ and -.")]
+
+
+# ---- request and response shapes ----------------------------------------------------------------
+
+
+class SignupRequest(UserCreate):
+    """A new account: as `UserCreate`, but the password is required. There is no `roles` field."""
+
+    password: Password
+
+
+class TokenResponse(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+class ValidationIssue(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class InvalidResponse(BaseModel):
+    """422: pydantic's list of issues for a malformed request, or one message from the service."""
+
+    detail: str | list[ValidationIssue]
+
+
+_UNAUTHORIZED_HEADERS = {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}}
+_RESPONSES: dict[int, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Not authenticated", "headers": _UNAUTHORIZED_HEADERS},
+    403: {"model": ErrorResponse, "description": "Forbidden: the token's holder lacks the role"},
+    404: {"model": ErrorResponse, "description": "No such user"},
+    409: {"model": ErrorResponse, "description": "Conflict"},
+    422: {"model": InvalidResponse, "description": "Invalid input"},
+    503: {"model": ErrorResponse, "description": "The database is unavailable"},
+}
+
+
+def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: _RESPONSES[code] for code in (*codes, 503)}
+
+
+# ---- /auth -------------------------------------------------------------------------------------
+
+auth_router = APIRouter(prefix="/auth", tags=["auth"])
+
+
+@auth_router.post(
+    "/signup",
+    status_code=status.HTTP_201_CREATED,
+    response_model=UserResponse,
+    responses=_responses(409, 422),
+    summary="Create an account (never with a role)",
+)
+def signup(body: SignupRequest, db: DB, settings: Annotated[Settings, Depends(get_settings)]) -> User:
+    return service.create_user(db, settings, body)
+
+
+@auth_router.post(
+    "/login",
+    response_model=TokenResponse,
+    responses=_responses(401, 422),
+    summary="Exchange email and password for an access token",
+)
+def login(
+    form: Annotated[OAuth2PasswordRequestForm, Depends()], db: DB, settings: Annotated[Settings, Depends(get_settings)]
+) -> TokenResponse:
+    """`username` is the email. Unknown email, wrong password, disabled or locked: one 401.
+    Failed attempts count toward the same lockout as `usermgr login`."""
+    return TokenResponse(access_token=service.login(db, settings, form.username, form.password))
+
+
+# ---- /users ------------------------------------------------------------------------------------
+
+users_router = APIRouter(prefix="/users", tags=["users"])
+
+
+@users_router.get("/me", response_model=UserResponse, responses=_responses(401), summary="The token's holder")
+def read_me(user: Annotated[User, Depends(current_user)]) -> User:
+    return user
+
+
+@users_router.get(
+    "", response_model=list[UserResponse], responses=_responses(401, 403, 422), summary="List users (admin)"
+)
+def list_users(
+    _admin: Admin,
+    db: DB,
+    role: Annotated[str | None, Query(description="Only users with this role.")] = None,
+    active: Annotated[bool | None, Query(description="Only enabled (true) or disabled (false) users.")] = None,
+    search: Annotated[str | None, Query(description="Text in the email, username or full name.")] = None,
+    limit: Annotated[
+        int, Query(ge=0, le=LIST_LIMIT_MAX, description=f"At most this many users (at most {LIST_LIMIT_MAX}).")
+    ] = LIST_LIMIT_DEFAULT,
+    offset: Annotated[int, Query(ge=0, description="Skip this many users first.")] = 0,
+) -> list[dict[str, Any]]:
+    """Users oldest first, one page at a time: `limit` defaults to 100 and is at most 1000."""
+    filters = service.UserFilter(role=role, active=active, search=search, limit=limit, offset=offset)
+    return list(service.iter_user_records(db, filters))
+
+
+@users_router.get("/{user_id}", response_model=UserResponse, responses=_responses(401, 403, 404, 422))
+def read_user(user_id: UserId, _admin: Admin, db: DB) -> User:
+    return service.get_user(db, str(user_id))
+
+
+@users_router.patch(
+    "/{user_id}",
+    response_model=UserResponse,
+    responses=_responses(401, 403, 404, 409, 422),
+    summary="Change profile fields (admin)",
+)
+def update_user(user_id: UserId, body: UserUpdate, _admin: Admin, db: DB) -> User:
+    """Only the fields given (and not null) change, as with `usermgr update`."""
+    changes = service.user_changes(**body.model_dump(exclude_unset=True))
+    return service.update_user(db, str(user_id), changes)
+
+
+@users_router.delete(
+    "/{user_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses=_responses(401, 403, 404, 409, 422),
+    summary="Delete a user (admin; never the last active admin)",
+)
+def delete_user(user_id: UserId, _admin: Admin, db: DB) -> Response:
+    service.delete_users(db, [str(user_id)])
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@users_router.put(
+    "/{user_id}/roles/{role}",
+    response_model=UserResponse,
+    responses=_responses(401, 403, 404, 422),
+    summary="Grant a role (admin)",
+)
+def grant_role(user_id: UserId, role: RoleName, _admin: Admin, db: DB) -> User:
+    return service.grant_role(db, [str(user_id)], role)[0]
+
+
+@users_router.delete(
+    "/{user_id}/roles/{role}",
+    response_model=UserResponse,
+    responses=_responses(401, 403, 404, 409, 422),
+    summary="Revoke a role (admin; never from the last active admin)",
+)
+def revoke_role(user_id: UserId, role: RoleName, _admin: Admin, db: DB) -> User:
+    return service.revoke_role(db, [str(user_id)], role)[0]
+
+
+# ---- health and the app ------------------------------------------------------------------------
+
+
+def healthz(db: DB) -> HealthResponse:
+    """200 when the database answers `SELECT 1`, else 503."""
+    db.execute(text("SELECT 1"))
+    return HealthResponse(status="ok")
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    await run_in_threadpool(warm_up, app)
+    yield
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The usermgr API as its own app; `settings=None` reads USERMGR_* variables at startup."""
+    app = FastAPI(
+        title="usermgr",
+        version=__version__,
+        description="Users, roles and access tokens: the same rules as the `usermgr` CLI.",
+        lifespan=_lifespan,
+    )
+    install(app, settings)
+    app.include_router(auth_router)
+    app.include_router(users_router)
+    app.add_api_route(
+        "/healthz", healthz, methods=["GET"], response_model=HealthResponse, responses=_responses(), tags=["health"]
+    )
+    return app
+
+
+app = create_app()
