@@ -1,0 +1,284 @@
+"""import, export and batch arguments: all or nothing, line numbers, round trips."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import bcrypt
+import pytest
+from sqlalchemy import create_engine, func, select, text
+
+from tests.conftest import USERMGR, Runner, run_usermgr
+from usermgr.models import User
+
+
+def jsonl(*rows: dict) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+def emails(run: Runner) -> list[str]:
+    result = run("list", "-o", "email")
+    assert result.exit_code == 0, result.stderr
+    return result.stdout.split()
+
+
+def user_count(db_url: str) -> int:
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(select(func.count()).select_from(User)).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def test_import_csv_file_with_roles_and_flags(run: Runner, tmp_path: Path) -> None:
+    source = tmp_path / "staff.csv"
+    source.write_text(
+        "email,username,full_name,roles,is_active\n"
+        "Ann@Example.com,ann,Ann A,staff;beta,true\n"
+        "bo@example.com,,,,false\n"
+    )
+    result = run("import", str(source))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == ""
+    assert "2 created, 0 updated, 0 skipped" in result.stderr
+    users = [json.loads(line) for line in run("list", "-o", "jsonl").stdout.splitlines()]
+    assert [(u["email"], u["username"], u["roles"], u["is_active"]) for u in users] == [
+        ("ann@example.com", "ann", ["beta", "staff"], True),
+        ("bo@example.com", None, [], False),
+    ]
+
+
+def test_import_jsonl_from_stdin_needs_format(run: Runner) -> None:
+    data = jsonl({"email": "a@example.com", "roles": ["x"]})
+    refused = run("import", "-", input=data)
+    assert refused.exit_code == 2
+    assert "--format" in refused.stderr
+    assert emails(run) == []
+    accepted = run("import", "-", "--format", "jsonl", input=data)
+    assert accepted.exit_code == 0, accepted.stderr
+    assert emails(run) == ["a@example.com"]
+
+
+def test_bad_rows_are_reported_by_line_and_nothing_is_written(run: Runner) -> None:
+    rows = ["email,password"] + [f"user{i}@example.com,password{i:04d}" for i in range(5)]
+    rows[2] = "not-an-email,password-ok"
+    rows[4] = "weak@example.com,short"
+    result = run("import", "-", "--format", "csv", input="\n".join(rows) + "\n")
+    assert result.exit_code == 3
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert all(line.startswith("usermgr: error: ") for line in lines)
+    assert lines[0].startswith("usermgr: error: line 3: email")
+    assert lines[1].startswith("usermgr: error: line 5: password")
+    assert "2 invalid rows; nothing was imported" in lines[-1]
+    assert emails(run) == []
+
+
+def test_only_the_first_twenty_bad_rows_are_listed(run: Runner) -> None:
+    data = "email\n" + "".join(f"bad{i}\n" for i in range(45))
+    result = run("import", "-", "--format", "csv", input=data)
+    assert result.exit_code == 3
+    listed = [line for line in result.stderr.splitlines() if ": line " in line]
+    assert len(listed) == 20
+    assert "45 invalid rows (the first 20 shown)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "data, problem",
+    [
+        ("{not json}\n", "line 1: not valid JSON"),
+        ("[1, 2]\n", "line 1: not a JSON object"),
+        ('{"email": "a@example.com", "password": "long-enough", "hashed_password": "$2b$04$x"}\n', "line 1:"),
+        ('{"email": "a@example.com", "hashed_password": "md5$abc"}\n', "unsupported hashed_password"),
+        ('{"email": "a@example.com", "roles": ["Not Valid"]}\n', "invalid role name"),
+    ],
+)
+def test_malformed_jsonl_rows(run: Runner, data: str, problem: str) -> None:
+    result = run("import", "-", "--format", "jsonl", input=data)
+    assert result.exit_code == 3
+    assert problem in result.stderr
+    assert "Traceback" not in result.stderr
+    assert emails(run) == []
+
+
+def test_csv_with_a_row_of_the_wrong_width(run: Runner) -> None:
+    result = run("import", "-", "--format", "csv", input="email,username\na@example.com,a,extra\n")
+    assert result.exit_code == 3
+    assert "line 2: 3 cells where the header has 2" in result.stderr
+
+
+def test_input_that_is_not_utf8(run: Runner, tmp_path: Path) -> None:
+    source = tmp_path / "latin1.csv"
+    source.write_bytes("email,full_name\nz@example.com,Jos\xe9\n".encode("latin-1"))
+    result = run("import", str(source))
+    assert result.exit_code == 3
+    assert "not UTF-8" in result.stderr
+    assert emails(run) == []
+
+
+def test_conflicts_error_skip_update(run: Runner) -> None:
+    assert run("create", "--email", "old@example.com", "--full-name", "Old", "--no-password").exit_code == 0
+    data = "email,full_name,roles\nnew@example.com,New,\nold@example.com,Renamed,staff\n"
+    conflict = run("import", "-", "--format", "csv", input=data)
+    assert conflict.exit_code == 5
+    assert "line 3" in conflict.stderr and "--on-conflict" in conflict.stderr
+    assert emails(run) == ["old@example.com"]
+
+    skipped = run("import", "-", "--format", "csv", "--on-conflict", "skip", input=data)
+    assert skipped.exit_code == 0, skipped.stderr
+    assert "1 created, 0 updated, 1 skipped" in skipped.stderr
+    assert json.loads(run("show", "old@example.com", "-o", "json").stdout)["full_name"] == "Old"
+
+    updated = run("import", "-", "--format", "csv", "--on-conflict", "update", input=data.replace("New,", "Newer,"))
+    assert updated.exit_code == 0, updated.stderr
+    assert "0 created, 2 updated, 0 skipped" in updated.stderr
+    old = json.loads(run("show", "old@example.com", "-o", "json").stdout)
+    assert (old["full_name"], old["roles"]) == ("Renamed", ["staff"])
+
+
+def test_duplicate_email_within_the_input_is_a_conflict(run: Runner) -> None:
+    data = "email\ndup@example.com\nDUP@example.com\n"
+    result = run("import", "-", "--format", "csv", input=data)
+    assert result.exit_code == 5
+    assert "line 3" in result.stderr
+    assert emails(run) == []
+
+
+def test_dry_run_writes_nothing(run: Runner) -> None:
+    result = run("import", "-", "--format", "jsonl", "--dry-run", input=jsonl({"email": "d@example.com"}))
+    assert result.exit_code == 0, result.stderr
+    assert "would have 1 created" in result.stderr
+    assert emails(run) == []
+
+
+def test_update_cannot_demote_the_last_admin(run: Runner) -> None:
+    run("create", "--email", "root@example.com", "--admin", "--no-password")
+    data = jsonl({"email": "root@example.com", "roles": []})
+    result = run("import", "-", "--format", "jsonl", "--on-conflict", "update", input=data)
+    assert result.exit_code == 5
+    assert "last active admin" in result.stderr
+    assert json.loads(run("show", "root@example.com", "-o", "json").stdout)["roles"] == ["admin"]
+
+
+def test_plaintext_passwords_are_hashed_with_an_estimate(run: Runner) -> None:
+    data = jsonl({"email": "p@example.com", "password": "correct horse"})
+    result = run("import", "-", "--format", "jsonl", input=data)
+    assert result.exit_code == 0, result.stderr
+    assert "hashing 1 password: about" in result.stderr
+    login = run("login", "p@example.com", "--password-stdin", input="correct horse\n")
+    assert login.exit_code == 0, login.stderr
+
+
+def test_imported_bcrypt_hash_logs_in_and_is_upgraded(run: Runner, db, settings) -> None:
+    hashed = bcrypt.hashpw(b"legacy-password", bcrypt.gensalt(rounds=4)).decode()
+    result = run("import", "-", "--format", "jsonl", input=jsonl({"email": "b@example.com", "hashed_password": hashed}))
+    assert result.exit_code == 0, result.stderr
+    assert run("login", "b@example.com", "--password-stdin", input="legacy-password\n").exit_code == 0
+    stored = db.scalar(select(User.hashed_password).where(User.email == "b@example.com"))
+    assert stored.startswith("$argon2id$")
+
+
+def test_export_import_round_trip_reproduces_users(run: Runner, env: dict, tmp_path: Path, backend: str) -> None:
+    run("create", "--email", "a@example.com", "--admin", "--full-name", "Ä Ünïcode", "--password-stdin", input="first-password\n")
+    run("create", "--email", "b@example.com", "--username", "bee", "--role", "beta", "--no-password")
+    run("create", "--email", "c@example.com", "--role", "beta", "--role", "staff", "--no-password")
+    run("disable", "c@example.com")
+    for fmt in ("jsonl", "csv"):
+        exported = run("export", "--with-hashes", "-o", fmt)
+        assert exported.exit_code == 0, exported.stderr
+        assert "exported 3 users" in exported.stderr
+        target = tmp_path / f"copy-{fmt}.db"
+        target_env = {**env, "USERMGR_DATABASE_URL": str(target)}
+        assert run("init", env=target_env).exit_code == 0
+        imported = run("import", "-", "--format", fmt, input=exported.stdout, env=target_env)
+        assert imported.exit_code == 0, imported.stderr
+        again = run("export", "--with-hashes", "-o", fmt, env=target_env)
+        assert strip_ids(again.stdout, fmt) == strip_ids(exported.stdout, fmt)
+        login = run("login", "a@example.com", "--password-stdin", input="first-password\n", env=target_env)
+        assert login.exit_code == 0, login.stderr
+
+
+def strip_ids(data: str, fmt: str) -> list[dict]:
+    rows = [json.loads(line) for line in data.splitlines()] if fmt == "jsonl" else list(csv.DictReader(io.StringIO(data)))
+    return [{key: value for key, value in row.items() if key != "id"} for row in rows]
+
+
+def test_export_never_shows_hashes_unless_asked(run: Runner) -> None:
+    run("create", "--email", "h@example.com", "--password-stdin", input="a-password\n")
+    assert "argon2" not in run("export").stdout
+    assert "hashed_password" not in run("export", "-o", "csv").stdout
+    assert "$argon2id$" in run("export", "--with-hashes").stdout
+
+
+def test_batch_from_stdin_names_the_unknown_line(run: Runner) -> None:
+    for name in ("a", "b", "c"):
+        run("create", "--email", f"{name}@example.com", "--no-password", "--role", "beta")
+    result = run("disable", "-", input="a@example.com\nb@example.com\nghost@example.com\n")
+    assert result.exit_code == 4
+    assert "'ghost@example.com' (line 3)" in result.stderr
+    assert "nothing was changed" in result.stderr
+    assert run("list", "--disabled", "-o", "email").stdout == ""
+
+
+def test_list_piped_into_disable(run: Runner) -> None:
+    for name, role in (("a", "beta"), ("b", "other"), ("c", "beta")):
+        run("create", "--email", f"{name}@example.com", "--no-password", "--role", role)
+    beta = run("list", "--role", "beta", "-o", "email").stdout
+    result = run("disable", "-", input=beta)
+    assert result.exit_code == 0, result.stderr
+    assert "disabled 2 users" in result.stderr
+    assert run("list", "--disabled", "-o", "email").stdout.split() == ["a@example.com", "c@example.com"]
+
+
+def _wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("the import never reached its write transaction")
+        time.sleep(0.005)
+
+
+def _writing_started(backend: str, db_url: str):
+    if backend == "sqlite":
+        wal = Path(db_url.removeprefix("sqlite:///") + "-wal")
+        return lambda: wal.exists() and wal.stat().st_size > 64 * 1024
+    engine = create_engine(db_url)
+    name = engine.url.database
+
+    def inserting() -> bool:
+        with engine.connect() as connection:
+            query = "SELECT count(*) FROM pg_stat_activity WHERE datname = :name AND query ILIKE 'INSERT INTO users%'"
+            return connection.execute(text(query), {"name": name}).scalar_one() > 0
+
+    return inserting
+
+
+def test_kill_9_mid_import_leaves_no_row(env: dict, db_url: str, backend: str, tmp_path: Path) -> None:
+    source = tmp_path / "big.csv"
+    with source.open("w") as handle:
+        handle.write("email,full_name,roles\n")
+        for i in range(300_000):
+            handle.write(f"user{i}@example.com,User {i},staff\n")
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("USERMGR_")} | env
+    process = subprocess.Popen([str(USERMGR), "import", str(source)], env=full_env, stderr=subprocess.PIPE)
+    try:
+        _wait_for(_writing_started(backend, db_url))
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert user_count(db_url) == 0
+    if backend == "sqlite":
+        with sqlite3.connect(db_url.removeprefix("sqlite:///")) as connection:
+            assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    result = run_usermgr("list", "-o", "id", env=env)
+    assert (result.returncode, result.stdout) == (0, "")
