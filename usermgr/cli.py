@@ -510,7 +510,7 @@ def _role_command(name: str, verb: str, action: str, doc: str) -> None:
 
         refs, origin = read_user_refs(users)
         with app.session() as db:
-            summarize(f"{verb} {role!r}:", getattr(service, action)(db, refs, role, origin=origin))
+            summarize(verb.format(role=role), getattr(service, action)(db, refs, role, origin=origin))
 
     command.__doc__ = doc
     cli.command(name)(command)
@@ -518,7 +518,7 @@ def _role_command(name: str, verb: str, action: str, doc: str) -> None:
 
 _role_command(
     "grant-role",
-    "granted",
+    "granted role {role!r} to",
     "grant_role",
     """Give USERs the named ROLE (created on first use).
 
@@ -530,7 +530,7 @@ _role_command(
 )
 _role_command(
     "revoke-role",
-    "revoked",
+    "revoked role {role!r} from",
     "revoke_role",
     """Take the named ROLE from USERs; a user without it is left as it is.
 
