@@ -42,9 +42,7 @@ def user_count(db_url: str) -> int:
 def test_import_csv_file_with_roles_and_flags(run: Runner, tmp_path: Path) -> None:
     source = tmp_path / "staff.csv"
     source.write_text(
-        "email,username,full_name,roles,is_active\n"
-        "Ann@Example.com,ann,Ann A,staff;beta,true\n"
-        "bo@example.com,,,,false\n"
+        "email,username,full_name,roles,is_active\nAnn@Example.com,ann,Ann A,staff;beta,true\nbo@example.com,,,,false\n"
     )
     result = run("import", str(source))
     assert result.exit_code == 0, result.stderr
@@ -188,7 +186,16 @@ def test_imported_bcrypt_hash_logs_in_and_is_upgraded(run: Runner, db, settings)
 
 
 def test_export_import_round_trip_reproduces_users(run: Runner, env: dict, tmp_path: Path, backend: str) -> None:
-    run("create", "--email", "a@example.com", "--admin", "--full-name", "Ä Ünïcode", "--password-stdin", input="first-password\n")
+    run(
+        "create",
+        "--email",
+        "a@example.com",
+        "--admin",
+        "--full-name",
+        "Ä Ünïcode",
+        "--password-stdin",
+        input="first-password\n",
+    )
     run("create", "--email", "b@example.com", "--username", "bee", "--role", "beta", "--no-password")
     run("create", "--email", "c@example.com", "--role", "beta", "--role", "staff", "--no-password")
     run("disable", "c@example.com")
@@ -208,7 +215,9 @@ def test_export_import_round_trip_reproduces_users(run: Runner, env: dict, tmp_p
 
 
 def strip_ids(data: str, fmt: str) -> list[dict]:
-    rows = [json.loads(line) for line in data.splitlines()] if fmt == "jsonl" else list(csv.DictReader(io.StringIO(data)))
+    rows = (
+        [json.loads(line) for line in data.splitlines()] if fmt == "jsonl" else list(csv.DictReader(io.StringIO(data)))
+    )
     return [{key: value for key, value in row.items() if key != "id"} for row in rows]
 
 

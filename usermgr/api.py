@@ -26,7 +26,7 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response,
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -34,11 +34,21 @@ from sqlalchemy.orm import Session
 from usermgr import __version__, database, errors, security, service, tokens
 from usermgr.config import Settings, load_settings
 from usermgr.models import ADMIN_ROLE, User
-from usermgr.schemas import ROLE_NAME, Password, UserCreate, UserResponse, UserUpdate, validate_role_name
+from usermgr.schemas import (
+    PASSWORD_MAX_LENGTH,
+    PASSWORD_MIN_LENGTH,
+    ROLE_NAME,
+    Password,
+    UserCreate,
+    UserResponse,
+    UserUpdate,
+    validate_role_name,
+)
 
 LIST_LIMIT_DEFAULT = 100
 LIST_LIMIT_MAX = 1000
 MAX_USER_ID = 2**31 - 1  # users.id is a 32-bit integer on PostgreSQL
+MAX_OFFSET = 2**63 - 1  # the largest OFFSET that SQLite and PostgreSQL take
 TOKEN_URL = "/auth/login"
 _STATE_KEY = "usermgr"
 
@@ -166,7 +176,9 @@ def require_role(name: str) -> Callable[..., User]:
 DB = Annotated[Session, Depends(get_db)]
 Admin = Annotated[User, Depends(require_role(ADMIN_ROLE))]
 UserId = Annotated[int, Path(ge=1, le=MAX_USER_ID, description="The user's numeric id.")]
-RoleName = Annotated[str, Path(pattern=f"^{ROLE_NAME.pattern}$", description="A role name: 1 to 64 of a-z, 0-9, _ and -.")]
+RoleName = Annotated[
+    str, Path(pattern=f"^{ROLE_NAME.pattern}$", description="A role name: 1 to 64 of a-z, 0-9, _ and -.")
+]
 
 
 # ---- request and response shapes ----------------------------------------------------------------
@@ -175,7 +187,11 @@ RoleName = Annotated[str, Path(pattern=f"^{ROLE_NAME.pattern}$", description="A 
 class SignupRequest(UserCreate):
     """A new account: as `UserCreate`, but the password is required. There is no `roles` field."""
 
-    password: Password
+    # The lengths are documented for clients; the policy itself (counted after NFKC) is schemas.validate_password.
+    password: Annotated[
+        Password,
+        Field(json_schema_extra={"minLength": PASSWORD_MIN_LENGTH, "maxLength": PASSWORD_MAX_LENGTH}, repr=False),
+    ]
 
 
 class TokenResponse(BaseModel):
@@ -207,6 +223,7 @@ class InvalidResponse(BaseModel):
 
 _UNAUTHORIZED_HEADERS = {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}}
 _RESPONSES: dict[int, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "The body cannot be parsed"},
     401: {"model": ErrorResponse, "description": "Not authenticated", "headers": _UNAUTHORIZED_HEADERS},
     403: {"model": ErrorResponse, "description": "Forbidden: the token's holder lacks the role"},
     404: {"model": ErrorResponse, "description": "No such user"},
@@ -229,7 +246,7 @@ auth_router = APIRouter(prefix="/auth", tags=["auth"])
     "/signup",
     status_code=status.HTTP_201_CREATED,
     response_model=UserResponse,
-    responses=_responses(409, 422),
+    responses=_responses(400, 409, 422),
     summary="Create an account (never with a role)",
 )
 def signup(body: SignupRequest, db: DB, settings: Annotated[Settings, Depends(get_settings)]) -> User:
@@ -239,7 +256,7 @@ def signup(body: SignupRequest, db: DB, settings: Annotated[Settings, Depends(ge
 @auth_router.post(
     "/login",
     response_model=TokenResponse,
-    responses=_responses(401, 422),
+    responses=_responses(400, 401, 422),
     summary="Exchange email and password for an access token",
 )
 def login(
@@ -272,7 +289,7 @@ def list_users(
     limit: Annotated[
         int, Query(ge=0, le=LIST_LIMIT_MAX, description=f"At most this many users (at most {LIST_LIMIT_MAX}).")
     ] = LIST_LIMIT_DEFAULT,
-    offset: Annotated[int, Query(ge=0, description="Skip this many users first.")] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Skip this many users first.")] = 0,
 ) -> list[dict[str, Any]]:
     """Users oldest first, one page at a time: `limit` defaults to 100 and is at most 1000."""
     filters = service.UserFilter(role=role, active=active, search=search, limit=limit, offset=offset)
@@ -287,7 +304,7 @@ def read_user(user_id: UserId, _admin: Admin, db: DB) -> User:
 @users_router.patch(
     "/{user_id}",
     response_model=UserResponse,
-    responses=_responses(401, 403, 404, 409, 422),
+    responses=_responses(400, 401, 403, 404, 409, 422),
     summary="Change profile fields (admin)",
 )
 def update_user(user_id: UserId, body: UserUpdate, _admin: Admin, db: DB) -> User:

@@ -207,7 +207,9 @@ def summarize(verb: str, users: Sequence[Any]) -> None:
 
 
 @click.group(cls=UsermgrGroup, context_settings=CONTEXT_SETTINGS)
-@click.option("--db", envvar="USERMGR_DATABASE_URL", metavar="URL", help="Database URL or SQLite path [default: users.db].")
+@click.option(
+    "--db", envvar="USERMGR_DATABASE_URL", metavar="URL", help="Database URL or SQLite path [default: users.db]."
+)
 @click.option(
     "--key-file",
     envvar="USERMGR_KEY_FILE",
@@ -249,7 +251,10 @@ def init(app: App) -> None:
     with app.session(must_exist=False) as db:
         engine = db.get_bind()
         migrations.upgrade(engine)
-        note(f"database {engine.url.render_as_string(hide_password=True)} is at schema revision {migrations.current_revision(engine)}")
+        note(
+            f"database {engine.url.render_as_string(hide_password=True)}"
+            f" is at schema revision {migrations.current_revision(engine)}"
+        )
     if settings.key_file is None:
         note("no key file for this database: set USERMGR_SECRET_KEY or give --key-file to sign tokens")
     elif tokens.create_key_file(settings.key_file, settings.token_algorithm):
@@ -291,7 +296,8 @@ def create(
     service.new_user(email, username, full_name)  # bad fields fail before a password is asked for
     if not password_stdin and not no_password and not stdin_is_terminal():
         raise click.UsageError(
-            "no terminal to ask for the password on: use --password-stdin to read it from standard input, or --no-password"
+            "no terminal to ask for the password on: "
+            "use --password-stdin to read it from standard input, or --no-password"
         )
     password = None if no_password else read_password(password_stdin, confirm=True, command="create")
     data = service.new_user(email, username, full_name, password)
@@ -327,7 +333,14 @@ def show(app: App, user: str, fmt: str) -> None:
 @output_option()
 @pass_app
 def list_users(
-    app: App, role: str | None, admin: bool, active: bool | None, search: str | None, limit: int | None, offset: int, fmt: str
+    app: App,
+    role: str | None,
+    admin: bool,
+    active: bool | None,
+    search: str | None,
+    limit: int | None,
+    offset: int,
+    fmt: str,
 ) -> None:
     """List users, oldest first, streamed.
 
@@ -560,7 +573,9 @@ def roles(app: App, fmt: str) -> None:
 @cli.command()
 @click.argument("user")
 @password_stdin_option
-@click.option("--ttl", metavar="DURATION", help="Token lifetime, such as 90s, 15m, 8h, 7d [default: USERMGR_TOKEN_TTL, 1h].")
+@click.option(
+    "--ttl", metavar="DURATION", help="Token lifetime, such as 90s, 15m, 8h, 7d [default: USERMGR_TOKEN_TTL, 1h]."
+)
 @pass_app
 def login(app: App, user: str, password_stdin: bool, ttl: str | None) -> None:
     """Check USER's password and print only the access token, one line.
@@ -582,11 +597,19 @@ def login(app: App, user: str, password_stdin: bool, ttl: str | None) -> None:
 @cli.command()
 @click.argument("tokens", nargs=-1, metavar="[TOKEN... | -]")
 @click.option("--role", help="Also require this role (exit 8 without it).")
-@click.option("--check-db", is_flag=True, help="Also check the user exists, is enabled and unlocked, and has not revoked the token.")
-@click.option("--public-key", type=click.Path(dir_okay=False, exists=True), help="Verify EdDSA tokens with this public key only.")
+@click.option(
+    "--check-db",
+    is_flag=True,
+    help="Also check the user exists, is enabled and unlocked, and has not revoked the token.",
+)
+@click.option(
+    "--public-key", type=click.Path(dir_okay=False, exists=True), help="Verify EdDSA tokens with this public key only."
+)
 @output_option(output.USER_FORMATS, default=None)
 @pass_app
-def verify(app: App, tokens: tuple[str, ...], role: str | None, check_db: bool, public_key: str | None, fmt: str | None) -> None:
+def verify(
+    app: App, tokens: tuple[str, ...], role: str | None, check_db: bool, public_key: str | None, fmt: str | None
+) -> None:
     """Check tokens offline: signature, expiry, issuer, audience and role.
 
     Exit 0 when every token is valid, 7 when any is invalid, else 8 when any lacks the
@@ -699,8 +722,12 @@ def _verify_stream(checker: TokenChecker, lines: Any, fmt: str) -> int:
 
 
 @cli.command("import")
-@click.argument("source", default="-", metavar="[FILE | -]", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
-@click.option("--format", "fmt", type=click.Choice(output.IMPORT_FORMATS), help="Input format [default: from FILE's extension].")
+@click.argument(
+    "source", default="-", metavar="[FILE | -]", type=click.Path(exists=True, dir_okay=False, allow_dash=True)
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(output.IMPORT_FORMATS), help="Input format [default: from FILE's extension]."
+)
 @click.option(
     "--on-conflict",
     type=click.Choice(["error", "skip", "update"]),
@@ -731,7 +758,9 @@ def import_users(app: App, source: str, fmt: str | None, on_conflict: str, dry_r
         try:
             plan = service.plan_import(output.read_rows(stream, fmt))
         except UnicodeDecodeError as error:
-            raise errors.InvalidInput(f"the input is not UTF-8 ({error.reason} at byte {error.start}); nothing was imported") from None
+            raise errors.InvalidInput(
+                f"the input is not UTF-8 ({error.reason} at byte {error.start}); nothing was imported"
+            ) from None
     try:
         with app.session() as db:
             if plan.passwords and not dry_run:
@@ -749,7 +778,7 @@ def _open_text(source: str) -> Any:
 
     if source == "-":
         return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="")
-    return open(source, encoding="utf-8", newline="")  # noqa: SIM115 (closed by the caller's with)
+    return open(source, encoding="utf-8", newline="")
 
 
 def _hash_with_progress(plan: Any, settings: Settings) -> None:
@@ -758,7 +787,10 @@ def _hash_with_progress(plan: Any, settings: Settings) -> None:
     from usermgr import service
 
     count = len(plan.passwords)
-    note(f"hashing {count} password{'s' if count != 1 else ''}: about {_duration(service.seconds_to_hash(plan, settings))}")
+    note(
+        f"hashing {count} password{'s' if count != 1 else ''}:"
+        f" about {_duration(service.seconds_to_hash(plan, settings))}"
+    )
     if not sys.stderr.isatty():
         service.hash_passwords(plan, settings)
         return

@@ -92,7 +92,9 @@ def configure(url: str, *, must_exist: bool = True) -> Engine:
     global _engine
     path = sqlite_path(url)
     if must_exist and path is not None and not path.exists():
-        raise DatabaseUnavailable(f"no database at {path}: create it with `usermgr init` or point --db at an existing one")
+        raise DatabaseUnavailable(
+            f"no database at {path}: create it with `usermgr init` or point --db at an existing one"
+        )
     if _engine is not None and str(_engine.url) == url:
         return _engine
     if _engine is not None:

@@ -33,7 +33,9 @@ class Conflict(UsermgrError):
 class AuthenticationFailed(UsermgrError):
     """Wrong password, unknown user, disabled or locked: one message for all."""
 
-    def __init__(self, message: str = "authentication failed: wrong email or password, or the account is disabled or locked") -> None:
+    def __init__(
+        self, message: str = "authentication failed: wrong email or password, or the account is disabled or locked"
+    ) -> None:
         super().__init__(message)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TextIO
@@ -44,26 +44,37 @@ def _json_line(record: dict[str, Any]) -> str:
     return json.dumps({key: _plain(value) for key, value in record.items()}, ensure_ascii=False)
 
 
-def write_records(
-    records: Iterable[dict[str, Any]], fmt: str, fields: Sequence[str], out: TextIO | None = None
-) -> int:
+def write_records(records: Iterable[dict[str, Any]], fmt: str, fields: Sequence[str], out: TextIO | None = None) -> int:
     """Write records in `fmt`, with `fields` as the columns; returns how many were written."""
     out = out or sys.stdout
     writer = _WRITERS[fmt]
     return writer(records, fields, out)
 
 
-def _write_jsonl(records: Iterable[dict[str, Any]], fields: Sequence[str], out: TextIO) -> int:
+def _each(records: Iterable[dict[str, Any]], write: Callable[[dict[str, Any]], Any]) -> int:
+    """Write every record as it comes (streaming); returns how many there were."""
     count = 0
-    for count, record in enumerate(records, start=1):
-        out.write(_json_line({field: record.get(field) for field in fields}) + "\n")
+    for record in records:
+        write(record)
+        count += 1
     return count
 
 
+def _picked(record: dict[str, Any], fields: Sequence[str]) -> dict[str, Any]:
+    return {field: record.get(field) for field in fields}
+
+
+def _write_jsonl(records: Iterable[dict[str, Any]], fields: Sequence[str], out: TextIO) -> int:
+    return _each(records, lambda record: out.write(_json_line(_picked(record, fields)) + "\n"))
+
+
 def _write_json(records: Iterable[dict[str, Any]], fields: Sequence[str], out: TextIO) -> int:
-    count = 0
-    for count, record in enumerate(records, start=1):
-        out.write(("[\n  " if count == 1 else ",\n  ") + _json_line({field: record.get(field) for field in fields}))
+    separators = iter(["[\n  "])
+
+    def write(record: dict[str, Any]) -> None:
+        out.write(next(separators, ",\n  ") + _json_line(_picked(record, fields)))
+
+    count = _each(records, write)
     out.write("\n]\n" if count else "[]\n")
     return count
 
@@ -71,10 +82,9 @@ def _write_json(records: Iterable[dict[str, Any]], fields: Sequence[str], out: T
 def _write_csv(records: Iterable[dict[str, Any]], fields: Sequence[str], out: TextIO) -> int:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(fields)
-    count = 0
-    for count, record in enumerate(records, start=1):
-        writer.writerow([_cell(record.get(field), LIST_SEPARATOR) for field in fields])
-    return count
+    return _each(
+        records, lambda record: writer.writerow([_cell(record.get(field), LIST_SEPARATOR) for field in fields])
+    )
 
 
 def _write_table(records: Iterable[dict[str, Any]], fields: Sequence[str], out: TextIO) -> int:
@@ -86,12 +96,9 @@ def _write_table(records: Iterable[dict[str, Any]], fields: Sequence[str], out: 
     return len(rows)
 
 
-def _one_value(field: str) -> Any:
+def _one_value(field: str) -> Callable[[Iterable[dict[str, Any]], Sequence[str], TextIO], int]:
     def write(records: Iterable[dict[str, Any]], _fields: Sequence[str], out: TextIO) -> int:
-        count = 0
-        for count, record in enumerate(records, start=1):
-            out.write(f"{record[field]}\n")
-        return count
+        return _each(records, lambda record: out.write(f"{record[field]}\n"))
 
     return write
 
@@ -110,7 +117,9 @@ def write_one(record: dict[str, Any], fmt: str, fields: Sequence[str], out: Text
     """One record: `json` prints an object, `table` a two-column field/value listing."""
     out = out or sys.stdout
     if fmt == "json":
-        out.write(json.dumps({field: _plain(record.get(field)) for field in fields}, ensure_ascii=False, indent=2) + "\n")
+        out.write(
+            json.dumps({field: _plain(record.get(field)) for field in fields}, ensure_ascii=False, indent=2) + "\n"
+        )
     elif fmt == "table":
         from tabulate import tabulate
 

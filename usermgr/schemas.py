@@ -29,7 +29,9 @@ USERNAME = re.compile(r"[A-Za-z0-9_.@+-]{1,150}")
 FULL_NAME_MAX_LENGTH = 300
 # Hash formats `import` stores as they are: argon2 (PHC) and bcrypt (modular crypt).
 _HAS_OFFSET = re.compile(r"(Z|[+-]\d\d:?\d\d)$")
-HASH_FORMAT = re.compile(r"\$argon2(id|i|d)\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+|\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}")
+HASH_FORMAT = re.compile(
+    r"\$argon2(id|i|d)\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+|\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}"
+)
 
 
 def _nfkc_stripped(value: Any) -> Any:

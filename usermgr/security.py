@@ -17,11 +17,15 @@ _TEST_PROFILE = {"time_cost": 1, "memory_cost": 1024, "parallelism": 1}
 def context(profile: str = "default") -> CryptContext:
     """The CryptContext for a hash profile: argon2-cffi's own defaults unless `test`."""
     defaults = argon2.PasswordHasher()
-    params = _TEST_PROFILE if profile == "test" else {
-        "time_cost": defaults.time_cost,
-        "memory_cost": defaults.memory_cost,
-        "parallelism": defaults.parallelism,
-    }
+    params = (
+        _TEST_PROFILE
+        if profile == "test"
+        else {
+            "time_cost": defaults.time_cost,
+            "memory_cost": defaults.memory_cost,
+            "parallelism": defaults.parallelism,
+        }
+    )
     return CryptContext(
         schemes=["argon2", "bcrypt"],
         deprecated=["bcrypt"],

@@ -194,13 +194,24 @@ def _filtered(statement: Any, filters: UserFilter) -> Any:
     return statement
 
 
-def iter_user_records(db: Session, filters: UserFilter = UserFilter(), *, with_hashes: bool = False) -> Iterator[dict[str, Any]]:
+def iter_user_records(
+    db: Session, filters: UserFilter = UserFilter(), *, with_hashes: bool = False
+) -> Iterator[dict[str, Any]]:
     """Users oldest first (in the order they were added), streamed with Core rows."""
-    if filters.limit is not None and filters.limit < 0 or filters.offset < 0:
+    if (filters.limit is not None and filters.limit < 0) or filters.offset < 0:
         raise InvalidInput("--limit and --offset must not be negative")
     if filters.role is not None:
         _validated_role(filters.role)
-    columns = [User.id, User.email, User.username, User.full_name, User.is_active, _roles_column(), User.created_at, User.last_login_at]
+    columns = [
+        User.id,
+        User.email,
+        User.username,
+        User.full_name,
+        User.is_active,
+        _roles_column(),
+        User.created_at,
+        User.last_login_at,
+    ]
     if with_hashes:
         columns.append(User.hashed_password)
     statement = _filtered(select(*columns).order_by(User.id), filters)
@@ -277,7 +288,9 @@ def create_user(
     return user
 
 
-def new_user(email: str, username: str | None = None, full_name: str | None = None, password: str | None = None) -> UserCreate:
+def new_user(
+    email: str, username: str | None = None, full_name: str | None = None, password: str | None = None
+) -> UserCreate:
     """Validate the fields of a new user; InvalidInput with a one-line message if bad."""
     return _validated(UserCreate, email=email, username=username, full_name=full_name, password=password)
 
@@ -447,10 +460,17 @@ def login(db: Session, settings: Settings, ref: str, password: str, ttl: int | N
     """Authenticate and mint an access token."""
     lifetime = settings.token_ttl if ttl is None else ttl
     if lifetime > settings.token_max_ttl:
-        raise InvalidInput(f"token lifetime {lifetime}s is above the maximum of {settings.token_max_ttl}s (USERMGR_TOKEN_MAX_TTL)")
+        raise InvalidInput(
+            f"token lifetime {lifetime}s is above the maximum of {settings.token_max_ttl}s (USERMGR_TOKEN_MAX_TTL)"
+        )
     user = authenticate(db, settings, ref, password)
     return tokens.issue_token(
-        settings, user_id=user.id, email=user.email, roles=user.role_names, token_version=user.token_version, ttl=lifetime
+        settings,
+        user_id=user.id,
+        email=user.email,
+        roles=user.role_names,
+        token_version=user.token_version,
+        ttl=lifetime,
     )
 
 
@@ -531,7 +551,7 @@ def plan_import(rows: Iterable[Any]) -> ImportPlan:
     `rows` are `output.InputRow`s. Bad rows are reported with their line numbers, the
     first twenty and then a count, as one InvalidInput.
     """
-    plan = ImportPlan(spool=tempfile.TemporaryFile())
+    plan = ImportPlan(spool=tempfile.TemporaryFile())  # noqa: SIM115 (ImportPlan.close closes it)
     problems: list[str] = []
     bad = 0
     for row in rows:
@@ -555,7 +575,9 @@ def plan_import(rows: Iterable[Any]) -> ImportPlan:
     if bad:
         plan.close()
         more = f" (the first {MAX_REPORTED_ROW_ERRORS} shown)" if bad > MAX_REPORTED_ROW_ERRORS else ""
-        raise InvalidInput("\n".join([*problems, f"{bad} invalid row{'s' if bad != 1 else ''}{more}; nothing was imported"]))
+        raise InvalidInput(
+            "\n".join([*problems, f"{bad} invalid row{'s' if bad != 1 else ''}{more}; nothing was imported"])
+        )
     plan.spool.seek(0)
     return plan
 
@@ -637,7 +659,12 @@ def apply_import(db: Session, plan: ImportPlan, *, on_conflict: str = "error", d
 
 
 def _import_chunk(
-    db: Session, plan: ImportPlan, chunk: list[tuple[Any, ...]], role_ids: _RoleIds, on_conflict: str, result: ImportResult
+    db: Session,
+    plan: ImportPlan,
+    chunk: list[tuple[Any, ...]],
+    role_ids: _RoleIds,
+    on_conflict: str,
+    result: ImportResult,
 ) -> None:
     emails = [row[1] for row in chunk]
     existing: dict[str, int | None] = dict(db.execute(select(User.email, User.id).where(User.email.in_(emails))).all())
@@ -684,10 +711,14 @@ def _insert_rows(db: Session, plan: ImportPlan, rows: list[tuple[Any, ...]], rol
         for row in rows
     ]
     inserted = list(
-        db.execute(insert(User.__table__).returning(User.__table__.c.id, sort_by_parameter_order=True), values).scalars()
+        db.execute(
+            insert(User.__table__).returning(User.__table__.c.id, sort_by_parameter_order=True), values
+        ).scalars()
     )
     links = [
-        {"user_id": user_id, "role_id": role_ids(name)} for user_id, row in zip(inserted, rows, strict=True) for name in row[4]
+        {"user_id": user_id, "role_id": role_ids(name)}
+        for user_id, row in zip(inserted, rows, strict=True)
+        for name in row[4]
     ]
     if links:
         db.execute(insert(user_roles), links)

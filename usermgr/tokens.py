@@ -150,9 +150,7 @@ def _load_pem(material: bytes, *, private: bool) -> Any:
 # ---- tokens -----------------------------------------------------------------------
 
 
-def issue_token(
-    settings: Settings, *, user_id: int, email: str, roles: list[str], token_version: int, ttl: int
-) -> str:
+def issue_token(settings: Settings, *, user_id: int, email: str, roles: list[str], token_version: int, ttl: int) -> str:
     now = int(time.time())
     claims: dict[str, Any] = {
         "iss": settings.token_issuer,
