@@ -117,8 +117,9 @@ def install(app: FastAPI, settings: Settings | None = None) -> FastAPI:
 
 
 def warm_up(app: FastAPI) -> None:
-    """Load the settings and compute the dummy hash now, so that the first login for an
-    unknown email is not slower than the next ones (and a bad setting fails at startup)."""
+    """Load the settings and run one dummy password check now (hash context built, argon2
+    loaded), so that the first login for an unknown email costs what the next ones cost;
+    a bad setting fails at startup instead of on the first request."""
     runtime: _Runtime = getattr(app.state, _STATE_KEY)
     security.verify_dummy("warm-up", runtime.settings.hash_profile)
 
@@ -187,10 +188,12 @@ RoleName = Annotated[
 class SignupRequest(UserCreate):
     """A new account: as `UserCreate`, but the password is required. There is no `roles` field."""
 
-    # The lengths are documented for clients; the policy itself (counted after NFKC) is schemas.validate_password.
     password: Annotated[
         Password,
-        Field(json_schema_extra={"minLength": PASSWORD_MIN_LENGTH, "maxLength": PASSWORD_MAX_LENGTH}, repr=False),
+        Field(
+            description=f"{PASSWORD_MIN_LENGTH} to {PASSWORD_MAX_LENGTH} characters, counted after NFKC normalisation.",
+            repr=False,
+        ),
     ]
 
 
@@ -296,7 +299,9 @@ def list_users(
     return list(service.iter_user_records(db, filters))
 
 
-@users_router.get("/{user_id}", response_model=UserResponse, responses=_responses(401, 403, 404, 422))
+@users_router.get(
+    "/{user_id}", response_model=UserResponse, responses=_responses(401, 403, 404, 422), summary="One user (admin)"
+)
 def read_user(user_id: UserId, _admin: Admin, db: DB) -> User:
     return service.get_user(db, str(user_id))
 

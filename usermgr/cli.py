@@ -700,10 +700,12 @@ FLAT_RESULT_FIELDS = ("valid", "reason", "sub", "email", "roles", "exp")
 def _verify_stream(checker: TokenChecker, lines: Any, fmt: str) -> int:
     """One result a line, in the order of the input; the worst exit code wins."""
     worst = 0
+    seen = 0
 
     def results() -> Any:
-        nonlocal worst
+        nonlocal worst, seen
         for line in lines:
+            seen += 1
             try:
                 claims = checker.claims(line)
             except (errors.TokenInvalid, errors.Forbidden) as error:
@@ -714,10 +716,11 @@ def _verify_stream(checker: TokenChecker, lines: Any, fmt: str) -> int:
                 continue
             yield {"valid": True, "reason": None, "claims": claims, **_claims_record(claims)}
 
-    if fmt in ("json", "jsonl"):
-        output.write_records(results(), fmt, RESULT_FIELDS)
-    else:
-        output.write_records(results(), fmt, FLAT_RESULT_FIELDS)
+    fields = RESULT_FIELDS if fmt in ("json", "jsonl") else FLAT_RESULT_FIELDS
+    output.write_records(results(), fmt, fields)
+    if seen == 0:  # `verify "$EMPTY" && allow` must never allow
+        click.echo("usermgr: error: token invalid: no token on standard input", err=True)
+        return errors.exit_code(errors.TokenInvalid())
     return worst
 
 

@@ -32,6 +32,8 @@ from usermgr.schemas import ImportRow, UserCreate, UserUpdate, first_error, vali
 RECORD_FIELDS = ("id", "email", "username", "full_name", "is_active", "roles", "created_at", "last_login_at")
 _LOOKUP_CHUNK = 500
 _STREAM_CHUNK = 2000
+_MAX_ID = 2**63 - 1
+_NO_SUCH_ID = 0  # ids start at 1
 
 
 # ---- transactions -------------------------------------------------------------------
@@ -93,11 +95,21 @@ def user_record(user: User) -> dict[str, Any]:
 # ---- finding users --------------------------------------------------------------------
 
 
+def _id_of(ref: str) -> int | None:
+    """The id a USER names when it is ASCII digits, else None: then it is an email.
+
+    An id beyond the column's range names no user, rather than overflowing the driver.
+    """
+    if not (ref.isascii() and ref.isdigit()):
+        return None
+    user_id = int(ref)
+    return user_id if user_id <= _MAX_ID else _NO_SUCH_ID
+
+
 def _lookup_clause(ref: str) -> Any:
     ref = ref.strip()
-    if ref.isdigit():
-        return User.id == int(ref)
-    return User.email == ref.lower()
+    user_id = _id_of(ref)
+    return User.email == ref.lower() if user_id is None else User.id == user_id
 
 
 def _find(db: Session, ref: str) -> User | None:
@@ -121,8 +133,8 @@ def _resolve_many(db: Session, refs: Sequence[str], origin: str) -> list[User]:
     cleaned = [ref.strip() for ref in refs]
     by_id: dict[int, User] = {}
     by_email: dict[str, User] = {}
-    ids = [int(ref) for ref in cleaned if ref.isdigit()]
-    emails = [ref.lower() for ref in cleaned if ref and not ref.isdigit()]
+    ids = [user_id for ref in cleaned if (user_id := _id_of(ref))]
+    emails = [ref.lower() for ref in cleaned if ref and _id_of(ref) is None]
     for start in range(0, len(ids), _LOOKUP_CHUNK):
         for user in db.scalars(select(User).where(User.id.in_(ids[start : start + _LOOKUP_CHUNK]))):
             by_id[user.id] = user
@@ -131,7 +143,8 @@ def _resolve_many(db: Session, refs: Sequence[str], origin: str) -> list[User]:
             by_email[user.email] = user
     found: dict[int, User] = {}
     for position, ref in enumerate(cleaned, start=1):
-        user = by_id.get(int(ref)) if ref.isdigit() else by_email.get(ref.lower())
+        user_id = _id_of(ref)
+        user = by_email.get(ref.lower()) if user_id is None else by_id.get(user_id)
         if user is None:
             raise NotFound(f"no user matches {ref!r} ({origin} {position}); nothing was changed")
         found.setdefault(user.id, user)
@@ -416,10 +429,12 @@ def authenticate(db: Session, settings: Settings, ref: str, password: str) -> Us
         raise AuthenticationFailed()
     ok, new_hash = security.verify_password(candidate, user.hashed_password, settings.hash_profile)
     now = utcnow()
+    locked = _is_locked(user, now)
     if not ok:
-        _count_failure(db, settings, user.id, now)
+        if not locked:  # guesses during a lock do not extend it, nor start the next one
+            _count_failure(db, settings, user.id, now)
         raise AuthenticationFailed()
-    if not user.is_active or _is_locked(user, now):
+    if not user.is_active or locked:
         raise AuthenticationFailed()
     with _writing(db):
         user = _get(db, str(user.id))
@@ -463,9 +478,11 @@ def login(db: Session, settings: Settings, ref: str, password: str, ttl: int | N
         raise InvalidInput(
             f"token lifetime {lifetime}s is above the maximum of {settings.token_max_ttl}s (USERMGR_TOKEN_MAX_TTL)"
         )
+    key = tokens.signing_key(settings)  # an unusable key fails before the login is recorded
     user = authenticate(db, settings, ref, password)
     return tokens.issue_token(
         settings,
+        key=key,
         user_id=user.id,
         email=user.email,
         roles=user.role_names,
@@ -488,7 +505,8 @@ def check_token_holder(db: Session, claims: dict[str, Any], required_role: str |
     the token and (when asked) still holds the role."""
     subject = str(claims.get("sub", ""))
     with _reading(db):
-        user = db.get(User, int(subject)) if subject.isdigit() else None
+        user_id = _id_of(subject)
+        user = db.get(User, user_id) if user_id else None
     if user is None:
         raise TokenInvalid("token invalid: the user no longer exists")
     if not user.is_active:

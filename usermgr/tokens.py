@@ -100,11 +100,19 @@ def _secret_material(settings: Settings) -> bytes:
     return _read_private_file(settings.key_file)
 
 
+def _key_source(settings: Settings) -> str:
+    return "USERMGR_SECRET_KEY" if settings.secret_key else f"key file {settings.key_file}"
+
+
 def signing_key(settings: Settings) -> Any:
     """The key that mints tokens: the HS256 secret, or the Ed25519 private key."""
     material = _secret_material(settings)
     if settings.token_algorithm == "EdDSA":
-        return _load_pem(material, private=True)
+        return _load_pem(material, private=True, source=_key_source(settings))
+    if material.startswith(b"-----BEGIN"):
+        raise ConfigurationError(
+            f"{_key_source(settings)} holds a PEM key, but USERMGR_TOKEN_ALGORITHM is HS256: set it to EdDSA"
+        )
     if len(material) < MIN_SECRET_BYTES:
         raise ConfigurationError(f"the HS256 secret is shorter than {MIN_SECRET_BYTES} bytes: use a longer one")
     return material
@@ -120,14 +128,14 @@ def verification_key(settings: Settings, public_key_file: Path | None = None) ->
             material = public_key_file.read_bytes()
         except OSError as error:
             raise ConfigurationError(f"cannot read public key {public_key_file}: {error.strerror}") from None
-        return _load_pem(material, private=False), "EdDSA"
+        return _load_pem(material, private=False, source=f"public key {public_key_file}"), "EdDSA"
     key = signing_key(settings)
     if settings.token_algorithm == "EdDSA":
         return key.public_key(), "EdDSA"
     return key, "HS256"
 
 
-def _load_pem(material: bytes, *, private: bool) -> Any:
+def _load_pem(material: bytes, *, private: bool, source: str) -> Any:
     try:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -141,16 +149,27 @@ def _load_pem(material: bytes, *, private: bool) -> Any:
             key = serialization.load_pem_public_key(material)
             wanted = ed25519.Ed25519PublicKey
     except (ValueError, TypeError):
-        raise ConfigurationError("the EdDSA key is not a PEM Ed25519 key") from None
+        raise ConfigurationError(f"{source} is not a PEM Ed25519 key, as EdDSA needs") from None
     if not isinstance(key, wanted):
-        raise ConfigurationError("the EdDSA key is not an Ed25519 key")
+        raise ConfigurationError(f"{source} is not an Ed25519 key, as EdDSA needs")
     return key
 
 
 # ---- tokens -----------------------------------------------------------------------
 
 
-def issue_token(settings: Settings, *, user_id: int, email: str, roles: list[str], token_version: int, ttl: int) -> str:
+def issue_token(
+    settings: Settings,
+    *,
+    user_id: int,
+    email: str,
+    roles: list[str],
+    token_version: int,
+    ttl: int,
+    key: Any = None,
+) -> str:
+    """A signed access token. `key` defaults to `signing_key(settings)`; a caller that must
+    not record anything with an unusable key loads it first and passes it in."""
     now = int(time.time())
     claims: dict[str, Any] = {
         "iss": settings.token_issuer,
@@ -164,7 +183,8 @@ def issue_token(settings: Settings, *, user_id: int, email: str, roles: list[str
     }
     if settings.token_audience:
         claims["aud"] = settings.token_audience
-    return jwt.encode(claims, signing_key(settings), algorithm=settings.token_algorithm, headers={"typ": "JWT"})
+    key = signing_key(settings) if key is None else key
+    return jwt.encode(claims, key, algorithm=settings.token_algorithm, headers={"typ": "JWT"})
 
 
 def _reason(error: jwt.PyJWTError) -> str:
