@@ -84,11 +84,13 @@ class UsermgrGroup(click.Group):
             _silence_stdout()
             sys.exit(0)
         except Exception as error:  # the one place that keeps tracebacks from users
-            if _debug(ctx):
-                raise
             domain = _domain_error(error)
             if domain is not None:
                 fail(str(domain), errors.exit_code(domain))
+            if _debug(ctx):
+                raise
+            if isinstance(error, OSError):
+                fail(f"cannot read or write: {error.strerror or error}", errors.UNEXPECTED_EXIT_CODE)
             fail(
                 f"unexpected {type(error).__name__}: {error} (a bug: run again with --debug and report the traceback)",
                 errors.UNEXPECTED_EXIT_CODE,
@@ -293,15 +295,15 @@ def create(
 
     if password_stdin and no_password:
         raise click.UsageError("--password-stdin and --no-password cannot be used together")
-    service.new_user(email, username, full_name)  # bad fields fail before a password is asked for
-    if not password_stdin and not no_password and not stdin_is_terminal():
-        raise click.UsageError(
-            "no terminal to ask for the password on: "
-            "use --password-stdin to read it from standard input, or --no-password"
-        )
-    password = None if no_password else read_password(password_stdin, confirm=True, command="create")
-    data = service.new_user(email, username, full_name, password)
     with app.session() as db:
+        service.check_new_user(db, service.new_user(email, username, full_name), roles=roles)  # before the prompt
+        if not password_stdin and not no_password and not stdin_is_terminal():
+            raise click.UsageError(
+                "no terminal to ask for the password on: "
+                "use --password-stdin to read it from standard input, or --no-password"
+            )
+        password = None if no_password else read_password(password_stdin, confirm=True, command="create")
+        data = service.new_user(email, username, full_name, password)
         user = service.create_user(db, app.settings, data, roles=roles, admin=admin)
     show_user(user, fmt)
 

@@ -83,6 +83,20 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
+def _check_sqlite_path(url: str, must_exist: bool) -> None:
+    if not url.startswith("sqlite"):
+        return
+    path = sqlite_path(url)
+    if path is None:
+        raise DatabaseUnavailable("an in-memory SQLite database vanishes when usermgr exits: give a file path")
+    if must_exist and not path.exists():
+        raise DatabaseUnavailable(
+            f"no database at {path}: create it with `usermgr init` or point --db at an existing one"
+        )
+    if not path.parent.is_dir():
+        raise DatabaseUnavailable(f"cannot create a database at {path}: the directory {path.parent} does not exist")
+
+
 def configure(url: str, *, must_exist: bool = True) -> Engine:
     """Bind `SessionLocal` to the process's one engine for `url`.
 

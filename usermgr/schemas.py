@@ -170,4 +170,6 @@ def first_error(error: Any) -> str:
     field = ".".join(str(part) for part in detail.get("loc", ()) if part != "__root__")
     message = detail.get("msg", "invalid value").removeprefix("Value error, ")
     more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
-    return f"{field}: {message}{more}" if field else f"{message}{more}"
+    if field and not message.startswith(field):
+        message = f"{field}: {message}"
+    return f"{message}{more}"

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import IO, Any
 
 from pydantic import ValidationError
-from sqlalchemy import delete, exists, func, insert, or_, select, update
+from sqlalchemy import delete, exists, false, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -32,7 +32,7 @@ from usermgr.schemas import ImportRow, UserCreate, UserUpdate, first_error, vali
 RECORD_FIELDS = ("id", "email", "username", "full_name", "is_active", "roles", "created_at", "last_login_at")
 _LOOKUP_CHUNK = 500
 _STREAM_CHUNK = 2000
-_MAX_ID = 2**63 - 1
+_MAX_ID = 2**31 - 1  # users.id is INTEGER: 32 bits on PostgreSQL
 _NO_SUCH_ID = 0  # ids start at 1
 
 
@@ -95,8 +95,13 @@ def user_record(user: User) -> dict[str, Any]:
 # ---- finding users --------------------------------------------------------------------
 
 
+def _normalized_ref(ref: str) -> str:
+    """A USER as it is stored: NFKC-normalised like emails, so `ＡＤＡ@example.com` finds ada."""
+    return unicodedata.normalize("NFKC", ref).strip()
+
+
 def _id_of(ref: str) -> int | None:
-    """The id a USER names when it is ASCII digits, else None: then it is an email.
+    """The id a (normalised) USER names when it is digits, else None: then it is an email.
 
     An id beyond the column's range names no user, rather than overflowing the driver.
     """
@@ -106,10 +111,18 @@ def _id_of(ref: str) -> int | None:
     return user_id if user_id <= _MAX_ID else _NO_SUCH_ID
 
 
+def _email_of(ref: str) -> str | None:
+    """The email a (normalised) USER names; None for text no email can be (a NUL)."""
+    return None if "\x00" in ref else ref.lower()
+
+
 def _lookup_clause(ref: str) -> Any:
-    ref = ref.strip()
+    ref = _normalized_ref(ref)
     user_id = _id_of(ref)
-    return User.email == ref.lower() if user_id is None else User.id == user_id
+    if user_id is not None:
+        return User.id == user_id
+    email = _email_of(ref)
+    return false() if email is None else User.email == email
 
 
 def _find(db: Session, ref: str) -> User | None:
@@ -126,15 +139,14 @@ def _get(db: Session, ref: str) -> User:
 def _resolve_many(db: Session, refs: Sequence[str], origin: str) -> list[User]:
     """The users named by `refs` (emails or ids), in order and without repeats.
 
-    An unknown one is a NotFound naming its position (`line 3` of standard input).
+    An unknown one is a NotFound naming its position (`line 3` of standard input). Blank
+    lines are skipped, and no line at all is no one: an empty pipeline changes nothing.
     """
-    if not refs:
-        raise InvalidInput("no user given: name at least one, or `-` to read them from standard input")
-    cleaned = [ref.strip() for ref in refs]
+    cleaned = [_normalized_ref(ref) for ref in refs]
+    ids = [user_id for ref in cleaned if (user_id := _id_of(ref))]
+    emails = [email for ref in cleaned if _id_of(ref) is None and (email := _email_of(ref))]
     by_id: dict[int, User] = {}
     by_email: dict[str, User] = {}
-    ids = [user_id for ref in cleaned if (user_id := _id_of(ref))]
-    emails = [ref.lower() for ref in cleaned if ref and _id_of(ref) is None]
     for start in range(0, len(ids), _LOOKUP_CHUNK):
         for user in db.scalars(select(User).where(User.id.in_(ids[start : start + _LOOKUP_CHUNK]))):
             by_id[user.id] = user
@@ -143,8 +155,10 @@ def _resolve_many(db: Session, refs: Sequence[str], origin: str) -> list[User]:
             by_email[user.email] = user
     found: dict[int, User] = {}
     for position, ref in enumerate(cleaned, start=1):
+        if not ref and origin == "line":
+            continue  # a blank line of input names no one; an empty argument is a mistake
         user_id = _id_of(ref)
-        user = by_email.get(ref.lower()) if user_id is None else by_id.get(user_id)
+        user = by_email.get(_email_of(ref) or "") if user_id is None else by_id.get(user_id)
         if user is None:
             raise NotFound(f"no user matches {ref!r} ({origin} {position}); nothing was changed")
         found.setdefault(user.id, user)
@@ -215,6 +229,8 @@ def iter_user_records(
         raise InvalidInput("--limit and --offset must not be negative")
     if filters.role is not None:
         _validated_role(filters.role)
+    if filters.search is not None and "\x00" in filters.search:
+        raise InvalidInput("--search text must not contain a NUL character")
     columns = [
         User.id,
         User.email,
@@ -287,10 +303,22 @@ def _ensure_unique(db: Session, email: str | None, username: str | None, except_
             raise Conflict(f"a user with username {username!r} already exists")
 
 
+def _role_names(roles: Sequence[str], admin: bool) -> list[str]:
+    return sorted({_validated_role(name) for name in roles} | ({ADMIN_ROLE} if admin else set()))
+
+
+def check_new_user(db: Session, data: UserCreate, *, roles: Sequence[str] = ()) -> None:
+    """Fail now if `create_user` would fail on these fields, so that a face can say so
+    before it asks a person for a password. `create_user` checks again, in its transaction."""
+    _role_names(roles, admin=False)
+    with _reading(db):
+        _ensure_unique(db, data.email, data.username)
+
+
 def create_user(
     db: Session, settings: Settings, data: UserCreate, *, roles: Sequence[str] = (), admin: bool = False
 ) -> User:
-    role_names = sorted({_validated_role(name) for name in roles} | ({ADMIN_ROLE} if admin else set()))
+    role_names = _role_names(roles, admin)
     hashed = security.hash_password(data.password, settings.hash_profile) if data.password else None
     with _writing(db):
         _ensure_unique(db, data.email, data.username)
@@ -376,7 +404,7 @@ def grant_role(db: Session, refs: Sequence[str], role_name: str, origin: str = "
     name = _validated_role(role_name)
     with _writing(db):
         users = _resolve_many(db, refs, origin)
-        role = _role(db, name, create=True)
+        role = _role(db, name, create=bool(users))  # a role comes into being with its first member
         for user in users:
             if role not in user.roles:
                 user.roles.append(role)

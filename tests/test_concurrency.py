@@ -1,0 +1,187 @@
+"""Real `usermgr` processes racing on one database, on SQLite and PostgreSQL.
+
+Every process is started before any is waited on. On PostgreSQL the test also holds
+an exclusive lock on the table the command reads first, and lets go only once every
+process is queued on it: they then all run their transactions at the same moment,
+rather than one after another as process start-up would otherwise tend to space them.
+(On SQLite every write transaction queues on the database's write lock at BEGIN.)
+The assertions are on outcomes only, never on timing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, create_engine, func, select, text
+from sqlalchemy.orm import Session
+
+from tests.conftest import USERMGR
+from usermgr import service
+from usermgr.config import Settings, sqlite_path
+from usermgr.models import User
+from usermgr.service import UserFilter
+
+RACERS = 12
+ADMIN_RACE_ROUNDS = 5
+GATE_PATIENCE_SECONDS = 120  # how long the gate waits for every racer to queue before giving up
+
+
+@dataclass(frozen=True)
+class Outcome:
+    args: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def start(commands: Sequence[Sequence[str]], env: dict[str, str]) -> list[subprocess.Popen[str]]:
+    """One `usermgr` process per command, all started before any is waited on."""
+    full_env = {key: value for key, value in os.environ.items() if not key.startswith("USERMGR_")}
+    full_env.update(env)
+    return [
+        subprocess.Popen(
+            [str(USERMGR), *args],
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in commands
+    ]
+
+
+def finish(processes: list[subprocess.Popen[str]]) -> list[Outcome]:
+    outcomes = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=180)
+        outcomes.append(Outcome(tuple(process.args[1:]), process.returncode, stdout, stderr))
+    return outcomes
+
+
+def _queued_on(connection: Connection, table: str) -> int:
+    sql = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = CAST(:table AS regclass)"
+    return connection.execute(text(sql), {"table": table}).scalar_one()
+
+
+@contextmanager
+def gate(url: str, table: str, racers: list[subprocess.Popen[str]]) -> Iterator[None]:
+    """Hold `table` (PostgreSQL) while the caller starts `racers`; on leaving, wait until
+    all of them are queued on the lock, then let them go together.
+
+    Fails if they never all queue: then the race this test means to run did not happen.
+    """
+    if sqlite_path(url) is not None:
+        yield
+        return
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+            yield
+            deadline = time.monotonic() + GATE_PATIENCE_SECONDS
+            while _queued_on(connection, table) < len(racers):
+                early = [process.args for process in racers if process.poll() is not None]
+                assert not early, f"racers ended before reaching the gate: {early}"
+                assert time.monotonic() < deadline, "the racers never all queued on the gate"
+                time.sleep(0.05)
+            connection.commit()
+    finally:
+        engine.dispose()
+
+
+def race(commands: Sequence[Sequence[str]], env: dict[str, str], *, first_table: str) -> list[Outcome]:
+    """Run the commands at once; `first_table` is the table their transactions read first."""
+    racers: list[subprocess.Popen[str]] = []
+    try:
+        with gate(env["USERMGR_DATABASE_URL"], first_table, racers):
+            racers.extend(start(commands, env))
+        return finish(racers)
+    finally:
+        for process in racers:  # only if the test failed half way: no racer outlives it
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def assert_clean_stderr(outcomes: list[Outcome]) -> None:
+    for outcome in outcomes:
+        assert "locked" not in outcome.stderr.lower(), outcome
+        assert "Traceback" not in outcome.stderr, outcome
+        assert all(line.startswith("usermgr: ") for line in outcome.stderr.splitlines()), outcome
+
+
+def stored_emails(url: str) -> list[str]:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return sorted(connection.execute(select(User.email)).scalars())
+    finally:
+        engine.dispose()
+
+
+def user_count(url: str) -> int:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(select(func.count()).select_from(User)).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def test_creating_the_same_email_twelve_times_at_once(env: dict[str, str], db_url: str) -> None:
+    command = ["create", "--email", "same@example.com", "--no-password", "-o", "email"]
+    outcomes = race([command] * RACERS, env, first_table="users")
+    assert sorted(outcome.returncode for outcome in outcomes) == [0] + [5] * (RACERS - 1), outcomes
+    assert_clean_stderr(outcomes)
+    (winner,) = [outcome for outcome in outcomes if outcome.returncode == 0]
+    assert winner.stdout == "same@example.com\n"
+    for loser in (outcome for outcome in outcomes if outcome.returncode == 5):
+        assert loser.stdout == ""
+        assert loser.stderr.startswith("usermgr: error: ")
+        assert "already exists" in loser.stderr
+        assert len(loser.stderr.splitlines()) == 1, loser
+    assert stored_emails(db_url) == ["same@example.com"]
+    assert user_count(db_url) == 1
+
+
+def test_creating_twelve_different_emails_at_once(env: dict[str, str], db_url: str) -> None:
+    wanted = [f"user{number:02}@example.com" for number in range(RACERS)]
+    commands = [["create", "--email", email, "--no-password", "-o", "email"] for email in wanted]
+    outcomes = race(commands, env, first_table="users")
+    assert [outcome.returncode for outcome in outcomes] == [0] * RACERS, outcomes
+    assert_clean_stderr(outcomes)
+    assert [outcome.stdout for outcome in outcomes] == [f"{email}\n" for email in wanted]
+    assert stored_emails(db_url) == wanted
+
+
+def _active_admins(db: Session) -> list[str]:
+    return [record["email"] for record in service.iter_user_records(db, UserFilter(admin=True, active=True))]
+
+
+def _two_fresh_admins(db: Session, settings: Settings, round_number: int) -> tuple[str, str]:
+    """Make two new admins, then take admin from whoever held it before: two admins, only."""
+    pair = (f"left{round_number}@example.com", f"right{round_number}@example.com")
+    previous = _active_admins(db)
+    for email in pair:
+        service.create_user(db, settings, service.new_user(email=email), admin=True)
+    if previous:
+        service.revoke_role(db, previous, "admin")
+    assert _active_admins(db) == list(pair)
+    return pair
+
+
+def test_two_admins_revoking_each_other_at_once(env: dict[str, str], db: Session, settings: Settings) -> None:
+    for round_number in range(ADMIN_RACE_ROUNDS):
+        left, right = _two_fresh_admins(db, settings, round_number)
+        outcomes = race([["revoke-admin", left], ["revoke-admin", right]], env, first_table="roles")
+        assert_clean_stderr(outcomes)
+        assert sorted(outcome.returncode for outcome in outcomes) == [0, 5], outcomes  # never both
+        (loser,) = [outcome for outcome in outcomes if outcome.returncode == 5]
+        assert "last active admin" in loser.stderr
+        assert _active_admins(db) == [loser.args[-1]]

@@ -1,0 +1,123 @@
+"""The layers stay apart: the core never loads a face's framework, and the light paths
+(`usermgr.tokens`, `usermgr --help`, `usermgr verify`) never load the database or pydantic.
+
+Each import check runs in a fresh interpreter, so what this test process has loaded
+does not count.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import usermgr
+from usermgr import tokens
+from usermgr.config import load_settings
+
+PACKAGE = Path(usermgr.__file__).parent
+FACE_FRAMEWORKS = {"click", "fastapi", "uvicorn", "starlette"}
+FACES = {PACKAGE / "cli.py", PACKAGE / "api.py"}
+CORE = ["service", "models", "schemas", "database", "security", "tokens"]
+
+_REPORT = """
+import json, sys
+watched = {watched!r}
+loaded = sorted({{name.split(".")[0] for name in sys.modules}} & set(watched))
+print(json.dumps({{"loaded": loaded, "code": code}}), file=sys.stderr)
+"""
+
+
+def loaded_after(code: str, watched: set[str], env: dict[str, str] | None = None) -> dict:
+    """Run `code` in a fresh interpreter (it may set `code`); which of `watched` it loaded,
+    and its standard output."""
+    script = f"code = None\n{code}\n{_REPORT.format(watched=sorted(watched))}"
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stderr.splitlines()[-1])
+    return {**report, "stdout": result.stdout}
+
+
+def test_the_core_does_not_load_a_face_framework() -> None:
+    imports = "\n".join(f"import usermgr.{name}" for name in CORE)
+    report = loaded_after(imports, FACE_FRAMEWORKS | {"sqlalchemy"})
+    assert report["loaded"] == ["sqlalchemy"]  # the check sees what is loaded: the core does use SQLAlchemy
+
+
+def test_tokens_alone_loads_neither_sqlalchemy_nor_pydantic() -> None:
+    report = loaded_after("import usermgr.tokens", {"sqlalchemy", "pydantic", "jwt"} | FACE_FRAMEWORKS)
+    assert report["loaded"] == ["jwt"]
+
+
+def test_help_loads_neither_sqlalchemy_nor_pydantic() -> None:
+    code = """
+from usermgr.cli import main
+try:
+    main(["--help"])
+except SystemExit as exit:
+    code = exit.code
+"""
+    report = loaded_after(code, {"sqlalchemy", "pydantic", "click"})
+    assert report["code"] == 0
+    assert "Usage: usermgr" in report["stdout"]
+    assert report["loaded"] == ["click"]
+
+
+def test_offline_verify_loads_neither_sqlalchemy_nor_pydantic(tmp_path: Path) -> None:
+    key_file = tmp_path / "usermgr.key"
+    tokens.create_key_file(key_file, "HS256")
+    settings = load_settings(database_url=str(tmp_path / "absent.db"), key_file=str(key_file))
+    token = tokens.issue_token(settings, user_id=7, email="ada@example.com", roles=["admin"], token_version=0, ttl=60)
+    code = f"""
+from usermgr.cli import main
+try:
+    main(["verify", {token!r}, "--role", "admin", "-o", "json"])
+except SystemExit as exit:
+    code = exit.code
+"""
+    env = {"USERMGR_KEY_FILE": str(key_file), "USERMGR_DATABASE_URL": str(tmp_path / "absent.db")}
+    report = loaded_after(code, {"sqlalchemy", "pydantic"}, env)
+    assert report["code"] == 0
+    assert json.loads(report["stdout"])["email"] == "ada@example.com"
+    assert report["loaded"] == []
+
+
+# ---- static: only the faces import a face's framework --------------------------------------------
+
+
+def imported_roots(path: Path) -> set[str]:
+    """The top-level package of every import in a module, at any depth (lazy ones included)."""
+    roots: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize(
+    "path", [path for path in MODULES if path not in FACES], ids=lambda path: str(path.relative_to(PACKAGE))
+)
+def test_only_the_faces_import_click_or_fastapi(path: Path) -> None:
+    assert imported_roots(path) & FACE_FRAMEWORKS == set(), f"{path.relative_to(PACKAGE)} imports a face's framework"
+
+
+def test_the_static_check_sees_the_faces_imports() -> None:
+    assert "click" in imported_roots(PACKAGE / "cli.py")
+    assert "fastapi" in imported_roots(PACKAGE / "api.py")
+    assert len(MODULES) > len(FACES)

@@ -1,0 +1,234 @@
+"""Migrations on SQLite and PostgreSQL: a fresh schema, idempotence, and upgrades from
+every revision that keep every row; and `usermgr init` on a fresh file.
+
+A new revision needs no change here: the revisions are listed from the migration
+scripts, and rows are written with whatever columns the schema has at each one.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Boolean, DateTime, Engine, Integer, String, bindparam, create_engine, inspect, text
+
+from tests.conftest import Runner, run_usermgr
+from usermgr import database, migrations, service
+
+REVISIONS = migrations.revisions_oldest_first(create_engine("sqlite://"))
+HEAD = REVISIONS[-1]
+SEED_EMAILS = ["first@example.com", "second@example.com", "third@example.com"]
+SEED_ROLE = "staff"
+SEED_TIME = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+@pytest.fixture
+def engine(empty_db_url: str) -> Iterator[Engine]:
+    engine = database.make_engine(empty_db_url)
+    yield engine
+    engine.dispose()
+
+
+def table_names(engine: Engine) -> set[str]:
+    return set(inspect(engine).get_table_names())
+
+
+def role_names(engine: Engine) -> list[str]:
+    with engine.connect() as connection:
+        return sorted(connection.execute(text("SELECT name FROM roles")).scalars())
+
+
+def stored_emails(engine: Engine) -> list[str]:
+    with engine.connect() as connection:
+        return sorted(connection.execute(text("SELECT email FROM users")).scalars())
+
+
+# ---- writing rows with plain SQL, from the schema as it is --------------------------------------
+
+
+def _value_for(column: dict[str, Any], row: int) -> Any:
+    """A plausible value for a column, by its type: so that columns added later need no change here."""
+    kind = column["type"]
+    if isinstance(kind, Boolean):
+        return True
+    if isinstance(kind, Integer):
+        return 0
+    if isinstance(kind, DateTime):
+        return SEED_TIME
+    if isinstance(kind, String):
+        return f"{column['name']}-{row}"[: kind.length or None]
+    if column["nullable"]:
+        return None
+    raise AssertionError(f"teach test_migrations a value for {column['name']} of type {kind!r}")
+
+
+def insert_row(engine: Engine, table: str, known: dict[str, Any], row: int = 0) -> None:
+    """INSERT one row with every column `table` has (except a serial key), by plain SQL."""
+    inspector = inspect(engine)
+    keys = inspector.get_pk_constraint(table)["constrained_columns"]
+    references = {
+        column: f"{key['referred_table']}.{referred}"
+        for key in inspector.get_foreign_keys(table)
+        for column, referred in zip(key["constrained_columns"], key["referred_columns"], strict=True)
+    }
+    values: dict[str, Any] = {}
+    types: dict[str, Any] = {}
+    for column in inspector.get_columns(table):
+        name = column["name"]
+        if name in known or name in references:
+            value = known.get(name, known.get(references.get(name, "")))
+        elif keys == [name] and isinstance(column["type"], Integer):
+            continue  # the serial primary key
+        else:
+            value = _value_for(column, row)
+        values[name] = value
+        types[name] = column["type"]
+    names = list(values)
+    statement = text(f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join(':' + n for n in names)})")
+    statement = statement.bindparams(*(bindparam(name, type_=types[name]) for name in names))
+    with engine.begin() as connection:
+        connection.execute(statement, values)
+
+
+def scalar(engine: Engine, sql: str, **params: Any) -> Any:
+    with engine.connect() as connection:
+        return connection.execute(text(sql), params).scalar_one()
+
+
+def seed(engine: Engine) -> None:
+    """Users (and, where the schema has them, a role and its links), written as an older
+    release of usermgr would have."""
+    tables = table_names(engine)
+    if "roles" in tables:
+        insert_row(engine, "roles", {"name": SEED_ROLE})
+    for row, email in enumerate(SEED_EMAILS):
+        insert_row(engine, "users", {"email": email, "username": email.split("@")[0]}, row)
+        if "user_roles" in tables:
+            user_id = scalar(engine, "SELECT id FROM users WHERE email = :email", email=email)
+            role_id = scalar(engine, "SELECT id FROM roles WHERE name = :name", name=SEED_ROLE)
+            insert_row(engine, "user_roles", {"users.id": user_id, "roles.id": role_id}, row)
+
+
+# ---- the schema ---------------------------------------------------------------------------------
+
+
+def test_revisions_form_one_line() -> None:
+    assert REVISIONS, "no migration revisions found"
+    assert len(set(REVISIONS)) == len(REVISIONS)
+    script = ScriptDirectory.from_config(migrations.alembic_config(create_engine("sqlite://")))
+    assert script.get_heads() == [HEAD], "more than one head: `usermgr init` upgrades to a single head"
+
+
+def test_upgrade_creates_the_schema_and_the_admin_role(engine: Engine) -> None:
+    assert migrations.current_revision(engine) is None
+    migrations.upgrade(engine)
+    assert {"users", "roles", "user_roles", "alembic_version"} <= table_names(engine)
+    assert role_names(engine) == ["admin"]
+    assert migrations.current_revision(engine) == HEAD
+    assert stored_emails(engine) == []
+
+
+def test_upgrade_twice_is_idempotent(engine: Engine) -> None:
+    migrations.upgrade(engine)
+    seed(engine)
+    migrations.upgrade(engine)
+    assert migrations.current_revision(engine) == HEAD
+    assert role_names(engine) == ["admin", SEED_ROLE]
+    assert stored_emails(engine) == sorted(SEED_EMAILS)
+
+
+def test_the_schema_at_head_matches_the_models(engine: Engine) -> None:
+    migrations.upgrade(engine)
+    with engine.connect() as connection:
+        differences = compare_metadata(MigrationContext.configure(connection), database.Base.metadata)
+    assert differences == [], "the models and the migrations disagree: add a revision"
+
+
+@pytest.mark.parametrize("revision", REVISIONS)
+def test_upgrade_from_every_revision_keeps_every_row(empty_db_url: str, engine: Engine, revision: str) -> None:
+    migrations.upgrade(engine, revision)
+    assert migrations.current_revision(engine) == revision
+    seed(engine)
+
+    migrations.upgrade(engine)
+
+    assert migrations.current_revision(engine) == HEAD
+    assert stored_emails(engine) == sorted(SEED_EMAILS)
+    assert "admin" in role_names(engine)
+    database.configure(empty_db_url)
+    with database.SessionLocal() as db:
+        records = list(service.iter_user_records(db))
+    assert sorted(record["email"] for record in records) == sorted(SEED_EMAILS)
+    assert all(record["roles"] == [SEED_ROLE] for record in records)
+    assert all(record["created_at"] == SEED_TIME for record in records)
+
+
+# ---- usermgr init ---------------------------------------------------------------------------------
+
+
+def test_init_twice_on_a_fresh_sqlite_file(tmp_path: Path) -> None:
+    db_file = tmp_path / "users.db"
+    key_file = tmp_path / "usermgr.key"  # the default: beside a SQLite database
+    run = Runner({"USERMGR_HASH_PROFILE": "test"})
+    assert not db_file.exists()
+
+    first = run("--db", str(db_file), "init")
+    assert first.exit_code == 0, first.stderr
+    assert first.stdout == ""
+    assert f"created key file {key_file}" in first.stderr
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    key = key_file.read_bytes()
+
+    second = run("--db", str(db_file), "init")
+    assert second.exit_code == 0, second.stderr
+    assert second.stdout == ""
+    assert "created key file" not in second.stderr
+    assert key_file.read_bytes() == key
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+
+    engine = create_engine(f"sqlite:///{db_file}")
+    try:
+        assert migrations.current_revision(engine) == HEAD
+        assert role_names(engine) == ["admin"]
+    finally:
+        engine.dispose()
+    listed = run("--db", str(db_file), "list", "-o", "email")
+    assert (listed.exit_code, listed.stdout, listed.stderr) == (0, "", "")
+
+
+def test_init_twice_on_an_empty_database(empty_db_url: str, tmp_path: Path) -> None:
+    key_file = tmp_path / "keys" / "signing.key"
+    key_file.parent.mkdir()
+    run = Runner({"USERMGR_DATABASE_URL": empty_db_url, "USERMGR_KEY_FILE": str(key_file)})
+    for _ in range(2):
+        result = run("init")
+        assert result.exit_code == 0, result.stderr
+        assert result.stdout == ""
+        assert f"schema revision {HEAD}" in result.stderr
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    engine = create_engine(empty_db_url)
+    try:
+        assert migrations.current_revision(engine) == HEAD
+    finally:
+        engine.dispose()
+
+
+def test_init_where_the_directory_does_not_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such" / "dir"
+    result = run_usermgr("--db", str(missing / "users.db"), "init", env={"USERMGR_HASH_PROFILE": "test"})
+    assert result.returncode != 0
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("usermgr: error: ")
+    assert "Traceback" not in result.stderr
+    assert not missing.exists()
+    assert not missing.parent.exists()
