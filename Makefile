@@ -24,7 +24,7 @@ run: install
 
 # The whole suite, on SQLite and on a PostgreSQL server the test session starts itself.
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 lint: install
 	$(BIN)/ruff check $(RUFF_OPTS) $(RUFF_RULES) usermgr tests bench

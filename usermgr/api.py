@@ -17,6 +17,7 @@ An existing FastAPI app can reuse the pieces::
     # Depends(api.require_role("editor"))
 """
 
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -51,6 +52,9 @@ MAX_USER_ID = 2**31 - 1  # users.id is a 32-bit integer on PostgreSQL
 MAX_OFFSET = 2**63 - 1  # the largest OFFSET that SQLite and PostgreSQL take
 TOKEN_URL = "/auth/login"
 _STATE_KEY = "usermgr"
+
+
+logger = logging.getLogger(__name__)
 
 
 # ---- per-app state: settings and the database binding, made on first use ---------------------
@@ -93,10 +97,21 @@ def _runtime(request: Request) -> _Runtime:
 # ---- errors ------------------------------------------------------------------------------------
 
 
+_SERVER_SIDE_DETAIL = {
+    status.HTTP_500_INTERNAL_SERVER_ERROR: "the server is misconfigured: its log says how",
+    status.HTTP_503_SERVICE_UNAVAILABLE: "the database is unavailable: the server's log says why",
+}
+
+
 def _domain_error_response(_request: Request, error: errors.UsermgrError) -> JSONResponse:
+    """The error's own message for the client's mistakes; for the server's own trouble
+    (a key file, a database) only a generic one: paths and driver text stay in the log."""
     code = errors.http_status(error)
     headers = {"WWW-Authenticate": "Bearer"} if code == status.HTTP_401_UNAUTHORIZED else None
-    return JSONResponse({"detail": str(error)}, status_code=code, headers=headers)
+    detail = _SERVER_SIDE_DETAIL.get(code)
+    if detail is not None:
+        logger.error("usermgr: %s", error)
+    return JSONResponse({"detail": detail or str(error)}, status_code=code, headers=headers)
 
 
 def _database_error_response(request: Request, error: DBAPIError) -> JSONResponse:

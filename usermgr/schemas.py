@@ -110,6 +110,12 @@ class UserUpdate(BaseModel):
     username: Username | None = None
     full_name: FullName | None = None
 
+    @model_validator(mode="after")
+    def _email_stays(self) -> UserUpdate:
+        if "email" in self.model_fields_set and self.email is None:
+            raise ValueError("email cannot be removed, only changed")
+        return self
+
 
 class UserResponse(BaseModel):
     """A user as shown to anyone: never the password hash."""

@@ -34,6 +34,7 @@ _LOOKUP_CHUNK = 500
 _STREAM_CHUNK = 2000
 _MAX_ID = 2**31 - 1  # users.id is INTEGER: 32 bits on PostgreSQL
 _NO_SUCH_ID = 0  # ids start at 1
+_MAX_ROW_COUNT = 2**63 - 1  # what LIMIT and OFFSET take
 
 
 # ---- transactions -------------------------------------------------------------------
@@ -226,11 +227,13 @@ def iter_user_records(
 ) -> Iterator[dict[str, Any]]:
     """Users oldest first (in the order they were added), streamed with Core rows."""
     if (filters.limit is not None and filters.limit < 0) or filters.offset < 0:
-        raise InvalidInput("--limit and --offset must not be negative")
+        raise InvalidInput("limit and offset must not be negative")
     if filters.role is not None:
         _validated_role(filters.role)
     if filters.search is not None and "\x00" in filters.search:
-        raise InvalidInput("--search text must not contain a NUL character")
+        raise InvalidInput("search text must not contain a NUL character")
+    if filters.offset > _MAX_ROW_COUNT or (filters.limit or 0) > _MAX_ROW_COUNT:
+        raise InvalidInput(f"limit and offset must be at most {_MAX_ROW_COUNT}")
     columns = [
         User.id,
         User.email,
@@ -343,7 +346,7 @@ def user_changes(**fields: Any) -> UserUpdate:
 
 def update_user(db: Session, ref: str, changes: UserUpdate) -> User:
     if not changes.model_fields_set:
-        raise InvalidInput("nothing to change: give --email, --username or --full-name")
+        raise InvalidInput("nothing to change: give a new email, username or full name")
     with _writing(db):
         user = _get(db, ref)
         values = changes.model_dump(include=changes.model_fields_set)
