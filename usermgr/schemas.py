@@ -38,9 +38,13 @@ def _nfkc_stripped(value: Any) -> Any:
     return unicodedata.normalize("NFKC", value).strip() if isinstance(value, str) else value
 
 
+# Cc: control characters (NUL, newline); Cf: format characters (right-to-left override);
+# Zl, Zp: the line and paragraph separators, which split lines for many readers.
+UNPRINTABLE_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")
+
+
 def _has_invisible_or_control(text: str) -> bool:
-    # Cc: control characters (NUL, newline); Cf: format characters (right-to-left override).
-    return any(unicodedata.category(char) in ("Cc", "Cf") for char in text)
+    return any(unicodedata.category(char) in UNPRINTABLE_CATEGORIES for char in text)
 
 
 def validate_password(password: str) -> str:
