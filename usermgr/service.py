@@ -257,11 +257,16 @@ def iter_user_records(
 # ---- roles and the last admin --------------------------------------------------------
 
 
-def _validated_role(name: str) -> str:
+def _checked(validate: Callable[[str], str], value: str) -> str:
+    """A schemas.py validator's result, its ValueError turned into InvalidInput."""
     try:
-        return validate_role_name(name)
+        return validate(value)
     except ValueError as error:
         raise InvalidInput(str(error)) from None
+
+
+def _validated_role(name: str) -> str:
+    return _checked(validate_role_name, name)
 
 
 def _role(db: Session, name: str, *, create: bool) -> Role | None:
@@ -357,16 +362,9 @@ def update_user(db: Session, ref: str, changes: UserUpdate) -> User:
     return user
 
 
-def checked_password(password: str) -> str:
-    try:
-        return validate_password(password)
-    except ValueError as error:
-        raise InvalidInput(str(error)) from None
-
-
 def set_password(db: Session, settings: Settings, ref: str, password: str) -> User:
     """A new password; every token issued before it stops working."""
-    hashed = security.hash_password(checked_password(password), settings.hash_profile)
+    hashed = security.hash_password(_checked(validate_password, password), settings.hash_profile)
     with _writing(db):
         user = _get(db, ref)
         user.hashed_password = hashed
@@ -454,7 +452,7 @@ def authenticate(db: Session, settings: Settings, ref: str, password: str) -> Us
     """
     with _reading(db):
         user = _find(db, ref) if ref.strip() else None
-    candidate = checked_login_password(password)
+    candidate = _login_password(password)
     if user is None:
         security.verify_dummy(candidate, settings.hash_profile)
         raise AuthenticationFailed()
@@ -477,7 +475,7 @@ def authenticate(db: Session, settings: Settings, ref: str, password: str) -> Us
     return user
 
 
-def checked_login_password(password: str) -> str:
+def _login_password(password: str) -> str:
     """The login password as it was hashed: NFKC-normalised, but no policy enforced
     (an imported hash may predate the policy)."""
     return unicodedata.normalize("NFKC", password)
