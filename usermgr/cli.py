@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from usermgr import __version__, errors, output
-from usermgr.config import Settings, load_settings
+from usermgr.config import Settings, env_flag, load_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -101,7 +101,7 @@ def _debug(ctx: click.Context) -> bool:
     app = ctx.find_object(App)
     if app is not None and app.options.get("debug"):
         return True
-    return os.environ.get("USERMGR_DEBUG", "").lower() in ("1", "true", "yes", "on")
+    return env_flag("USERMGR_DEBUG")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

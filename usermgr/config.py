@@ -69,7 +69,8 @@ def _env_duration(name: str, default: str) -> int:
         raise ConfigurationError(str(error)) from None
 
 
-def _env_flag(name: str) -> bool:
+def env_flag(name: str) -> bool:
+    """A yes/no variable: 1, true, yes or on (any case) is yes."""
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -112,7 +113,7 @@ def load_settings(database_url: str | None = None, key_file: str | None = None, 
         database_url=url,
         key_file=Path(key_path) if key_path else default_key_file(url),
         secret_key=os.environ.get("USERMGR_SECRET_KEY") or None,
-        debug=debug or _env_flag("USERMGR_DEBUG"),
+        debug=debug or env_flag("USERMGR_DEBUG"),
         token_algorithm=algorithm,
         token_ttl=_env_duration("USERMGR_TOKEN_TTL", "1h"),
         token_max_ttl=_env_duration("USERMGR_TOKEN_MAX_TTL", "30d"),
