@@ -64,3 +64,22 @@ def test_rebuild_is_deterministic(tmp_path: Path) -> None:
     rebuilt = tmp_path / "rebuilt.db.sample"
     build(rebuilt)
     assert records(rebuilt, tmp_path) == records(SAMPLE, tmp_path)
+
+
+def test_reading_a_database_leaves_its_file_as_it_was(tmp_path: Path) -> None:
+    """`usermgr --db users.db.sample list` must not rewrite the file it only reads."""
+    copy = tmp_path / "users.db.sample"
+    shutil.copy(SAMPLE, copy)
+    before = copy.read_bytes()
+    for command in (["list"], ["show", "1"], ["roles"], ["export"]):
+        assert run_usermgr("--db", str(copy), *command, env={}).returncode == 0
+    assert copy.read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["users.db.sample"]
+
+
+def test_init_switches_sqlite_to_write_ahead_logging(tmp_path: Path) -> None:
+    copy = tmp_path / "users.db"
+    shutil.copy(SAMPLE, copy)
+    assert run_usermgr("--db", str(copy), "init", env={}).returncode == 0
+    with sqlite3.connect(copy) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)

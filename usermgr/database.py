@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime
 from typing import Any
 
@@ -59,11 +60,12 @@ def utcnow() -> datetime:
 def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
     # Let SQLAlchemy's "begin" event emit BEGIN itself (see _on_sqlite_begin); on Python
     # 3.11 that is isolation_level=None, then plain cursor.execute for the pragmas.
+    # WAL is not set here: it is stored in the file, so `usermgr init` sets it once
+    # (migrations.upgrade), and a read-only command never rewrites a file it only reads.
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys = ON")
-    cursor.execute("PRAGMA journal_mode = WAL")
     cursor.execute("PRAGMA synchronous = NORMAL")
     cursor.close()
 
@@ -122,10 +124,12 @@ def configure(url: str, *, must_exist: bool = True) -> Engine:
 
 
 def as_domain_error(error: BaseException) -> DatabaseUnavailable | None:
-    """A user-facing error for a failure of the database itself, or None if it is not one."""
-    if not isinstance(error, (exc.OperationalError, exc.DatabaseError, exc.InterfaceError)):
-        return None
-    if isinstance(error, exc.IntegrityError):
+    """A user-facing error for a failure of the database itself, or None if it is not one.
+
+    Raw sqlite3 errors count too: `init` sets the journal mode on the driver's connection.
+    """
+    failures = (exc.OperationalError, exc.DatabaseError, exc.InterfaceError, sqlite3.DatabaseError)
+    if not isinstance(error, failures) or isinstance(error, (exc.IntegrityError, sqlite3.IntegrityError)):
         return None
     text = str(getattr(error, "orig", error)).strip().splitlines()[0] if str(error) else type(error).__name__
     lowered = text.lower()

@@ -15,19 +15,22 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from pydantic import ValidationError
 from sqlalchemy import delete, exists, false, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from usermgr import security, tokens
 from usermgr.config import Settings
 from usermgr.database import WRITE, utcnow
 from usermgr.errors import AuthenticationFailed, Conflict, Forbidden, InvalidInput, NotFound, TokenInvalid
 from usermgr.models import ADMIN_ROLE, Role, User, user_roles
-from usermgr.schemas import ImportRow, UserCreate, UserUpdate, first_error, validate_password, validate_role_name
+
+if TYPE_CHECKING:
+    from usermgr.schemas import ImportRow, UserCreate, UserUpdate
+
+# security, tokens and schemas (passlib, PyJWT, pydantic) are imported inside the functions
+# that use them: `usermgr show` and `usermgr list` never pay for loading them.
 
 RECORD_FIELDS = ("id", "email", "username", "full_name", "is_active", "roles", "created_at", "last_login_at")
 _LOOKUP_CHUNK = 500
@@ -70,6 +73,10 @@ def _constraint_hint(error: IntegrityError) -> str:
 
 
 def _validated(model: type, **fields: Any) -> Any:
+    from pydantic import ValidationError
+
+    from usermgr.schemas import first_error
+
     try:
         return model(**fields)
     except ValidationError as error:
@@ -266,6 +273,8 @@ def _checked(validate: Callable[[str], str], value: str) -> str:
 
 
 def _validated_role(name: str) -> str:
+    from usermgr.schemas import validate_role_name
+
     return _checked(validate_role_name, name)
 
 
@@ -326,6 +335,8 @@ def check_new_user(db: Session, data: UserCreate, *, roles: Sequence[str] = ()) 
 def create_user(
     db: Session, settings: Settings, data: UserCreate, *, roles: Sequence[str] = (), admin: bool = False
 ) -> User:
+    from usermgr import security
+
     role_names = _role_names(roles, admin)
     hashed = security.hash_password(data.password, settings.hash_profile) if data.password else None
     with _writing(db):
@@ -341,11 +352,15 @@ def new_user(
     email: str, username: str | None = None, full_name: str | None = None, password: str | None = None
 ) -> UserCreate:
     """Validate the fields of a new user; InvalidInput with a one-line message if bad."""
+    from usermgr.schemas import UserCreate
+
     return _validated(UserCreate, email=email, username=username, full_name=full_name, password=password)
 
 
 def user_changes(**fields: Any) -> UserUpdate:
     """Validate the given profile fields (only those given are applied)."""
+    from usermgr.schemas import UserUpdate
+
     return _validated(UserUpdate, **{name: value for name, value in fields.items() if value is not None})
 
 
@@ -364,6 +379,9 @@ def update_user(db: Session, ref: str, changes: UserUpdate) -> User:
 
 def set_password(db: Session, settings: Settings, ref: str, password: str) -> User:
     """A new password; every token issued before it stops working."""
+    from usermgr import security
+    from usermgr.schemas import validate_password
+
     hashed = security.hash_password(_checked(validate_password, password), settings.hash_profile)
     with _writing(db):
         user = _get(db, ref)
@@ -450,6 +468,8 @@ def authenticate(db: Session, settings: Settings, ref: str, password: str) -> Us
     The password is checked outside any transaction (it is slow by design); an unknown
     user is checked against a dummy hash so that it costs the same time.
     """
+    from usermgr import security
+
     with _reading(db):
         user = _find(db, ref) if ref.strip() else None
     candidate = _login_password(password)
@@ -502,6 +522,8 @@ def _count_failure(db: Session, settings: Settings, user_id: int, now: datetime)
 
 def login(db: Session, settings: Settings, ref: str, password: str, ttl: int | None = None) -> str:
     """Authenticate and mint an access token."""
+    from usermgr import tokens
+
     lifetime = settings.token_ttl if ttl is None else ttl
     if lifetime > settings.token_max_ttl:
         raise InvalidInput(
@@ -532,6 +554,8 @@ def revoke_tokens(db: Session, refs: Sequence[str], origin: str = "argument") ->
 def check_token_holder(db: Session, claims: dict[str, Any], required_role: str | None = None) -> User:
     """The token's user, if it still exists, is enabled, is not locked, has not revoked
     the token and (when asked) still holds the role."""
+    from usermgr.tokens import VERSION_CLAIM
+
     subject = str(claims.get("sub", ""))
     with _reading(db):
         user_id = _id_of(subject)
@@ -542,7 +566,7 @@ def check_token_holder(db: Session, claims: dict[str, Any], required_role: str |
         raise TokenInvalid("token invalid: the user is disabled")
     if _is_locked(user, utcnow()):
         raise TokenInvalid("token invalid: the user is locked")
-    if claims.get(tokens.VERSION_CLAIM, 0) != user.token_version:
+    if claims.get(VERSION_CLAIM, 0) != user.token_version:
         raise TokenInvalid("token invalid: revoked")
     if required_role is not None and required_role not in user.role_names:
         raise Forbidden(f"forbidden: the user does not have the role {required_role!r}")
@@ -598,6 +622,10 @@ def plan_import(rows: Iterable[Any]) -> ImportPlan:
     `rows` are `output.InputRow`s. Bad rows are reported with their line numbers, the
     first twenty and then a count, as one InvalidInput.
     """
+    from pydantic import ValidationError
+
+    from usermgr.schemas import ImportRow, first_error
+
     plan = ImportPlan(spool=tempfile.TemporaryFile())  # noqa: SIM115 (ImportPlan.close closes it)
     problems: list[str] = []
     bad = 0
@@ -631,6 +659,8 @@ def plan_import(rows: Iterable[Any]) -> ImportPlan:
 
 def seconds_to_hash(plan: ImportPlan, settings: Settings) -> float:
     """How long hashing the plan's plaintext passwords will take, from one measured hash."""
+    from usermgr import security
+
     if not plan.passwords:
         return 0.0
     started = time.perf_counter()
@@ -648,6 +678,8 @@ def hash_passwords(plan: ImportPlan, settings: Settings, progress: Callable[[int
     argon2-cffi releases the GIL, so a thread per core measured faster here than
     argon2's own lanes alone (see bench/RESULTS.md).
     """
+    from usermgr import security
+
     lines = list(plan.passwords)
 
     def hash_one(line: int) -> tuple[int, str]:

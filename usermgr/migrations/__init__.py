@@ -17,7 +17,17 @@ def alembic_config(engine: Engine) -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Upgrade the schema to `revision`; a database already there is left as it is."""
+    """Upgrade the schema to `revision`; a database already there is left as it is.
+
+    A SQLite database is switched to write-ahead logging, which the file keeps: readers
+    then never wait for a writer.
+    """
+    if engine.dialect.name == "sqlite":
+        connection = engine.raw_connection()  # outside any transaction, as SQLite requires
+        try:
+            connection.cursor().execute("PRAGMA journal_mode = WAL")
+        finally:
+            connection.close()
     command.upgrade(alembic_config(engine), revision)
 
 
