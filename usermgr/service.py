@@ -254,11 +254,13 @@ def iter_user_records(
     if with_hashes:
         columns.append(User.hashed_password)
     statement = _filtered(select(*columns).order_by(User.id), filters)
+    names = [column.key for column in columns]
+    roles_at = names.index("roles")
     with _reading(db):
         for row in db.execute(statement.execution_options(yield_per=_STREAM_CHUNK)):
-            record = row._asdict()
-            record["roles"] = sorted(record["roles"].split(",")) if record["roles"] else []
-            yield record
+            values = list(row)
+            values[roles_at] = sorted(values[roles_at].split(",")) if values[roles_at] else []
+            yield dict(zip(names, values, strict=True))
 
 
 # ---- roles and the last admin --------------------------------------------------------
