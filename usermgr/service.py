@@ -791,11 +791,12 @@ def _insert_rows(db: Session, plan: ImportPlan, rows: list[tuple[Any, ...]], rol
         {"created_at": now, "updated_at": now, "failed_logins": 0, "token_version": 0, **_user_values(plan, row)}
         for row in rows
     ]
-    inserted = list(
-        db.execute(
-            insert(User.__table__).returning(User.__table__.c.id, sort_by_parameter_order=True), values
-        ).scalars()
-    )
+    # One executemany, then the ids by email: RETURNING in parameter order would make
+    # SQLAlchemy insert row by row on SQLite, which cannot promise that order.
+    db.execute(insert(User.__table__), values)
+    emails = [row[1] for row in rows]
+    ids = dict(db.execute(select(User.email, User.id).where(User.email.in_(emails))).all())
+    inserted = [ids[email] for email in emails]
     links = [
         {"user_id": user_id, "role_id": role_ids(name)}
         for user_id, row in zip(inserted, rows, strict=True)
