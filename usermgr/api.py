@@ -48,8 +48,6 @@ from usermgr.schemas import (
 
 LIST_LIMIT_DEFAULT = 100
 LIST_LIMIT_MAX = 1000
-MAX_USER_ID = 2**31 - 1  # users.id is a 32-bit integer on PostgreSQL
-MAX_OFFSET = 2**63 - 1  # the largest OFFSET that SQLite and PostgreSQL take
 TOKEN_URL = "/auth/login"
 _STATE_KEY = "usermgr"
 
@@ -191,7 +189,7 @@ def require_role(name: str) -> Callable[..., User]:
 
 DB = Annotated[Session, Depends(get_db)]
 Admin = Annotated[User, Depends(require_role(ADMIN_ROLE))]
-UserId = Annotated[int, Path(ge=1, le=MAX_USER_ID, description="The user's numeric id.")]
+UserId = Annotated[int, Path(ge=1, le=service.MAX_USER_ID, description="The user's numeric id.")]
 RoleName = Annotated[
     str, Path(pattern=f"^{ROLE_NAME.pattern}$", description="A role name: 1 to 64 of a-z, 0-9, _ and -.")
 ]
@@ -307,7 +305,7 @@ def list_users(
     limit: Annotated[
         int, Query(ge=0, le=LIST_LIMIT_MAX, description=f"At most this many users (at most {LIST_LIMIT_MAX}).")
     ] = LIST_LIMIT_DEFAULT,
-    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Skip this many users first.")] = 0,
+    offset: Annotated[int, Query(ge=0, le=service.MAX_ROW_COUNT, description="Skip this many users first.")] = 0,
 ) -> list[dict[str, Any]]:
     """Users oldest first, one page at a time: `limit` defaults to 100 and is at most 1000."""
     filters = service.UserFilter(role=role, active=active, search=search, limit=limit, offset=offset)

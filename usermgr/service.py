@@ -35,9 +35,9 @@ if TYPE_CHECKING:
 RECORD_FIELDS = ("id", "email", "username", "full_name", "is_active", "roles", "created_at", "last_login_at")
 _LOOKUP_CHUNK = 500
 _STREAM_CHUNK = 2000
-_MAX_ID = 2**31 - 1  # users.id is INTEGER: 32 bits on PostgreSQL
+MAX_USER_ID = 2**31 - 1  # users.id is INTEGER: 32 bits on PostgreSQL
 _NO_SUCH_ID = 0  # ids start at 1
-_MAX_ROW_COUNT = 2**63 - 1  # what LIMIT and OFFSET take
+MAX_ROW_COUNT = 2**63 - 1  # the largest LIMIT and OFFSET that SQLite and PostgreSQL take
 
 
 # ---- transactions -------------------------------------------------------------------
@@ -116,7 +116,7 @@ def _id_of(ref: str) -> int | None:
     if not (ref.isascii() and ref.isdigit()):
         return None
     user_id = int(ref)
-    return user_id if user_id <= _MAX_ID else _NO_SUCH_ID
+    return user_id if user_id <= MAX_USER_ID else _NO_SUCH_ID
 
 
 def _email_of(ref: str) -> str | None:
@@ -239,8 +239,8 @@ def iter_user_records(
         _validated_role(filters.role)
     if filters.search is not None and "\x00" in filters.search:
         raise InvalidInput("search text must not contain a NUL character")
-    if filters.offset > _MAX_ROW_COUNT or (filters.limit or 0) > _MAX_ROW_COUNT:
-        raise InvalidInput(f"limit and offset must be at most {_MAX_ROW_COUNT}")
+    if filters.offset > MAX_ROW_COUNT or (filters.limit or 0) > MAX_ROW_COUNT:
+        raise InvalidInput(f"limit and offset must be at most {MAX_ROW_COUNT}")
     columns = [
         User.id,
         User.email,
