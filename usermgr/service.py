@@ -591,6 +591,29 @@ class ImportPlan:
     rows: int = 0
     passwords: dict[int, str] = field(default_factory=dict, repr=False)
     hashes: dict[int, str] = field(default_factory=dict, repr=False)
+    _chunks: int = 0
+    _pending: list[tuple[Any, ...]] = field(default_factory=list, repr=False)
+
+    def add(self, row: tuple[Any, ...]) -> None:
+        self._pending.append(row)
+        self.rows += 1
+        if len(self._pending) == _IMPORT_CHUNK:
+            self._spool_pending()
+
+    def _spool_pending(self) -> None:
+        # A chunk a marshal record: marshal reads a file field by field, so one call per
+        # thousand rows instead of one per row.
+        if self._pending:
+            marshal.dump(self._pending, self.spool)
+            self._chunks += 1
+            self._pending = []
+
+    def chunks(self) -> Iterator[list[tuple[Any, ...]]]:
+        """The spooled rows, a chunk of up to a thousand at a time, in input order."""
+        self._spool_pending()
+        self.spool.seek(0)
+        for _ in range(self._chunks):
+            yield marshal.load(self.spool)
 
     def close(self) -> None:
         self.spool.close()
@@ -647,15 +670,13 @@ def plan_import(rows: Iterable[Any]) -> ImportPlan:
             continue  # only counting now: nothing of this input will be written
         if valid.password is not None:
             plan.passwords[row.line] = valid.password
-        marshal.dump(_spooled_row(row.line, valid), plan.spool)
-        plan.rows += 1
+        plan.add(_spooled_row(row.line, valid))
     if bad:
         plan.close()
         more = f" (the first {MAX_REPORTED_ROW_ERRORS} shown)" if bad > MAX_REPORTED_ROW_ERRORS else ""
         raise InvalidInput(
             "\n".join([*problems, f"{bad} invalid row{'s' if bad != 1 else ''}{more}; nothing was imported"])
         )
-    plan.spool.seek(0)
     return plan
 
 
@@ -695,23 +716,6 @@ def hash_passwords(plan: ImportPlan, settings: Settings, progress: Callable[[int
     plan.passwords.clear()
 
 
-def _spooled_rows(plan: ImportPlan) -> Iterator[tuple[Any, ...]]:
-    plan.spool.seek(0)
-    for _ in range(plan.rows):
-        yield marshal.load(plan.spool)
-
-
-def _chunks(rows: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
-    chunk: list[tuple[Any, ...]] = []
-    for row in rows:
-        chunk.append(row)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 class _RoleIds:
     """Role name -> id, creating roles on first use, within the import's transaction."""
 
@@ -734,7 +738,7 @@ def apply_import(db: Session, plan: ImportPlan, *, on_conflict: str = "error", d
     result = ImportResult()
     with _writing(db, dry_run=dry_run), _keeping_an_admin(db):
         role_ids = _RoleIds(db)
-        for chunk in _chunks(_spooled_rows(plan), _IMPORT_CHUNK):
+        for chunk in plan.chunks():
             _import_chunk(db, plan, chunk, role_ids, on_conflict, result)
     return result
 
