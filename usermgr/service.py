@@ -601,10 +601,11 @@ class ImportPlan:
             self._spool_pending()
 
     def _spool_pending(self) -> None:
-        # A chunk a marshal record: marshal reads a file field by field, so one call per
-        # thousand rows instead of one per row.
+        # A chunk a record, behind its length: marshal.load on a file reads field by field,
+        # marshal.loads of one read is a single call per thousand rows.
         if self._pending:
-            marshal.dump(self._pending, self.spool)
+            record = marshal.dumps(self._pending)
+            self.spool.write(len(record).to_bytes(8, "big") + record)
             self._chunks += 1
             self._pending = []
 
@@ -613,7 +614,8 @@ class ImportPlan:
         self._spool_pending()
         self.spool.seek(0)
         for _ in range(self._chunks):
-            yield marshal.load(self.spool)
+            size = int.from_bytes(self.spool.read(8), "big")
+            yield marshal.loads(self.spool.read(size))
 
     def close(self) -> None:
         self.spool.close()
@@ -698,8 +700,8 @@ def _hash_workers() -> int:
 def hash_passwords(plan: ImportPlan, settings: Settings, progress: Callable[[int], None] | None = None) -> None:
     """Hash the plan's plaintext passwords on every core, then forget the plaintext.
 
-    argon2-cffi releases the GIL, so a thread per core measured faster here than
-    argon2's own lanes alone (see bench/RESULTS.md).
+    argon2-cffi releases the GIL, so a thread per core adds to argon2's own lanes: by up
+    to a third on an idle machine, by little when other work holds the cores (bench/RESULTS.md).
     """
     from usermgr import security
 
