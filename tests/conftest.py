@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
 # Keep the caller's USERMGR_* settings out of the suite, and hash cheaply everywhere,
@@ -29,6 +29,7 @@ os.environ["USERMGR_HASH_PROFILE"] = "test"
 from usermgr import database, migrations, tokens  # noqa: E402
 from usermgr.cli import cli  # noqa: E402
 from usermgr.config import Settings, load_settings  # noqa: E402
+from usermgr.models import User  # noqa: E402
 
 BACKENDS = ["sqlite", "postgres"]
 USERMGR = Path(sys.executable).with_name("usermgr")
@@ -185,3 +186,13 @@ def run_usermgr(
     return subprocess.run(
         [str(USERMGR), *args], input=input, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def user_count(url: str) -> int:
+    """How many users the database at `url` holds, read through a connection of its own."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(select(func.count()).select_from(User)).scalar_one()
+    finally:
+        engine.dispose()

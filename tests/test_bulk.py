@@ -14,9 +14,9 @@ from pathlib import Path
 
 import bcrypt
 import pytest
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import create_engine, select, text
 
-from tests.conftest import USERMGR, Runner, run_usermgr
+from tests.conftest import USERMGR, Runner, run_usermgr, user_count
 from usermgr.models import User
 
 
@@ -28,15 +28,6 @@ def emails(run: Runner) -> list[str]:
     result = run("list", "-o", "email")
     assert result.exit_code == 0, result.stderr
     return result.stdout.split()
-
-
-def user_count(db_url: str) -> int:
-    engine = create_engine(db_url)
-    try:
-        with engine.connect() as connection:
-            return connection.execute(select(func.count()).select_from(User)).scalar_one()
-    finally:
-        engine.dispose()
 
 
 def test_import_csv_file_with_roles_and_flags(run: Runner, tmp_path: Path) -> None:

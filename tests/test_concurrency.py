@@ -17,10 +17,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, create_engine, func, select, text
+from sqlalchemy import Connection, create_engine, select, text
 from sqlalchemy.orm import Session
 
-from tests.conftest import USERMGR
+from tests.conftest import USERMGR, user_count
 from usermgr import service
 from usermgr.config import Settings, sqlite_path
 from usermgr.models import User
@@ -121,15 +121,6 @@ def stored_emails(url: str) -> list[str]:
     try:
         with engine.connect() as connection:
             return sorted(connection.execute(select(User.email)).scalars())
-    finally:
-        engine.dispose()
-
-
-def user_count(url: str) -> int:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as connection:
-            return connection.execute(select(func.count()).select_from(User)).scalar_one()
     finally:
         engine.dispose()
 
