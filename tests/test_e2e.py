@@ -284,3 +284,42 @@ def test_debug_keeps_the_exit_codes_of_expected_errors(env: dict[str, str], debu
     assert result.returncode == 4
     assert result.stderr.startswith("usermgr: error: no user matches")
     assert "Traceback" not in result.stderr
+
+
+BLOCK_API_EXTRA = """
+import sys
+from importlib.abc import MetaPathFinder
+
+
+class NoApiExtra(MetaPathFinder):
+    # As if the `api` extra were not installed: fastapi and uvicorn cannot be imported.
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("fastapi", "uvicorn", "starlette"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+sys.meta_path.insert(0, NoApiExtra())
+from usermgr.cli import main
+
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.e2e
+def test_serve_without_the_api_extra_says_how_to_install_it(env: dict[str, str]) -> None:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("USERMGR_")} | env
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_API_EXTRA, "serve", "--port", "1"],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == "usermgr: error: the HTTP API needs the `api` extra: pip install 'usermgr[api]'\n"
+    listed = subprocess.run(
+        [sys.executable, "-c", BLOCK_API_EXTRA, "list", "-o", "id"], env=full_env, capture_output=True, text=True
+    )
+    assert (listed.returncode, listed.stderr) == (0, "")  # nothing else breaks

@@ -488,7 +488,7 @@ def test_batch_unknown_id_names_its_line(db: Session, settings: Settings, trio: 
 def test_batch_of_no_users_changes_nothing(db: Session, settings: Settings, trio: list[str], operation: str) -> None:
     before = stored(settings.database_url)
     assert BATCH_OPERATIONS[operation](db, [], "argument") == []
-    assert BATCH_OPERATIONS[operation](db, ["", "  "], "line") == []
+    assert BATCH_OPERATIONS[operation](db, [None, None], "line") == []
     with pytest.raises(NotFound, match=r"'' \(argument 1\)"):
         BATCH_OPERATIONS[operation](db, [""], "argument")
     assert stored(settings.database_url) == before

@@ -164,13 +164,16 @@ def users_argument(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.argument("users", nargs=-1, required=True, metavar="USER...")(command)
 
 
-def read_user_refs(values: Sequence[str]) -> tuple[list[str], str]:
-    """The USER arguments, or with `-` the lines of standard input; and what a position is."""
+def read_user_refs(values: Sequence[str]) -> tuple[list[str | None], str]:
+    """The USER arguments, or with `-` the lines of standard input; and what a position is.
+
+    A blank line of input becomes None: it names no one, but keeps the line numbers right.
+    """
     if "-" not in values:
         return list(values), "argument"
     if len(values) > 1:
         raise click.UsageError("`-` reads users from standard input and cannot be mixed with other users")
-    return [line.rstrip("\r\n") for line in sys.stdin], "line"
+    return [line.strip() or None for line in sys.stdin], "line"
 
 
 def stdin_is_terminal() -> bool:
@@ -194,11 +197,7 @@ def read_password(from_stdin: bool, *, confirm: bool, command: str) -> str:
 def show_user(user: Any, fmt: str) -> None:
     from usermgr import service
 
-    record = service.user_record(user)
-    if fmt in ("table", "json"):
-        output.write_one(record, fmt, USER_FIELDS)
-    else:
-        output.write_records([record], fmt, USER_FIELDS)
+    output.write_one(service.user_record(user), fmt, USER_FIELDS)
 
 
 def summarize(verb: str, users: Sequence[Any]) -> None:
@@ -415,7 +414,7 @@ def _batch_command(name: str, verb: str, action: Callable[..., list[Any]], doc: 
 def _service(name: str, *args: Any) -> Callable[..., list[Any]]:
     """Call `service.<name>` lazily, so that defining the command imports nothing."""
 
-    def call(db: Session, refs: list[str], origin: str) -> list[Any]:
+    def call(db: Session, refs: list[str | None], origin: str) -> list[Any]:
         from usermgr import service
 
         return getattr(service, name)(db, refs, *args, origin=origin)
@@ -683,10 +682,7 @@ def _verify_each(checker: TokenChecker, tokens: Sequence[str], fmt: str) -> int:
             click.echo(f"usermgr: error: {error}", err=True)
             worst = _failure_code(error, worst)
             continue
-        if fmt in ("table", "json"):
-            output.write_one(claims, fmt, CLAIM_FIELDS)
-        else:
-            output.write_records([_claims_record(claims)], fmt, CLAIM_FIELDS)
+        output.write_one(_claims_record(claims), fmt, CLAIM_FIELDS)
     return worst
 
 

@@ -144,15 +144,17 @@ def _get(db: Session, ref: str) -> User:
     return user
 
 
-def _resolve_many(db: Session, refs: Sequence[str], origin: str) -> list[User]:
+def _resolve_many(db: Session, refs: Sequence[str | None], origin: str) -> list[User]:
     """The users named by `refs` (emails or ids), in order and without repeats.
 
-    An unknown one is a NotFound naming its position (`line 3` of standard input). Blank
-    lines are skipped, and no line at all is no one: an empty pipeline changes nothing.
+    An unknown one is a NotFound naming its position (`line 3` of standard input). A None
+    ref (a blank line of input) names no one, and no ref at all changes nothing: an empty
+    pipeline is not an error.
     """
-    cleaned = [_normalized_ref(ref) for ref in refs]
-    ids = [user_id for ref in cleaned if (user_id := _id_of(ref))]
-    emails = [email for ref in cleaned if _id_of(ref) is None and (email := _email_of(ref))]
+    cleaned = [None if ref is None else _normalized_ref(ref) for ref in refs]
+    named = [ref for ref in cleaned if ref is not None]
+    ids = [user_id for ref in named if (user_id := _id_of(ref))]
+    emails = [email for ref in named if _id_of(ref) is None and (email := _email_of(ref))]
     by_id: dict[int, User] = {}
     by_email: dict[str, User] = {}
     for start in range(0, len(ids), _LOOKUP_CHUNK):
@@ -163,8 +165,8 @@ def _resolve_many(db: Session, refs: Sequence[str], origin: str) -> list[User]:
             by_email[user.email] = user
     found: dict[int, User] = {}
     for position, ref in enumerate(cleaned, start=1):
-        if not ref and origin == "line":
-            continue  # a blank line of input names no one; an empty argument is a mistake
+        if ref is None:
+            continue  # a blank line of input: no one, and an empty argument is still a mistake
         user_id = _id_of(ref)
         user = by_email.get(_email_of(ref) or "") if user_id is None else by_id.get(user_id)
         if user is None:
@@ -392,7 +394,7 @@ def set_password(db: Session, settings: Settings, ref: str, password: str) -> Us
     return user
 
 
-def set_active(db: Session, refs: Sequence[str], active: bool, origin: str = "argument") -> list[User]:
+def set_active(db: Session, refs: Sequence[str | None], active: bool, origin: str = "argument") -> list[User]:
     """Enable or disable users; disabling ends their tokens. A lock is left as it is."""
     with _writing(db), _keeping_an_admin(db):
         users = _resolve_many(db, refs, origin)
@@ -404,7 +406,7 @@ def set_active(db: Session, refs: Sequence[str], active: bool, origin: str = "ar
     return users
 
 
-def unlock(db: Session, refs: Sequence[str], origin: str = "argument") -> list[User]:
+def unlock(db: Session, refs: Sequence[str | None], origin: str = "argument") -> list[User]:
     with _writing(db):
         users = _resolve_many(db, refs, origin)
         for user in users:
@@ -413,7 +415,7 @@ def unlock(db: Session, refs: Sequence[str], origin: str = "argument") -> list[U
     return users
 
 
-def delete_users(db: Session, refs: Sequence[str], origin: str = "argument") -> list[User]:
+def delete_users(db: Session, refs: Sequence[str | None], origin: str = "argument") -> list[User]:
     with _writing(db), _keeping_an_admin(db):
         users = _resolve_many(db, refs, origin)
         for user in users:
@@ -421,7 +423,7 @@ def delete_users(db: Session, refs: Sequence[str], origin: str = "argument") -> 
     return users
 
 
-def grant_role(db: Session, refs: Sequence[str], role_name: str, origin: str = "argument") -> list[User]:
+def grant_role(db: Session, refs: Sequence[str | None], role_name: str, origin: str = "argument") -> list[User]:
     name = _validated_role(role_name)
     with _writing(db):
         users = _resolve_many(db, refs, origin)
@@ -432,7 +434,7 @@ def grant_role(db: Session, refs: Sequence[str], role_name: str, origin: str = "
     return users
 
 
-def revoke_role(db: Session, refs: Sequence[str], role_name: str, origin: str = "argument") -> list[User]:
+def revoke_role(db: Session, refs: Sequence[str | None], role_name: str, origin: str = "argument") -> list[User]:
     """Take a role away; a user without it is left as it is."""
     name = _validated_role(role_name)
     with _writing(db), _keeping_an_admin(db):
@@ -442,6 +444,12 @@ def revoke_role(db: Session, refs: Sequence[str], role_name: str, origin: str = 
             if role is not None and role in user.roles:
                 user.roles.remove(role)
     return users
+
+
+def ping(db: Session) -> None:
+    """Raise unless the database answers: what a health check asks."""
+    with _reading(db):
+        db.execute(select(1))
 
 
 def list_roles(db: Session) -> list[dict[str, Any]]:
@@ -544,7 +552,7 @@ def login(db: Session, settings: Settings, ref: str, password: str, ttl: int | N
     )
 
 
-def revoke_tokens(db: Session, refs: Sequence[str], origin: str = "argument") -> list[User]:
+def revoke_tokens(db: Session, refs: Sequence[str | None], origin: str = "argument") -> list[User]:
     """End every token issued to these users so far."""
     with _writing(db):
         users = _resolve_many(db, refs, origin)
