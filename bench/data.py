@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import sqlite3
+import uuid
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,13 +53,16 @@ def fill_database(path: Path, count: int) -> None:
     Rows are as SQLAlchemy writes them: naive UTC timestamps with microseconds, booleans as 0/1.
     """
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-    users = ((n, email(n), f"user{n:07d}", full_name(n), now, now) for n in range(1, count + 1))
+    users = (
+        (n, str(uuid.UUID(int=n, version=4)), email(n), f"user{n:07d}", full_name(n), now, now)
+        for n in range(1, count + 1)
+    )
     with closing(sqlite3.connect(path)) as db, db:
         role_ids = {name: _role_id(db, name) for name in ("admin", *ROLE_EVERY)}
         db.executemany(
-            "INSERT INTO users (id, email, username, full_name, hashed_password, is_active, created_at, updated_at,"
-            " last_login_at, failed_logins, locked_until, token_version)"
-            " VALUES (?, ?, ?, ?, NULL, 1, ?, ?, NULL, 0, NULL, 0)",
+            "INSERT INTO users (id, uid, email, username, full_name, hashed_password, is_active, created_at,"
+            " updated_at, last_login_at, failed_logins, locked_until, token_version)"
+            " VALUES (?, ?, ?, ?, ?, NULL, 1, ?, ?, NULL, 0, NULL, 0)",
             users,
         )
         links = ((n, role_ids[name]) for n in range(1, count + 1) for name in roles(n))
@@ -80,7 +84,7 @@ def mint_tokens(path: Path, count: int, database: Path) -> Path:
     settings = load_settings(database_url=str(database))
     with path.open("w", encoding="ascii") as handle:
         for n in range(1, count + 1):
-            token = issue_token(settings, user_id=n, email=email(n), roles=roles(n), token_version=0, ttl=3600)
+            token = issue_token(settings, subject=str(uuid.UUID(int=n)), email=email(n), roles=roles(n), token_version=0, ttl=3600)
             handle.write(token + "\n")
     return path
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import sys
+import uuid
 from contextlib import closing
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def sample_rows() -> list[InputRow]:
             "is_active": active,
             "password": password,
             "created_at": f"2026-01-{number:02d}T09:00:00+00:00",
+            "uid": str(uuid.UUID(int=number, version=4)),  # fixed, so a rebuild is the same file
         }
         rows.append(InputRow(number, fields))
     return rows

@@ -6,6 +6,7 @@ unless USERMGR_TEST_POSTGRES_URL names one. In CI its half must run, never skip.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -32,6 +33,20 @@ from usermgr.config import Settings, load_settings  # noqa: E402
 from usermgr.models import User  # noqa: E402
 
 BACKENDS = ["sqlite", "postgres"]
+# ../shared/spec/cli.md, Output: written out here, so that a field dropped from the one
+# declaration (usermgr/contract.py) fails the tests instead of vanishing everywhere at once.
+CONTRACT_USER_FIELDS = (
+    "id",
+    "uid",
+    "email",
+    "username",
+    "full_name",
+    "is_active",
+    "roles",
+    "created_at",
+    "last_login_at",
+    "locked_until",
+)
 USERMGR = Path(sys.executable).with_name("usermgr")
 
 
@@ -175,6 +190,14 @@ class Runner:
 @pytest.fixture
 def run(env: dict[str, str]) -> Runner:
     return Runner(env)
+
+
+def uid_of(run: Runner, ref: str) -> str:
+    """The stable identity (`uid`) of the user `ref` names, as `show` prints it."""
+    result = run("show", ref, "-o", "json")
+    assert result.exit_code == 0, result.stderr
+    uid: str = json.loads(result.stdout)["uid"]
+    return uid
 
 
 def run_usermgr(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import USERMGR, run_usermgr
+from tests.conftest import CONTRACT_USER_FIELDS, USERMGR, run_usermgr
 
 pytestmark = pytest.mark.e2e
 
@@ -138,8 +138,8 @@ def test_init_create_login_show(empty_db_url: str, tmp_path: Path) -> None:
 FIRST_LINES = {
     "email": "user00000@example.com\n",
     "id": "1\n",
-    "csv": "id,email,username,full_name,is_active,roles,created_at,last_login_at\n",
-    "jsonl": '{"id": 1, "email": "user00000@example.com", ',
+    "csv": ",".join(CONTRACT_USER_FIELDS) + "\n",
+    "jsonl": '{"id": 1, "uid": "',
     "json": "[\n",
     "table": "id ",
 }

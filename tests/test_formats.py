@@ -9,10 +9,11 @@ from datetime import UTC, datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.conftest import CONTRACT_USER_FIELDS
 from usermgr import output
 from usermgr.schemas import UNPRINTABLE_CATEGORIES
 
-FIELDS = ("id", "email", "username", "full_name", "is_active", "roles", "created_at", "last_login_at")
+FIELDS = CONTRACT_USER_FIELDS
 
 # Any text a user's fields can hold: schemas.py refuses control, format and line-separator
 # characters in every stored field (and surrogates cannot be encoded at all).
@@ -22,6 +23,7 @@ timestamps = st.datetimes(timezones=st.just(UTC)) | st.none()
 records = st.fixed_dictionaries(
     {
         "id": st.integers(min_value=1, max_value=2**31 - 1),
+        "uid": st.uuids().map(str),
         "email": text.filter(bool),
         "username": optional_text,
         "full_name": optional_text,
@@ -29,6 +31,7 @@ records = st.fixed_dictionaries(
         "roles": st.lists(st.from_regex(r"[a-z0-9_-]{1,64}", fullmatch=True), unique=True),
         "created_at": st.datetimes(timezones=st.just(UTC)),
         "last_login_at": timestamps,
+        "locked_until": timestamps,
     }
 )
 
@@ -43,6 +46,7 @@ def _as_read_back(record: dict) -> dict:
     """What a reader gives for a record: text fields as text, absent when empty."""
     expected = {
         "id": str(record["id"]),
+        "uid": record["uid"],
         "email": record["email"],
         "is_active": "true" if record["is_active"] else "false",
         "created_at": record["created_at"].isoformat(),
@@ -52,8 +56,9 @@ def _as_read_back(record: dict) -> dict:
             expected[name] = record[name]
     if record["roles"]:
         expected["roles"] = record["roles"]
-    if record["last_login_at"]:
-        expected["last_login_at"] = record["last_login_at"].isoformat()
+    for name in ("last_login_at", "locked_until"):
+        if record[name]:
+            expected[name] = record[name].isoformat()
     return expected
 
 

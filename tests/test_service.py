@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import create_engine, event, insert, select
 from sqlalchemy.orm import Session
 
+from tests.conftest import CONTRACT_USER_FIELDS
 from usermgr import service
 from usermgr.config import Settings, sqlite_path
 from usermgr.errors import AuthenticationFailed, Conflict, InvalidInput, NotFound
@@ -228,7 +229,7 @@ def test_list_is_oldest_first(db: Session, people: list[str]) -> None:
 
 def test_list_records_have_the_contract_fields_and_no_hash(db: Session, people: list[str]) -> None:
     records = list(service.iter_user_records(db))
-    assert all(tuple(record) == service.RECORD_FIELDS for record in records)
+    assert all(tuple(record) == CONTRACT_USER_FIELDS for record in records)
     alice = records[3]
     assert (alice["email"], alice["username"], alice["is_active"], alice["roles"]) == (
         "alice@example.com",

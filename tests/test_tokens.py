@@ -15,6 +15,7 @@ import os
 import stat
 import subprocess
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -28,7 +29,7 @@ from jwcrypto import jwk
 from jwcrypto import jwt as jwcrypto_jwt
 from jwcrypto.jws import InvalidJWSSignature
 
-from tests.conftest import USERMGR, Runner, run_usermgr
+from tests.conftest import USERMGR, Runner, run_usermgr, uid_of
 from usermgr import tokens
 from usermgr.config import Settings, load_settings
 
@@ -111,12 +112,17 @@ def assert_token_invalid(result: Result, reason: str) -> None:
     assert result.stderr == f"usermgr: error: token invalid: {reason}\n"
 
 
+def uid_number(n: int) -> str:
+    """A stable identity for test user number `n`, in the form `uid` takes."""
+    return str(uuid.UUID(int=n))
+
+
 def issue(
-    settings: Settings, *, user_id: int = 1, email: str = "ada@example.com", roles: list[str] | None = None
+    settings: Settings, *, subject: str = uid_number(1), email: str = "ada@example.com", roles: list[str] | None = None
 ) -> str:
     """A good token, minted by usermgr's own issuer (no database needed)."""
     return tokens.issue_token(
-        settings, user_id=user_id, email=email, roles=roles if roles is not None else [], token_version=0, ttl=600
+        settings, subject=subject, email=email, roles=roles if roles is not None else [], token_version=0, ttl=600
     )
 
 
@@ -254,14 +260,14 @@ def test_eddsa_refuses_forged_tokens(tmp_path: Path, ed_key: Path, how: str, cas
 
 
 def test_valid_token_prints_its_claims(offline: Runner, hs_settings: Settings) -> None:
-    token = issue(hs_settings, user_id=7, email="ada@example.com", roles=["admin", "beta"])
+    token = issue(hs_settings, subject=uid_number(7), email="ada@example.com", roles=["admin", "beta"])
     result = offline("verify", token, "-o", "json")
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""
     shown = json.loads(result.stdout)
     assert shown.keys() >= CLAIM_KEYS
     assert (shown["sub"], shown["email"], shown["roles"], shown["iss"], shown["ver"]) == (
-        "7",
+        uid_number(7),
         "ada@example.com",
         ["admin", "beta"],
         ISSUER,
@@ -304,7 +310,7 @@ def stream(offline: Runner, lines: list[str], *args: str) -> tuple[Result, list[
 
 def test_stream_of_valid_tokens(offline: Runner, hs_settings: Settings) -> None:
     emails = ["ada@example.com", "bob@example.com", "cy@example.com"]
-    result, rows = stream(offline, [issue(hs_settings, user_id=n, email=e) for n, e in enumerate(emails, 1)])
+    result, rows = stream(offline, [issue(hs_settings, subject=uid_number(n), email=e) for n, e in enumerate(emails, 1)])
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""
     assert [set(row) for row in rows] == [{"valid", "reason", "claims"}] * 3
@@ -550,7 +556,11 @@ def test_usermgr_token_verifies_with_jwcrypto(run: Runner, key_file: Path) -> No
     key = jwk.JWK(kty="oct", k=b64url(secret_of(key_file)))
     checked = jwcrypto_jwt.JWT(jwt=token, key=key, algs=["HS256"], check_claims={"iss": ISSUER, "exp": None})
     decoded = json.loads(checked.claims)
-    assert (decoded["sub"], decoded["email"], decoded["roles"]) == (str(user_id), "ada@example.com", ["admin"])
+    assert (decoded["sub"], decoded["email"], decoded["roles"]) == (
+        uid_of(run, str(user_id)),
+        "ada@example.com",
+        ["admin"],
+    )
     with pytest.raises(InvalidJWSSignature):
         jwcrypto_jwt.JWT(jwt=token, key=jwk.JWK(kty="oct", k=b64url(b"x" * 32)), algs=["HS256"])
 

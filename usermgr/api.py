@@ -33,7 +33,8 @@ from sqlalchemy.orm import Session
 
 from usermgr import __version__, database, errors, security, service, tokens
 from usermgr.config import Settings, load_settings
-from usermgr.models import ADMIN_ROLE, User
+from usermgr.contract import ADMIN_ROLE
+from usermgr.models import User
 from usermgr.schemas import (
     PASSWORD_MAX_LENGTH,
     PASSWORD_MIN_LENGTH,

@@ -15,11 +15,11 @@ import click
 
 from usermgr import __version__, errors, output
 from usermgr.config import Settings, env_flag, load_settings
+from usermgr.contract import ADMIN_ROLE, USER_FIELDS
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
-USER_FIELDS = ("id", "email", "username", "full_name", "is_active", "roles", "created_at", "last_login_at")
 CLAIM_FIELDS = ("sub", "email", "roles", "iss", "aud", "iat", "exp", "jti", "ver")
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -312,7 +312,7 @@ def create(
 @output_option()
 @pass_app
 def show(app: App, user: str, fmt: str) -> None:
-    """Show one user, by email or id.
+    """Show one user, by email, username or id.
 
     \b
     Example:
@@ -328,6 +328,7 @@ def show(app: App, user: str, fmt: str) -> None:
 @click.option("--role", help="Only users with this role.")
 @click.option("--admin", is_flag=True, help="Only admins.")
 @click.option("--active/--disabled", "active", default=None, help="Only enabled, or only disabled, users.")
+@click.option("--locked", is_flag=True, help="Only users locked out by failed logins right now.")
 @click.option("--search", metavar="TEXT", help="Only users whose email, username or name contains TEXT.")
 @click.option("--limit", type=click.IntRange(min=0), help="At most N users.")
 @click.option("--offset", type=click.IntRange(min=0), default=0, help="Skip the first N users.")
@@ -338,6 +339,7 @@ def list_users(
     role: str | None,
     admin: bool,
     active: bool | None,
+    locked: bool,
     search: str | None,
     limit: int | None,
     offset: int,
@@ -351,7 +353,9 @@ def list_users(
     """
     from usermgr import service
 
-    filters = service.UserFilter(role=role, admin=admin, active=active, search=search, limit=limit, offset=offset)
+    filters = service.UserFilter(
+        role=role, admin=admin, active=active, locked=locked, search=search, limit=limit, offset=offset
+    )
     with app.session() as db:
         output.write_records(service.iter_user_records(db, filters), fmt, USER_FIELDS)
 
@@ -460,7 +464,7 @@ _batch_command(
 _batch_command(
     "grant-admin",
     "granted admin to",
-    _service("grant_role", "admin"),
+    _service("grant_role", ADMIN_ROLE),
     """Give USERs the built-in admin role; `-` reads them from stdin.
 
     \b
@@ -471,7 +475,7 @@ _batch_command(
 _batch_command(
     "revoke-admin",
     "revoked admin from",
-    _service("revoke_role", "admin"),
+    _service("revoke_role", ADMIN_ROLE),
     """Take the admin role from USERs; the last active admin keeps it.
 
     \b

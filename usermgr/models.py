@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 
-from sqlalchemy import Column, ForeignKey, Integer, String, Table
+from sqlalchemy import Column, ForeignKey, Integer, String, Table, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from usermgr.contract import ADMIN_ROLE
 from usermgr.database import Base, UtcDateTime, utcnow
 
-ADMIN_ROLE = "admin"
+UID_LENGTH = 36  # a UUID's canonical text form
+
+
+def new_uid() -> str:
+    """A user's stable identity: a random UUID, never reused, kept by export and import."""
+    return str(uuid.uuid4())
+
 
 user_roles = Table(
     "user_roles",
@@ -28,8 +36,11 @@ class Role(Base):
 
 class User(Base):
     __tablename__ = "users"
+    # AUTOINCREMENT: SQLite never hands a deleted user's id to the next one.
+    __table_args__ = (UniqueConstraint("uid", name="uq_users_uid"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    uid: Mapped[str] = mapped_column(String(UID_LENGTH), default=new_uid)
     email: Mapped[str] = mapped_column(String(320), unique=True)  # always stored lowercased
     username: Mapped[str | None] = mapped_column(String(150), unique=True)
     full_name: Mapped[str | None] = mapped_column(String(300))

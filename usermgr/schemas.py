@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -18,6 +19,8 @@ from pydantic import (
     ConfigDict,
     EmailStr,
     Field,
+    TypeAdapter,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -69,6 +72,8 @@ def validate_role_name(name: str) -> str:
 def _check_username(value: str) -> str:
     if not USERNAME.fullmatch(value):
         raise ValueError("invalid username: use 1 to 150 of A-Z, a-z, 0-9 and . _ @ + -")
+    if value.isdigit():
+        raise ValueError("invalid username: it must not be all digits (a USER of digits is an id)")
     return value
 
 
@@ -79,6 +84,17 @@ def _check_full_name(value: str) -> str:
         raise ValueError(f"full name too long: use at most {FULL_NAME_MAX_LENGTH} characters")
     if _has_invisible_or_control(value):
         raise ValueError("full name must not contain control or invisible formatting characters")
+    return value
+
+
+def _check_uid(value: str) -> str:
+    """A user's stable identity as usermgr writes it: a UUID in canonical (lowercase) form."""
+    try:
+        canonical = str(uuid.UUID(value))
+    except ValueError:
+        raise ValueError("invalid uid: give a UUID such as 123e4567-e89b-42d3-a456-426614174000") from None
+    if canonical != value:
+        raise ValueError(f"invalid uid: write it as {canonical}")
     return value
 
 
@@ -94,6 +110,22 @@ FullName = Annotated[str, BeforeValidator(_nfkc_stripped), AfterValidator(_check
 Password = Annotated[str, AfterValidator(validate_password)]
 RoleName = Annotated[str, AfterValidator(validate_role_name)]
 HashedPassword = Annotated[str, AfterValidator(_check_hash)]
+Uid = Annotated[str, AfterValidator(_check_uid)]
+
+
+_EMAIL: TypeAdapter[str] | None = None
+
+
+def normalize_email(text: str) -> str | None:
+    """`text` as the Email type stores it (validated, NFKC, lowercased), or None if it is
+    no email: so a lookup finds a user by every form `create` accepted for them."""
+    global _EMAIL
+    if _EMAIL is None:
+        _EMAIL = TypeAdapter(Email)
+    try:
+        return _EMAIL.validate_python(text)
+    except ValidationError:
+        return None
 
 
 class UserCreate(BaseModel):
@@ -127,6 +159,7 @@ class UserResponse(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: int
+    uid: str
     email: str
     username: str | None
     full_name: str | None
@@ -134,6 +167,7 @@ class UserResponse(BaseModel):
     roles: list[str]
     created_at: datetime
     last_login_at: datetime | None
+    locked_until: datetime | None
 
     @field_validator("roles", mode="before")
     @classmethod
@@ -146,6 +180,7 @@ class ImportRow(BaseModel):
 
     model_config = ConfigDict(extra="ignore", hide_input_in_errors=True)
 
+    uid: Uid | None = None
     email: Email
     username: Username | None = None
     full_name: FullName | None = None

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import marshal
 import os
+import re
 import tempfile
 import time
 import unicodedata
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -17,14 +19,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import IO, TYPE_CHECKING, Any
 
-from sqlalchemy import delete, exists, false, func, insert, or_, select, update
+from sqlalchemy import delete, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from usermgr.config import Settings
+from usermgr.contract import ADMIN_ROLE, USER_FIELDS
 from usermgr.database import WRITE, utcnow
 from usermgr.errors import AuthenticationFailed, Conflict, Forbidden, InvalidInput, NotFound, TokenInvalid
-from usermgr.models import ADMIN_ROLE, Role, User, user_roles
+from usermgr.models import UID_LENGTH, Role, User, new_uid, user_roles
 
 if TYPE_CHECKING:
     from usermgr.schemas import ImportRow, UserCreate, UserUpdate
@@ -32,11 +35,9 @@ if TYPE_CHECKING:
 # security, tokens and schemas (passlib, PyJWT, pydantic) are imported inside the functions
 # that use them: `usermgr show` and `usermgr list` never pay for loading them.
 
-RECORD_FIELDS = ("id", "email", "username", "full_name", "is_active", "roles", "created_at", "last_login_at")
 _LOOKUP_CHUNK = 500
 _STREAM_CHUNK = 2000
 MAX_USER_ID = 2**31 - 1  # users.id is INTEGER: 32 bits on PostgreSQL
-_NO_SUCH_ID = 0  # ids start at 1
 MAX_ROW_COUNT = 2**63 - 1  # the largest LIMIT and OFFSET that SQLite and PostgreSQL take
 
 
@@ -69,6 +70,8 @@ def _constraint_hint(error: IntegrityError) -> str:
         return "a user with that email"
     if "username" in text:
         return "a user with that username"
+    if "uid" in text:
+        return "a user with that uid"
     return "a row with those values"
 
 
@@ -87,90 +90,100 @@ def _validated(model: type, **fields: Any) -> Any:
 
 
 def user_record(user: User) -> dict[str, Any]:
-    """A user as the contract's output fields; never the hash."""
-    return {
-        "id": user.id,
-        "email": user.email,
-        "username": user.username,
-        "full_name": user.full_name,
-        "is_active": user.is_active,
-        "roles": user.role_names,
-        "created_at": user.created_at,
-        "last_login_at": user.last_login_at,
-    }
+    """A user as the contract's output fields (contract.USER_FIELDS); never the hash."""
+    return {name: user.role_names if name == "roles" else getattr(user, name) for name in USER_FIELDS}
 
 
 # ---- finding users --------------------------------------------------------------------
 
 
-def _normalized_ref(ref: str) -> str:
-    """A USER as it is stored: NFKC-normalised like emails, so `ＡＤＡ@example.com` finds ada."""
-    return unicodedata.normalize("NFKC", ref).strip()
+@dataclass(frozen=True)
+class _Key:
+    """What a USER names: a value of one of the users table's unique columns."""
+
+    column: str  # "id", "email" or "username"
+    value: int | str
 
 
-def _id_of(ref: str) -> int | None:
-    """The id a (normalised) USER names when it is digits, else None: then it is an email.
+MAX_REF_LENGTH = 2048  # longer than any email, username or id can be written
+_SIMPLE_EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
+"""An ASCII email whose write-time normalisation is lowercasing it: checked without
+loading email-validator (pydantic), so that `usermgr show ada@example.com` starts fast."""
 
-    An id beyond the column's range names no user, rather than overflowing the driver.
-    """
-    if not (ref.isascii() and ref.isdigit()):
+
+def _key_of(ref: str) -> _Key | None:
+    """What a USER names: all digits an id, text with `@` an email, anything else a
+    username; each normalised exactly as on write (NFKC, and an email as `create` stores
+    it). None for text that can name nobody (no user's id, email or username is like it)."""
+    if len(ref) > MAX_REF_LENGTH or not _storable(ref):
         return None
-    user_id = int(ref)
-    return user_id if user_id <= MAX_USER_ID else _NO_SUCH_ID
+    text = unicodedata.normalize("NFKC", ref).strip()
+    if not text:
+        return None
+    if text.isascii() and text.isdigit():
+        user_id = int(text)
+        return _Key("id", user_id) if user_id <= MAX_USER_ID else None  # beyond the column: nobody
+    if "@" in text:
+        email = text.lower() if _SIMPLE_EMAIL.fullmatch(text) else _normalized_email(ref)
+        return None if email is None else _Key("email", email)
+    return _Key("username", text)
 
 
-def _email_of(ref: str) -> str | None:
-    """The email a (normalised) USER names; None for text no email can be (a NUL)."""
-    return None if "\x00" in ref else ref.lower()
+def _storable(text: str) -> bool:
+    """False for text no database column can hold: a NUL (PostgreSQL refuses it) or a lone
+    surrogate (what Python makes of bytes that are not UTF-8)."""
+    return "\x00" not in text and not any("\ud800" <= char <= "\udfff" for char in text)
 
 
-def _lookup_clause(ref: str) -> Any:
-    ref = _normalized_ref(ref)
-    user_id = _id_of(ref)
-    if user_id is not None:
-        return User.id == user_id
-    email = _email_of(ref)
-    return false() if email is None else User.email == email
+def _normalized_email(text: str) -> str | None:
+    from usermgr.schemas import normalize_email
+
+    return normalize_email(text)
+
+
+def _column(key: _Key) -> Any:
+    return getattr(User, key.column)
 
 
 def _find(db: Session, ref: str) -> User | None:
-    return db.scalars(select(User).where(_lookup_clause(ref))).first()
+    key = _key_of(ref)
+    if key is None:
+        return None
+    return db.scalars(select(User).where(_column(key) == key.value)).first()
 
 
 def _get(db: Session, ref: str) -> User:
     user = _find(db, ref)
     if user is None:
-        raise NotFound(f"no user matches {ref.strip()!r}: give an email or a numeric id")
+        raise NotFound(f"no user matches {ref.strip()!r}: give an email, a username or a numeric id")
     return user
 
 
 def _resolve_many(db: Session, refs: Sequence[str | None], origin: str) -> list[User]:
-    """The users named by `refs` (emails or ids), in order and without repeats.
+    """The users named by `refs` (emails, usernames or ids), in order and without repeats.
 
     An unknown one is a NotFound naming its position (`line 3` of standard input). A None
     ref (a blank line of input) names no one, and no ref at all changes nothing: an empty
     pipeline is not an error.
     """
-    cleaned = [None if ref is None else _normalized_ref(ref) for ref in refs]
-    named = [ref for ref in cleaned if ref is not None]
-    ids = [user_id for ref in named if (user_id := _id_of(ref))]
-    emails = [email for ref in named if _id_of(ref) is None and (email := _email_of(ref))]
-    by_id: dict[int, User] = {}
-    by_email: dict[str, User] = {}
-    for start in range(0, len(ids), _LOOKUP_CHUNK):
-        for user in db.scalars(select(User).where(User.id.in_(ids[start : start + _LOOKUP_CHUNK]))):
-            by_id[user.id] = user
-    for start in range(0, len(emails), _LOOKUP_CHUNK):
-        for user in db.scalars(select(User).where(User.email.in_(emails[start : start + _LOOKUP_CHUNK]))):
-            by_email[user.email] = user
+    keys = [None if ref is None else _key_of(ref) for ref in refs]
+    wanted: dict[str, list[Any]] = {}
+    for key in keys:
+        if key is not None:
+            wanted.setdefault(key.column, []).append(key.value)
+    found_by: dict[_Key, User] = {}
+    for column, values in wanted.items():
+        for start in range(0, len(values), _LOOKUP_CHUNK):
+            chunk = values[start : start + _LOOKUP_CHUNK]
+            for user in db.scalars(select(User).where(getattr(User, column).in_(chunk))):
+                found_by[_Key(column, getattr(user, column))] = user
     found: dict[int, User] = {}
-    for position, ref in enumerate(cleaned, start=1):
+    for position, (ref, key) in enumerate(zip(refs, keys, strict=True), start=1):
         if ref is None:
             continue  # a blank line of input: no one, and an empty argument is still a mistake
-        user_id = _id_of(ref)
-        user = by_email.get(_email_of(ref) or "") if user_id is None else by_id.get(user_id)
+        user = found_by.get(key) if key is not None else None
         if user is None:
-            raise NotFound(f"no user matches {ref!r} ({origin} {position}); nothing was changed")
+            raise NotFound(f"no user matches {ref.strip()!r} ({origin} {position}); nothing was changed")
         found.setdefault(user.id, user)
     return list(found.values())
 
@@ -185,6 +198,7 @@ class UserFilter:
     role: str | None = None
     admin: bool = False
     active: bool | None = None
+    locked: bool = False
     search: str | None = None
     limit: int | None = None
     offset: int = 0
@@ -215,6 +229,8 @@ def _filtered(statement: Any, filters: UserFilter) -> Any:
         statement = statement.where(_has_role(ADMIN_ROLE))
     if filters.active is not None:
         statement = statement.where(User.is_active.is_(filters.active))
+    if filters.locked:
+        statement = statement.where(User.locked_until > utcnow())
     if filters.search:
         text = filters.search
         statement = statement.where(
@@ -231,6 +247,17 @@ def _filtered(statement: Any, filters: UserFilter) -> Any:
     return statement
 
 
+MAX_SEARCH_LENGTH = max(User.email.type.length, User.username.type.length, User.full_name.type.length)
+"""Longer text is in no field, so a search for it is a mistake (and too long for SQLite's LIKE)."""
+
+
+def _check_search(text: str) -> None:
+    if len(text) > MAX_SEARCH_LENGTH:
+        raise InvalidInput(f"search text too long: use at most {MAX_SEARCH_LENGTH} characters")
+    if not _storable(text):
+        raise InvalidInput("search text must not contain a NUL character or bytes that are not UTF-8")
+
+
 def iter_user_records(
     db: Session, filters: UserFilter = UserFilter(), *, with_hashes: bool = False
 ) -> Iterator[dict[str, Any]]:
@@ -239,20 +266,11 @@ def iter_user_records(
         raise InvalidInput("limit and offset must not be negative")
     if filters.role is not None:
         _validated_role(filters.role)
-    if filters.search is not None and "\x00" in filters.search:
-        raise InvalidInput("search text must not contain a NUL character")
+    if filters.search is not None:
+        _check_search(filters.search)
     if filters.offset > MAX_ROW_COUNT or (filters.limit or 0) > MAX_ROW_COUNT:
         raise InvalidInput(f"limit and offset must be at most {MAX_ROW_COUNT}")
-    columns = [
-        User.id,
-        User.email,
-        User.username,
-        User.full_name,
-        User.is_active,
-        _roles_column(),
-        User.created_at,
-        User.last_login_at,
-    ]
+    columns = [_roles_column() if name == "roles" else getattr(User, name) for name in USER_FIELDS]
     if with_hashes:
         columns.append(User.hashed_password)
     statement = _filtered(select(*columns).order_by(User.id), filters)
@@ -308,6 +326,52 @@ def _keeping_an_admin(db: Session) -> Iterator[None]:
     db.flush()
     if before and not _active_admin_count(db):
         raise Conflict("refused: this would remove the last active admin; grant admin to another user first")
+
+
+# ---- which changes end a user's tokens ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Access:
+    """What a user's tokens vouch for: who they are, how they prove it, and what they may do."""
+
+    email: str
+    hashed_password: str | None
+    is_active: bool
+    roles: frozenset[str]
+
+
+def access_of(user: User) -> Access:
+    return Access(
+        email=user.email,
+        hashed_password=user.hashed_password,
+        is_active=user.is_active,
+        roles=frozenset(user.role_names),
+    )
+
+
+def revokes_tokens(before: Access, after: Access) -> bool:
+    """The one rule for every path (commands, import, the API): a user's earlier tokens end
+    when their password is set, when they are disabled, when they lose a role (a token
+    names its roles) or when their email changes (a token names its email). Enabling
+    again, gaining a role or other profile changes revoke nothing; a revoked token never
+    comes back."""
+    return (
+        after.hashed_password != before.hashed_password
+        or (before.is_active and not after.is_active)
+        or bool(before.roles - after.roles)
+        or after.email != before.email
+    )
+
+
+@contextmanager
+def _revoking_tokens_on_change(users: Sequence[User]) -> Iterator[None]:
+    """Apply `revokes_tokens` to the changes made to `users` inside the block."""
+    before = {user.id: access_of(user) for user in users}
+    yield
+    for user in users:
+        if revokes_tokens(before[user.id], access_of(user)):
+            user.token_version += 1
 
 
 # ---- creating and changing users ------------------------------------------------------
@@ -375,8 +439,9 @@ def update_user(db: Session, ref: str, changes: UserUpdate) -> User:
         user = _get(db, ref)
         values = changes.model_dump(include=changes.model_fields_set)
         _ensure_unique(db, values.get("email"), values.get("username"), except_id=user.id)
-        for name, value in values.items():
-            setattr(user, name, value)
+        with _revoking_tokens_on_change([user]):
+            for name, value in values.items():
+                setattr(user, name, value)
         db.flush()
     return user
 
@@ -389,8 +454,8 @@ def set_password(db: Session, settings: Settings, ref: str, password: str) -> Us
     hashed = security.hash_password(_checked(validate_password, password), settings.hash_profile)
     with _writing(db):
         user = _get(db, ref)
-        user.hashed_password = hashed
-        user.token_version += 1
+        with _revoking_tokens_on_change([user]):
+            user.hashed_password = hashed
     return user
 
 
@@ -398,11 +463,9 @@ def set_active(db: Session, refs: Sequence[str | None], active: bool, origin: st
     """Enable or disable users; disabling ends their tokens. A lock is left as it is."""
     with _writing(db), _keeping_an_admin(db):
         users = _resolve_many(db, refs, origin)
-        for user in users:
-            if user.is_active != active:
+        with _revoking_tokens_on_change(users):
+            for user in users:
                 user.is_active = active
-                if not active:
-                    user.token_version += 1
     return users
 
 
@@ -435,14 +498,15 @@ def grant_role(db: Session, refs: Sequence[str | None], role_name: str, origin: 
 
 
 def revoke_role(db: Session, refs: Sequence[str | None], role_name: str, origin: str = "argument") -> list[User]:
-    """Take a role away; a user without it is left as it is."""
+    """Take a role away, ending the tokens that name it; a user without it is left as it is."""
     name = _validated_role(role_name)
     with _writing(db), _keeping_an_admin(db):
         users = _resolve_many(db, refs, origin)
         role = _role(db, name, create=False)
-        for user in users:
-            if role is not None and role in user.roles:
-                user.roles.remove(role)
+        with _revoking_tokens_on_change(users):
+            for user in users:
+                if role is not None and role in user.roles:
+                    user.roles.remove(role)
     return users
 
 
@@ -544,7 +608,7 @@ def login(db: Session, settings: Settings, ref: str, password: str, ttl: int | N
     return tokens.issue_token(
         settings,
         key=key,
-        user_id=user.id,
+        subject=user.uid,
         email=user.email,
         roles=user.role_names,
         token_version=user.token_version,
@@ -563,13 +627,16 @@ def revoke_tokens(db: Session, refs: Sequence[str | None], origin: str = "argume
 
 def check_token_holder(db: Session, claims: dict[str, Any], required_role: str | None = None) -> User:
     """The token's user, if it still exists, is enabled, is not locked, has not revoked
-    the token and (when asked) still holds the role."""
+    the token and (when asked) still holds the role.
+
+    The holder is found by `sub`, the user's `uid`: never reused, so a deleted user's token
+    can never pass as whoever is created next, here or in another database.
+    """
     from usermgr.tokens import VERSION_CLAIM
 
-    subject = str(claims.get("sub", ""))
+    subject = claims.get("sub")
     with _reading(db):
-        user_id = _id_of(subject)
-        user = db.get(User, user_id) if user_id else None
+        user = db.scalars(select(User).where(User.uid == subject)).first() if _is_uid(subject) else None
     if user is None:
         raise TokenInvalid("token invalid: the user no longer exists")
     if not user.is_active:
@@ -583,9 +650,20 @@ def check_token_holder(db: Session, claims: dict[str, Any], required_role: str |
     return user
 
 
+def _is_uid(value: Any) -> bool:
+    """True for a UUID in its canonical text form, as `uid` stores it."""
+    if not isinstance(value, str) or len(value) != UID_LENGTH:
+        return False
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
 # ---- bulk import ------------------------------------------------------------------------
 
 MAX_REPORTED_ROW_ERRORS = 20
+SpooledRow = dict[str, Any]
 _IMPORT_CHUNK = 1000
 ON_CONFLICT = ("error", "skip", "update")
 
@@ -600,9 +678,9 @@ class ImportPlan:
     passwords: dict[int, str] = field(default_factory=dict, repr=False)
     hashes: dict[int, str] = field(default_factory=dict, repr=False)
     _chunks: int = 0
-    _pending: list[tuple[Any, ...]] = field(default_factory=list, repr=False)
+    _pending: list[SpooledRow] = field(default_factory=list, repr=False)
 
-    def add(self, row: tuple[Any, ...]) -> None:
+    def add(self, row: SpooledRow) -> None:
         self._pending.append(row)
         self.rows += 1
         if len(self._pending) == _IMPORT_CHUNK:
@@ -617,7 +695,7 @@ class ImportPlan:
             self._chunks += 1
             self._pending = []
 
-    def chunks(self) -> Iterator[list[tuple[Any, ...]]]:
+    def chunks(self) -> Iterator[list[SpooledRow]]:
         """The spooled rows, a chunk of up to a thousand at a time, in input order."""
         self._spool_pending()
         self.spool.seek(0)
@@ -637,18 +715,20 @@ class ImportResult:
     skipped: int = 0
 
 
-def _spooled_row(line: int, row: ImportRow) -> tuple[Any, ...]:
-    return (
-        line,
-        row.email,
-        row.username,
-        row.full_name,
-        tuple(sorted(set(row.roles))),
-        row.is_active,
-        row.hashed_password,
-        row.created_at.isoformat() if row.created_at else None,
-        row.last_login_at.isoformat() if row.last_login_at else None,
-    )
+def _spooled_row(line: int, row: ImportRow) -> dict[str, Any]:
+    """A valid row as it waits in the spool: plain values that marshal can write."""
+    return {
+        "line": line,
+        "uid": row.uid,
+        "email": row.email,
+        "username": row.username,
+        "full_name": row.full_name,
+        "roles": sorted(set(row.roles)),
+        "is_active": row.is_active,
+        "hashed_password": row.hashed_password,
+        "created_at": row.created_at.isoformat() if row.created_at else None,
+        "last_login_at": row.last_login_at.isoformat() if row.last_login_at else None,
+    }
 
 
 def plan_import(rows: Iterable[Any]) -> ImportPlan:
@@ -756,23 +836,24 @@ def apply_import(db: Session, plan: ImportPlan, *, on_conflict: str = "error", d
 def _import_chunk(
     db: Session,
     plan: ImportPlan,
-    chunk: list[tuple[Any, ...]],
+    chunk: list[SpooledRow],
     role_ids: _RoleIds,
     on_conflict: str,
     result: ImportResult,
 ) -> None:
-    emails = [row[1] for row in chunk]
+    emails = [row["email"] for row in chunk]
     existing: dict[str, int | None] = dict(db.execute(select(User.email, User.id).where(User.email.in_(emails))).all())
-    pending: list[tuple[Any, ...]] = []
+    _check_uids(db, chunk)
+    pending: list[SpooledRow] = []
 
     def insert_pending() -> None:
         for row, user_id in zip(pending, _insert_rows(db, plan, pending, role_ids), strict=True):
-            existing[row[1]] = user_id
+            existing[row["email"]] = user_id
         result.created += len(pending)
         pending.clear()
 
     for row in chunk:
-        line, email = row[0], row[1]
+        line, email = row["line"], row["email"]
         if email not in existing:
             existing[email] = None  # to be inserted; a later row with this email conflicts with it
             pending.append(row)
@@ -789,44 +870,91 @@ def _import_chunk(
         insert_pending()
 
 
-def _user_values(plan: ImportPlan, row: tuple[Any, ...]) -> dict[str, Any]:
-    line, email, username, full_name, _roles, is_active, hashed, created_at, last_login_at = row
-    values = {"email": email, "username": username, "full_name": full_name, "is_active": is_active}
-    values["hashed_password"] = plan.hashes.get(line, hashed)
-    values["last_login_at"] = datetime.fromisoformat(last_login_at) if last_login_at else None
-    if created_at:
-        values["created_at"] = datetime.fromisoformat(created_at)
+def _check_uids(db: Session, chunk: list[SpooledRow]) -> None:
+    """A row's uid may only be its own user's: one that names a user with another email
+    (in the database or earlier in the input) is a Conflict, so an import never hands
+    one person's identity, and with it their tokens, to another."""
+    uids = {row["uid"]: row for row in chunk if row["uid"] is not None}
+    owners = dict(db.execute(select(User.uid, User.email).where(User.uid.in_(list(uids)))).all()) if uids else {}
+    seen: dict[str, str] = {}
+    for row in chunk:
+        uid = row["uid"]
+        if uid is None:
+            continue
+        owner = owners.get(uid) or seen.get(uid)
+        if owner is not None and owner != row["email"]:
+            raise Conflict(f"line {row['line']}: uid {uid} already belongs to another user; nothing was imported")
+        seen[uid] = row["email"]
+
+
+def _user_values(plan: ImportPlan, row: SpooledRow) -> dict[str, Any]:
+    values = {name: row[name] for name in ("email", "username", "full_name", "is_active")}
+    values["hashed_password"] = plan.hashes.get(row["line"], row["hashed_password"])
+    values["last_login_at"] = datetime.fromisoformat(row["last_login_at"]) if row["last_login_at"] else None
+    if row["created_at"]:
+        values["created_at"] = datetime.fromisoformat(row["created_at"])
     return values
 
 
-def _insert_rows(db: Session, plan: ImportPlan, rows: list[tuple[Any, ...]], role_ids: _RoleIds) -> list[int]:
+def _insert_rows(db: Session, plan: ImportPlan, rows: list[SpooledRow], role_ids: _RoleIds) -> list[int]:
     now = utcnow()
     values = [
-        {"created_at": now, "updated_at": now, "failed_logins": 0, "token_version": 0, **_user_values(plan, row)}
+        {
+            "created_at": now,
+            "updated_at": now,
+            "failed_logins": 0,
+            "token_version": 0,
+            "uid": row["uid"] or new_uid(),
+            **_user_values(plan, row),
+        }
         for row in rows
     ]
     # One executemany, then the ids by email: RETURNING in parameter order would make
     # SQLAlchemy insert row by row on SQLite, which cannot promise that order.
     db.execute(insert(User.__table__), values)
-    emails = [row[1] for row in rows]
+    emails = [row["email"] for row in rows]
     ids = dict(db.execute(select(User.email, User.id).where(User.email.in_(emails))).all())
     inserted = [ids[email] for email in emails]
     links = [
         {"user_id": user_id, "role_id": role_ids(name)}
         for user_id, row in zip(inserted, rows, strict=True)
-        for name in row[4]
+        for name in row["roles"]
     ]
     if links:
         db.execute(insert(user_roles), links)
     return inserted
 
 
-def _update_from_row(db: Session, plan: ImportPlan, user_id: int, row: tuple[Any, ...], role_ids: _RoleIds) -> None:
+def _update_from_row(db: Session, plan: ImportPlan, user_id: int, row: SpooledRow, role_ids: _RoleIds) -> None:
+    """Make an existing user match the row (a row naming another uid is a Conflict), revoking the
+    user's tokens where the change calls for it, exactly as the single-user commands do."""
+    uid = db.scalar(select(User.uid).where(User.id == user_id))
+    if row["uid"] is not None and row["uid"] != uid:
+        raise Conflict(f"line {row['line']}: {row['email']} is uid {uid} here, not {row['uid']}; nothing was imported")
     values = _user_values(plan, row)
     if values["hashed_password"] is None:
         del values["hashed_password"]  # a row without a secret keeps the user's password
     values.pop("created_at", None)
+    before = _access_of_row(db, user_id)
+    after = Access(
+        email=values["email"],
+        hashed_password=values.get("hashed_password", before.hashed_password),
+        is_active=values["is_active"],
+        roles=frozenset(row["roles"]),
+    )
+    if revokes_tokens(before, after):
+        values["token_version"] = User.__table__.c.token_version + 1
     db.execute(update(User.__table__).where(User.__table__.c.id == user_id).values(updated_at=utcnow(), **values))
     db.execute(delete(user_roles).where(user_roles.c.user_id == user_id))
-    if row[4]:
-        db.execute(insert(user_roles), [{"user_id": user_id, "role_id": role_ids(name)} for name in row[4]])
+    if row["roles"]:
+        db.execute(insert(user_roles), [{"user_id": user_id, "role_id": role_ids(name)} for name in row["roles"]])
+
+
+def _access_of_row(db: Session, user_id: int) -> Access:
+    email, hashed, active = db.execute(
+        select(User.email, User.hashed_password, User.is_active).where(User.id == user_id)
+    ).one()
+    names = db.scalars(
+        select(Role.name).join(user_roles, user_roles.c.role_id == Role.id).where(user_roles.c.user_id == user_id)
+    )
+    return Access(email=email, hashed_password=hashed, is_active=active, roles=frozenset(names))

@@ -161,19 +161,20 @@ def _load_pem(material: bytes, *, private: bool, source: str) -> Any:
 def issue_token(
     settings: Settings,
     *,
-    user_id: int,
+    subject: str,
     email: str,
     roles: list[str],
     token_version: int,
     ttl: int,
     key: Any = None,
 ) -> str:
-    """A signed access token. `key` defaults to `signing_key(settings)`; a caller that must
-    not record anything with an unusable key loads it first and passes it in."""
+    """A signed access token for the user whose `uid` is `subject`. `key` defaults to
+    `signing_key(settings)`; a caller that must not record anything with an unusable key
+    loads it first and passes it in."""
     now = int(time.time())
     claims: dict[str, Any] = {
         "iss": settings.token_issuer,
-        "sub": str(user_id),
+        "sub": subject,
         "email": email,
         "roles": roles,
         "iat": now,

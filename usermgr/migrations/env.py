@@ -8,12 +8,22 @@ from usermgr.database import WRITE, Base
 engine = context.config.attributes["engine"]
 
 with engine.connect() as connection:
-    connection = connection.execution_options(**WRITE)
-    context.configure(
-        connection=connection,
-        target_metadata=Base.metadata,
-        render_as_batch=connection.dialect.name == "sqlite",
-    )
-    with context.begin_transaction():
-        context.run_migrations()
-    connection.commit()
+    sqlite = connection.dialect.name == "sqlite"
+    if sqlite:
+        # A table rebuild (batch mode) drops the old table: with foreign keys on, that would
+        # cascade to user_roles. The pragma only takes effect outside a transaction, so it is
+        # set on the driver's connection before SQLAlchemy begins one, and restored after.
+        connection.connection.driver_connection.execute("PRAGMA foreign_keys = OFF")
+    try:
+        connection = connection.execution_options(**WRITE)
+        context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=sqlite)
+        with context.begin_transaction():
+            context.run_migrations()
+            if sqlite:
+                broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                if broken:
+                    raise RuntimeError(f"a migration left {len(broken)} rows whose foreign keys point nowhere")
+        connection.commit()
+    finally:
+        if sqlite:
+            connection.connection.driver_connection.execute("PRAGMA foreign_keys = ON")

@@ -1,0 +1,280 @@
+"""A token names one person forever: the stable `uid`, ids never reused, identities that
+travel with export and import, and revocation on every path that changes what a token
+vouches for (commands, import, the API).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import Runner, run_usermgr, uid_of
+from usermgr import api
+from usermgr.config import Settings
+
+PASSWORD = "correct horse battery"
+
+
+def create(run: Runner, email: str, *extra: str) -> int:
+    result = run("create", "--email", email, "--password-stdin", *extra, "-o", "id", input=PASSWORD + "\n")
+    assert result.exit_code == 0, result.stderr
+    return int(result.stdout)
+
+
+def token_of(run: Runner, ref: str, password: str = PASSWORD) -> str:
+    result = run("login", ref, "--password-stdin", input=password + "\n")
+    assert result.exit_code == 0, result.stderr
+    return result.stdout.strip()
+
+
+def check_db(run: Runner, token: str) -> tuple[int, str]:
+    result = run("verify", token, "--check-db", "-o", "email")
+    return result.exit_code, result.stdout or result.stderr
+
+
+def shown(run: Runner, ref: str) -> dict[str, Any]:
+    result = run("show", ref, "-o", "json")
+    assert result.exit_code == 0, result.stderr
+    record: dict[str, Any] = json.loads(result.stdout)
+    return record
+
+
+# ---- a deleted user's token never passes as the next user ---------------------------------
+
+
+def test_a_deleted_users_token_never_passes_as_the_next_user(run: Runner) -> None:
+    create(run, "admin@example.com", "--admin")
+    carol = create(run, "carol@example.com")
+    token = token_of(run, "carol@example.com")
+    assert run("delete", "carol@example.com", "--yes").exit_code == 0
+    mallory = create(run, "mallory@example.com", "--admin")
+    assert mallory != carol  # ids are never reused, on SQLite too
+    code, message = check_db(run, token)
+    assert (code, message) == (7, "usermgr: error: token invalid: the user no longer exists\n")
+
+
+def test_every_user_gets_a_distinct_canonical_uid(run: Runner) -> None:
+    uids = [uid_of(run, str(create(run, f"user{n}@example.com"))) for n in range(3)]
+    assert len(set(uids)) == 3
+    for uid in uids:
+        assert len(uid) == 36 and uid == uid.lower() and uid[14] == "4"  # a version-4 UUID
+
+
+def test_ids_are_not_reused_after_deleting_the_newest_user(run: Runner) -> None:
+    first = create(run, "first@example.com")
+    second = create(run, "second@example.com")
+    assert run("delete", str(second), "--yes").exit_code == 0
+    assert create(run, "third@example.com") > second > first
+
+
+# ---- identities travel with export and import, across databases ---------------------------
+
+
+def _sqlite_url(tmp_path: Path, name: str) -> str:
+    url = f"sqlite:///{tmp_path / name}"
+    assert run_usermgr("--db", url, "init", env={}).returncode == 0
+    return url
+
+
+@pytest.mark.parametrize("direction", ["there", "back"])
+def test_a_moved_users_token_works_and_nobody_elses_does(
+    env: dict[str, str], db_url: str, tmp_path: Path, backend: str, direction: str
+) -> None:
+    """export --with-hashes | import between the backend's database and another SQLite file."""
+    if backend == "sqlite" and direction == "back":
+        pytest.skip("one SQLite-to-SQLite move is enough")
+    other = _sqlite_url(tmp_path, "other.db")
+    source, target = (db_url, other) if direction == "there" else (other, db_url)
+    key = {"USERMGR_KEY_FILE": env["USERMGR_KEY_FILE"], "USERMGR_HASH_PROFILE": "test"}
+    source_run, target_run = (
+        Runner({**key, "USERMGR_DATABASE_URL": source}),
+        Runner({**key, "USERMGR_DATABASE_URL": target}),
+    )
+    # The target already has someone at id 1; the mover is id 1 in the source.
+    create(target_run, "resident@example.com", "--admin")
+    create(source_run, "mover@example.com", "--admin")
+    mover_token = token_of(source_run, "mover@example.com")
+    resident_token = token_of(target_run, "resident@example.com")
+    exported = source_run("export", "--with-hashes", "-o", "jsonl")
+    assert exported.exit_code == 0, exported.stderr
+    imported = target_run("import", "-", "--format", "jsonl", input=exported.stdout)
+    assert imported.exit_code == 0, imported.stderr
+    assert uid_of(target_run, "mover@example.com") == uid_of(source_run, "mover@example.com")
+    assert check_db(target_run, mover_token) == (0, "mover@example.com\n")
+    assert check_db(target_run, resident_token) == (0, "resident@example.com\n")
+    assert check_db(source_run, resident_token)[0] == 7  # the resident never lived in the source
+
+
+def test_import_refuses_a_uid_that_belongs_to_someone_else(run: Runner) -> None:
+    create(run, "ada@example.com")
+    ada_uid = uid_of(run, "ada@example.com")
+    rows = json.dumps({"email": "eve@example.com", "uid": ada_uid}) + "\n"
+    result = run("import", "-", "--format", "jsonl", input=rows)
+    assert result.exit_code == 5
+    assert (
+        result.stderr
+        == f"usermgr: error: line 1: uid {ada_uid} already belongs to another user; nothing was imported\n"
+    )
+    assert run("show", "eve@example.com").exit_code == 4
+
+
+def test_import_refuses_one_uid_for_two_rows(run: Runner) -> None:
+    uid = "6f1c0de4-6d0b-4f7e-9a55-0d6f5a1b7c3e"
+    rows = "".join(json.dumps({"email": f"{name}@example.com", "uid": uid}) + "\n" for name in ("ann", "ben"))
+    result = run("import", "-", "--format", "jsonl", input=rows)
+    assert (result.exit_code, run("list", "-o", "email").stdout) == (5, "")
+
+
+@pytest.mark.parametrize(
+    "uid", ["not-a-uuid", "6F1C0DE4-6D0B-4F7E-9A55-0D6F5A1B7C3E", "6f1c0de46d0b4f7e9a550d6f5a1b7c3e", "1"]
+)
+def test_import_refuses_a_malformed_uid(run: Runner, uid: str) -> None:
+    result = run("import", "-", "--format", "jsonl", input=json.dumps({"email": "ann@example.com", "uid": uid}) + "\n")
+    assert result.exit_code == 3
+    assert "line 1: uid: invalid uid" in result.stderr
+    assert run("list", "-o", "email").stdout == ""
+
+
+def test_update_from_import_never_changes_a_users_uid(run: Runner) -> None:
+    create(run, "ada@example.com")
+    uid = uid_of(run, "ada@example.com")
+    other = "6f1c0de4-6d0b-4f7e-9a55-0d6f5a1b7c3e"
+    rows = json.dumps({"email": "ada@example.com", "uid": other, "full_name": "Eve"}) + "\n"
+    result = run("import", "-", "--format", "jsonl", "--on-conflict", "update", input=rows)
+    assert result.exit_code == 5
+    assert result.stderr == (
+        f"usermgr: error: line 1: ada@example.com is uid {uid} here, not {other}; nothing was imported\n"
+    )
+    assert (uid_of(run, "ada@example.com"), shown(run, "ada@example.com")["full_name"]) == (uid, None)
+    same = json.dumps({"email": "ada@example.com", "uid": uid, "full_name": "Ada"}) + "\n"
+    assert run("import", "-", "--format", "jsonl", "--on-conflict", "update", input=same).exit_code == 0
+
+
+# ---- the migration gives existing users an identity -----------------------------------------
+
+
+def test_the_migration_gives_every_existing_user_a_uid_and_keeps_role_links(tmp_path: Path) -> None:
+    from usermgr import database, migrations
+
+    path = tmp_path / "old.db"
+    engine = database.make_engine(f"sqlite:///{path}")
+    migrations.upgrade(engine, "0001")
+    with sqlite3.connect(path) as connection:
+        for n in (1, 2, 3):
+            connection.execute(
+                "INSERT INTO users (id, email, is_active, created_at, updated_at, failed_logins, token_version)"
+                " VALUES (?, ?, 1, '2024-01-01 00:00:00', '2024-01-01 00:00:00', 0, 0)",
+                (n, f"u{n}@example.com"),
+            )
+        connection.execute("INSERT INTO user_roles (user_id, role_id) VALUES (3, 1)")
+    migrations.upgrade(engine)
+    engine.dispose()
+    with sqlite3.connect(path) as connection:
+        uids = [row[0] for row in connection.execute("SELECT uid FROM users ORDER BY id")]
+        links = connection.execute("SELECT user_id, role_id FROM user_roles").fetchall()
+    assert len(set(uids)) == 3 and all(len(uid) == 36 and uid[14] == "4" for uid in uids)
+    assert links == [(3, 1)]  # the table rebuild did not cascade
+    env = {"USERMGR_DATABASE_URL": f"sqlite:///{path}", "USERMGR_SECRET_KEY": "k" * 40}
+    assert run_usermgr("delete", "3", "--yes", env=env).returncode == 5  # the last admin, still linked
+    assert run_usermgr("create", "--email", "new@example.com", "--no-password", "-o", "id", env=env).stdout == "4\n"
+
+
+# ---- revocation on every path: import and the API -------------------------------------------
+
+ROW = {"email": "ada@example.com", "roles": ["beta"], "is_active": True}
+IMPORT_CHANGES: dict[str, tuple[dict[str, Any], bool]] = {
+    "a new plaintext password": ({"password": "another long password"}, True),
+    "a new hash": ({"hashed_password": "$2b$12$" + "a" * 53}, True),
+    "disabled": ({"is_active": False}, True),
+    "a role lost": ({"roles": []}, True),
+    "no password and nothing else": ({}, False),
+    "a new full name": ({"full_name": "Ada King"}, False),
+    "a role gained": ({"roles": ["beta", "gamma"]}, False),
+}
+
+
+@pytest.mark.parametrize("case", IMPORT_CHANGES, ids=list(IMPORT_CHANGES))
+def test_import_update_revokes_exactly_as_the_commands_do(run: Runner, case: str) -> None:
+    change, revokes = IMPORT_CHANGES[case]
+    create(run, "ada@example.com", "--role", "beta")
+    token = token_of(run, "ada@example.com")
+    row = json.dumps({**ROW, **change}) + "\n"
+    result = run("import", "-", "--format", "jsonl", "--on-conflict", "update", input=row)
+    assert result.exit_code == 0, result.stderr
+    assert check_db(run, token)[0] == (7 if revokes else 0)
+    if "password" not in change and "hashed_password" not in change:
+        assert token_of(run, "ada@example.com") if change.get("is_active", True) else True  # password kept
+
+
+def test_import_reenabling_does_not_revive_tokens(run: Runner) -> None:
+    create(run, "ada@example.com", "--role", "beta")
+    token = token_of(run, "ada@example.com")
+    for active in (False, True):
+        row = json.dumps({**ROW, "is_active": active}) + "\n"
+        assert run("import", "-", "--format", "jsonl", "--on-conflict", "update", input=row).exit_code == 0
+    assert check_db(run, token) == (7, "usermgr: error: token invalid: revoked\n")
+
+
+def test_api_patch_of_the_email_revokes_and_of_the_name_does_not(run: Runner, settings: Settings) -> None:
+    create(run, "admin@example.com", "--admin")
+    ada = create(run, "ada@example.com")
+    with TestClient(api.create_app(settings)) as client:
+        admin_token = client.post("/auth/login", data={"username": "admin@example.com", "password": PASSWORD})
+        headers = {"Authorization": f"Bearer {admin_token.json()['access_token']}"}
+        token = token_of(run, "ada@example.com")
+        assert client.patch(f"/users/{ada}", json={"full_name": "Ada King"}, headers=headers).status_code == 200
+        assert check_db(run, token)[0] == 0
+        assert client.patch(f"/users/{ada}", json={"email": "ada@new.example"}, headers=headers).status_code == 200
+        assert check_db(run, token) == (7, "usermgr: error: token invalid: revoked\n")
+        assert client.get("/users/me", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+
+
+# ---- locked_until in the record, and list --locked ----------------------------------------
+
+
+def test_show_list_and_the_api_say_whether_an_account_is_locked(run: Runner, settings: Settings) -> None:
+    create(run, "ada@example.com")
+    create(run, "bob@example.com")
+    assert shown(run, "ada@example.com")["locked_until"] is None
+    for _ in range(settings.lockout_threshold):
+        assert run("login", "ada@example.com", "--password-stdin", input="wrong password\n").exit_code == 6
+    locked_until = shown(run, "ada@example.com")["locked_until"]
+    assert locked_until is not None and locked_until.endswith("+00:00")
+    assert run("list", "--locked", "-o", "email").stdout == "ada@example.com\n"
+    assert run("list", "-o", "email").stdout == "ada@example.com\nbob@example.com\n"
+    with TestClient(api.create_app(settings)) as client:
+        create(run, "admin@example.com", "--admin")
+        login = client.post("/auth/login", data={"username": "admin@example.com", "password": PASSWORD})
+        headers = {"Authorization": f"Bearer {login.json()['access_token']}"}
+        users = client.get("/users", headers=headers).json()
+        assert [user["locked_until"] is not None for user in users] == [True, False, False]
+    assert run("unlock", "ada@example.com").exit_code == 0
+    assert run("list", "--locked", "-o", "email").stdout == ""
+
+
+# ---- USER: id, email or username; and what can name nobody ----------------------------------
+
+
+def test_a_user_is_found_by_id_email_and_username(run: Runner) -> None:
+    ada = create(run, "ada@example.com", "--username", "ada.l")
+    for ref in (str(ada), "ADA@example.com", "ada.l", " ada.l "):
+        assert shown(run, ref)["id"] == ada
+    assert run("show", "ADA.L").exit_code == 4  # usernames are exact, as stored
+
+
+def test_an_all_digit_username_is_refused(run: Runner) -> None:
+    result = run("create", "--email", "ada@example.com", "--username", "12345", "--no-password")
+    assert result.exit_code == 3
+    assert "must not be all digits" in result.stderr
+
+
+@pytest.mark.parametrize("length", [321, 100_000])
+def test_a_search_longer_than_any_field_is_invalid_input(run: Runner, length: int) -> None:
+    result = run("list", "--search", "a" * length)
+    assert result.exit_code == 3
+    assert result.stderr == "usermgr: error: search text too long: use at most 320 characters\n"
