@@ -84,7 +84,9 @@ def mint_tokens(path: Path, count: int, database: Path) -> Path:
     settings = load_settings(database_url=str(database))
     with path.open("w", encoding="ascii") as handle:
         for n in range(1, count + 1):
-            token = issue_token(settings, subject=str(uuid.UUID(int=n)), email=email(n), roles=roles(n), token_version=0, ttl=3600)
+            token = issue_token(
+                settings, subject=str(uuid.UUID(int=n)), email=email(n), roles=roles(n), token_version=0, ttl=3600
+            )
             handle.write(token + "\n")
     return path
 

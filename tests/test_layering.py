@@ -78,7 +78,14 @@ def test_offline_verify_loads_neither_sqlalchemy_nor_pydantic(tmp_path: Path) ->
     key_file = tmp_path / "usermgr.key"
     tokens.create_key_file(key_file, "HS256")
     settings = load_settings(database_url=str(tmp_path / "absent.db"), key_file=str(key_file))
-    token = tokens.issue_token(settings, subject="6f1c0de4-6d0b-4f7e-9a55-0d6f5a1b7c3e", email="ada@example.com", roles=["admin"], token_version=0, ttl=60)
+    token = tokens.issue_token(
+        settings,
+        subject="6f1c0de4-6d0b-4f7e-9a55-0d6f5a1b7c3e",
+        email="ada@example.com",
+        roles=["admin"],
+        token_version=0,
+        ttl=60,
+    )
     code = f"""
 from usermgr.cli import main
 try:

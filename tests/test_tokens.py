@@ -310,7 +310,9 @@ def stream(offline: Runner, lines: list[str], *args: str) -> tuple[Result, list[
 
 def test_stream_of_valid_tokens(offline: Runner, hs_settings: Settings) -> None:
     emails = ["ada@example.com", "bob@example.com", "cy@example.com"]
-    result, rows = stream(offline, [issue(hs_settings, subject=uid_number(n), email=e) for n, e in enumerate(emails, 1)])
+    result, rows = stream(
+        offline, [issue(hs_settings, subject=uid_number(n), email=e) for n, e in enumerate(emails, 1)]
+    )
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""
     assert [set(row) for row in rows] == [{"valid", "reason", "claims"}] * 3
