@@ -113,6 +113,24 @@ HashedPassword = Annotated[str, AfterValidator(_check_hash)]
 Uid = Annotated[str, AfterValidator(_check_uid)]
 
 
+def latin_lookalike(email: str) -> str | None:
+    """The all-Latin email that `email` can be mistaken for, when it has letters from
+    another script that look like Latin ones (Unicode's confusables data, through
+    confusable-homoglyphs); None for an email with nothing to mistake."""
+    if email.isascii():
+        return None
+    from confusable_homoglyphs import confusables
+
+    found = confusables.is_confusable(email, greedy=True, preferred_aliases=["latin"]) or []
+    replacements = {
+        item["character"]: latin[0]["c"]
+        for item in found
+        if (latin := [glyph for glyph in item["homoglyphs"] if glyph["n"].startswith("LATIN") or glyph["c"].isascii()])
+    }
+    lookalike = "".join(replacements.get(char, char) for char in email).lower()
+    return lookalike if lookalike != email else None
+
+
 _EMAIL: TypeAdapter[str] | None = None
 
 

@@ -382,10 +382,25 @@ def _ensure_unique(db: Session, email: str | None, username: str | None, except_
         other = db.scalar(select(User.id).where(User.email == email))
         if other is not None and other != except_id:
             raise Conflict(f"a user with email {email!r} already exists")
+        _refuse_lookalike(db, email)
     if username is not None:
         other = db.scalar(select(User.id).where(User.username == username))
         if other is not None and other != except_id:
             raise Conflict(f"a user with username {username!r} already exists")
+
+
+def _refuse_lookalike(db: Session, email: str, line: int | None = None) -> None:
+    """Refuse an email that reads as an existing user's (`аda@` with a Cyrillic а beside
+    `ada@`): an admin or a mail reader could not tell the two accounts apart."""
+    from usermgr.schemas import latin_lookalike
+
+    lookalike = latin_lookalike(email)
+    if lookalike is not None and db.scalar(select(User.id).where(User.email == lookalike)) is not None:
+        where = f"line {line}: " if line is not None else ""
+        raise Conflict(
+            f"{where}{email!r} looks like the existing user {lookalike!r} (letters from another script); "
+            "use a different email"
+        )
 
 
 def _role_names(roles: Sequence[str], admin: bool) -> list[str]:
@@ -855,6 +870,8 @@ def _import_chunk(
     for row in chunk:
         line, email = row["line"], row["email"]
         if email not in existing:
+            if not email.isascii():
+                _refuse_lookalike(db, email, line)
             existing[email] = None  # to be inserted; a later row with this email conflicts with it
             pending.append(row)
         elif on_conflict == "error":
