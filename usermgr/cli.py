@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -173,7 +173,16 @@ def read_user_refs(values: Sequence[str]) -> tuple[list[str | None], str]:
         return list(values), "argument"
     if len(values) > 1:
         raise click.UsageError("`-` reads users from standard input and cannot be mixed with other users")
-    return [line.strip() or None for line in sys.stdin], "line"
+    return [line.strip() or None for line in stdin_lines()], "line"
+
+
+def stdin_lines() -> Iterator[str]:
+    """Standard input's lines as they come. Bytes that are not UTF-8 are kept as lone
+    surrogates, which match no user and no token: such a line gets its own answer (not
+    found, malformed) with its line number instead of ending the command."""
+    import io
+
+    return iter(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape"))
 
 
 def stdin_is_terminal() -> bool:
@@ -183,10 +192,14 @@ def stdin_is_terminal() -> bool:
 def read_password(from_stdin: bool, *, confirm: bool, command: str) -> str:
     """A password from a hidden prompt on a terminal, or from standard input's first line."""
     if from_stdin:
-        line = sys.stdin.readline()
+        line = sys.stdin.buffer.readline()
         if not line:
             raise errors.InvalidInput("no password on standard input")
-        return line.removesuffix("\n").removesuffix("\r")
+        try:
+            return line.decode("utf-8").removesuffix("\n").removesuffix("\r")
+        except UnicodeDecodeError:
+            # Said before any user is looked up: the same answer for a known and an unknown one.
+            raise errors.InvalidInput("the password on standard input is not UTF-8 text") from None
     if not stdin_is_terminal():
         raise click.UsageError(
             f"no terminal to ask for the password on: pipe it in with `usermgr {command} --password-stdin`"
@@ -634,7 +647,7 @@ def verify(
         raise click.UsageError("`-` reads tokens from standard input and cannot be mixed with other tokens")
     with TokenChecker(app, role=role, check_db=check_db, public_key=public_key) as checker:
         if tokens == ("-",):
-            code = _verify_stream(checker, (line.rstrip("\r\n") for line in sys.stdin), fmt or "jsonl")
+            code = _verify_stream(checker, (line.rstrip("\r\n") for line in stdin_lines()), fmt or "jsonl")
         else:
             code = _verify_each(checker, tokens, fmt or "table")
     sys.exit(code)
