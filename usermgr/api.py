@@ -278,9 +278,10 @@ def signup(body: SignupRequest, db: DB, settings: Annotated[Settings, Depends(ge
 def login(
     form: Annotated[OAuth2PasswordRequestForm, Depends()], db: DB, settings: Annotated[Settings, Depends(get_settings)]
 ) -> TokenResponse:
-    """`username` is the email. Unknown email, wrong password, disabled or locked: one 401.
-    Failed attempts count toward the same lockout as `usermgr login`."""
-    return TokenResponse(access_token=service.login(db, settings, form.username, form.password))
+    """`username` is the email, never a numeric id (an all-digit one is an unknown user).
+    Unknown email, wrong password, disabled or locked: one 401. Attempts count toward the
+    same lockout as `usermgr login`."""
+    return TokenResponse(access_token=service.login(db, settings, form.username, form.password, email_only=True))
 
 
 # ---- /users ------------------------------------------------------------------------------------

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import IO, TYPE_CHECKING, Any
 
-from sqlalchemy import delete, exists, func, insert, or_, select, update
+from sqlalchemy import bindparam, case, delete, exists, func, insert, null, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from usermgr.config import Settings
 from usermgr.contract import ADMIN_ROLE, USER_FIELDS
-from usermgr.database import WRITE, utcnow
+from usermgr.database import WRITE, UtcDateTime, utcnow
 from usermgr.errors import AuthenticationFailed, Conflict, Forbidden, InvalidInput, NotFound, TokenInvalid
 from usermgr.models import UID_LENGTH, Role, User, new_uid, user_roles
 
@@ -145,9 +145,10 @@ def _column(key: _Key) -> Any:
     return getattr(User, key.column)
 
 
-def _find(db: Session, ref: str) -> User | None:
+def _find(db: Session, ref: str, *, email_only: bool = False) -> User | None:
+    """The user `ref` names; with `email_only`, only when it names them by email."""
     key = _key_of(ref)
-    if key is None:
+    if key is None or (email_only and key.column != "email"):
         return None
     return db.scalars(select(User).where(_column(key) == key.value)).first()
 
@@ -551,37 +552,43 @@ def _is_locked(user: User, now: datetime) -> bool:
     return user.locked_until is not None and user.locked_until > now
 
 
-def authenticate(db: Session, settings: Settings, ref: str, password: str) -> User:
+def _unlocked(now: datetime) -> Any:
+    """The SQL condition "no lock, or an expired one" (`now` bound as a UtcDateTime, so that
+    SQLite's stored strings compare as times)."""
+    return or_(User.locked_until.is_(None), User.locked_until <= now)
+
+
+def authenticate(db: Session, settings: Settings, ref: str, password: str, *, email_only: bool = False) -> User:
     """The user if the password is right and the account may log in; else one error for all.
 
-    The password is checked outside any transaction (it is slow by design); an unknown
-    user is checked against a dummy hash so that it costs the same time.
+    With lockout on, a guess is counted *before* its password is checked (`_reserve_guess`),
+    in one atomic statement that refuses while the account is locked: however many logins
+    arrive at once, through any process, at most `lockout_threshold` guesses are checked per
+    lock period. A right password is then taken only if, atomically, the account is still
+    unlocked (or the lock is the one this very guess set): a lock that other guesses set
+    meanwhile wins. The password is checked outside any transaction (it is slow by design);
+    an unknown or locked user is checked against a dummy hash so that it costs the same time.
+    With `email_only`, a USER that is not an email (an id, a username) is an unknown user.
     """
     from usermgr import security
 
     with _reading(db):
-        user = _find(db, ref) if ref.strip() else None
+        user = _find(db, ref, email_only=email_only)
     candidate = _login_password(password)
     if user is None:
         security.verify_dummy(candidate, settings.hash_profile)
         raise AuthenticationFailed()
-    ok, new_hash = security.verify_password(candidate, user.hashed_password, settings.hash_profile)
-    now = utcnow()
-    locked = _is_locked(user, now)
+    hashed, my_lock = user.hashed_password, None
+    if settings.lockout_threshold:
+        reservation = _reserve_guess(db, settings, user.id, utcnow())
+        if reservation is None:  # locked: the guess is never checked
+            security.verify_dummy(candidate, settings.hash_profile)
+            raise AuthenticationFailed()
+        hashed, my_lock = reservation
+    ok, new_hash = security.verify_password(candidate, hashed, settings.hash_profile)
     if not ok:
-        if not locked:  # guesses during a lock do not extend it, nor start the next one
-            _count_failure(db, settings, user.id, now)
-        raise AuthenticationFailed()
-    if not user.is_active or locked:
-        raise AuthenticationFailed()
-    with _writing(db):
-        user = _get(db, str(user.id))
-        user.failed_logins = 0
-        user.locked_until = None
-        user.last_login_at = now
-        if new_hash is not None:
-            user.hashed_password = new_hash
-    return user
+        raise AuthenticationFailed()  # already counted by the reservation
+    return _take_success(db, user.id, my_lock, new_hash)
 
 
 def _login_password(password: str) -> str:
@@ -590,27 +597,61 @@ def _login_password(password: str) -> str:
     return unicodedata.normalize("NFKC", password)
 
 
-def _count_failure(db: Session, settings: Settings, user_id: int, now: datetime) -> None:
-    """Count a failed login atomically; at the threshold, lock the account for a period."""
-    if not settings.lockout_threshold:
-        return
+def _reserve_guess(
+    db: Session, settings: Settings, user_id: int, now: datetime
+) -> tuple[str | None, datetime | None] | None:
+    """Count one guess before it is checked, in one atomic write; None if the account is locked.
+
+    The T-th guess (T = lockout_threshold) locks the account for lockout_period and restarts
+    the count from zero, so when the lock expires the count starts again. Both CASEs read the
+    old count. PostgreSQL re-checks the WHERE on the row's newest version after waiting for
+    its lock (READ COMMITTED); SQLite's BEGIN IMMEDIATE runs one writer at a time.
+
+    Returns the stored hash (as of this write) and the lock this guess set, if it set one.
+    """
+    reaches = User.failed_logins + 1 >= settings.lockout_threshold
+    lock_end = bindparam("lock_end", now + timedelta(seconds=settings.lockout_period), type_=UtcDateTime())
     with _writing(db):
-        failures = db.scalar(
+        row = db.execute(
             update(User)
-            .where(User.id == user_id)
-            .values(failed_logins=User.failed_logins + 1)
-            .returning(User.failed_logins)
-        )
-        if failures is not None and failures >= settings.lockout_threshold:
-            db.execute(
-                update(User)
-                .where(User.id == user_id)
-                .values(failed_logins=0, locked_until=now + timedelta(seconds=settings.lockout_period))
+            .where(User.id == user_id, _unlocked(now))
+            .values(
+                failed_logins=case((reaches, 0), else_=User.failed_logins + 1),
+                locked_until=case((reaches, lock_end), else_=null()),
             )
+            .returning(User.hashed_password, User.locked_until)
+            .execution_options(synchronize_session=False)
+        ).first()
+    return None if row is None else (row.hashed_password, row.locked_until)
 
 
-def login(db: Session, settings: Settings, ref: str, password: str, ttl: int | None = None) -> str:
-    """Authenticate and mint an access token."""
+def _take_success(db: Session, user_id: int, my_lock: datetime | None, new_hash: str | None) -> User:
+    """Record a right password, atomically: only for an active user that is unlocked, or
+    locked by this guess's own reservation; else AuthenticationFailed. Returns the user as
+    the same transaction left it (roles and token_version for the token)."""
+    now = utcnow()
+    may_enter = _unlocked(now) if my_lock is None else or_(_unlocked(now), User.locked_until == my_lock)
+    values: dict[str, Any] = {"failed_logins": 0, "locked_until": None, "last_login_at": now}
+    if new_hash is not None:
+        values["hashed_password"] = new_hash
+    with _writing(db):
+        taken = db.execute(
+            update(User)
+            .where(User.id == user_id, User.is_active.is_(True), may_enter)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if not taken:
+            raise AuthenticationFailed()
+        return db.scalars(select(User).where(User.id == user_id).execution_options(populate_existing=True)).one()
+
+
+def login(
+    db: Session, settings: Settings, ref: str, password: str, ttl: int | None = None, *, email_only: bool = False
+) -> str:
+    """Authenticate and mint an access token. `email_only`: USER must be an email (the API's
+    rule: an anonymous caller must not lock accounts by counting ids or guessing usernames);
+    anything else is then an unknown user, with the same error and the same cost."""
     from usermgr import tokens
 
     lifetime = settings.token_ttl if ttl is None else ttl
@@ -619,7 +660,7 @@ def login(db: Session, settings: Settings, ref: str, password: str, ttl: int | N
             f"token lifetime {lifetime}s is above the maximum of {settings.token_max_ttl}s (USERMGR_TOKEN_MAX_TTL)"
         )
     key = tokens.signing_key(settings)  # an unusable key fails before the login is recorded
-    user = authenticate(db, settings, ref, password)
+    user = authenticate(db, settings, ref, password, email_only=email_only)
     return tokens.issue_token(
         settings,
         key=key,
