@@ -588,7 +588,7 @@ def authenticate(db: Session, settings: Settings, ref: str, password: str, *, em
     ok, new_hash = security.verify_password(candidate, hashed, settings.hash_profile)
     if not ok:
         raise AuthenticationFailed()  # already counted by the reservation
-    return _take_success(db, user.id, my_lock, new_hash)
+    return _take_success(db, user.id, hashed, my_lock, new_hash)
 
 
 def _login_password(password: str) -> str:
@@ -625,10 +625,13 @@ def _reserve_guess(
     return None if row is None else (row.hashed_password, row.locked_until)
 
 
-def _take_success(db: Session, user_id: int, my_lock: datetime | None, new_hash: str | None) -> User:
+def _take_success(
+    db: Session, user_id: int, checked: str | None, my_lock: datetime | None, new_hash: str | None
+) -> User:
     """Record a right password, atomically: only for an active user that is unlocked, or
-    locked by this guess's own reservation; else AuthenticationFailed. Returns the user as
-    the same transaction left it (roles and token_version for the token)."""
+    locked by this guess's own reservation, and whose hash is still the one `checked` (a
+    password set meanwhile wins, and a rehash never overwrites it); else AuthenticationFailed.
+    Returns the user as the same transaction left it (roles and token_version for the token)."""
     now = utcnow()
     may_enter = _unlocked(now) if my_lock is None else or_(_unlocked(now), User.locked_until == my_lock)
     values: dict[str, Any] = {"failed_logins": 0, "locked_until": None, "last_login_at": now}
@@ -637,7 +640,7 @@ def _take_success(db: Session, user_id: int, my_lock: datetime | None, new_hash:
     with _writing(db):
         taken = db.execute(
             update(User)
-            .where(User.id == user_id, User.is_active.is_(True), may_enter)
+            .where(User.id == user_id, User.is_active.is_(True), User.hashed_password == checked, may_enter)
             .values(**values)
             .execution_options(synchronize_session=False)
         ).rowcount
