@@ -303,6 +303,20 @@ def test_several_tokens_on_the_command_line(offline: Runner, hs_settings: Settin
     assert result.stderr == "usermgr: error: token invalid: malformed\n"
 
 
+@pytest.mark.parametrize("how", ["arguments", "stdin"])
+def test_any_invalid_token_wins_over_a_missing_role_in_any_order(
+    offline: Runner, hs_settings: Settings, how: str
+) -> None:
+    """Exit 7 when any token is invalid, even after one without the role (8) came first."""
+    no_role, bad = issue(hs_settings, roles=["beta"]), "garbage"
+    for tokens in ([no_role, bad], [bad, no_role]):
+        if how == "arguments":
+            result = offline("verify", *tokens, "--role", "admin", "-o", "email")
+        else:
+            result = offline("verify", "-", "--role", "admin", input="".join(t + "\n" for t in tokens))
+        assert result.exit_code == 7, (tokens, result.stderr)
+
+
 def stream(offline: Runner, lines: list[str], *args: str) -> tuple[Result, list[dict[str, Any]]]:
     result = offline("verify", "-", *args, input="".join(line + "\n" for line in lines))
     return result, [json.loads(line) for line in result.stdout.splitlines()]

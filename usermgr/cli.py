@@ -783,7 +783,7 @@ def import_users(app: App, source: str, fmt: str | None, on_conflict: str, dry_r
         with app.session() as db:
             if plan.passwords and not dry_run:
                 _hash_with_progress(plan, app.settings)
-            result = service.apply_import(db, plan, on_conflict=on_conflict, dry_run=dry_run)
+            result = _write_with_progress(db, plan, on_conflict, dry_run)
     finally:
         plan.close()
     prefix = "dry run, nothing written: would have" if dry_run else "imported:"
@@ -814,6 +814,35 @@ def _hash_with_progress(plan: Any, settings: Settings) -> None:
         return
     with click.progressbar(length=count, label="hashing", file=sys.stderr) as bar:
         service.hash_passwords(plan, settings, bar.update)
+
+
+LARGE_IMPORT_ROWS = 10_000
+
+
+def _write_with_progress(db: Session, plan: Any, on_conflict: str, dry_run: bool) -> Any:
+    """Write the import in its one transaction. A progress bar on a terminal; piped, a line
+    at each tenth of a large import, so that a log shows it is alive (nothing is committed
+    before the last)."""
+    from usermgr import service
+
+    def write(progress: Callable[[int], None] | None) -> Any:
+        return service.apply_import(db, plan, on_conflict=on_conflict, dry_run=dry_run, progress=progress)
+
+    if sys.stderr.isatty():
+        with click.progressbar(length=plan.rows, label="writing", file=sys.stderr) as bar:
+            return write(bar.update)
+    if plan.rows < LARGE_IMPORT_ROWS:
+        return write(None)
+    written = 0
+
+    def log_each_tenth(rows: int) -> None:
+        nonlocal written
+        tenth_before = written * 10 // plan.rows
+        written += rows
+        if written * 10 // plan.rows > tenth_before:
+            note(f"writing: {written} of {plan.rows} rows, committed only when all are written")
+
+    return write(log_each_tenth)
 
 
 def _duration(seconds: float) -> str:

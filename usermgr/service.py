@@ -878,17 +878,27 @@ class _RoleIds:
         return self.ids[name]
 
 
-def apply_import(db: Session, plan: ImportPlan, *, on_conflict: str = "error", dry_run: bool = False) -> ImportResult:
+def apply_import(
+    db: Session,
+    plan: ImportPlan,
+    *,
+    on_conflict: str = "error",
+    dry_run: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> ImportResult:
     """Write the plan in one transaction: all of it, or with --dry-run none of it.
 
     An email already in the database (or earlier in the same input) is a Conflict unless
     `on_conflict` is `skip` or `update`; `update` makes the user match the row, roles included.
+    `progress` is told how many rows each chunk held once it is written (not yet committed).
     """
     result = ImportResult()
     with _writing(db, dry_run=dry_run), _keeping_an_admin(db):
         role_ids = _RoleIds(db)
         for chunk in plan.chunks():
             _import_chunk(db, plan, chunk, role_ids, on_conflict, result)
+            if progress is not None:
+                progress(len(chunk))
     return result
 
 
