@@ -53,6 +53,13 @@ def snapshot(run: Runner) -> tuple[str, str]:
     return exported.stdout, roles.stdout
 
 
+def without_locks(state: tuple[str, str]) -> tuple[str, str]:
+    """A snapshot without `locked_until`, which failed logins are meant to set."""
+    users, roles = state
+    lines = [json.loads(line) for line in users.splitlines()]
+    return "".join(json.dumps({k: v for k, v in user.items() if k != "locked_until"}) + "\n" for user in lines), roles
+
+
 @dataclass
 class Seeded:
     """Four users (two admins, one disabled), and a way back to them after a change.
@@ -284,7 +291,8 @@ def test_any_password_bytes_get_the_same_login_answer_for_a_known_and_an_unknown
     assume(password.split(b"\n")[0].removesuffix(b"\r") != PASSWORD.encode())
     known = run("login", "--password-stdin", "ada@example.com", input=password)
     unknown = run("login", "--password-stdin", "nobody@example.com", input=password)
-    assert_clean(known, {INVALID, AUTH_FAILED}, seeded.baseline, snapshot(run), password)
+    # A wrong password is counted toward the lockout: that, and only that, may change.
+    assert_clean(known, {INVALID, AUTH_FAILED}, without_locks(seeded.baseline), without_locks(snapshot(run)), password)
     answers = [(result.exit_code, result.stdout, result.stderr) for result in (known, unknown)]
     assert answers[0] == answers[1], ascii(password)[:200]
 

@@ -124,7 +124,8 @@ def _key_of(ref: str) -> _Key | None:
         user_id = int(text)
         return _Key("id", user_id) if user_id <= MAX_USER_ID else None  # beyond the column: nobody
     if "@" in text:
-        email = text.lower() if _SIMPLE_EMAIL.fullmatch(text) else _normalized_email(ref)
+        simple = _SIMPLE_EMAIL.fullmatch(text) and "xn--" not in text.lower()  # punycode is stored decoded
+        email = text.lower() if simple else _normalized_email(ref)
         return None if email is None else _Key("email", email)
     return _Key("username", text)
 
