@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm
 from pydantic import BaseModel, ConfigDict, Field
@@ -119,12 +120,28 @@ def _database_error_response(request: Request, error: DBAPIError) -> JSONRespons
     return _domain_error_response(request, domain)
 
 
+def _validation_error_response(_request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 with where (`loc`), why (`msg`) and the kind (`type`) of each issue, never what was
+    sent: pydantic's `input` and `ctx` would hand a submitted password straight back."""
+    issues = [
+        {
+            "loc": list(issue["loc"]),
+            "msg": issue["msg"].removeprefix("Value error, "),
+            "type": issue["type"],
+        }
+        for issue in error.errors()
+    ]
+    return JSONResponse({"detail": issues}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
 def install(app: FastAPI, settings: Settings | None = None) -> FastAPI:
     """Prepare `app` for usermgr's routers and dependencies: its settings (None = USERMGR_*
-    variables, read on first use) and the error handlers. Returns `app`."""
+    variables, read on first use) and the error handlers, the 422 one included (it keeps
+    submitted values, a password first, out of every 422 of `app`). Returns `app`."""
     setattr(app.state, _STATE_KEY, _Runtime(settings))
     app.add_exception_handler(errors.UsermgrError, _domain_error_response)
     app.add_exception_handler(DBAPIError, _database_error_response)
+    app.add_exception_handler(RequestValidationError, _validation_error_response)
     return app
 
 
@@ -223,7 +240,9 @@ class ErrorResponse(BaseModel):
 
 
 class ValidationIssue(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """Where, why and what kind: never the submitted value."""
+
+    model_config = ConfigDict(extra="forbid")
 
     loc: list[str | int]
     msg: str
@@ -231,7 +250,7 @@ class ValidationIssue(BaseModel):
 
 
 class InvalidResponse(BaseModel):
-    """422: pydantic's list of issues for a malformed request, or one message from the service."""
+    """422: the issues pydantic found in a malformed request, or one message from the service."""
 
     detail: str | list[ValidationIssue]
 
