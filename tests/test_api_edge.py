@@ -1,21 +1,34 @@
-"""The HTTP edge of usermgr.api: what a 422 may say, and text that is no valid Unicode
-(lone surrogates) refused at every face."""
+"""The HTTP edge of usermgr.api: the body limit, what a 422 may say, and text that is no
+valid Unicode (lone surrogates) refused at every face.
+
+The body limit is tested against a real `usermgr serve` over a real socket: only there does
+"refused without being read" mean anything.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
+import h11
+import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from tests.conftest import Runner, run_usermgr
+from tests.conftest import USERMGR, Runner, run_usermgr
 from tests.test_api import (
     ADMIN,
     ADMIN_PASSWORD,
     PASSWORD,
+    _free_port,
+    _wait_until_healthy,
     bearer,
     cli_users,
     create_user,
@@ -73,12 +86,17 @@ def test_a_422_echoes_no_other_input_either(client: TestClient, admin: dict[str,
         assert all(set(issue) == {"loc", "msg", "type"} for issue in response.json()["detail"])
 
 
-def test_the_openapi_422_schema_says_exactly_what_a_422_holds(client: TestClient) -> None:
-    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+def test_the_openapi_document_says_what_a_422_holds_and_that_any_request_may_get_413(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
     issue = schemas["ValidationIssue"]
     assert set(issue["properties"]) == {"loc", "msg", "type"}
     assert issue.get("additionalProperties") is False
     assert "HTTPValidationError" not in schemas
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            too_large = operation["responses"]["413"]["content"]["application/json"]["schema"]
+            assert too_large == {"$ref": "#/components/schemas/ErrorResponse"}, (method, path)
 
 
 # ---- lone surrogates: no valid Unicode, refused as invalid input everywhere ---------------------
@@ -171,3 +189,178 @@ def test_a_lone_surrogate_in_a_password_is_invalid_input_for_the_service(
     with pytest.raises(InvalidInput, match="surrogate"):
         service.create_user(db, settings, service.new_user("bob@example.com", password=f"long enough{LONE_SURROGATE}"))
     assert [user["email"] for user in cli_users(run)] == ["ada@example.com"]
+
+
+# ---- the body limit, against a real `usermgr serve` ---------------------------------------------
+
+
+class Served:
+    """A running `usermgr serve` on a SQLite database, and the CLI pointed at the same database."""
+
+    def __init__(self, base_url: str, port: int, run: Runner) -> None:
+        self.base_url = base_url
+        self.port = port
+        self.run = run
+
+
+@pytest.fixture
+def served(tmp_path: Path, sqlite_template: Path, key_file: Path) -> Iterator[Served]:
+    """The body limit is the server's, not the database's: SQLite alone is enough here."""
+    database = tmp_path / "users.db"
+    shutil.copy(sqlite_template, database)
+    env = {"USERMGR_DATABASE_URL": f"sqlite:///{database}", "USERMGR_KEY_FILE": str(key_file)}
+    env["USERMGR_HASH_PROFILE"] = "test"
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("USERMGR_")}
+    environment.update(env)
+    port = _free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    with log.open("wb") as sink:
+        server = subprocess.Popen(
+            [str(USERMGR), "serve", "--port", str(port)], env=environment, stdout=sink, stderr=subprocess.STDOUT
+        )
+    try:
+        _wait_until_healthy(server, base_url, log)
+        yield Served(base_url, port, Runner(env))
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        print(log.read_text())  # pytest shows it when the test fails
+
+
+class Answer(NamedTuple):
+    status_code: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def raw_exchange(port: int, method: str, path: str, headers: list[tuple[str, str]], chunks: list[bytes]) -> Answer:
+    """Send a request head and then `chunks` as they are (the body may be shorter than the
+    Content-Length the head declares), stop sending if the server closes, and read its answer."""
+    connection = h11.Connection(h11.CLIENT)
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+        sock.sendall(connection.send(h11.Request(method=method, target=path, headers=[("host", "edge"), *headers])))
+        for chunk in chunks:
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # the server answered early and closed: read what it said
+        response: h11.Response | None = None
+        body = b""
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                connection.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+    assert response is not None
+    return Answer(response.status_code, {name.decode(): value.decode() for name, value in response.headers}, body)
+
+
+def _json_signup_body(size: int, email: str = "ada@example.com") -> bytes:
+    """A valid signup body padded with JSON whitespace to exactly `size` bytes."""
+    body = json.dumps({"email": email, "password": PASSWORD}).encode()
+    return body[:-1] + b" " * (size - len(body)) + b"}"
+
+
+def _chunked(body: bytes, piece: int = 65536) -> list[bytes]:
+    """`body` in the chunked transfer coding, one list item per chunk, then the last chunk."""
+    parts = [body[start : start + piece] for start in range(0, len(body), piece)]
+    return [b"%x\r\n%s\r\n" % (len(part), part) for part in parts] + [b"0\r\n\r\n"]
+
+
+@pytest.mark.e2e
+def test_a_huge_content_length_is_refused_before_any_body_is_sent(served: Served) -> None:
+    """Ten GiB declared and not one byte sent: the answer comes at once, from the head alone."""
+    response = raw_exchange(
+        served.port,
+        "POST",
+        "/auth/signup",
+        [("content-type", "application/json"), ("content-length", str(10 * 2**30))],
+        [],
+    )
+    assert response.status_code == 413
+    assert json.loads(response.body) == {"detail": api.BODY_TOO_LARGE}
+    assert cli_users(served.run) == []
+
+
+@pytest.mark.e2e
+def test_a_declared_oversize_body_never_reaches_a_route_that_ignores_its_body(served: Served) -> None:
+    """DELETE reads no body: refused only when it answers, the user would already be gone."""
+    create_user(served.run, ADMIN, ADMIN_PASSWORD, "--admin")
+    victim = create_user(served.run, "ada@example.com")
+    with httpx.Client(base_url=served.base_url, timeout=60) as http:
+        token = token_for(http, ADMIN, ADMIN_PASSWORD)  # type: ignore[arg-type]
+    response = raw_exchange(
+        served.port,
+        "DELETE",
+        f"/users/{victim}",
+        [("authorization", f"Bearer {token}"), ("content-length", str(api.MAX_BODY_BYTES + 1))],
+        [],
+    )
+    assert response.status_code == 413
+    assert json.loads(response.body) == {"detail": api.BODY_TOO_LARGE}
+    assert [user["email"] for user in cli_users(served.run)] == [ADMIN, "ada@example.com"]
+
+
+@pytest.mark.e2e
+def test_a_chunked_body_over_the_limit_is_refused_as_it_streams(served: Served) -> None:
+    body = _json_signup_body(api.MAX_BODY_BYTES + 1)
+    response = raw_exchange(
+        served.port,
+        "POST",
+        "/auth/signup",
+        [("content-type", "application/json"), ("transfer-encoding", "chunked")],
+        _chunked(body),
+    )
+    assert response.status_code == 413
+    assert json.loads(response.body) == {"detail": api.BODY_TOO_LARGE}
+    assert cli_users(served.run) == []
+
+
+@pytest.mark.e2e
+def test_bodies_up_to_the_limit_are_processed_and_one_byte_more_is_not(served: Served) -> None:
+    with httpx.Client(base_url=served.base_url, timeout=60) as http:
+        over = _json_signup_body(api.MAX_BODY_BYTES + 1, "over@example.com")
+        refused = http.post("/auth/signup", content=over, headers={"content-type": "application/json"})
+        assert refused.status_code == 413, refused.text
+        at_limit = _json_signup_body(api.MAX_BODY_BYTES)
+        created = http.post("/auth/signup", content=at_limit, headers={"content-type": "application/json"})
+        assert created.status_code == 201, created.text
+    streamed = raw_exchange(
+        served.port,
+        "POST",
+        "/auth/signup",
+        [("content-type", "application/json"), ("transfer-encoding", "chunked")],
+        _chunked(_json_signup_body(api.MAX_BODY_BYTES, "streamed@example.com")),
+    )
+    assert streamed.status_code == 201, streamed.body
+    assert [user["email"] for user in cli_users(served.run)] == ["ada@example.com", "streamed@example.com"]
+
+
+@pytest.mark.parametrize("route", ["signup", "login", "patch"])
+def test_a_streamed_body_over_the_limit_is_413_on_every_route_that_reads_one(
+    client: TestClient, run: Runner, admin: dict[str, str], route: str
+) -> None:
+    """No Content-Length: the limit counts the bytes as the route reads them."""
+    user_id = create_user(run, "ada@example.com", PASSWORD, "--full-name", "Ada")
+    before = cli_users(run)
+    pieces = [b" " * 65536] * (api.MAX_BODY_BYTES // 65536) + [b"{}"]
+    url, headers = {
+        "signup": ("/auth/signup", {"content-type": "application/json"}),
+        "login": ("/auth/login", {"content-type": "application/x-www-form-urlencoded"}),
+        "patch": (f"/users/{user_id}", {**admin, "content-type": "application/json"}),
+    }[route]
+    response = client.request("PATCH" if route == "patch" else "POST", url, headers=headers, content=iter(pieces))
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413, response.text
+    assert response.json() == {"detail": api.BODY_TOO_LARGE}
+    assert cli_users(run) == before

@@ -8,6 +8,9 @@ for the CLI. Domain errors become JSON `{"detail": ...}` with the status from
 Importing this module touches neither the database nor the key file: settings are
 loaded at startup (or on the first request) and the database is bound on first use.
 
+The app `create_app` makes also guards its HTTP edge (see `_add_http_edge`): request bodies
+over `MAX_BODY_BYTES` get 413 without being read.
+
 An existing FastAPI app can reuse the pieces::
 
     api.install(app)                      # settings, database binding, error handlers
@@ -31,6 +34,8 @@ from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from usermgr import __version__, database, errors, security, service, tokens
 from usermgr.config import Settings, load_settings
@@ -50,6 +55,10 @@ LIST_LIMIT_DEFAULT = 100
 LIST_LIMIT_MAX = 1000
 TOKEN_URL = "/auth/login"
 _STATE_KEY = "usermgr"
+
+MAX_BODY_BYTES = 1024 * 1024
+"""The largest request body accepted (1 MiB): a signup or a PATCH needs a few hundred bytes."""
+BODY_TOO_LARGE = f"request body too large: send at most {MAX_BODY_BYTES} bytes"
 
 
 logger = logging.getLogger(__name__)
@@ -262,18 +271,20 @@ _RESPONSES: dict[int, dict[str, Any]] = {
     403: {"model": ErrorResponse, "description": "Forbidden: the token's holder lacks the role"},
     404: {"model": ErrorResponse, "description": "No such user"},
     409: {"model": ErrorResponse, "description": "Conflict"},
+    413: {"model": ErrorResponse, "description": f"The request body is over {MAX_BODY_BYTES} bytes"},
     422: {"model": InvalidResponse, "description": "Invalid input"},
     503: {"model": ErrorResponse, "description": "The database is unavailable"},
 }
 
 
 def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: _RESPONSES[code] for code in (*codes, 503)}
+    """The given statuses, plus those any request can get: 413 (a body over the limit) and 503."""
+    return {code: _RESPONSES[code] for code in (*codes, 413, 503)}
 
 
 # ---- /auth -------------------------------------------------------------------------------------
 
-auth_router = APIRouter(prefix="/auth", tags=["auth"])
+auth_router = APIRouter(prefix="/auth", tags=["auth"], max_body_size=MAX_BODY_BYTES)
 
 
 @auth_router.post(
@@ -303,7 +314,7 @@ def login(
 
 # ---- /users ------------------------------------------------------------------------------------
 
-users_router = APIRouter(prefix="/users", tags=["users"])
+users_router = APIRouter(prefix="/users", tags=["users"], max_body_size=MAX_BODY_BYTES)
 
 
 @users_router.get("/me", response_model=UserResponse, responses=_responses(401), summary="The token's holder")
@@ -390,6 +401,48 @@ def healthz(db: DB) -> HealthResponse:
     return HealthResponse(status="ok")
 
 
+# ---- the HTTP edge: body limit ------------------------------------------------------------------
+
+
+def _too_large_response(_request: Request | None = None, _error: Exception | None = None) -> JSONResponse:
+    """The one 413, whether Content-Length gave the body away or its bytes were counted."""
+    return JSONResponse({"detail": BODY_TOO_LARGE}, status_code=status.HTTP_413_CONTENT_TOO_LARGE)
+
+
+class _DeclaredBodyLimit:
+    """413 at once, before any route runs, when Content-Length declares more than the limit.
+
+    A body without a declared length (chunked) is counted as it streams by FastAPI's own
+    `max_body_size` on the routers, which refuses it as soon as the count passes the limit.
+    That one checks Content-Length too, but only when the route reads its body or answers: a
+    DELETE, which reads none, would have deleted before its 204 was turned into a 413.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_size: int) -> None:
+        self.app = app
+        self.max_body_size = max_body_size
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self._declared_length(scope) > self.max_body_size:
+            await _too_large_response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _declared_length(scope: Scope) -> int:
+        """The Content-Length, or 0 without one (the server itself refuses a malformed one)."""
+        try:
+            return int(Headers(scope=scope).get("content-length", "0"))
+        except ValueError:
+            return 0
+
+
+def _add_http_edge(app: FastAPI) -> None:
+    """The body limit's early refusal, and one 413 for both ways of finding a body too large."""
+    app.add_middleware(_DeclaredBodyLimit, max_body_size=MAX_BODY_BYTES)
+    app.add_exception_handler(status.HTTP_413_CONTENT_TOO_LARGE, _too_large_response)
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await run_in_threadpool(warm_up, app)
@@ -405,6 +458,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=_lifespan,
     )
     install(app, settings)
+    _add_http_edge(app)
     app.include_router(auth_router)
     app.include_router(users_router)
     app.add_api_route(
