@@ -1,5 +1,5 @@
-"""The HTTP edge of usermgr.api: the body limit, what a 422 may say, and text that is no
-valid Unicode (lone surrogates) refused at every face.
+"""The HTTP edge of usermgr.api: the body limit, what a 422 may say, the security headers,
+and text that is no valid Unicode (lone surrogates) refused at every face.
 
 The body limit is tested against a real `usermgr serve` over a real socket: only there does
 "refused without being read" mean anything.
@@ -38,8 +38,19 @@ from usermgr import api, service
 from usermgr.config import Settings
 from usermgr.errors import InvalidInput
 
+SECURITY_HEADERS = {
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",
+    "cache-control": "no-store",
+}
 LONE_SURROGATE = "\udcff"  # what Python makes of the byte 0xff in an argument: no valid Unicode
 NOT_UNICODE = "is not valid Unicode: it holds a surrogate code point (U+D800 to U+DFFF)"
+
+
+def assert_security_headers(headers: httpx.Headers | dict[str, str]) -> None:
+    lowered = {name.lower(): value for name, value in headers.items()}
+    assert {name: lowered.get(name) for name in SECURITY_HEADERS} == SECURITY_HEADERS
 
 
 @pytest.fixture
@@ -289,6 +300,7 @@ def test_a_huge_content_length_is_refused_before_any_body_is_sent(served: Served
     )
     assert response.status_code == 413
     assert json.loads(response.body) == {"detail": api.BODY_TOO_LARGE}
+    assert_security_headers(response.headers)
     assert cli_users(served.run) == []
 
 
@@ -323,6 +335,7 @@ def test_a_chunked_body_over_the_limit_is_refused_as_it_streams(served: Served) 
     )
     assert response.status_code == 413
     assert json.loads(response.body) == {"detail": api.BODY_TOO_LARGE}
+    assert_security_headers(response.headers)
     assert cli_users(served.run) == []
 
 
@@ -364,3 +377,68 @@ def test_a_streamed_body_over_the_limit_is_413_on_every_route_that_reads_one(
     assert response.status_code == 413, response.text
     assert response.json() == {"detail": api.BODY_TOO_LARGE}
     assert cli_users(run) == before
+
+
+# ---- security headers on every response ---------------------------------------------------------
+
+
+def _requests(client: TestClient, admin: dict[str, str], user_id: int) -> dict[str, tuple[int, httpx.Response]]:
+    """One request of each kind of answer: what it must get, and what it got."""
+    return {
+        "health": (200, client.get("/healthz")),
+        "token": (200, client.post("/auth/login", data={"username": ADMIN, "password": ADMIN_PASSWORD})),
+        "user data": (200, client.get(f"/users/{user_id}", headers=admin)),
+        "list": (200, client.get("/users", headers=admin)),
+        "created": (201, client.post("/auth/signup", json={"email": "new@example.com", "password": PASSWORD})),
+        "no content": (204, client.delete(f"/users/{user_id}", headers=admin)),
+        "unauthorized": (401, client.get("/users/me")),
+        "not found": (404, client.get("/nowhere")),
+        "no such user": (404, client.get(f"/users/{user_id}", headers=admin)),
+        "method not allowed": (405, client.put("/healthz")),
+        "conflict": (409, client.post("/auth/signup", json={"email": ADMIN, "password": PASSWORD})),
+        "too large": (413, client.post("/auth/signup", content=b" " * (api.MAX_BODY_BYTES + 1))),
+        "invalid": (422, client.post("/auth/signup", json={"email": "x"})),
+        "docs": (200, client.get("/docs")),
+        "openapi": (200, client.get("/openapi.json")),
+    }
+
+
+def test_every_response_carries_the_security_headers(client: TestClient, admin: dict[str, str], run: Runner) -> None:
+    user_id = create_user(run, "ada@example.com")
+    for name, (expected, response) in _requests(client, admin, user_id).items():
+        assert response.status_code == expected, (name, response.text)
+        assert_security_headers(response.headers)
+
+
+def test_a_server_error_carries_the_security_headers_and_no_traceback(settings: Settings) -> None:
+    app = api.create_app(settings)
+
+    @app.get("/broken")
+    def broken() -> None:
+        raise RuntimeError("internal detail: /secret/path")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/broken")
+    assert response.status_code == 500
+    assert response.json() == {"detail": api.SERVER_ERROR}
+    assert "/secret/path" not in response.text
+    assert_security_headers(response.headers)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("POST", "/users/1", {"GET", "PATCH", "DELETE"}),
+        ("PUT", "/auth/signup", {"POST"}),
+        ("GET", "/auth/login", {"POST"}),
+        ("POST", "/users/1/roles/editor", {"PUT", "DELETE"}),
+        ("DELETE", "/healthz", {"GET"}),
+    ],
+)
+def test_a_405_names_every_method_the_path_allows(
+    client: TestClient, method: str, path: str, allowed: set[str]
+) -> None:
+    response = client.request(method, path)
+    assert response.status_code == 405
+    assert {name.strip() for name in response.headers["allow"].split(",")} == allowed
+    assert response.json() == {"detail": "Method Not Allowed"}

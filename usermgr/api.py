@@ -9,7 +9,8 @@ Importing this module touches neither the database nor the key file: settings ar
 loaded at startup (or on the first request) and the database is bound on first use.
 
 The app `create_app` makes also guards its HTTP edge (see `_add_http_edge`): request bodies
-over `MAX_BODY_BYTES` get 413 without being read.
+over `MAX_BODY_BYTES` get 413 without being read, every response carries the security
+headers of `SECURITY_HEADERS`, and a 405 names every method its path allows.
 
 An existing FastAPI app can reuse the pieces::
 
@@ -21,6 +22,7 @@ An existing FastAPI app can reuse the pieces::
 """
 
 import logging
+import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -32,9 +34,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm
 from pydantic import BaseModel, ConfigDict, Field
+from secure import CacheControl, ReferrerPolicy, Secure, XContentTypeOptions, XFrameOptions
+from secure.middleware import SecureASGIMiddleware
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from usermgr import __version__, database, errors, security, service, tokens
@@ -59,6 +64,16 @@ _STATE_KEY = "usermgr"
 MAX_BODY_BYTES = 1024 * 1024
 """The largest request body accepted (1 MiB): a signup or a PATCH needs a few hundred bytes."""
 BODY_TOO_LARGE = f"request body too large: send at most {MAX_BODY_BYTES} bytes"
+SERVER_ERROR = "internal server error: the server's log has the details"
+
+SECURITY_HEADERS = Secure(
+    xcto=XContentTypeOptions(),  # nosniff: a JSON answer is never run as a script or page
+    referrer=ReferrerPolicy().no_referrer(),
+    xfo=XFrameOptions().deny(),
+    # Every answer but the Swagger page holds user data or a token; none is worth caching.
+    cache=CacheControl().no_store(),
+)
+"""Sent on every response of `create_app`'s app, errors included."""
 
 
 logger = logging.getLogger(__name__)
@@ -401,7 +416,7 @@ def healthz(db: DB) -> HealthResponse:
     return HealthResponse(status="ok")
 
 
-# ---- the HTTP edge: body limit ------------------------------------------------------------------
+# ---- the HTTP edge: body limit, security headers, 405 and 500 ---------------------------------
 
 
 def _too_large_response(_request: Request | None = None, _error: Exception | None = None) -> JSONResponse:
@@ -437,10 +452,41 @@ class _DeclaredBodyLimit:
             return 0
 
 
+def _documented_methods(app: FastAPI, path: str) -> set[str]:
+    """The methods the OpenAPI document gives the path templates that `path` fits."""
+    methods: set[str] = set()
+    for template, operations in app.openapi()["paths"].items():
+        pattern = "[^/]+".join(re.escape(part) for part in re.split(r"\{[^/}]+\}", template))
+        if re.fullmatch(pattern, path):
+            methods |= {method.upper() for method in operations}
+    return methods
+
+
+def _method_not_allowed_response(request: Request, error: HTTPException) -> JSONResponse:
+    """405 whose `Allow` names every method of the path. Starlette names only those of the
+    first route that fits it, and /users/{user_id} is three routes (GET, PATCH, DELETE)."""
+    starlettes = (error.headers or {}).get("Allow", "")
+    allowed = {method.strip() for method in starlettes.split(",") if method.strip()}
+    allowed |= _documented_methods(request.app, request.url.path)
+    headers = {"Allow": ", ".join(sorted(allowed))}
+    return JSONResponse({"detail": error.detail}, status_code=status.HTTP_405_METHOD_NOT_ALLOWED, headers=headers)
+
+
+def _server_error_response(_request: Request, _error: Exception) -> JSONResponse:
+    """A bug's 500, sent from outside every middleware: so it carries the headers itself."""
+    return JSONResponse(
+        {"detail": SERVER_ERROR}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR, headers=SECURITY_HEADERS.headers
+    )
+
+
 def _add_http_edge(app: FastAPI) -> None:
-    """The body limit's early refusal, and one 413 for both ways of finding a body too large."""
+    """The body limit's early refusal, the security headers (outermost, so that every answer
+    from inside gets them, a 413 included), and the 405, 413 and 500 answers."""
     app.add_middleware(_DeclaredBodyLimit, max_body_size=MAX_BODY_BYTES)
+    app.add_middleware(SecureASGIMiddleware, secure=SECURITY_HEADERS)
+    app.add_exception_handler(status.HTTP_405_METHOD_NOT_ALLOWED, _method_not_allowed_response)
     app.add_exception_handler(status.HTTP_413_CONTENT_TOO_LARGE, _too_large_response)
+    app.add_exception_handler(Exception, _server_error_response)
 
 
 @asynccontextmanager
