@@ -8,6 +8,10 @@ for the CLI. Domain errors become JSON `{"detail": ...}` with the status from
 Importing this module touches neither the database nor the key file: settings are
 loaded at startup (or on the first request) and the database is bound on first use.
 
+The app `create_app` makes also guards its HTTP edge (see `_add_http_edge`): request bodies
+over `MAX_BODY_BYTES` get 413 without being read, every response carries the security
+headers of `SECURITY_HEADERS`, and a 405 names every method its path allows.
+
 An existing FastAPI app can reuse the pieces::
 
     api.install(app)                      # settings, database binding, error handlers
@@ -18,6 +22,7 @@ An existing FastAPI app can reuse the pieces::
 """
 
 import logging
+import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -25,11 +30,17 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm
 from pydantic import BaseModel, ConfigDict, Field
+from secure import CacheControl, ReferrerPolicy, Secure, XContentTypeOptions, XFrameOptions
+from secure.middleware import SecureASGIMiddleware
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from usermgr import __version__, database, errors, security, service, tokens
 from usermgr.config import Settings, load_settings
@@ -50,6 +61,20 @@ LIST_LIMIT_DEFAULT = 100
 LIST_LIMIT_MAX = 1000
 TOKEN_URL = "/auth/login"
 _STATE_KEY = "usermgr"
+
+MAX_BODY_BYTES = 1024 * 1024
+"""The largest request body accepted (1 MiB): a signup or a PATCH needs a few hundred bytes."""
+BODY_TOO_LARGE = f"request body too large: send at most {MAX_BODY_BYTES} bytes"
+SERVER_ERROR = "internal server error: the server's log has the details"
+
+SECURITY_HEADERS = Secure(
+    xcto=XContentTypeOptions(),  # nosniff: a JSON answer is never run as a script or page
+    referrer=ReferrerPolicy().no_referrer(),
+    xfo=XFrameOptions().deny(),
+    # Every answer but the Swagger page holds user data or a token; none is worth caching.
+    cache=CacheControl().no_store(),
+)
+"""Sent on every response of `create_app`'s app, errors included."""
 
 
 logger = logging.getLogger(__name__)
@@ -120,12 +145,28 @@ def _database_error_response(request: Request, error: DBAPIError) -> JSONRespons
     return _domain_error_response(request, domain)
 
 
+def _validation_error_response(_request: Request, error: RequestValidationError) -> JSONResponse:
+    """422 with where (`loc`), why (`msg`) and the kind (`type`) of each issue, never what was
+    sent: pydantic's `input` and `ctx` would hand a submitted password straight back."""
+    issues = [
+        {
+            "loc": list(issue["loc"]),
+            "msg": issue["msg"].removeprefix("Value error, "),
+            "type": issue["type"],
+        }
+        for issue in error.errors()
+    ]
+    return JSONResponse({"detail": issues}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
 def install(app: FastAPI, settings: Settings | None = None) -> FastAPI:
     """Prepare `app` for usermgr's routers and dependencies: its settings (None = USERMGR_*
-    variables, read on first use) and the error handlers. Returns `app`."""
+    variables, read on first use) and the error handlers, the 422 one included (it keeps
+    submitted values, a password first, out of every 422 of `app`). Returns `app`."""
     setattr(app.state, _STATE_KEY, _Runtime(settings))
     app.add_exception_handler(errors.UsermgrError, _domain_error_response)
     app.add_exception_handler(DBAPIError, _database_error_response)
+    app.add_exception_handler(RequestValidationError, _validation_error_response)
     return app
 
 
@@ -224,7 +265,9 @@ class ErrorResponse(BaseModel):
 
 
 class ValidationIssue(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """Where, why and what kind: never the submitted value."""
+
+    model_config = ConfigDict(extra="forbid")
 
     loc: list[str | int]
     msg: str
@@ -232,7 +275,7 @@ class ValidationIssue(BaseModel):
 
 
 class InvalidResponse(BaseModel):
-    """422: pydantic's list of issues for a malformed request, or one message from the service."""
+    """422: the issues pydantic found in a malformed request, or one message from the service."""
 
     detail: str | list[ValidationIssue]
 
@@ -244,18 +287,20 @@ _RESPONSES: dict[int, dict[str, Any]] = {
     403: {"model": ErrorResponse, "description": "Forbidden: the token's holder lacks the role"},
     404: {"model": ErrorResponse, "description": "No such user"},
     409: {"model": ErrorResponse, "description": "Conflict"},
+    413: {"model": ErrorResponse, "description": f"The request body is over {MAX_BODY_BYTES} bytes"},
     422: {"model": InvalidResponse, "description": "Invalid input"},
     503: {"model": ErrorResponse, "description": "The database is unavailable"},
 }
 
 
 def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: _RESPONSES[code] for code in (*codes, 503)}
+    """The given statuses, plus those any request can get: 413 (a body over the limit) and 503."""
+    return {code: _RESPONSES[code] for code in (*codes, 413, 503)}
 
 
 # ---- /auth -------------------------------------------------------------------------------------
 
-auth_router = APIRouter(prefix="/auth", tags=["auth"])
+auth_router = APIRouter(prefix="/auth", tags=["auth"], max_body_size=MAX_BODY_BYTES)
 
 
 @auth_router.post(
@@ -286,7 +331,7 @@ def login(
 
 # ---- /users ------------------------------------------------------------------------------------
 
-users_router = APIRouter(prefix="/users", tags=["users"])
+users_router = APIRouter(prefix="/users", tags=["users"], max_body_size=MAX_BODY_BYTES)
 
 
 @users_router.get("/me", response_model=UserResponse, responses=_responses(401), summary="The token's holder")
@@ -373,6 +418,79 @@ def healthz(db: DB) -> HealthResponse:
     return HealthResponse(status="ok")
 
 
+# ---- the HTTP edge: body limit, security headers, 405 and 500 ---------------------------------
+
+
+def _too_large_response(_request: Request | None = None, _error: Exception | None = None) -> JSONResponse:
+    """The one 413, whether Content-Length gave the body away or its bytes were counted."""
+    return JSONResponse({"detail": BODY_TOO_LARGE}, status_code=status.HTTP_413_CONTENT_TOO_LARGE)
+
+
+class _DeclaredBodyLimit:
+    """413 at once, before any route runs, when Content-Length declares more than the limit.
+
+    A body without a declared length (chunked) is counted as it streams by FastAPI's own
+    `max_body_size` on the routers, which refuses it as soon as the count passes the limit.
+    That one checks Content-Length too, but only when the route reads its body or answers: a
+    DELETE, which reads none, would have deleted before its 204 was turned into a 413.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_size: int) -> None:
+        self.app = app
+        self.max_body_size = max_body_size
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self._declared_length(scope) > self.max_body_size:
+            await _too_large_response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def _declared_length(scope: Scope) -> int:
+        """The Content-Length, or 0 without one (the server itself refuses a malformed one)."""
+        try:
+            return int(Headers(scope=scope).get("content-length", "0"))
+        except ValueError:
+            return 0
+
+
+def _documented_methods(app: FastAPI, path: str) -> set[str]:
+    """The methods the OpenAPI document gives the path templates that `path` fits."""
+    methods: set[str] = set()
+    for template, operations in app.openapi()["paths"].items():
+        pattern = "[^/]+".join(re.escape(part) for part in re.split(r"\{[^/}]+\}", template))
+        if re.fullmatch(pattern, path):
+            methods |= {method.upper() for method in operations}
+    return methods
+
+
+def _method_not_allowed_response(request: Request, error: HTTPException) -> JSONResponse:
+    """405 whose `Allow` names every method of the path. Starlette names only those of the
+    first route that fits it, and /users/{user_id} is three routes (GET, PATCH, DELETE)."""
+    starlettes = (error.headers or {}).get("Allow", "")
+    allowed = {method.strip() for method in starlettes.split(",") if method.strip()}
+    allowed |= _documented_methods(request.app, request.url.path)
+    headers = {"Allow": ", ".join(sorted(allowed))}
+    return JSONResponse({"detail": error.detail}, status_code=status.HTTP_405_METHOD_NOT_ALLOWED, headers=headers)
+
+
+def _server_error_response(_request: Request, _error: Exception) -> JSONResponse:
+    """A bug's 500, sent from outside every middleware: so it carries the headers itself."""
+    return JSONResponse(
+        {"detail": SERVER_ERROR}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR, headers=SECURITY_HEADERS.headers
+    )
+
+
+def _add_http_edge(app: FastAPI) -> None:
+    """The body limit's early refusal, the security headers (outermost, so that every answer
+    from inside gets them, a 413 included), and the 405, 413 and 500 answers."""
+    app.add_middleware(_DeclaredBodyLimit, max_body_size=MAX_BODY_BYTES)
+    app.add_middleware(SecureASGIMiddleware, secure=SECURITY_HEADERS)
+    app.add_exception_handler(status.HTTP_405_METHOD_NOT_ALLOWED, _method_not_allowed_response)
+    app.add_exception_handler(status.HTTP_413_CONTENT_TOO_LARGE, _too_large_response)
+    app.add_exception_handler(Exception, _server_error_response)
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await run_in_threadpool(warm_up, app)
@@ -388,6 +506,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=_lifespan,
     )
     install(app, settings)
+    _add_http_edge(app)
     app.include_router(auth_router)
     app.include_router(users_router)
     app.add_api_route(

@@ -37,8 +37,21 @@ HASH_FORMAT = re.compile(
 )
 
 
+def reject_surrogates(text: str, what: str = "text") -> str:
+    """`text` unless it holds a surrogate code point (U+D800 to U+DFFF, category Cs).
+
+    No valid Unicode text holds one, yet Python makes them from undecodable bytes in an
+    argument (0xff becomes U+DCFF) and JSON lets `"\\udcff"` through; no database, hash or
+    JSON encoder downstream can store or write them. The message never quotes the text.
+    """
+    if any(unicodedata.category(char) == "Cs" for char in text):
+        raise ValueError(f"{what} is not valid Unicode: it holds a surrogate code point (U+D800 to U+DFFF)")
+    return text
+
+
 def _nfkc_stripped(value: Any) -> Any:
-    return unicodedata.normalize("NFKC", value).strip() if isinstance(value, str) else value
+    """NFKC and surrounding white space removed, for every text field but the password."""
+    return unicodedata.normalize("NFKC", reject_surrogates(value)).strip() if isinstance(value, str) else value
 
 
 # Cc: control characters (NUL, newline); Cf: format characters (right-to-left override);
@@ -55,7 +68,7 @@ def validate_password(password: str) -> str:
 
     Returns the normalised password, which is what gets hashed and verified.
     """
-    normalized = unicodedata.normalize("NFKC", password)
+    normalized = unicodedata.normalize("NFKC", reject_surrogates(password, "password"))
     if len(normalized) < PASSWORD_MIN_LENGTH:
         raise ValueError(f"password too short: use at least {PASSWORD_MIN_LENGTH} characters")
     if len(normalized) > PASSWORD_MAX_LENGTH:

@@ -1,0 +1,444 @@
+"""The HTTP edge of usermgr.api: the body limit, what a 422 may say, the security headers,
+and text that is no valid Unicode (lone surrogates) refused at every face.
+
+The body limit is tested against a real `usermgr serve` over a real socket: only there does
+"refused without being read" mean anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import h11
+import httpx
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from tests.conftest import USERMGR, Runner, run_usermgr
+from tests.test_api import (
+    ADMIN,
+    ADMIN_PASSWORD,
+    PASSWORD,
+    _free_port,
+    _wait_until_healthy,
+    bearer,
+    cli_users,
+    create_user,
+    token_for,
+)
+from usermgr import api, service
+from usermgr.config import Settings
+from usermgr.errors import InvalidInput
+
+SECURITY_HEADERS = {
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",
+    "cache-control": "no-store",
+}
+LONE_SURROGATE = "\udcff"  # what Python makes of the byte 0xff in an argument: no valid Unicode
+NOT_UNICODE = "is not valid Unicode: it holds a surrogate code point (U+D800 to U+DFFF)"
+
+
+def assert_security_headers(headers: httpx.Headers | dict[str, str]) -> None:
+    lowered = {name.lower(): value for name, value in headers.items()}
+    assert {name: lowered.get(name) for name in SECURITY_HEADERS} == SECURITY_HEADERS
+
+
+@pytest.fixture
+def app(settings: Settings) -> FastAPI:
+    return api.create_app(settings)
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def admin(client: TestClient, run: Runner) -> dict[str, str]:
+    create_user(run, ADMIN, ADMIN_PASSWORD, "--admin")
+    return bearer(token_for(client, ADMIN, ADMIN_PASSWORD))
+
+
+# ---- a 422 says where and why, never what was sent ----------------------------------------------
+
+
+@pytest.mark.parametrize("password", ["hunter2", "p" * 2000], ids=["too-short", "too-long"])
+def test_a_422_never_echoes_the_password(client: TestClient, run: Runner, password: str) -> None:
+    response = client.post("/auth/signup", json={"email": "ada@example.com", "password": password})
+    assert response.status_code == 422
+    assert password not in response.text
+    issues = response.json()["detail"]
+    assert [issue["loc"] for issue in issues] == [["body", "password"]]
+    assert all(set(issue) == {"loc", "msg", "type"} for issue in issues)
+    assert cli_users(run) == []
+
+
+def test_a_422_echoes_no_other_input_either(client: TestClient, admin: dict[str, str], run: Runner) -> None:
+    user_id = create_user(run, "ada@example.com")
+    for response in (
+        client.post("/auth/signup", json={"email": "not-an-email-SECRET", "password": PASSWORD}),
+        client.patch(f"/users/{user_id}", headers=admin, json={"full_name": "SECRET" * 100}),
+        client.get("/users", headers=admin, params={"limit": "SECRET"}),
+        client.post("/auth/signup", content=b'{"email": "SECRET', headers={"content-type": "application/json"}),
+    ):
+        assert response.status_code == 422, response.text
+        assert "SECRET" not in response.text
+        assert all(set(issue) == {"loc", "msg", "type"} for issue in response.json()["detail"])
+
+
+def test_the_openapi_document_says_what_a_422_holds_and_that_any_request_may_get_413(client: TestClient) -> None:
+    document = client.get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    issue = schemas["ValidationIssue"]
+    assert set(issue["properties"]) == {"loc", "msg", "type"}
+    assert issue.get("additionalProperties") is False
+    assert "HTTPValidationError" not in schemas
+    for path, item in document["paths"].items():
+        for method, operation in item.items():
+            too_large = operation["responses"]["413"]["content"]["application/json"]["schema"]
+            assert too_large == {"$ref": "#/components/schemas/ErrorResponse"}, (method, path)
+
+
+# ---- lone surrogates: no valid Unicode, refused as invalid input everywhere ---------------------
+
+
+def _raw_json(body: dict[str, Any]) -> bytes:
+    """JSON text with a lone surrogate written as the escape `\\udcff`, as a hostile client sends it."""
+    return json.dumps(body).encode("ascii")
+
+
+@pytest.mark.parametrize("field", ["email", "username", "full_name", "password"])
+def test_a_lone_surrogate_in_signup_is_422(client: TestClient, run: Runner, field: str) -> None:
+    body = {"email": "ada@example.com", "password": PASSWORD, field: f"ada{LONE_SURROGATE}"}
+    raw = _raw_json(body)
+    assert b"\\udcff" in raw
+    response = client.post("/auth/signup", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert [issue["loc"] for issue in response.json()["detail"]] == [["body", field]]
+    what = "password" if field == "password" else "text"
+    assert response.json()["detail"][0]["msg"] == f"{what} {NOT_UNICODE}"
+    assert cli_users(run) == []
+
+
+def test_surrogates_anywhere_in_a_signup_body_are_a_clean_answer(client: TestClient, run: Runner) -> None:
+    """As a key (echoed in `loc`), and as UTF-8-encoded surrogate bytes, which Python's JSON
+    decoder lets through."""
+    as_key = client.post(
+        "/auth/signup",
+        content=_raw_json({"email": "ada@example.com", "password": PASSWORD, LONE_SURROGATE: 1}),
+        headers={"content-type": "application/json"},
+    )
+    assert as_key.status_code == 422, as_key.text
+    as_bytes = client.post(
+        "/auth/signup",
+        content=b'{"email": "ada@example.com", "password": "' + PASSWORD.encode() + b'", "full_name": "\xed\xb3\xbf"}',
+        headers={"content-type": "application/json"},
+    )
+    assert as_bytes.status_code in (400, 422), as_bytes.text
+    assert cli_users(run) == []
+
+
+@pytest.mark.parametrize("field", ["email", "username", "full_name"])
+def test_a_lone_surrogate_in_an_admin_patch_is_422(
+    client: TestClient, run: Runner, admin: dict[str, str], field: str
+) -> None:
+    user_id = create_user(run, "ada@example.com", PASSWORD, "--username", "ada", "--full-name", "Ada")
+    before = cli_users(run)
+    response = client.patch(
+        f"/users/{user_id}",
+        headers={**admin, "content-type": "application/json"},
+        content=_raw_json({field: f"ada{LONE_SURROGATE}"}),
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == [{"loc": ["body", field], "msg": f"text {NOT_UNICODE}", "type": "value_error"}]
+    assert cli_users(run) == before
+
+
+@pytest.mark.parametrize("command", ["create", "update"])
+def test_a_lone_surrogate_in_full_name_is_invalid_input_on_the_cli(run: Runner, command: str) -> None:
+    if command == "create":
+        args = ["create", "--email", "ada@example.com", "--no-password"]
+    else:
+        create_user(run, "ada@example.com")
+        args = ["update", "ada@example.com"]
+    before = cli_users(run)
+    result = run(*args, "--full-name", f"Ada{LONE_SURROGATE}")
+    assert result.exit_code == 3, result.stderr
+    assert result.stderr.startswith("usermgr: error: ")
+    assert "surrogate" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert cli_users(run) == before
+
+
+@pytest.mark.e2e
+def test_an_undecodable_full_name_argument_is_invalid_input(env: dict[str, str], run: Runner) -> None:
+    """The byte 0xff in argv, as a shell passes it: the installed `usermgr` exits 3."""
+    result = run_usermgr("create", "--email", "ada@example.com", "--no-password", "--full-name", "Ada\udcff", env=env)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.startswith("usermgr: error: ")
+    assert "unexpected" not in result.stderr
+    assert cli_users(run) == []
+
+
+def test_a_lone_surrogate_in_a_password_is_invalid_input_for_the_service(
+    db: Any, settings: Settings, run: Runner
+) -> None:
+    create_user(run, "ada@example.com")
+    with pytest.raises(InvalidInput, match="surrogate"):
+        service.set_password(db, settings, "ada@example.com", f"long enough{LONE_SURROGATE}")
+    with pytest.raises(InvalidInput, match="surrogate"):
+        service.create_user(db, settings, service.new_user("bob@example.com", password=f"long enough{LONE_SURROGATE}"))
+    assert [user["email"] for user in cli_users(run)] == ["ada@example.com"]
+
+
+# ---- the body limit, against a real `usermgr serve` ---------------------------------------------
+
+
+class Served:
+    """A running `usermgr serve` on a SQLite database, and the CLI pointed at the same database."""
+
+    def __init__(self, base_url: str, port: int, run: Runner) -> None:
+        self.base_url = base_url
+        self.port = port
+        self.run = run
+
+
+@pytest.fixture
+def served(tmp_path: Path, sqlite_template: Path, key_file: Path) -> Iterator[Served]:
+    """The body limit is the server's, not the database's: SQLite alone is enough here."""
+    database = tmp_path / "users.db"
+    shutil.copy(sqlite_template, database)
+    env = {"USERMGR_DATABASE_URL": f"sqlite:///{database}", "USERMGR_KEY_FILE": str(key_file)}
+    env["USERMGR_HASH_PROFILE"] = "test"
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("USERMGR_")}
+    environment.update(env)
+    port = _free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    with log.open("wb") as sink:
+        server = subprocess.Popen(
+            [str(USERMGR), "serve", "--port", str(port)], env=environment, stdout=sink, stderr=subprocess.STDOUT
+        )
+    try:
+        _wait_until_healthy(server, base_url, log)
+        yield Served(base_url, port, Runner(env))
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        print(log.read_text())  # pytest shows it when the test fails
+
+
+class Answer(NamedTuple):
+    status_code: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def raw_exchange(port: int, method: str, path: str, headers: list[tuple[str, str]], chunks: list[bytes]) -> Answer:
+    """Send a request head and then `chunks` as they are (the body may be shorter than the
+    Content-Length the head declares), stop sending if the server closes, and read its answer."""
+    connection = h11.Connection(h11.CLIENT)
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+        sock.sendall(connection.send(h11.Request(method=method, target=path, headers=[("host", "edge"), *headers])))
+        for chunk in chunks:
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break  # the server answered early and closed: read what it said
+        response: h11.Response | None = None
+        body = b""
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                connection.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+    assert response is not None
+    return Answer(response.status_code, {name.decode(): value.decode() for name, value in response.headers}, body)
+
+
+def _json_signup_body(size: int, email: str = "ada@example.com") -> bytes:
+    """A valid signup body padded with JSON whitespace to exactly `size` bytes."""
+    body = json.dumps({"email": email, "password": PASSWORD}).encode()
+    return body[:-1] + b" " * (size - len(body)) + b"}"
+
+
+def _chunked(body: bytes, piece: int = 65536) -> list[bytes]:
+    """`body` in the chunked transfer coding, one list item per chunk, then the last chunk."""
+    parts = [body[start : start + piece] for start in range(0, len(body), piece)]
+    return [b"%x\r\n%s\r\n" % (len(part), part) for part in parts] + [b"0\r\n\r\n"]
+
+
+@pytest.mark.e2e
+def test_a_huge_content_length_is_refused_before_any_body_is_sent(served: Served) -> None:
+    """Ten GiB declared and not one byte sent: the answer comes at once, from the head alone."""
+    response = raw_exchange(
+        served.port,
+        "POST",
+        "/auth/signup",
+        [("content-type", "application/json"), ("content-length", str(10 * 2**30))],
+        [],
+    )
+    assert response.status_code == 413
+    assert json.loads(response.body) == {"detail": api.BODY_TOO_LARGE}
+    assert_security_headers(response.headers)
+    assert cli_users(served.run) == []
+
+
+@pytest.mark.e2e
+def test_a_declared_oversize_body_never_reaches_a_route_that_ignores_its_body(served: Served) -> None:
+    """DELETE reads no body: refused only when it answers, the user would already be gone."""
+    create_user(served.run, ADMIN, ADMIN_PASSWORD, "--admin")
+    victim = create_user(served.run, "ada@example.com")
+    with httpx.Client(base_url=served.base_url, timeout=60) as http:
+        token = token_for(http, ADMIN, ADMIN_PASSWORD)  # type: ignore[arg-type]
+    response = raw_exchange(
+        served.port,
+        "DELETE",
+        f"/users/{victim}",
+        [("authorization", f"Bearer {token}"), ("content-length", str(api.MAX_BODY_BYTES + 1))],
+        [],
+    )
+    assert response.status_code == 413
+    assert json.loads(response.body) == {"detail": api.BODY_TOO_LARGE}
+    assert [user["email"] for user in cli_users(served.run)] == [ADMIN, "ada@example.com"]
+
+
+@pytest.mark.e2e
+def test_a_chunked_body_over_the_limit_is_refused_as_it_streams(served: Served) -> None:
+    body = _json_signup_body(api.MAX_BODY_BYTES + 1)
+    response = raw_exchange(
+        served.port,
+        "POST",
+        "/auth/signup",
+        [("content-type", "application/json"), ("transfer-encoding", "chunked")],
+        _chunked(body),
+    )
+    assert response.status_code == 413
+    assert json.loads(response.body) == {"detail": api.BODY_TOO_LARGE}
+    assert_security_headers(response.headers)
+    assert cli_users(served.run) == []
+
+
+@pytest.mark.e2e
+def test_bodies_up_to_the_limit_are_processed_and_one_byte_more_is_not(served: Served) -> None:
+    with httpx.Client(base_url=served.base_url, timeout=60) as http:
+        over = _json_signup_body(api.MAX_BODY_BYTES + 1, "over@example.com")
+        refused = http.post("/auth/signup", content=over, headers={"content-type": "application/json"})
+        assert refused.status_code == 413, refused.text
+        at_limit = _json_signup_body(api.MAX_BODY_BYTES)
+        created = http.post("/auth/signup", content=at_limit, headers={"content-type": "application/json"})
+        assert created.status_code == 201, created.text
+    streamed = raw_exchange(
+        served.port,
+        "POST",
+        "/auth/signup",
+        [("content-type", "application/json"), ("transfer-encoding", "chunked")],
+        _chunked(_json_signup_body(api.MAX_BODY_BYTES, "streamed@example.com")),
+    )
+    assert streamed.status_code == 201, streamed.body
+    assert [user["email"] for user in cli_users(served.run)] == ["ada@example.com", "streamed@example.com"]
+
+
+@pytest.mark.parametrize("route", ["signup", "login", "patch"])
+def test_a_streamed_body_over_the_limit_is_413_on_every_route_that_reads_one(
+    client: TestClient, run: Runner, admin: dict[str, str], route: str
+) -> None:
+    """No Content-Length: the limit counts the bytes as the route reads them."""
+    user_id = create_user(run, "ada@example.com", PASSWORD, "--full-name", "Ada")
+    before = cli_users(run)
+    pieces = [b" " * 65536] * (api.MAX_BODY_BYTES // 65536) + [b"{}"]
+    url, headers = {
+        "signup": ("/auth/signup", {"content-type": "application/json"}),
+        "login": ("/auth/login", {"content-type": "application/x-www-form-urlencoded"}),
+        "patch": (f"/users/{user_id}", {**admin, "content-type": "application/json"}),
+    }[route]
+    response = client.request("PATCH" if route == "patch" else "POST", url, headers=headers, content=iter(pieces))
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413, response.text
+    assert response.json() == {"detail": api.BODY_TOO_LARGE}
+    assert cli_users(run) == before
+
+
+# ---- security headers on every response ---------------------------------------------------------
+
+
+def _requests(client: TestClient, admin: dict[str, str], user_id: int) -> dict[str, tuple[int, httpx.Response]]:
+    """One request of each kind of answer: what it must get, and what it got."""
+    return {
+        "health": (200, client.get("/healthz")),
+        "token": (200, client.post("/auth/login", data={"username": ADMIN, "password": ADMIN_PASSWORD})),
+        "user data": (200, client.get(f"/users/{user_id}", headers=admin)),
+        "list": (200, client.get("/users", headers=admin)),
+        "created": (201, client.post("/auth/signup", json={"email": "new@example.com", "password": PASSWORD})),
+        "no content": (204, client.delete(f"/users/{user_id}", headers=admin)),
+        "unauthorized": (401, client.get("/users/me")),
+        "not found": (404, client.get("/nowhere")),
+        "no such user": (404, client.get(f"/users/{user_id}", headers=admin)),
+        "method not allowed": (405, client.put("/healthz")),
+        "conflict": (409, client.post("/auth/signup", json={"email": ADMIN, "password": PASSWORD})),
+        "too large": (413, client.post("/auth/signup", content=b" " * (api.MAX_BODY_BYTES + 1))),
+        "invalid": (422, client.post("/auth/signup", json={"email": "x"})),
+        "docs": (200, client.get("/docs")),
+        "openapi": (200, client.get("/openapi.json")),
+    }
+
+
+def test_every_response_carries_the_security_headers(client: TestClient, admin: dict[str, str], run: Runner) -> None:
+    user_id = create_user(run, "ada@example.com")
+    for name, (expected, response) in _requests(client, admin, user_id).items():
+        assert response.status_code == expected, (name, response.text)
+        assert_security_headers(response.headers)
+
+
+def test_a_server_error_carries_the_security_headers_and_no_traceback(settings: Settings) -> None:
+    app = api.create_app(settings)
+
+    @app.get("/broken")
+    def broken() -> None:
+        raise RuntimeError("internal detail: /secret/path")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/broken")
+    assert response.status_code == 500
+    assert response.json() == {"detail": api.SERVER_ERROR}
+    assert "/secret/path" not in response.text
+    assert_security_headers(response.headers)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("POST", "/users/1", {"GET", "PATCH", "DELETE"}),
+        ("PUT", "/auth/signup", {"POST"}),
+        ("GET", "/auth/login", {"POST"}),
+        ("POST", "/users/1/roles/editor", {"PUT", "DELETE"}),
+        ("DELETE", "/healthz", {"GET"}),
+    ],
+)
+def test_a_405_names_every_method_the_path_allows(
+    client: TestClient, method: str, path: str, allowed: set[str]
+) -> None:
+    response = client.request(method, path)
+    assert response.status_code == 405
+    assert {name.strip() for name in response.headers["allow"].split(",")} == allowed
+    assert response.json() == {"detail": "Method Not Allowed"}
