@@ -1,0 +1,192 @@
+"""Settings that cannot work are refused up front, in one line that says what would.
+
+Database URLs (bad port, unknown dialect, garbage, empty, in-memory), their passwords
+(never in a message or a log line), durations too long for a datetime, and the key file
+(written whole or not at all, never over an existing one). Through the installed
+`usermgr` wherever the command line is what is being tested.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+from subprocess import CompletedProcess
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import make_url
+
+from tests.conftest import PostgresAdmin, run_usermgr
+from usermgr import api
+from usermgr.config import Settings
+
+SECRET = "s3cr3t-PW"
+ACCEPTED = ("sqlite:///PATH", "postgresql://")
+PASSWORD = "correct horse battery"
+
+
+def refusal(result: CompletedProcess[str], code: int) -> str:
+    """The one `usermgr: error:` line of a clean refusal with `code` (after any notes, such as
+    init's); no traceback, no secret anywhere."""
+    assert SECRET not in result.stdout + result.stderr
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.splitlines()
+    assert all(line.startswith("usermgr: ") for line in lines), result.stderr
+    errors = [line for line in lines if line.startswith("usermgr: error: ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], result.stderr
+    assert "unexpected" not in errors[0]
+    return errors[0]
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (it was free a moment ago)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run in an empty directory, so that a wrongly used default ./users.db would show up."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+# ---- database URLs that cannot work: exit 2, one line saying what is accepted ------------------
+
+BAD_URLS = {
+    "port-too-big": (f"postgresql://u:{SECRET}@localhost:99999/db", "port 99999"),
+    "port-not-a-number": (f"postgresql://u:{SECRET}@localhost:abc/db", "cannot be read"),
+    "mysql": (f"mysql://u:{SECRET}@localhost/db", "unsupported database 'mysql'"),
+    "oracle": (f"oracle://u:{SECRET}@localhost/db", "unsupported database 'oracle'"),
+    "driver-not-shipped": (f"postgresql+psycopg2://u:{SECRET}@localhost/db", "unsupported database"),
+    "unknown-scheme": ("foo://", "unsupported database 'foo'"),
+    "no-scheme": ("://", "cannot be read"),
+    "scheme-only": ("sqlite:", "cannot be read"),
+    "unencoded-at-in-password": (f"postgresql://u:{SECRET}@x@localhost/db", "%40"),
+    "sqlite-with-a-host": (f"sqlite://u:{SECRET}@localhost/users.db", "names a file only"),
+    "empty": ("", "is empty"),
+    "blank": ("  ", "is empty"),
+}
+
+
+@pytest.mark.parametrize(("url", "says"), BAD_URLS.values(), ids=BAD_URLS.keys())
+@pytest.mark.parametrize(
+    ("given_as", "command"),
+    [("--db", "init"), ("--db", "list"), ("USERMGR_DATABASE_URL", "list")],
+    ids=["db-init", "db-list", "env-list"],
+)
+def test_an_unusable_database_url_is_a_configuration_error(
+    in_tmp: Path, url: str, says: str, given_as: str, command: str
+) -> None:
+    if given_as == "--db":
+        result = run_usermgr("--db", url, command, env={"USERMGR_HASH_PROFILE": "test"})
+    else:
+        result = run_usermgr(command, env={"USERMGR_DATABASE_URL": url, "USERMGR_HASH_PROFILE": "test"})
+    line = refusal(result, 2)
+    assert says in line
+    assert all(accepted in line for accepted in ACCEPTED), line
+    assert list(in_tmp.iterdir()) == [], "nothing created: no ./users.db, no key file"
+
+
+def test_without_a_database_url_the_default_is_used(in_tmp: Path) -> None:
+    """Only an explicitly empty value is refused: unset, it is ./users.db as documented."""
+    result = run_usermgr("init", env={"USERMGR_HASH_PROFILE": "test"})
+    assert result.returncode == 0, result.stderr
+    assert (in_tmp / "users.db").is_file() and (in_tmp / "usermgr.key").is_file()
+
+
+def test_a_file_name_with_a_colon_is_reached_with_a_leading_dot_slash(in_tmp: Path) -> None:
+    assert "cannot be read" in refusal(run_usermgr("--db", "backup:1.db", "init", env={}), 2)
+    result = run_usermgr("--db", "./backup:1.db", "init", env={"USERMGR_HASH_PROFILE": "test"})
+    assert result.returncode == 0, result.stderr
+    assert (in_tmp / "backup:1.db").is_file()
+
+
+# ---- an in-memory database, for every command that opens one ------------------------------------
+
+OPENING_COMMANDS = [
+    (["init"], None),
+    (["create", "--email", "ada@example.com", "--no-password"], None),
+    (["show", "1"], None),
+    (["list"], None),
+    (["update", "1", "--full-name", "Ada"], None),
+    (["set-password", "1", "--password-stdin"], f"{PASSWORD}\n"),
+    (["disable", "1"], None),
+    (["enable", "1"], None),
+    (["unlock", "1"], None),
+    (["delete", "1", "--yes"], None),
+    (["grant-admin", "1"], None),
+    (["revoke-admin", "1"], None),
+    (["grant-role", "1", "beta"], None),
+    (["revoke-role", "1", "beta"], None),
+    (["revoke-tokens", "1"], None),
+    (["roles"], None),
+    (["login", "1", "--password-stdin"], f"{PASSWORD}\n"),
+    (["import", "-", "--format", "jsonl"], '{"email": "ada@example.com"}\n'),
+    (["export"], None),
+    (["serve", "--port", str(free_port())], None),  # refused before it listens
+]
+
+
+@pytest.mark.parametrize(
+    ("url", "command", "stdin"),
+    [("sqlite:///:memory:", *case) for case in OPENING_COMMANDS]
+    + [("sqlite://", *case) for case in OPENING_COMMANDS[:2]],
+    ids=[f"memory-{case[0][0]}" for case in OPENING_COMMANDS]
+    + [f"empty-{case[0][0]}" for case in OPENING_COMMANDS[:2]],
+)
+def test_an_in_memory_database_is_refused(in_tmp: Path, url: str, command: list[str], stdin: str | None) -> None:
+    key_file = in_tmp / "k.key"
+    key_file.write_text("k" * 43 + "\n")
+    key_file.chmod(0o600)
+    env = {"USERMGR_DATABASE_URL": url, "USERMGR_KEY_FILE": str(key_file), "USERMGR_HASH_PROFILE": "test"}
+    line = refusal(run_usermgr(*command, env=env, input=stdin), 2)
+    assert "in-memory SQLite database" in line and "give a file path" in line
+
+
+# ---- a database URL's password never reaches a message or a log line ---------------------------
+
+
+def _pg_url(postgres: PostgresAdmin, **parts: object) -> str:
+    return postgres.admin_url.set(password=SECRET, **parts).render_as_string(hide_password=False)
+
+
+def test_no_password_when_the_server_is_unreachable(in_tmp: Path) -> None:
+    url = f"postgresql://u:{SECRET}@127.0.0.1:{free_port()}/db"
+    for command in (["init"], ["list"]):
+        assert "cannot use the database" in refusal(run_usermgr("--db", url, *command, env={}), 1)
+
+
+def test_no_password_when_the_database_does_not_exist(in_tmp: Path, postgres: PostgresAdmin) -> None:
+    for database in ("usermgr_no_such_database", SECRET):  # the second: a driver message that quotes it
+        url = _pg_url(postgres, database=database)
+        for command in (["init"], ["list"]):
+            line = refusal(run_usermgr("--db", url, *command, env={}), 1)
+            assert "does not exist" in line
+
+
+def test_no_password_in_inits_note(in_tmp: Path, postgres: PostgresAdmin) -> None:
+    url = postgres.create(migrated=False)
+    try:
+        with_password = make_url(url).set(password=SECRET).render_as_string(hide_password=False)
+        result = run_usermgr("--db", with_password, "--key-file", str(in_tmp / "k.key"), "init", env={})
+        assert result.returncode == 0, result.stderr
+        assert ":***@" in result.stderr
+        assert SECRET not in result.stdout + result.stderr
+    finally:
+        postgres.drop(url)
+
+
+@pytest.mark.parametrize("kind", ["unsupported dialect", "database quoted by the driver"])
+def test_no_password_in_the_apis_log(
+    kind: str, postgres: PostgresAdmin, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"mysql://u:{SECRET}@localhost/db" if kind == "unsupported dialect" else _pg_url(postgres, database=SECRET)
+    settings = Settings(database_url=url, key_file=tmp_path / "k.key", hash_profile="test")
+    with caplog.at_level(logging.INFO), TestClient(api.create_app(settings)) as client:
+        response = client.get("/healthz")
+    assert response.status_code in (500, 503)
+    assert "usermgr:" in caplog.text, "the reason is logged"
+    assert SECRET not in caplog.text + response.text
