@@ -190,3 +190,52 @@ def test_no_password_in_the_apis_log(
     assert response.status_code in (500, 503)
     assert "usermgr:" in caplog.text, "the reason is logged"
     assert SECRET not in caplog.text + response.text
+
+
+# ---- durations that do not fit a datetime ---------------------------------------------------------
+
+
+# Settings are read before any database is touched: one backend is enough for these.
+one_backend = pytest.mark.parametrize("backend", ["sqlite"])
+
+
+@one_backend
+@pytest.mark.parametrize("name", ["USERMGR_LOCKOUT_PERIOD", "USERMGR_TOKEN_TTL", "USERMGR_TOKEN_MAX_TTL"])
+@pytest.mark.parametrize(
+    "value", ["99999999999d", "36501d", "9" * 5000], ids=["11-digit-days", "36501d", "5000-digits"]
+)
+def test_a_duration_setting_too_long_for_a_datetime_is_a_configuration_error(
+    env: dict[str, str], name: str, value: str
+) -> None:
+    created = run_usermgr("create", "--email", "ada@example.com", "--password-stdin", env=env, input=f"{PASSWORD}\n")
+    assert created.returncode == 0, created.stderr
+    for command in (["list"], ["login", "ada@example.com", "--password-stdin"]):
+        line = refusal(run_usermgr(*command, env={**env, name: value}, input="wrong password\n"), 2)
+        assert name in line and "36500d" in line
+        assert len(line) < 200, "a long value is shown cut short"
+
+
+@one_backend
+@pytest.mark.parametrize("name", ["USERMGR_LOCKOUT_PERIOD", "USERMGR_TOKEN_MAX_TTL"])
+def test_the_longest_duration_is_accepted(env: dict[str, str], name: str) -> None:
+    assert run_usermgr("list", env={**env, name: "36500d"}).returncode == 0
+
+
+def test_a_lockout_of_the_longest_period_locks(env: dict[str, str]) -> None:
+    env = {**env, "USERMGR_LOCKOUT_PERIOD": "36500d", "USERMGR_LOCKOUT_THRESHOLD": "1"}
+    created = run_usermgr("create", "--email", "ada@example.com", "--password-stdin", env=env, input=f"{PASSWORD}\n")
+    assert created.returncode == 0, created.stderr
+    assert run_usermgr("login", "ada@example.com", "--password-stdin", env=env, input="wrong\n").returncode == 6
+    locked = run_usermgr("login", "ada@example.com", "--password-stdin", env=env, input=f"{PASSWORD}\n")
+    assert locked.returncode == 6, "locked for 100 years, not 'no lockout'"
+
+
+@one_backend
+@pytest.mark.parametrize("ttl", ["99999999999d", "36501d", "9" * 5000], ids=["11-digit-days", "36501d", "5000-digits"])
+def test_a_login_ttl_too_long_for_a_datetime_is_invalid_input(env: dict[str, str], ttl: str) -> None:
+    created = run_usermgr("create", "--email", "ada@example.com", "--password-stdin", env=env, input=f"{PASSWORD}\n")
+    assert created.returncode == 0, created.stderr
+    env = {**env, "USERMGR_TOKEN_MAX_TTL": "36500d"}
+    result = run_usermgr("login", "ada@example.com", "--password-stdin", "--ttl", ttl, env=env, input=f"{PASSWORD}\n")
+    line = refusal(result, 3)
+    assert "--ttl" in line and "36500d" in line

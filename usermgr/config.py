@@ -21,16 +21,25 @@ ACCEPTED_DATABASE_URLS = (
     " or postgresql://USER:PASSWORD@HOST[:PORT]/DBNAME"
 )
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+_DURATION = re.compile(r"^\s*([0-9]+)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION_DAYS = 36500
+"""The longest duration accepted (100 years): `now` plus any duration must still be a
+datetime (year 9999 at most), or a lock period would end nowhere and a token's `exp`
+could not be shown."""
 
 
 def parse_duration(text: str, *, what: str = "duration") -> int:
     """Seconds in a duration such as `90s`, `15m`, `8h`, `7d` or a bare number of seconds."""
+    shown = repr(text if len(text) <= 40 else text[:40] + "...")
     match = _DURATION.match(text)
-    if not match or int(match.group(1)) <= 0:
-        raise InvalidInput(f"invalid {what} {text!r}: use a positive number with s, m, h or d, such as 15m or 8h")
-    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    digits = match.group(1).lstrip("0") if match else ""
+    if not match or not digits:
+        raise InvalidInput(f"invalid {what} {shown}: use a positive number with s, m, h or d, such as 15m or 8h")
+    # Past 20 digits it is too long anyway (and int() refuses some thousands of them).
+    if len(digits) > 20 or int(digits) * _UNIT_SECONDS[match.group(2)] > MAX_DURATION_DAYS * 86400:
+        raise InvalidInput(f"invalid {what} {shown}: too long, the most is {MAX_DURATION_DAYS}d (100 years)")
+    return int(digits) * _UNIT_SECONDS[match.group(2)]
 
 
 def normalize_database_url(url: str) -> str:
