@@ -9,15 +9,21 @@ Database URLs (bad port, unknown dialect, garbage, empty, in-memory), their pass
 from __future__ import annotations
 
 import logging
+import os
+import resource
+import signal
 import socket
+import sqlite3
+import stat
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from subprocess import CompletedProcess
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
-from tests.conftest import PostgresAdmin, run_usermgr
+from tests.conftest import USERMGR, PostgresAdmin, run_usermgr
 from usermgr import api
 from usermgr.config import Settings
 
@@ -26,7 +32,7 @@ ACCEPTED = ("sqlite:///PATH", "postgresql://")
 PASSWORD = "correct horse battery"
 
 
-def refusal(result: CompletedProcess[str], code: int) -> str:
+def refusal(result: subprocess.CompletedProcess[str], code: int) -> str:
     """The one `usermgr: error:` line of a clean refusal with `code` (after any notes, such as
     init's); no traceback, no secret anywhere."""
     assert SECRET not in result.stdout + result.stderr
@@ -239,3 +245,115 @@ def test_a_login_ttl_too_long_for_a_datetime_is_invalid_input(env: dict[str, str
     result = run_usermgr("login", "ada@example.com", "--password-stdin", "--ttl", ttl, env=env, input=f"{PASSWORD}\n")
     line = refusal(result, 3)
     assert "--ttl" in line and "36500d" in line
+
+
+# ---- the key file: whole or absent, 0600, never over an existing one ------------------------------
+
+
+def _limit_file_size(limit: int) -> Callable[[], None]:
+    """For preexec_fn: files this process writes may not grow past `limit` bytes; a write past
+    it fails with EFBIG (the signal that would kill the process is ignored), as on a full disk."""
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.fixture
+def database_held_open(db_url: str) -> Iterator[str]:
+    """`db_url`, with SQLite's WAL side files kept by an open connection: an `init` of a
+    database already at head then writes no file of its own but the key."""
+    path = make_url(db_url).database
+    if make_url(db_url).get_backend_name() != "sqlite" or path is None:
+        yield db_url
+        return
+    connection = sqlite3.connect(path)
+    connection.execute("SELECT count(*) FROM users").fetchall()
+    try:
+        yield db_url
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("algorithm", ["HS256", "EdDSA"])
+def test_a_key_write_that_fails_leaves_no_key_file(database_held_open: str, tmp_path: Path, algorithm: str) -> None:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    key_file = keys / "usermgr.key"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("USERMGR_")}
+    env.update(
+        USERMGR_DATABASE_URL=database_held_open,
+        USERMGR_KEY_FILE=str(key_file),
+        USERMGR_TOKEN_ALGORITHM=algorithm,
+        USERMGR_HASH_PROFILE="test",
+    )
+    result = subprocess.run(
+        [str(USERMGR), "init"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_limit_file_size(16),  # a key is longer than 16 bytes
+    )
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("usermgr: error:")]
+    assert errors == [f"usermgr: error: cannot create key file {key_file}: File too large; no key file was left behind"]
+    assert list(keys.iterdir()) == [], "no key, no public key, no temporary file"
+
+    again = run_usermgr("init", env=env)
+    assert again.returncode == 0, again.stderr
+    assert key_file.stat().st_size > 16
+
+
+def test_a_public_key_that_cannot_be_written_takes_its_private_key_with_it(tmp_path: Path) -> None:
+    key_file = tmp_path / "usermgr.key"
+    (tmp_path / "usermgr.key.pub").mkdir()  # in the way: the public key cannot take this name
+    env = {"USERMGR_DATABASE_URL": str(tmp_path / "users.db"), "USERMGR_TOKEN_ALGORITHM": "EdDSA"}
+    line = refusal(run_usermgr("init", env=env), 2)
+    assert line.startswith(f"usermgr: error: cannot create key file {key_file}: ")
+    assert sorted(path.name for path in tmp_path.iterdir() if "usermgr.key" in path.name) == ["usermgr.key.pub"]
+
+
+def test_the_key_files_are_0600_and_0644_whatever_the_umask(tmp_path: Path) -> None:
+    env = {"USERMGR_DATABASE_URL": str(tmp_path / "users.db"), "USERMGR_TOKEN_ALGORITHM": "EdDSA"}
+    full_env = {key: value for key, value in os.environ.items() if not key.startswith("USERMGR_")} | env
+    result = subprocess.run(
+        [str(USERMGR), "init"],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=lambda: os.umask(0),
+    )
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE((tmp_path / "usermgr.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "usermgr.key.pub").stat().st_mode) == 0o644
+    assert "created key file" in result.stderr
+
+
+@pytest.mark.parametrize("algorithm", ["HS256", "EdDSA"])
+def test_an_existing_key_is_never_overwritten(tmp_path: Path, algorithm: str) -> None:
+    key_file = tmp_path / "usermgr.key"
+    key_file.write_bytes(b"the key tokens in the wild were signed with\n")
+    key_file.chmod(0o600)
+    env = {"USERMGR_DATABASE_URL": str(tmp_path / "users.db"), "USERMGR_TOKEN_ALGORITHM": algorithm}
+    result = run_usermgr("init", env=env)
+    assert result.returncode == 0, result.stderr
+    assert key_file.read_bytes() == b"the key tokens in the wild were signed with\n"
+    assert "created key file" not in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir() if "usermgr.key" in path.name) == ["usermgr.key"]
+
+
+def test_a_key_name_taken_after_the_check_is_not_overwritten(tmp_path: Path) -> None:
+    """A dangling symlink looks absent to `exists()` but holds the name, as a key another
+    `init` created a moment ago would: the new key must not replace it, nor follow it."""
+    key_file = tmp_path / "usermgr.key"
+    elsewhere = tmp_path / "elsewhere"
+    key_file.symlink_to(elsewhere)
+    result = run_usermgr("init", env={"USERMGR_DATABASE_URL": str(tmp_path / "users.db")})
+    assert result.returncode == 0, result.stderr
+    assert key_file.is_symlink() and not elsewhere.exists()
+    assert "created key file" not in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir() if "key" in path.name) == ["usermgr.key"]
