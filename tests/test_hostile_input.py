@@ -371,7 +371,7 @@ def test_an_unreachable_postgresql_server(tmp_path: Path) -> None:
 
 
 def test_a_database_url_without_its_driver(tmp_path: Path) -> None:
-    assert "cannot use database URL" in assert_clean_rejection(_runner("mysql://db/users")("list"), 1)
+    assert "unsupported database 'mysql'" in assert_clean_rejection(_runner("mysql://db/users")("list"), 2)
 
 
 @pytest.mark.parametrize("kind", ["other tables", "zero bytes"])

@@ -890,6 +890,9 @@ def serve(app: App, host: str, port: int) -> None:
         from usermgr.api import create_app
     except ImportError:
         raise errors.ConfigurationError("the HTTP API needs the `api` extra: pip install 'usermgr[api]'") from None
+    from usermgr import database
+
+    database.check_url(app.settings.database_url)  # an unusable URL stops here, not on every request
     uvicorn.run(create_app(app.settings), host=host, port=port)
 
 

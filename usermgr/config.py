@@ -9,27 +9,52 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from usermgr.errors import ConfigurationError, InvalidInput
 
 DEFAULT_DATABASE_URL = "sqlite:///users.db"
 KEY_FILE_NAME = "usermgr.key"
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
+ACCEPTED_DATABASE_URLS = (
+    "use a SQLite file path (./NAME if the name has a colon), sqlite:///PATH,"
+    " or postgresql://USER:PASSWORD@HOST[:PORT]/DBNAME"
+)
+
+_DURATION = re.compile(r"^\s*([0-9]+)\s*([smhd]?)\s*$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION_DAYS = 36500
+"""The longest duration accepted (100 years): `now` plus any duration must still be a
+datetime (year 9999 at most), or a lock period would end nowhere and a token's `exp`
+could not be shown."""
 
 
 def parse_duration(text: str, *, what: str = "duration") -> int:
     """Seconds in a duration such as `90s`, `15m`, `8h`, `7d` or a bare number of seconds."""
+    shown = repr(text if len(text) <= 40 else text[:40] + "...")
     match = _DURATION.match(text)
-    if not match or int(match.group(1)) <= 0:
-        raise InvalidInput(f"invalid {what} {text!r}: use a positive number with s, m, h or d, such as 15m or 8h")
-    return int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    digits = match.group(1).lstrip("0") if match else ""
+    if not match or not digits:
+        raise InvalidInput(f"invalid {what} {shown}: use a positive number with s, m, h or d, such as 15m or 8h")
+    # Past 20 digits it is too long anyway (and int() refuses some thousands of them).
+    if len(digits) > 20 or int(digits) * _UNIT_SECONDS[match.group(2)] > MAX_DURATION_DAYS * 86400:
+        raise InvalidInput(f"invalid {what} {shown}: too long, the most is {MAX_DURATION_DAYS}d (100 years)")
+    return int(digits) * _UNIT_SECONDS[match.group(2)]
 
 
 def normalize_database_url(url: str) -> str:
-    """Accept a SQLAlchemy URL or a bare SQLite path such as `users.db.sample`."""
-    if "://" in url:
+    """Accept a SQLAlchemy URL or a bare SQLite path such as `users.db.sample`.
+
+    Text that starts like a URL (`sqlite:`, `postgresql:x`, `foo://`) is passed on as a URL,
+    for `database.configure` to refuse, rather than read as a file of that name.
+    """
+    if not url.strip():
+        raise ConfigurationError(
+            "the database URL (--db or USERMGR_DATABASE_URL) is empty: leave it out (unset the variable) for the"
+            f" default {DEFAULT_DATABASE_URL},"
+            f" or {ACCEPTED_DATABASE_URLS}"
+        )
+    if "://" in url or urlsplit(url).scheme:
         if url.startswith("postgresql://") or url.startswith("postgres://"):
             # psycopg 3 is the driver we ship in the `postgres` extra.
             return "postgresql+psycopg://" + url.split("://", 1)[1]
@@ -101,7 +126,11 @@ def default_key_file(database_url: str) -> Path | None:
 
 def load_settings(database_url: str | None = None, key_file: str | None = None, debug: bool = False) -> Settings:
     """Settings from the given global options, then USERMGR_* variables, then defaults."""
-    url = normalize_database_url(database_url or os.environ.get("USERMGR_DATABASE_URL") or DEFAULT_DATABASE_URL)
+    # An empty --db or USERMGR_DATABASE_URL is refused, not read as "the default": it is
+    # usually a script's unset variable, and ./users.db would then be the wrong database.
+    if database_url is None:
+        database_url = os.environ.get("USERMGR_DATABASE_URL", DEFAULT_DATABASE_URL)
+    url = normalize_database_url(database_url)
     key_path = key_file or os.environ.get("USERMGR_KEY_FILE")
     algorithm = os.environ.get("USERMGR_TOKEN_ALGORITHM", "HS256") or "HS256"
     if algorithm not in ("HS256", "EdDSA"):

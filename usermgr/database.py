@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import sqlite3
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from sqlalchemy import DateTime, Engine, create_engine, event, exc
-from sqlalchemy.engine import Connection
+from sqlalchemy import URL, DateTime, Engine, create_engine, event, exc
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.orm import DeclarativeBase, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
-from usermgr.config import sqlite_path
-from usermgr.errors import DatabaseUnavailable
+from usermgr.config import ACCEPTED_DATABASE_URLS, normalize_database_url
+from usermgr.errors import ConfigurationError, DatabaseUnavailable
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -25,6 +27,10 @@ at BEGIN (BEGIN IMMEDIATE), so two writers queue on busy_timeout instead of one 
 with "database is locked" when it upgrades a read lock."""
 
 _engine: Engine | None = None
+
+_DRIVERS = {"sqlite": ("", "pysqlite"), "postgresql": ("psycopg",)}
+"""The databases usermgr keeps users in, with the drivers it ships (psycopg 3: the
+`postgres` extra). `postgresql://` means psycopg 3 (config.normalize_database_url)."""
 
 
 class Base(DeclarativeBase):
@@ -75,9 +81,9 @@ def _on_sqlite_begin(connection: Connection) -> None:
     connection.exec_driver_sql(f"BEGIN {mode}")
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str | URL) -> Engine:
     """A new engine for `url`, with SQLite's pragmas and write locking wired in."""
-    if url.startswith("sqlite"):
+    if make_url(url).get_backend_name() == "sqlite":
         engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", _on_sqlite_connect)
         event.listen(engine, "begin", _on_sqlite_begin)
@@ -85,12 +91,60 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def _check_sqlite_path(url: str, must_exist: bool) -> None:
-    if not url.startswith("sqlite"):
+def masked(url: URL) -> str:
+    """`url` as messages and logs may show it: the password as `***`."""
+    return url.render_as_string(hide_password=True)
+
+
+def _scrub(text: str, url: URL | None) -> str:
+    """`text` with `url`'s password masked wherever it appears, as text or percent-encoded.
+
+    A password shorter than 4 characters is left alone: it turns up inside ordinary words,
+    and masking it there would garble the message without hiding anything."""
+    password = url.password if url is not None else None
+    if not password or len(password) < 4:
+        return text
+    for form in (password, quote(password, safe="")):
+        text = text.replace(form, "***")
+    return text
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def check_url(url: str) -> URL:
+    """The parsed URL of a database usermgr can keep users in, or ConfigurationError saying
+    what is accepted. Never names the password, nor an unparsed URL that may hold one."""
+    try:
+        parsed = make_url(normalize_database_url(url))
+    except (exc.ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise ConfigurationError(f"the database URL cannot be read: {ACCEPTED_DATABASE_URLS}") from None
+    backend, _, driver = parsed.drivername.partition("+")
+    if driver not in _DRIVERS.get(backend, ()):
+        raise ConfigurationError(
+            f"unsupported database {parsed.drivername!r} in {masked(parsed)}: {ACCEPTED_DATABASE_URLS}"
+        )
+    if parsed.host is not None and "@" in parsed.host:
+        raise ConfigurationError(
+            f"the database URL has an '@' after the password: write it as %40 in the password; {ACCEPTED_DATABASE_URLS}"
+        )
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise ConfigurationError(f"port {parsed.port} in {masked(parsed)} is not 1 to 65535: {ACCEPTED_DATABASE_URLS}")
+    if backend == "sqlite" and (parsed.host or parsed.username or parsed.password or parsed.port):
+        raise ConfigurationError(f"a SQLite URL names a file only, no host or user: {ACCEPTED_DATABASE_URLS}")
+    if backend == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ConfigurationError(
+            "an in-memory SQLite database (sqlite:///:memory:, sqlite://) vanishes when usermgr exits:"
+            " give a file path, such as sqlite:///users.db"
+        )
+    return parsed
+
+
+def _check_sqlite_file(url: URL, must_exist: bool) -> None:
+    if url.get_backend_name() != "sqlite" or url.database is None:
         return
-    path = sqlite_path(url)
-    if path is None:
-        raise DatabaseUnavailable("an in-memory SQLite database vanishes when usermgr exits: give a file path")
+    path = Path(url.database)
     if must_exist and not path.exists():
         raise DatabaseUnavailable(
             f"no database at {path}: create it with `usermgr init` or point --db at an existing one"
@@ -103,22 +157,23 @@ def configure(url: str, *, must_exist: bool = True) -> Engine:
     """Bind `SessionLocal` to the process's one engine for `url`.
 
     With `must_exist`, a SQLite path that does not exist is an error rather than a new
-    empty file: only `usermgr init` creates a database.
+    empty file: only `usermgr init` creates a database. An in-memory database is refused:
+    every command that opens a database means to keep what it does.
     """
     global _engine
-    path = sqlite_path(url)
-    if must_exist and path is not None and not path.exists():
-        raise DatabaseUnavailable(
-            f"no database at {path}: create it with `usermgr init` or point --db at an existing one"
-        )
-    if _engine is not None and str(_engine.url) == url:
+    parsed = check_url(url)
+    _check_sqlite_file(parsed, must_exist)
+    if _engine is not None and _engine.url == parsed:
         return _engine
     if _engine is not None:
         _engine.dispose()
+        _engine = None
     try:
-        _engine = make_engine(url)
+        _engine = make_engine(parsed)
     except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as error:
-        raise DatabaseUnavailable(f"cannot use database URL {url!r}: {error}") from None
+        raise ConfigurationError(
+            f"cannot use database URL {masked(parsed)}: {_scrub(_first_line(error), parsed)}"
+        ) from None
     SessionLocal.configure(bind=_engine)
     return _engine
 
@@ -131,7 +186,8 @@ def as_domain_error(error: BaseException) -> DatabaseUnavailable | None:
     failures = (exc.OperationalError, exc.DatabaseError, exc.InterfaceError, sqlite3.DatabaseError)
     if not isinstance(error, failures) or isinstance(error, (exc.IntegrityError, sqlite3.IntegrityError)):
         return None
-    text = str(getattr(error, "orig", error)).strip().splitlines()[0] if str(error) else type(error).__name__
+    text = _first_line(getattr(error, "orig", error)) if str(error) else type(error).__name__
+    text = _scrub(text, _engine.url if _engine is not None else None)
     lowered = text.lower()
     if "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered):
         return DatabaseUnavailable("the database has no usermgr schema: run `usermgr init` first")

@@ -6,9 +6,11 @@ Imports neither SQLAlchemy nor pydantic: `usermgr verify TOKEN` must start witho
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import secrets
 import stat
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -55,6 +57,8 @@ def create_key_file(path: Path, algorithm: str) -> bool:
 
     HS256: 32 random bytes, base64url, one line. EdDSA: an Ed25519 private key (PEM),
     and its public key beside it as `<key file>.pub` for services that only verify.
+    Either the whole key appears or nothing does: a full disk leaves no empty or partial
+    key file for a later run to trust, and an existing key is never replaced.
     """
     if path.exists():
         return False
@@ -63,16 +67,56 @@ def create_key_file(path: Path, algorithm: str) -> bool:
     else:
         private_pem, public_pem = (_new_secret() + "\n").encode(), None
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return False
+        if not _put_in_place(path, private_pem, 0o600, replace=False):
+            return False  # another `init` created it first: theirs stands
+        if public_pem is not None:
+            try:
+                _put_in_place(public_key_path(path), public_pem, 0o644, replace=True)
+            except OSError:
+                path.unlink()  # without its public half the pair is unfinished: the next `init` makes both
+                raise
     except OSError as error:
-        raise ConfigurationError(f"cannot create key file {path}: {error.strerror}") from None
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(private_pem)
-    if public_pem is not None:
-        public_key_path(path).write_bytes(public_pem)
+        raise ConfigurationError(
+            f"cannot create key file {path}: {error.strerror or error}; no key file was left behind"
+        ) from None
+    _sync_directory(path.parent)
     return True
+
+
+def _put_in_place(target: Path, content: bytes, mode: int, *, replace: bool) -> bool:
+    """Write `content` to a new file beside `target` (private from its creation), fsync it,
+    then give it `target`'s name in one step. Without `replace` an existing `target` is
+    kept (a hard link never overwrites) and the result is False. The temporary name is
+    gone afterwards, whatever happened."""
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    temporary = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+            os.fchmod(handle.fileno(), mode)
+        if replace:
+            os.replace(temporary, target)
+            return True
+        try:
+            os.link(temporary, target)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the new name itself survive a crash; a file system that cannot sync a
+    directory still has the key, so a failure here is not one."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _read_private_file(path: Path) -> bytes:
