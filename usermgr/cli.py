@@ -745,7 +745,8 @@ def import_users(app: App, source: str, fmt: str | None, on_conflict: str, dry_r
     Fields as `export` writes them: email (required), username, full_name, roles,
     is_active, created_at, last_login_at, and either password (hashed here) or
     hashed_password (argon2 or bcrypt, stored as it is). Every row is validated first.
-    UTF-8 (with or without a byte-order mark) or UTF-16 with one; any line ending.
+    Text in UTF-8 (with or without a byte-order mark) or in UTF-16 with a byte-order
+    mark; lines end in LF, CRLF or CR.
 
     \b
     Example:
