@@ -754,13 +754,16 @@ def _verify_stream(checker: TokenChecker, lines: Any, fmt: str) -> int:
     help="What to do with an email that already exists.",
 )
 @click.option("--dry-run", is_flag=True, help="Validate and count, but write nothing.")
+@click.option("--no-csv-guard", is_flag=True, help="Take CSV cells literally: keep a ' that `export -o csv` added.")
 @pass_app
-def import_users(app: App, source: str, fmt: str | None, on_conflict: str, dry_run: bool) -> None:
+def import_users(app: App, source: str, fmt: str | None, on_conflict: str, dry_run: bool, no_csv_guard: bool) -> None:
     """Add users in bulk from CSV or JSONL: all of them, or none.
 
     Fields as `export` writes them: email (required), username, full_name, roles,
     is_active, created_at, last_login_at, and either password (hashed here) or
     hashed_password (argon2 or bcrypt, stored as it is). Every row is validated first.
+    Text in UTF-8 (with or without a byte-order mark) or in UTF-16 with a byte-order
+    mark; lines end in LF, CRLF or CR.
 
     \b
     Example:
@@ -773,12 +776,7 @@ def import_users(app: App, source: str, fmt: str | None, on_conflict: str, dry_r
     if fmt is None:
         raise click.UsageError("cannot tell the input format: give --format csv or --format jsonl")
     with _open_text(source) as stream:
-        try:
-            plan = service.plan_import(output.read_rows(stream, fmt))
-        except UnicodeDecodeError as error:
-            raise errors.InvalidInput(
-                f"the input is not UTF-8 ({error.reason} at byte {error.start}); nothing was imported"
-            ) from None
+        plan = service.plan_import(output.read_rows(stream, fmt, csv_guard=not no_csv_guard))
     try:
         with app.session() as db:
             if plan.passwords and not dry_run:
@@ -791,12 +789,10 @@ def import_users(app: App, source: str, fmt: str | None, on_conflict: str, dry_r
 
 
 def _open_text(source: str) -> Any:
-    """A UTF-8 text stream of FILE or standard input, with newlines left to the reader."""
-    import io
-
-    if source == "-":
-        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", newline="")
-    return open(source, encoding="utf-8", newline="")
+    """The text of FILE or standard input, decoded as its byte-order mark says (see
+    `output.open_import_text`)."""
+    binary = sys.stdin.buffer if source == "-" else open(source, "rb")  # noqa: SIM115 (the text stream closes it)
+    return output.open_import_text(binary)
 
 
 def _hash_with_progress(plan: Any, settings: Settings) -> None:
@@ -855,10 +851,18 @@ def _duration(seconds: float) -> str:
 
 @cli.command()
 @click.option("--with-hashes", is_flag=True, help="Add hashed_password, so that passwords move too.")
+@click.option(
+    "--no-csv-guard",
+    is_flag=True,
+    help="Write CSV cells as they are: no ' before a cell that starts with = + - @ tab CR or '.",
+)
 @output_option(output.IMPORT_FORMATS, default="jsonl")
 @pass_app
-def export(app: App, with_hashes: bool, fmt: str) -> None:
+def export(app: App, with_hashes: bool, no_csv_guard: bool, fmt: str) -> None:
     """Every user, streamed, in the shape `import` takes back unchanged.
+
+    CSV puts a ' before a cell that a spreadsheet would run as a formula (= + - @ tab CR)
+    or that starts with '; `import` takes it off again.
 
     \b
     Example:
@@ -869,7 +873,8 @@ def export(app: App, with_hashes: bool, fmt: str) -> None:
 
     fields = (*USER_FIELDS, "hashed_password") if with_hashes else USER_FIELDS
     with app.session() as db:
-        count = output.write_records(service.iter_user_records(db, with_hashes=with_hashes), fmt, fields)
+        records = service.iter_user_records(db, with_hashes=with_hashes)
+        count = output.write_records(records, fmt, fields, csv_guard=not no_csv_guard)
     note(f"exported {count} user{'s' if count != 1 else ''}")
 
 

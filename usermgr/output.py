@@ -2,23 +2,36 @@
 (csv, jsonl for `import`), so that each encoding rule lives in one place.
 
 Data goes to standard output, streamed row by row except for `table`, which must see
-every row to size its columns. Stdlib only at import time; tabulate loads on use.
+every row to size its columns. Stdlib and usermgr.errors only at import time; tabulate
+loads on use.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
+import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
+
+from usermgr.errors import InvalidInput
 
 USER_FORMATS = ("table", "json", "jsonl", "csv", "email", "id")
 DATA_FORMATS = ("table", "json", "jsonl", "csv")
 IMPORT_FORMATS = ("csv", "jsonl")
 LIST_SEPARATOR = ";"  # how CSV joins a list (roles); role names cannot contain it
+
+# CSV injection (OWASP): a spreadsheet runs a cell that starts with one of these as a
+# formula, so CSV output writes such a cell with CSV_GUARD before it, and a cell that
+# already starts with CSV_GUARD gets one too, so that reading can take exactly one off.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+CSV_GUARD = "'"
+_GUARDED_STARTS = (*FORMULA_STARTS, CSV_GUARD)
 
 
 def _iso(value: Any) -> str:
@@ -48,11 +61,22 @@ def _json_line(record: dict[str, Any]) -> str:
     return _JSON.encode(record)
 
 
-def write_records(records: Iterable[dict[str, Any]], fmt: str, fields: Sequence[str], out: TextIO | None = None) -> int:
-    """Write records in `fmt`, with `fields` as the columns; returns how many were written."""
+def write_records(
+    records: Iterable[dict[str, Any]],
+    fmt: str,
+    fields: Sequence[str],
+    out: TextIO | None = None,
+    *,
+    csv_guard: bool = True,
+) -> int:
+    """Write records in `fmt`, with `fields` as the columns; returns how many were written.
+
+    `csv_guard=False` writes CSV cells as they are, formulas included (see `guard_cell`).
+    """
     out = out or sys.stdout
-    writer = _WRITERS[fmt]
-    return writer(records, fields, out)
+    if fmt == "csv":
+        return _write_csv(records, fields, out, guard=csv_guard)
+    return _WRITERS[fmt](records, fields, out)
 
 
 def _each(records: Iterable[dict[str, Any]], write: Callable[[dict[str, Any]], Any]) -> int:
@@ -92,11 +116,26 @@ def _write_json(records: Iterable[dict[str, Any]], fields: Sequence[str], out: T
     return count
 
 
-def _write_csv(records: Iterable[dict[str, Any]], fields: Sequence[str], out: TextIO) -> int:
+def guard_cell(cell: str) -> str:
+    """A CSV cell a spreadsheet shows as text: CSV_GUARD before a formula start or a CSV_GUARD."""
+    return CSV_GUARD + cell if cell.startswith(_GUARDED_STARTS) else cell
+
+
+def unguard_cell(cell: str) -> str:
+    """The cell `guard_cell` was given: one CSV_GUARD off, only where `guard_cell` adds one.
+
+    A cell like `'quoted` (a CSV_GUARD before anything else) was not guarded and stays.
+    """
+    return cell[1:] if cell[:1] == CSV_GUARD and cell[1:2] in _GUARDED_STARTS else cell
+
+
+def _write_csv(records: Iterable[dict[str, Any]], fields: Sequence[str], out: TextIO, *, guard: bool) -> int:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(fields)
+    encode = guard_cell if guard else str
     return _each(
-        records, lambda record: writer.writerow([_cell(record.get(field), LIST_SEPARATOR) for field in fields])
+        records,
+        lambda record: writer.writerow([encode(_cell(record.get(field), LIST_SEPARATOR)) for field in fields]),
     )
 
 
@@ -120,7 +159,6 @@ _WRITERS = {
     "table": _write_table,
     "json": _write_json,
     "jsonl": _write_jsonl,
-    "csv": _write_csv,
     "email": _one_value("email"),
     "id": _one_value("id"),
 }
@@ -165,17 +203,77 @@ def format_for_path(path: str) -> str | None:
     return None
 
 
-def read_rows(stream: TextIO, fmt: str, list_fields: Sequence[str] = ("roles",)) -> Iterator[InputRow]:
+# Encodings `import` reads: UTF-16 when its byte-order mark says so, else UTF-8, whose
+# byte-order mark (Excel's "CSV UTF-8") 'utf-8-sig' drops.
+_UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+# What 'surrogateescape' makes of bytes that do not decode: they mark a line as not text.
+_UNDECODED = re.compile("[\udc80-\udcff]")
+
+
+class _Replay(io.RawIOBase):
+    """A binary stream whose first bytes were read to look for a byte-order mark, and are
+    given again: standard input cannot seek back."""
+
+    def __init__(self, head: bytes, rest: BinaryIO) -> None:
+        self._head = head
+        self._rest = rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._head or self._rest.read1(len(buffer))
+        count = min(len(data), len(buffer))
+        buffer[:count] = data[:count]
+        self._head = self._head[count:]
+        return count
+
+    def close(self) -> None:
+        self._rest.close()
+        super().close()
+
+
+def open_import_text(binary: BinaryIO) -> TextIO:
+    """The text of an import stream, in the encoding its byte-order mark names (UTF-16 LE
+    or BE, UTF-8) or else UTF-8; newlines are left to the reader (CRLF, LF and lone CR).
+
+    Bytes that do not decode become lone surrogates, which `read_rows` reports by line.
+    """
+    head = binary.read(len(codecs.BOM_UTF16_LE))
+    encoding = "utf-16" if head in _UTF16_BOMS else "utf-8-sig"
+    stream = io.BufferedReader(_Replay(head, binary))
+    return io.TextIOWrapper(stream, encoding=encoding, errors="surrogateescape", newline="")
+
+
+def _text_lines(stream: Iterable[str]) -> Iterator[str]:
+    """The lines of `stream`; bytes that do not decode end the input, naming their line."""
+    encoding = "UTF-16" if getattr(stream, "encoding", "") == "utf-16" else "UTF-8"
+    advice = "nothing was imported (save the file as UTF-8, or as UTF-16 with a byte-order mark)"
+    number = 0
+    try:
+        for number, line in enumerate(stream, start=1):
+            if not line.isascii() and _UNDECODED.search(line):  # isascii: the common case, fast
+                raise InvalidInput(f"line {number}: not {encoding} text; {advice}")
+            yield line
+    except UnicodeDecodeError:  # what surrogateescape cannot carry: UTF-16's lone surrogates
+        where = f" after line {number}" if number else ""  # decoded a chunk ahead: no exact line
+        raise InvalidInput(f"not {encoding} text{where}; {advice}") from None
+
+
+def read_rows(
+    stream: Iterable[str], fmt: str, list_fields: Sequence[str] = ("roles",), *, csv_guard: bool = True
+) -> Iterator[InputRow]:
     """Rows of a CSV or JSONL stream, as `write_records` writes them.
 
-    CSV: empty cells are absent fields, and list fields are `;`-joined. Blank JSONL
-    lines are skipped.
+    CSV: empty cells are absent fields, list fields are `;`-joined, and with `csv_guard`
+    the CSV_GUARD that `guard_cell` adds is taken off again. Blank JSONL lines are skipped.
     """
-    return _read_csv(stream, list_fields) if fmt == "csv" else _read_jsonl(stream)
+    lines = _text_lines(stream)
+    return _read_csv(lines, list_fields, csv_guard) if fmt == "csv" else _read_jsonl(lines)
 
 
-def _read_jsonl(stream: TextIO) -> Iterator[InputRow]:
-    for line_number, line in enumerate(stream, start=1):
+def _read_jsonl(lines: Iterable[str]) -> Iterator[InputRow]:
+    for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -183,14 +281,17 @@ def _read_jsonl(stream: TextIO) -> Iterator[InputRow]:
         except ValueError:
             yield InputRow(line_number, None, "not valid JSON")
             continue
+        except RecursionError:
+            yield InputRow(line_number, None, "not valid JSON: nested too deeply")
+            continue
         if not isinstance(value, dict):
             yield InputRow(line_number, None, "not a JSON object")
             continue
         yield InputRow(line_number, value)
 
 
-def _read_csv(stream: TextIO, list_fields: Sequence[str]) -> Iterator[InputRow]:
-    reader = csv.reader(stream)
+def _read_csv(lines: Iterable[str], list_fields: Sequence[str], guard: bool) -> Iterator[InputRow]:
+    reader = csv.reader(lines)
     try:
         header = next(reader, None)
     except csv.Error as error:
@@ -212,7 +313,11 @@ def _read_csv(stream: TextIO, list_fields: Sequence[str]) -> Iterator[InputRow]:
         if len(cells) != len(names):
             yield InputRow(reader.line_num, None, f"{len(cells)} cells where the header has {len(names)}")
             continue
-        fields: dict[str, Any] = {name: cell for name, cell in zip(names, cells, strict=True) if cell != ""}
+        fields: dict[str, Any] = {
+            name: unguard_cell(cell) if guard and cell.startswith(CSV_GUARD) else cell
+            for name, cell in zip(names, cells, strict=True)
+            if cell != ""
+        }
         for name in list_fields:
             if name in fields:
                 fields[name] = fields[name].split(LIST_SEPARATOR)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import unicodedata
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import (
@@ -229,6 +229,18 @@ class ImportRow(BaseModel):
         if isinstance(value, str) and value and not _HAS_OFFSET.search(value):
             return value + "+00:00"
         return value
+
+    @field_validator("created_at", "last_login_at")
+    @classmethod
+    def _in_utc(cls, value: datetime | None) -> datetime | None:
+        """Stored in UTC: a time with no UTC equivalent (`9999-12-31T23:00:00-05:00` is in
+        the year 10000) is refused here, with its line, before anything is written."""
+        if value is None:
+            return None
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("out of range in UTC: use a time from 0001-01-01 to 9999-12-31 UTC") from None
 
     @model_validator(mode="after")
     def _one_secret(self) -> ImportRow:
