@@ -309,12 +309,12 @@ def test_any_invalid_token_wins_over_a_missing_role_in_any_order(
 ) -> None:
     """Exit 7 when any token is invalid, even after one without the role (8) came first."""
     no_role, bad = issue(hs_settings, roles=["beta"]), "garbage"
-    for tokens in ([no_role, bad], [bad, no_role]):
+    for order in ([no_role, bad], [bad, no_role]):
         if how == "arguments":
-            result = offline("verify", *tokens, "--role", "admin", "-o", "email")
+            result = offline("verify", *order, "--role", "admin", "-o", "email")
         else:
-            result = offline("verify", "-", "--role", "admin", input="".join(t + "\n" for t in tokens))
-        assert result.exit_code == 7, (tokens, result.stderr)
+            result = offline("verify", "-", "--role", "admin", input="".join(t + "\n" for t in order))
+        assert result.exit_code == 7, (order, result.stderr)
 
 
 def stream(offline: Runner, lines: list[str], *args: str) -> tuple[Result, list[dict[str, Any]]]:
