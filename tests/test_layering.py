@@ -128,3 +128,21 @@ def test_the_static_check_sees_the_faces_imports() -> None:
     assert "click" in imported_roots(PACKAGE / "cli.py")
     assert "fastapi" in imported_roots(PACKAGE / "api.py")
     assert len(MODULES) > len(FACES)
+
+
+SERVICE_ORDER = ["core", "revocation", "roles", "records", "users", "auth", "bulk"]
+
+
+def test_the_service_modules_import_downward_only() -> None:
+    """Each concern of usermgr/service/ imports only the concerns before it (its __init__
+    lists the order): no circle, and a reader knows where each rule may lean."""
+    service = PACKAGE / "service"
+    assert sorted(path.stem for path in service.glob("*.py") if path.stem != "__init__") == sorted(SERVICE_ORDER)
+    for position, name in enumerate(SERVICE_ORDER):
+        tree = ast.parse((service / f"{name}.py").read_text())
+        siblings = {
+            node.module.rsplit(".", 1)[1]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("usermgr.service.")
+        }
+        assert siblings <= set(SERVICE_ORDER[:position]), (name, siblings)

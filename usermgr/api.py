@@ -197,21 +197,33 @@ def get_db(runtime: Annotated[_Runtime, Depends(_runtime)]) -> Iterator[Session]
         db.close()
 
 
-def token_claims(
-    token: Annotated[str | None, Depends(oauth2_scheme)], settings: Annotated[Settings, Depends(get_settings)]
-) -> dict[str, Any]:
-    """The claims of the request's bearer token: signature, expiry, issuer and audience checked."""
+def bearer_token(token: Annotated[str | None, Depends(oauth2_scheme)]) -> str:
+    """The request's bearer token, unchecked; 401 when there is none."""
     if not token:
         raise errors.TokenInvalid(f"not authenticated: send `Authorization: Bearer <token>` (get one at {TOKEN_URL})")
+    return token
+
+
+def token_claims(
+    token: Annotated[str, Depends(bearer_token)], settings: Annotated[Settings, Depends(get_settings)]
+) -> dict[str, Any]:
+    """The claims of the request's bearer token: signature, expiry, issuer and audience checked."""
     key, algorithm = tokens.verification_key(settings)
     return tokens.decode_token(token, settings, key, algorithm)
 
 
+def _holder(db: Session, settings: Settings, token: str, role: str | None = None) -> User:
+    key, algorithm = tokens.verification_key(settings)
+    return service.holder_of_token(db, settings, token, key, algorithm, required_role=role)[1]
+
+
 def current_user(
-    claims: Annotated[dict[str, Any], Depends(token_claims)], db: Annotated[Session, Depends(get_db)]
+    token: Annotated[str, Depends(bearer_token)],
+    settings: Annotated[Settings, Depends(get_settings)],
+    db: Annotated[Session, Depends(get_db)],
 ) -> User:
     """The token's holder, if it still exists, is enabled, is not locked and has not revoked the token."""
-    return service.check_token_holder(db, claims)
+    return _holder(db, settings, token)
 
 
 def require_role(name: str) -> Callable[..., User]:
@@ -220,9 +232,11 @@ def require_role(name: str) -> Callable[..., User]:
     role = validate_role_name(name)
 
     def holder_with_role(
-        claims: Annotated[dict[str, Any], Depends(token_claims)], db: Annotated[Session, Depends(get_db)]
+        token: Annotated[str, Depends(bearer_token)],
+        settings: Annotated[Settings, Depends(get_settings)],
+        db: Annotated[Session, Depends(get_db)],
     ) -> User:
-        return service.check_token_holder(db, claims, required_role=role)
+        return _holder(db, settings, token, role)
 
     holder_with_role.__name__ = f"require_role_{role}"
     return holder_with_role

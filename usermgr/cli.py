@@ -677,12 +677,13 @@ class TokenChecker:
         """The token's claims; TokenInvalid or Forbidden when it does not pass."""
         from usermgr import tokens
 
-        claims = tokens.decode_token(token, self.settings, self.key, self.algorithm, required_role=self.role)
-        if self.db is not None:
-            from usermgr import service
+        if self.db is None:
+            return tokens.decode_token(token, self.settings, self.key, self.algorithm, required_role=self.role)
+        from usermgr import service
 
-            service.check_token_holder(self.db, claims, self.role)
-        return claims
+        return service.holder_of_token(
+            self.db, self.settings, token, self.key, self.algorithm, required_role=self.role
+        )[0]
 
 
 def _failure_code(error: errors.UsermgrError, worst: int) -> int:

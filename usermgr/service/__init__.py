@@ -1,0 +1,79 @@
+"""The rules. Every operation is one transaction; every failure is a domain error.
+
+Both faces (cli.py, api.py) call `service.<name>` and add no rule of their own. The rules
+live by concern, imports flowing one way:
+
+    core        transactions, and finding the users a USER names
+    revocation  which changes end a user's tokens (one rule for every path)
+    roles       roles, and the guard that keeps an active admin
+    records     the contract's record; filtered lists, streamed
+    users       create and change users
+    auth        logins, lockout, token holders
+    bulk        import: validate all, hash on every core, one transaction
+
+passlib, PyJWT and pydantic are imported inside the functions that use them, so that
+`usermgr show` and `usermgr list` never pay for loading them.
+"""
+
+from usermgr.service.auth import authenticate, check_token_holder, holder_of_token, login
+from usermgr.service.bulk import (
+    ON_CONFLICT,
+    ImportPlan,
+    ImportResult,
+    apply_import,
+    hash_passwords,
+    plan_import,
+    seconds_to_hash,
+)
+from usermgr.service.core import MAX_ROW_COUNT, MAX_USER_ID, get_user, ping
+from usermgr.service.records import UserFilter, iter_user_records, list_roles, user_record
+from usermgr.service.revocation import Access, access_of, revoke_tokens, revokes_tokens
+from usermgr.service.roles import grant_role, revoke_role
+from usermgr.service.users import (
+    check_new_user,
+    create_user,
+    delete_users,
+    new_user,
+    set_active,
+    set_password,
+    unlock,
+    update_user,
+    user_changes,
+)
+
+__all__ = [
+    "MAX_ROW_COUNT",
+    "MAX_USER_ID",
+    "ON_CONFLICT",
+    "Access",
+    "ImportPlan",
+    "ImportResult",
+    "UserFilter",
+    "access_of",
+    "apply_import",
+    "authenticate",
+    "check_new_user",
+    "check_token_holder",
+    "create_user",
+    "delete_users",
+    "get_user",
+    "grant_role",
+    "hash_passwords",
+    "holder_of_token",
+    "iter_user_records",
+    "list_roles",
+    "login",
+    "new_user",
+    "ping",
+    "plan_import",
+    "revoke_role",
+    "revoke_tokens",
+    "revokes_tokens",
+    "seconds_to_hash",
+    "set_active",
+    "set_password",
+    "unlock",
+    "update_user",
+    "user_changes",
+    "user_record",
+]

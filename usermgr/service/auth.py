@@ -1,0 +1,194 @@
+"""Logins, lockout and token holders."""
+
+from __future__ import annotations
+
+import unicodedata
+import uuid
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import bindparam, case, null, or_, select, update
+from sqlalchemy.orm import Session
+
+from usermgr.config import Settings
+from usermgr.database import UtcDateTime, utcnow
+from usermgr.errors import AuthenticationFailed, Forbidden, InvalidInput, TokenInvalid
+from usermgr.models import UID_LENGTH, User
+
+if TYPE_CHECKING:
+    pass
+from usermgr.service.core import find_user, reading, writing
+
+
+def _is_locked(user: User, now: datetime) -> bool:
+    return user.locked_until is not None and user.locked_until > now
+
+
+def _unlocked(now: datetime) -> Any:
+    """The SQL condition "no lock, or an expired one" (`now` bound as a UtcDateTime, so that
+    SQLite's stored strings compare as times)."""
+    return or_(User.locked_until.is_(None), User.locked_until <= now)
+
+
+def authenticate(db: Session, settings: Settings, ref: str, password: str, *, email_only: bool = False) -> User:
+    """The user if the password is right and the account may log in; else one error for all.
+
+    With lockout on, a guess is counted *before* its password is checked (`_reserve_guess`),
+    in one atomic statement that refuses while the account is locked: however many logins
+    arrive at once, through any process, at most `lockout_threshold` guesses are checked per
+    lock period. A right password is then taken only if, atomically, the account is still
+    unlocked (or the lock is the one this very guess set): a lock that other guesses set
+    meanwhile wins. The password is checked outside any transaction (it is slow by design);
+    an unknown or locked user is checked against a dummy hash so that it costs the same time.
+    With `email_only`, a USER that is not an email (an id, a username) is an unknown user.
+    """
+    from usermgr import security
+
+    with reading(db):
+        user = find_user(db, ref, email_only=email_only)
+    candidate = _login_password(password)
+    if user is None:
+        security.verify_dummy(candidate, settings.hash_profile)
+        raise AuthenticationFailed()
+    hashed, my_lock = user.hashed_password, None
+    if settings.lockout_threshold:
+        reservation = _reserve_guess(db, settings, user.id, utcnow())
+        if reservation is None:  # locked: the guess is never checked
+            security.verify_dummy(candidate, settings.hash_profile)
+            raise AuthenticationFailed()
+        hashed, my_lock = reservation
+    ok, new_hash = security.verify_password(candidate, hashed, settings.hash_profile)
+    if not ok:
+        raise AuthenticationFailed()  # already counted by the reservation
+    return _take_success(db, user.id, hashed, my_lock, new_hash)
+
+
+def _login_password(password: str) -> str:
+    """The login password as it was hashed: NFKC-normalised, but no policy enforced
+    (an imported hash may predate the policy)."""
+    return unicodedata.normalize("NFKC", password)
+
+
+def _reserve_guess(
+    db: Session, settings: Settings, user_id: int, now: datetime
+) -> tuple[str | None, datetime | None] | None:
+    """Count one guess before it is checked, in one atomic write; None if the account is locked.
+
+    The T-th guess (T = lockout_threshold) locks the account for lockout_period and restarts
+    the count from zero, so when the lock expires the count starts again. Both CASEs read the
+    old count. PostgreSQL re-checks the WHERE on the row's newest version after waiting for
+    its lock (READ COMMITTED); SQLite's BEGIN IMMEDIATE runs one writer at a time.
+
+    Returns the stored hash (as of this write) and the lock this guess set, if it set one.
+    """
+    reaches = User.failed_logins + 1 >= settings.lockout_threshold
+    lock_end = bindparam("lock_end", now + timedelta(seconds=settings.lockout_period), type_=UtcDateTime())
+    with writing(db):
+        row = db.execute(
+            update(User)
+            .where(User.id == user_id, _unlocked(now))
+            .values(
+                failed_logins=case((reaches, 0), else_=User.failed_logins + 1),
+                locked_until=case((reaches, lock_end), else_=null()),
+            )
+            .returning(User.hashed_password, User.locked_until)
+            .execution_options(synchronize_session=False)
+        ).first()
+    return None if row is None else (row.hashed_password, row.locked_until)
+
+
+def _take_success(
+    db: Session, user_id: int, checked: str | None, my_lock: datetime | None, new_hash: str | None
+) -> User:
+    """Record a right password, atomically: only for an active user that is unlocked, or
+    locked by this guess's own reservation, and whose hash is still the one `checked` (a
+    password set meanwhile wins, and a rehash never overwrites it); else AuthenticationFailed.
+    Returns the user as the same transaction left it (roles and token_version for the token)."""
+    now = utcnow()
+    may_enter = _unlocked(now) if my_lock is None else or_(_unlocked(now), User.locked_until == my_lock)
+    values: dict[str, Any] = {"failed_logins": 0, "locked_until": None, "last_login_at": now}
+    if new_hash is not None:
+        values["hashed_password"] = new_hash
+    with writing(db):
+        taken = db.execute(
+            update(User)
+            .where(User.id == user_id, User.is_active.is_(True), User.hashed_password == checked, may_enter)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if not taken:
+            raise AuthenticationFailed()
+        return db.scalars(select(User).where(User.id == user_id).execution_options(populate_existing=True)).one()
+
+
+def login(
+    db: Session, settings: Settings, ref: str, password: str, ttl: int | None = None, *, email_only: bool = False
+) -> str:
+    """Authenticate and mint an access token. `email_only`: USER must be an email (the API's
+    rule: an anonymous caller must not lock accounts by counting ids or guessing usernames);
+    anything else is then an unknown user, with the same error and the same cost."""
+    from usermgr import tokens
+
+    lifetime = settings.token_ttl if ttl is None else ttl
+    if lifetime > settings.token_max_ttl:
+        raise InvalidInput(
+            f"token lifetime {lifetime}s is above the maximum of {settings.token_max_ttl}s (USERMGR_TOKEN_MAX_TTL)"
+        )
+    key = tokens.signing_key(settings)  # an unusable key fails before the login is recorded
+    user = authenticate(db, settings, ref, password, email_only=email_only)
+    return tokens.issue_token(
+        settings,
+        key=key,
+        subject=user.uid,
+        email=user.email,
+        roles=user.role_names,
+        token_version=user.token_version,
+        ttl=lifetime,
+    )
+
+
+def check_token_holder(db: Session, claims: dict[str, Any], required_role: str | None = None) -> User:
+    """The token's user, if it still exists, is enabled, is not locked, has not revoked
+    the token and (when asked) still holds the role.
+
+    The holder is found by `sub`, the user's `uid`: never reused, so a deleted user's token
+    can never pass as whoever is created next, here or in another database.
+    """
+    from usermgr.tokens import VERSION_CLAIM
+
+    subject = claims.get("sub")
+    with reading(db):
+        user = db.scalars(select(User).where(User.uid == subject)).first() if _is_uid(subject) else None
+    if user is None:
+        raise TokenInvalid("token invalid: the user no longer exists")
+    if not user.is_active:
+        raise TokenInvalid("token invalid: the user is disabled")
+    if _is_locked(user, utcnow()):
+        raise TokenInvalid("token invalid: the user is locked")
+    if claims.get(VERSION_CLAIM, 0) != user.token_version:
+        raise TokenInvalid("token invalid: revoked")
+    if required_role is not None and required_role not in user.role_names:
+        raise Forbidden(f"forbidden: the user does not have the role {required_role!r}")
+    return user
+
+
+def _is_uid(value: Any) -> bool:
+    """True for a UUID in its canonical text form, as `uid` stores it."""
+    if not isinstance(value, str) or len(value) != UID_LENGTH:
+        return False
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
+def holder_of_token(
+    db: Session, settings: Settings, token: str, key: Any, algorithm: str, *, required_role: str | None = None
+) -> tuple[dict[str, Any], User]:
+    """A token's claims and its holder, both checked: the signature, expiry, issuer and
+    audience (and the role, when asked) of the token, then the holder as
+    `check_token_holder` checks them. What `verify --check-db` and the API ask."""
+    from usermgr.tokens import decode_token
+
+    claims = decode_token(token, settings, key, algorithm, required_role=required_role)
+    return claims, check_token_holder(db, claims, required_role)

@@ -1,0 +1,343 @@
+"""Bulk import: validate every row first, hash on every core, then one transaction."""
+
+from __future__ import annotations
+
+import marshal
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import IO, TYPE_CHECKING, Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.orm import Session
+
+from usermgr.config import Settings
+from usermgr.database import utcnow
+from usermgr.errors import Conflict, InvalidInput
+from usermgr.models import Role, User, new_uid, user_roles
+
+if TYPE_CHECKING:
+    from usermgr.schemas import ImportRow
+from usermgr.service.core import writing
+from usermgr.service.revocation import Access, revokes_tokens
+from usermgr.service.roles import keeping_an_admin
+from usermgr.service.users import refuse_lookalike
+
+MAX_REPORTED_ROW_ERRORS = 20
+
+
+SpooledRow = dict[str, Any]
+
+
+_IMPORT_CHUNK = 1000
+
+
+ON_CONFLICT = ("error", "skip", "update")
+
+
+@dataclass
+class ImportPlan:
+    """Rows that passed validation, spooled to a private temporary file so memory stays
+    flat, and the plaintext passwords still to be hashed (by line number)."""
+
+    spool: IO[bytes]
+    rows: int = 0
+    passwords: dict[int, str] = field(default_factory=dict, repr=False)
+    hashes: dict[int, str] = field(default_factory=dict, repr=False)
+    _chunks: int = 0
+    _pending: list[SpooledRow] = field(default_factory=list, repr=False)
+
+    def add(self, row: SpooledRow) -> None:
+        self._pending.append(row)
+        self.rows += 1
+        if len(self._pending) == _IMPORT_CHUNK:
+            self._spool_pending()
+
+    def _spool_pending(self) -> None:
+        # A chunk a record, behind its length: marshal.load on a file reads field by field,
+        # marshal.loads of one read is a single call per thousand rows.
+        if self._pending:
+            record = marshal.dumps(self._pending)
+            self.spool.write(len(record).to_bytes(8, "big") + record)
+            self._chunks += 1
+            self._pending = []
+
+    def chunks(self) -> Iterator[list[SpooledRow]]:
+        """The spooled rows, a chunk of up to a thousand at a time, in input order."""
+        self._spool_pending()
+        self.spool.seek(0)
+        for _ in range(self._chunks):
+            size = int.from_bytes(self.spool.read(8), "big")
+            yield marshal.loads(self.spool.read(size))
+
+    def close(self) -> None:
+        self.spool.close()
+        self.passwords.clear()
+
+
+@dataclass
+class ImportResult:
+    created: int = 0
+    updated: int = 0
+    skipped: int = 0
+
+
+def _spooled_row(line: int, row: ImportRow) -> dict[str, Any]:
+    """A valid row as it waits in the spool: plain values that marshal can write."""
+    return {
+        "line": line,
+        "uid": row.uid,
+        "email": row.email,
+        "username": row.username,
+        "full_name": row.full_name,
+        "roles": sorted(set(row.roles)),
+        "is_active": row.is_active,
+        "hashed_password": row.hashed_password,
+        "created_at": row.created_at.isoformat() if row.created_at else None,
+        "last_login_at": row.last_login_at.isoformat() if row.last_login_at else None,
+    }
+
+
+def plan_import(rows: Iterable[Any]) -> ImportPlan:
+    """Validate every row first; nothing is written while any row is bad.
+
+    `rows` are `output.InputRow`s. Bad rows are reported with their line numbers, the
+    first twenty and then a count, as one InvalidInput.
+    """
+    from pydantic import ValidationError
+
+    from usermgr.schemas import ImportRow, first_error
+
+    plan = ImportPlan(spool=tempfile.TemporaryFile())  # noqa: SIM115 (ImportPlan.close closes it)
+    problems: list[str] = []
+    bad = 0
+    for row in rows:
+        problem = row.problem
+        if problem is None:
+            try:
+                valid = ImportRow.model_validate(row.fields)
+            except ValidationError as error:
+                problem = first_error(error)
+        if problem is not None:
+            bad += 1
+            if len(problems) < MAX_REPORTED_ROW_ERRORS:
+                problems.append(f"line {row.line}: {problem}")
+            continue
+        if bad:
+            continue  # only counting now: nothing of this input will be written
+        if valid.password is not None:
+            plan.passwords[row.line] = valid.password
+        plan.add(_spooled_row(row.line, valid))
+    if bad:
+        plan.close()
+        more = f" (the first {MAX_REPORTED_ROW_ERRORS} shown)" if bad > MAX_REPORTED_ROW_ERRORS else ""
+        raise InvalidInput(
+            "\n".join([*problems, f"{bad} invalid row{'s' if bad != 1 else ''}{more}; nothing was imported"])
+        )
+    return plan
+
+
+def seconds_to_hash(plan: ImportPlan, settings: Settings) -> float:
+    """How long hashing the plan's plaintext passwords will take, from one measured hash."""
+    from usermgr import security
+
+    if not plan.passwords:
+        return 0.0
+    started = time.perf_counter()
+    security.hash_password("measure-the-cost", settings.hash_profile)
+    return (time.perf_counter() - started) * len(plan.passwords) / _hash_workers()
+
+
+def _hash_workers() -> int:
+    return os.cpu_count() or 1
+
+
+def hash_passwords(plan: ImportPlan, settings: Settings, progress: Callable[[int], None] | None = None) -> None:
+    """Hash the plan's plaintext passwords on every core, then forget the plaintext.
+
+    argon2-cffi releases the GIL, so a thread per core adds to argon2's own lanes: by up
+    to a third on an idle machine, by little when other work holds the cores (bench/RESULTS.md).
+    """
+    from usermgr import security
+
+    lines = list(plan.passwords)
+
+    def hash_one(line: int) -> tuple[int, str]:
+        return line, security.hash_password(plan.passwords[line], settings.hash_profile)
+
+    with ThreadPoolExecutor(max_workers=_hash_workers()) as pool:
+        for line, hashed in pool.map(hash_one, lines):
+            plan.hashes[line] = hashed
+            if progress is not None:
+                progress(1)
+    plan.passwords.clear()
+
+
+class _RoleIds:
+    """Role name -> id, creating roles on first use, within the import's transaction."""
+
+    def __init__(self, db: Session) -> None:
+        self.db = db
+        self.ids = {name: role_id for role_id, name in db.execute(select(Role.id, Role.name))}
+
+    def __call__(self, name: str) -> int:
+        if name not in self.ids:
+            self.ids[name] = self.db.scalar(insert(Role).values(name=name).returning(Role.id))
+        return self.ids[name]
+
+
+def apply_import(
+    db: Session,
+    plan: ImportPlan,
+    *,
+    on_conflict: str = "error",
+    dry_run: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> ImportResult:
+    """Write the plan in one transaction: all of it, or with --dry-run none of it.
+
+    An email already in the database (or earlier in the same input) is a Conflict unless
+    `on_conflict` is `skip` or `update`; `update` makes the user match the row, roles included.
+    `progress` is told how many rows each chunk held once it is written (not yet committed).
+    """
+    result = ImportResult()
+    with writing(db, dry_run=dry_run), keeping_an_admin(db):
+        role_ids = _RoleIds(db)
+        for chunk in plan.chunks():
+            _import_chunk(db, plan, chunk, role_ids, on_conflict, result)
+            if progress is not None:
+                progress(len(chunk))
+    return result
+
+
+def _import_chunk(
+    db: Session,
+    plan: ImportPlan,
+    chunk: list[SpooledRow],
+    role_ids: _RoleIds,
+    on_conflict: str,
+    result: ImportResult,
+) -> None:
+    emails = [row["email"] for row in chunk]
+    existing: dict[str, int | None] = dict(db.execute(select(User.email, User.id).where(User.email.in_(emails))).all())
+    _check_uids(db, chunk)
+    pending: list[SpooledRow] = []
+
+    def insert_pending() -> None:
+        for row, user_id in zip(pending, _insert_rows(db, plan, pending, role_ids), strict=True):
+            existing[row["email"]] = user_id
+        result.created += len(pending)
+        pending.clear()
+
+    for row in chunk:
+        line, email = row["line"], row["email"]
+        if email not in existing:
+            if not email.isascii():
+                refuse_lookalike(db, email, line)
+            existing[email] = None  # to be inserted; a later row with this email conflicts with it
+            pending.append(row)
+        elif on_conflict == "error":
+            raise Conflict(f"line {line}: a user with email {email!r} already exists; use --on-conflict skip or update")
+        elif on_conflict == "skip":
+            result.skipped += 1
+        else:
+            if existing[email] is None:
+                insert_pending()
+            _update_from_row(db, plan, existing[email], row, role_ids)
+            result.updated += 1
+    if pending:
+        insert_pending()
+
+
+def _check_uids(db: Session, chunk: list[SpooledRow]) -> None:
+    """A row's uid may only be its own user's: one that names a user with another email
+    (in the database or earlier in the input) is a Conflict, so an import never hands
+    one person's identity, and with it their tokens, to another."""
+    uids = {row["uid"]: row for row in chunk if row["uid"] is not None}
+    owners = dict(db.execute(select(User.uid, User.email).where(User.uid.in_(list(uids)))).all()) if uids else {}
+    seen: dict[str, str] = {}
+    for row in chunk:
+        uid = row["uid"]
+        if uid is None:
+            continue
+        owner = owners.get(uid) or seen.get(uid)
+        if owner is not None and owner != row["email"]:
+            raise Conflict(f"line {row['line']}: uid {uid} already belongs to another user; nothing was imported")
+        seen[uid] = row["email"]
+
+
+def _user_values(plan: ImportPlan, row: SpooledRow) -> dict[str, Any]:
+    values = {name: row[name] for name in ("email", "username", "full_name", "is_active")}
+    values["hashed_password"] = plan.hashes.get(row["line"], row["hashed_password"])
+    values["last_login_at"] = datetime.fromisoformat(row["last_login_at"]) if row["last_login_at"] else None
+    if row["created_at"]:
+        values["created_at"] = datetime.fromisoformat(row["created_at"])
+    return values
+
+
+def _insert_rows(db: Session, plan: ImportPlan, rows: list[SpooledRow], role_ids: _RoleIds) -> list[int]:
+    now = utcnow()
+    values = [
+        {
+            "created_at": now,
+            "updated_at": now,
+            "failed_logins": 0,
+            "token_version": 0,
+            "uid": row["uid"] or new_uid(),
+            **_user_values(plan, row),
+        }
+        for row in rows
+    ]
+    # One executemany, then the ids by email: RETURNING in parameter order would make
+    # SQLAlchemy insert row by row on SQLite, which cannot promise that order.
+    db.execute(insert(User.__table__), values)
+    emails = [row["email"] for row in rows]
+    ids = dict(db.execute(select(User.email, User.id).where(User.email.in_(emails))).all())
+    inserted = [ids[email] for email in emails]
+    links = [
+        {"user_id": user_id, "role_id": role_ids(name)}
+        for user_id, row in zip(inserted, rows, strict=True)
+        for name in row["roles"]
+    ]
+    if links:
+        db.execute(insert(user_roles), links)
+    return inserted
+
+
+def _update_from_row(db: Session, plan: ImportPlan, user_id: int, row: SpooledRow, role_ids: _RoleIds) -> None:
+    """Make an existing user match the row (a row naming another uid is a Conflict), revoking the
+    user's tokens where the change calls for it, exactly as the single-user commands do."""
+    uid = db.scalar(select(User.uid).where(User.id == user_id))
+    if row["uid"] is not None and row["uid"] != uid:
+        raise Conflict(f"line {row['line']}: {row['email']} is uid {uid} here, not {row['uid']}; nothing was imported")
+    values = _user_values(plan, row)
+    if values["hashed_password"] is None:
+        del values["hashed_password"]  # a row without a secret keeps the user's password
+    values.pop("created_at", None)
+    before = _access_of_row(db, user_id)
+    after = Access(
+        email=values["email"],
+        hashed_password=values.get("hashed_password", before.hashed_password),
+        is_active=values["is_active"],
+        roles=frozenset(row["roles"]),
+    )
+    if revokes_tokens(before, after):
+        values["token_version"] = User.__table__.c.token_version + 1
+    db.execute(update(User.__table__).where(User.__table__.c.id == user_id).values(updated_at=utcnow(), **values))
+    db.execute(delete(user_roles).where(user_roles.c.user_id == user_id))
+    if row["roles"]:
+        db.execute(insert(user_roles), [{"user_id": user_id, "role_id": role_ids(name)} for name in row["roles"]])
+
+
+def _access_of_row(db: Session, user_id: int) -> Access:
+    email, hashed, active = db.execute(
+        select(User.email, User.hashed_password, User.is_active).where(User.id == user_id)
+    ).one()
+    names = db.scalars(
+        select(Role.name).join(user_roles, user_roles.c.role_id == Role.id).where(user_roles.c.user_id == user_id)
+    )
+    return Access(email=email, hashed_password=hashed, is_active=active, roles=frozenset(names))

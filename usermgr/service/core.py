@@ -1,0 +1,186 @@
+"""Transactions, and finding the users a USER names: what every rule starts from."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from usermgr.database import WRITE
+from usermgr.errors import Conflict, InvalidInput, NotFound
+from usermgr.models import User
+
+if TYPE_CHECKING:
+    pass
+
+
+_LOOKUP_CHUNK = 500
+
+
+MAX_USER_ID = 2**31 - 1  # users.id is INTEGER: 32 bits on PostgreSQL
+
+
+MAX_ROW_COUNT = 2**63 - 1  # the largest LIMIT and OFFSET that SQLite and PostgreSQL take
+
+
+@contextmanager
+def writing(db: Session, *, dry_run: bool = False) -> Iterator[None]:
+    """One write transaction, rolled back instead of committed for a dry run; a
+    unique-constraint race surfaces as a Conflict."""
+    try:
+        with db.begin() as transaction:
+            db.connection(execution_options=WRITE)
+            yield
+            if dry_run:
+                transaction.rollback()
+    except IntegrityError as error:
+        raise Conflict(f"already exists: {_constraint_hint(error)}") from None
+
+
+@contextmanager
+def reading(db: Session) -> Iterator[None]:
+    with db.begin():
+        yield
+
+
+def _constraint_hint(error: IntegrityError) -> str:
+    text = str(error.orig).lower()
+    if "email" in text:
+        return "a user with that email"
+    if "username" in text:
+        return "a user with that username"
+    if "uid" in text:
+        return "a user with that uid"
+    return "a row with those values"
+
+
+def validated(model: type, **fields: Any) -> Any:
+    from pydantic import ValidationError
+
+    from usermgr.schemas import first_error
+
+    try:
+        return model(**fields)
+    except ValidationError as error:
+        raise InvalidInput(first_error(error)) from None
+
+
+def checked(validate: Callable[[str], str], value: str) -> str:
+    """A schemas.py validator's result, its ValueError turned into InvalidInput."""
+    try:
+        return validate(value)
+    except ValueError as error:
+        raise InvalidInput(str(error)) from None
+
+
+@dataclass(frozen=True)
+class _Key:
+    """What a USER names: a value of one of the users table's unique columns."""
+
+    column: str  # "id", "email" or "username"
+    value: int | str
+
+
+MAX_REF_LENGTH = 2048  # longer than any email, username or id can be written
+
+
+_SIMPLE_EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
+"""An ASCII email whose write-time normalisation is lowercasing it: checked without
+loading email-validator (pydantic), so that `usermgr show ada@example.com` starts fast."""
+
+
+def _key_of(ref: str) -> _Key | None:
+    """What a USER names: all digits an id, text with `@` an email, anything else a
+    username; each normalised exactly as on write (NFKC, and an email as `create` stores
+    it). None for text that can name nobody (no user's id, email or username is like it)."""
+    if len(ref) > MAX_REF_LENGTH or not storable(ref):
+        return None
+    text = unicodedata.normalize("NFKC", ref).strip()
+    if not text:
+        return None
+    if text.isascii() and text.isdigit():
+        user_id = int(text)
+        return _Key("id", user_id) if user_id <= MAX_USER_ID else None  # beyond the column: nobody
+    if "@" in text:
+        simple = _SIMPLE_EMAIL.fullmatch(text) and "xn--" not in text.lower()  # punycode is stored decoded
+        email = text.lower() if simple else _normalized_email(ref)
+        return None if email is None else _Key("email", email)
+    return _Key("username", text)
+
+
+def storable(text: str) -> bool:
+    """False for text no database column can hold: a NUL (PostgreSQL refuses it) or a lone
+    surrogate (what Python makes of bytes that are not UTF-8)."""
+    return "\x00" not in text and not any("\ud800" <= char <= "\udfff" for char in text)
+
+
+def _normalized_email(text: str) -> str | None:
+    from usermgr.schemas import normalize_email
+
+    return normalize_email(text)
+
+
+def _column(key: _Key) -> Any:
+    return getattr(User, key.column)
+
+
+def find_user(db: Session, ref: str, *, email_only: bool = False) -> User | None:
+    """The user `ref` names; with `email_only`, only when it names them by email."""
+    key = _key_of(ref)
+    if key is None or (email_only and key.column != "email"):
+        return None
+    return db.scalars(select(User).where(_column(key) == key.value)).first()
+
+
+def user_named(db: Session, ref: str) -> User:
+    user = find_user(db, ref)
+    if user is None:
+        raise NotFound(f"no user matches {ref.strip()!r}: give an email, a username or a numeric id")
+    return user
+
+
+def resolve_many(db: Session, refs: Sequence[str | None], origin: str) -> list[User]:
+    """The users named by `refs` (emails, usernames or ids), in order and without repeats.
+
+    An unknown one is a NotFound naming its position (`line 3` of standard input). A None
+    ref (a blank line of input) names no one, and no ref at all changes nothing: an empty
+    pipeline is not an error.
+    """
+    keys = [None if ref is None else _key_of(ref) for ref in refs]
+    wanted: dict[str, list[Any]] = {}
+    for key in keys:
+        if key is not None:
+            wanted.setdefault(key.column, []).append(key.value)
+    found_by: dict[_Key, User] = {}
+    for column, values in wanted.items():
+        for start in range(0, len(values), _LOOKUP_CHUNK):
+            chunk = values[start : start + _LOOKUP_CHUNK]
+            for user in db.scalars(select(User).where(getattr(User, column).in_(chunk))):
+                found_by[_Key(column, getattr(user, column))] = user
+    found: dict[int, User] = {}
+    for position, (ref, key) in enumerate(zip(refs, keys, strict=True), start=1):
+        if ref is None:
+            continue  # a blank line of input: no one, and an empty argument is still a mistake
+        user = found_by.get(key) if key is not None else None
+        if user is None:
+            raise NotFound(f"no user matches {ref.strip()!r} ({origin} {position}); nothing was changed")
+        found.setdefault(user.id, user)
+    return list(found.values())
+
+
+def get_user(db: Session, ref: str) -> User:
+    with reading(db):
+        return user_named(db, ref)
+
+
+def ping(db: Session) -> None:
+    """Raise unless the database answers: what a health check asks."""
+    with reading(db):
+        db.execute(select(1))

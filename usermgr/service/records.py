@@ -1,0 +1,122 @@
+"""Reading users and roles out: the contract's record, filtered lists streamed with Core rows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
+
+from usermgr.contract import ADMIN_ROLE, USER_FIELDS
+from usermgr.database import utcnow
+from usermgr.errors import InvalidInput
+from usermgr.models import Role, User, user_roles
+
+if TYPE_CHECKING:
+    pass
+from usermgr.service.core import MAX_ROW_COUNT, reading, storable
+from usermgr.service.roles import has_role, validated_role
+
+_STREAM_CHUNK = 2000
+
+
+def user_record(user: User) -> dict[str, Any]:
+    """A user as the contract's output fields (contract.USER_FIELDS); never the hash."""
+    return {name: user.role_names if name == "roles" else getattr(user, name) for name in USER_FIELDS}
+
+
+@dataclass(frozen=True)
+class UserFilter:
+    role: str | None = None
+    admin: bool = False
+    active: bool | None = None
+    locked: bool = False
+    search: str | None = None
+    limit: int | None = None
+    offset: int = 0
+
+
+def _roles_column() -> Any:
+    return (
+        select(func.aggregate_strings(Role.name, ","))
+        .select_from(user_roles.join(Role, Role.id == user_roles.c.role_id))
+        .where(user_roles.c.user_id == User.id)
+        .scalar_subquery()
+        .label("roles")
+    )
+
+
+def _filtered(statement: Any, filters: UserFilter) -> Any:
+    if filters.role is not None:
+        statement = statement.where(has_role(filters.role))
+    if filters.admin:
+        statement = statement.where(has_role(ADMIN_ROLE))
+    if filters.active is not None:
+        statement = statement.where(User.is_active.is_(filters.active))
+    if filters.locked:
+        statement = statement.where(User.locked_until > utcnow())
+    if filters.search:
+        text = filters.search
+        statement = statement.where(
+            or_(
+                User.email.icontains(text, autoescape=True),
+                User.username.icontains(text, autoescape=True),
+                User.full_name.icontains(text, autoescape=True),
+            )
+        )
+    if filters.offset:
+        statement = statement.offset(filters.offset)
+    if filters.limit is not None:
+        statement = statement.limit(filters.limit)
+    return statement
+
+
+MAX_SEARCH_LENGTH = max(User.email.type.length, User.username.type.length, User.full_name.type.length)
+"""Longer text is in no field, so a search for it is a mistake (and too long for SQLite's LIKE)."""
+
+
+def _check_search(text: str) -> None:
+    if len(text) > MAX_SEARCH_LENGTH:
+        raise InvalidInput(f"search text too long: use at most {MAX_SEARCH_LENGTH} characters")
+    if not storable(text):
+        raise InvalidInput("search text must not contain a NUL character or bytes that are not UTF-8")
+
+
+def iter_user_records(
+    db: Session, filters: UserFilter = UserFilter(), *, with_hashes: bool = False
+) -> Iterator[dict[str, Any]]:
+    """Users oldest first (in the order they were added), streamed with Core rows."""
+    if (filters.limit is not None and filters.limit < 0) or filters.offset < 0:
+        raise InvalidInput("limit and offset must not be negative")
+    if filters.role is not None:
+        validated_role(filters.role)
+    if filters.search is not None:
+        _check_search(filters.search)
+    if filters.offset > MAX_ROW_COUNT or (filters.limit or 0) > MAX_ROW_COUNT:
+        raise InvalidInput(f"limit and offset must be at most {MAX_ROW_COUNT}")
+    columns = [_roles_column() if name == "roles" else getattr(User, name) for name in USER_FIELDS]
+    if with_hashes:
+        columns.append(User.hashed_password)
+    statement = _filtered(select(*columns).order_by(User.id), filters)
+    names = [column.key for column in columns]
+    roles_at = names.index("roles")
+    with reading(db):
+        for row in db.execute(statement.execution_options(yield_per=_STREAM_CHUNK)):
+            values = list(row)
+            values[roles_at] = sorted(values[roles_at].split(",")) if values[roles_at] else []
+            yield dict(zip(names, values, strict=True))
+
+
+def list_roles(db: Session) -> list[dict[str, Any]]:
+    """Every role with its member count, by name."""
+    members = func.count(user_roles.c.user_id)
+    statement = (
+        select(Role.name, members.label("members"))
+        .outerjoin(user_roles, user_roles.c.role_id == Role.id)
+        .group_by(Role.id, Role.name)
+        .order_by(Role.name)
+    )
+    with reading(db):
+        return [row._asdict() for row in db.execute(statement)]

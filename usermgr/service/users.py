@@ -1,0 +1,139 @@
+"""Creating and changing users: unique and unmistakable emails, profile, password, activation, deletion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from usermgr.config import Settings
+from usermgr.errors import Conflict, InvalidInput
+from usermgr.models import User
+
+if TYPE_CHECKING:
+    from usermgr.schemas import UserCreate, UserUpdate
+from usermgr.service.core import checked, reading, resolve_many, user_named, validated, writing
+from usermgr.service.revocation import revoking_tokens_on_change
+from usermgr.service.roles import granted_role_names, keeping_an_admin, named_role
+
+
+def _ensure_unique(db: Session, email: str | None, username: str | None, except_id: int | None = None) -> None:
+    if email is not None:
+        other = db.scalar(select(User.id).where(User.email == email))
+        if other is not None and other != except_id:
+            raise Conflict(f"a user with email {email!r} already exists")
+        refuse_lookalike(db, email)
+    if username is not None:
+        other = db.scalar(select(User.id).where(User.username == username))
+        if other is not None and other != except_id:
+            raise Conflict(f"a user with username {username!r} already exists")
+
+
+def refuse_lookalike(db: Session, email: str, line: int | None = None) -> None:
+    """Refuse an email that reads as an existing user's (`аda@` with a Cyrillic а beside
+    `ada@`): an admin or a mail reader could not tell the two accounts apart."""
+    from usermgr.schemas import latin_lookalike
+
+    lookalike = latin_lookalike(email)
+    if lookalike is not None and db.scalar(select(User.id).where(User.email == lookalike)) is not None:
+        where = f"line {line}: " if line is not None else ""
+        raise Conflict(
+            f"{where}{email!r} looks like the existing user {lookalike!r} (letters from another script); "
+            "use a different email"
+        )
+
+
+def check_new_user(db: Session, data: UserCreate, *, roles: Sequence[str] = ()) -> None:
+    """Fail now if `create_user` would fail on these fields, so that a face can say so
+    before it asks a person for a password. `create_user` checks again, in its transaction."""
+    granted_role_names(roles, admin=False)
+    with reading(db):
+        _ensure_unique(db, data.email, data.username)
+
+
+def create_user(
+    db: Session, settings: Settings, data: UserCreate, *, roles: Sequence[str] = (), admin: bool = False
+) -> User:
+    from usermgr import security
+
+    role_names = granted_role_names(roles, admin)
+    hashed = security.hash_password(data.password, settings.hash_profile) if data.password else None
+    with writing(db):
+        _ensure_unique(db, data.email, data.username)
+        user = User(email=data.email, username=data.username, full_name=data.full_name, hashed_password=hashed)
+        user.roles = [named_role(db, name, create=True) for name in role_names]
+        db.add(user)
+        db.flush()
+    return user
+
+
+def new_user(
+    email: str, username: str | None = None, full_name: str | None = None, password: str | None = None
+) -> UserCreate:
+    """Validate the fields of a new user; InvalidInput with a one-line message if bad."""
+    from usermgr.schemas import UserCreate
+
+    return validated(UserCreate, email=email, username=username, full_name=full_name, password=password)
+
+
+def user_changes(**fields: Any) -> UserUpdate:
+    """Validate the given profile fields (only those given are applied)."""
+    from usermgr.schemas import UserUpdate
+
+    return validated(UserUpdate, **{name: value for name, value in fields.items() if value is not None})
+
+
+def update_user(db: Session, ref: str, changes: UserUpdate) -> User:
+    if not changes.model_fields_set:
+        raise InvalidInput("nothing to change: give a new email, username or full name")
+    with writing(db):
+        user = user_named(db, ref)
+        values = changes.model_dump(include=changes.model_fields_set)
+        _ensure_unique(db, values.get("email"), values.get("username"), except_id=user.id)
+        with revoking_tokens_on_change([user]):
+            for name, value in values.items():
+                setattr(user, name, value)
+        db.flush()
+    return user
+
+
+def set_password(db: Session, settings: Settings, ref: str, password: str) -> User:
+    """A new password; every token issued before it stops working."""
+    from usermgr import security
+    from usermgr.schemas import validate_password
+
+    hashed = security.hash_password(checked(validate_password, password), settings.hash_profile)
+    with writing(db):
+        user = user_named(db, ref)
+        with revoking_tokens_on_change([user]):
+            user.hashed_password = hashed
+    return user
+
+
+def set_active(db: Session, refs: Sequence[str | None], active: bool, origin: str = "argument") -> list[User]:
+    """Enable or disable users; disabling ends their tokens. A lock is left as it is."""
+    with writing(db), keeping_an_admin(db):
+        users = resolve_many(db, refs, origin)
+        with revoking_tokens_on_change(users):
+            for user in users:
+                user.is_active = active
+    return users
+
+
+def unlock(db: Session, refs: Sequence[str | None], origin: str = "argument") -> list[User]:
+    with writing(db):
+        users = resolve_many(db, refs, origin)
+        for user in users:
+            user.failed_logins = 0
+            user.locked_until = None
+    return users
+
+
+def delete_users(db: Session, refs: Sequence[str | None], origin: str = "argument") -> list[User]:
+    with writing(db), keeping_an_admin(db):
+        users = resolve_many(db, refs, origin)
+        for user in users:
+            db.delete(user)
+    return users
