@@ -47,16 +47,16 @@ def sample_rows() -> list[InputRow]:
 def build(path: Path) -> None:
     path.unlink(missing_ok=True)
     settings = load_settings(database_url=str(path))
-    engine = database.configure(settings.database_url, must_exist=False)
-    migrations.upgrade(engine)
+    opened = database.Database(settings.database_url, must_exist=False)
+    migrations.upgrade(opened.engine)
     plan = service.plan_import(sample_rows())
     try:
         service.hash_passwords(plan, settings)
-        with database.SessionLocal() as db:
+        with opened.SessionLocal() as db:
             service.apply_import(db, plan)
     finally:
         plan.close()
-    engine.dispose()
+    opened.dispose()
     # One self-contained file to ship: no -wal/-shm beside it, no free pages.
     with closing(sqlite3.connect(path, isolation_level=None)) as connection:
         connection.execute("PRAGMA journal_mode = DELETE")

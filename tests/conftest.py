@@ -20,6 +20,7 @@ import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
 
 # Keep the caller's USERMGR_* settings out of the suite, and hash cheaply everywhere,
 # subprocesses included.
@@ -130,10 +131,7 @@ def _fresh_database(backend: str, request: pytest.FixtureRequest, tmp_path: Path
     try:
         yield url
     finally:
-        engine = database._engine
-        if engine is not None and engine.url.database == make_url(url).database:
-            engine.dispose()
-        admin.drop(url)
+        admin.drop(url)  # it ends the connections that are still open
 
 
 @pytest.fixture
@@ -161,13 +159,14 @@ def settings(db_url: str, key_file: Path) -> Settings:
 
 
 @pytest.fixture
-def db(settings: Settings) -> Iterator[database.Session]:
-    database.configure(settings.database_url)
-    session = database.SessionLocal()
+def db(settings: Settings) -> Iterator[Session]:
+    opened = database.Database(settings.database_url)
+    session = opened.SessionLocal()
     try:
         yield session
     finally:
         session.close()
+        opened.dispose()
 
 
 @pytest.fixture

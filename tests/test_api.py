@@ -778,3 +778,24 @@ def test_usermgr_serve_end_to_end(env: dict[str, str], tmp_path: Path) -> None:
     assert server.returncode in (0, -signal.SIGTERM), log.read_text()
     assert f"Uvicorn running on {base_url}" in log.read_text(), "loopback by default"
     assert "Application shutdown complete." in log.read_text()
+
+
+def test_two_apps_on_two_databases_in_one_process(settings: Settings, tmp_path: Path) -> None:
+    """Each app holds its own database: a second app on another database clobbers nothing."""
+    other_url = f"sqlite:///{tmp_path / 'other.db'}"
+    assert subprocess.run([str(USERMGR), "--db", other_url, "init"], capture_output=True, env={}).returncode == 0
+    other = replace(settings, database_url=other_url)
+    with TestClient(api.create_app(settings)) as first, TestClient(api.create_app(other)) as second:
+        for client, email in ((first, "one@example.com"), (second, "two@example.com"), (first, "three@example.com")):
+            assert signup(client, email).status_code == 201
+        for client, emails in ((first, ["one@example.com", "three@example.com"]), (second, ["two@example.com"])):
+            for email in emails:
+                me = client.get("/users/me", headers=bearer(token_for(client, email)))
+                assert me.json()["email"] == email
+            assert login(client, "two@example.com" if client is first else "one@example.com").status_code == 401
+
+
+def test_importing_the_module_builds_no_app_until_asked(tmp_path: Path) -> None:
+    script = "import usermgr.api as m; print('app' in vars(m)); m.app; print('app' in vars(m))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ})
+    assert result.stdout.split() == ["False", "True"], result.stderr

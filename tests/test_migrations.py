@@ -163,8 +163,7 @@ def test_upgrade_from_every_revision_keeps_every_row(empty_db_url: str, engine: 
     assert migrations.current_revision(engine) == HEAD
     assert stored_emails(engine) == sorted(SEED_EMAILS)
     assert "admin" in role_names(engine)
-    database.configure(empty_db_url)
-    with database.SessionLocal() as db:
+    with database.Database(empty_db_url).SessionLocal() as db:
         records = list(service.iter_user_records(db))
     assert sorted(record["email"] for record in records) == sorted(SEED_EMAILS)
     assert all(record["roles"] == [SEED_ROLE] for record in records)

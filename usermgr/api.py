@@ -84,12 +84,12 @@ logger = logging.getLogger(__name__)
 
 
 class _Runtime:
-    """One app's settings (loaded from USERMGR_* on first use when not given) and whether
-    `database.configure` has run for it."""
+    """One app's settings (loaded from USERMGR_* on first use when not given) and its own
+    database, opened on first use."""
 
     def __init__(self, settings: Settings | None) -> None:
         self._settings = settings
-        self._database_bound = False
+        self._database: database.Database | None = None
         self._lock = threading.RLock()
 
     @property
@@ -100,14 +100,19 @@ class _Runtime:
                     self._settings = load_settings()
         return self._settings
 
-    def bind_database(self) -> None:
-        """Bind `SessionLocal` once; a failure (no database yet) is retried on the next request."""
-        if self._database_bound:
-            return
-        with self._lock:
-            if not self._database_bound:
-                database.configure(self.settings.database_url)
-                self._database_bound = True
+    @property
+    def opened_database(self) -> database.Database | None:
+        """The app's database if it was opened, without opening it."""
+        return self._database
+
+    @property
+    def database(self) -> database.Database:
+        """The app's database, opened once; a failure (no database yet) is retried on the next request."""
+        if self._database is None:
+            with self._lock:
+                if self._database is None:
+                    self._database = database.Database(self.settings.database_url)
+        return self._database
 
 
 def _runtime(request: Request) -> _Runtime:
@@ -139,7 +144,8 @@ def _domain_error_response(_request: Request, error: errors.UsermgrError) -> JSO
 
 def _database_error_response(request: Request, error: DBAPIError) -> JSONResponse:
     """A failure of the database itself is a 503; anything else stays a server error."""
-    domain = database.as_domain_error(error)
+    opened = _runtime(request).opened_database
+    domain = database.as_domain_error(error, opened.engine.url if opened is not None else None)
     if domain is None:
         raise error
     return _domain_error_response(request, domain)
@@ -189,8 +195,7 @@ def get_settings(runtime: Annotated[_Runtime, Depends(_runtime)]) -> Settings:
 
 def get_db(runtime: Annotated[_Runtime, Depends(_runtime)]) -> Iterator[Session]:
     """One session per request, closed after it; the service opens the transactions."""
-    runtime.bind_database()
-    db = database.SessionLocal()
+    db = runtime.database.SessionLocal()
     try:
         yield db
     finally:
@@ -529,4 +534,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-app = create_app()
+def __getattr__(name: str) -> FastAPI:
+    """`usermgr.api:app` for any ASGI server, built from the USERMGR_* variables when it is
+    first asked for: importing this module builds no app."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    built = create_app()
+    globals()["app"] = built
+    return built

@@ -6,19 +6,32 @@ click and usermgr's stdlib-only modules; each command imports the service when i
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from usermgr import __version__, errors, output
-from usermgr.config import Settings, env_flag, load_settings
+from usermgr.config import Settings, env_flag, load_settings, parse_duration
 from usermgr.contract import ADMIN_ROLE, USER_FIELDS
+from usermgr.lazy import lazy_module
 
+# The one place the heavy modules are loaded: each on its first use, so that `usermgr
+# --help` and offline `usermgr verify` never import SQLAlchemy, pydantic or passlib.
 if TYPE_CHECKING:
+    from sqlalchemy import URL
     from sqlalchemy.orm import Session
+
+    from usermgr import database, migrations, service, tokens
+else:
+    database = lazy_module("usermgr.database")
+    migrations = lazy_module("usermgr.migrations")
+    service = lazy_module("usermgr.service")
+    tokens = lazy_module("usermgr.tokens")
 
 CLAIM_FIELDS = ("sub", "email", "roles", "iss", "aud", "iat", "exp", "jti", "ver")
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -45,13 +58,11 @@ def _silence_stdout() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
-def _domain_error(error: BaseException) -> errors.UsermgrError | None:
+def _domain_error(error: BaseException, app: App | None) -> errors.UsermgrError | None:
     if isinstance(error, errors.UsermgrError):
         return error
-    if "sqlalchemy" in sys.modules:
-        from usermgr.database import as_domain_error
-
-        return as_domain_error(error)
+    if "sqlalchemy" in sys.modules:  # else no database was ever touched: not a database error
+        return database.as_domain_error(error, app.database_url if app is not None else None)
     return None
 
 
@@ -84,7 +95,7 @@ class UsermgrGroup(click.Group):
             _silence_stdout()
             sys.exit(0)
         except Exception as error:  # the one place that keeps tracebacks from users
-            domain = _domain_error(error)
+            domain = _domain_error(error, ctx.find_object(App))
             if domain is not None:
                 fail(str(domain), errors.exit_code(domain))
             if _debug(ctx):
@@ -118,6 +129,7 @@ class App:
     def __init__(self, **options: Any) -> None:
         self.options = options
         self._settings: Settings | None = None
+        self._database: database.Database | None = None
 
     @property
     def settings(self) -> Settings:
@@ -129,11 +141,16 @@ class App:
             )
         return self._settings
 
-    def session(self, *, must_exist: bool = True) -> Session:
-        from usermgr import database
+    @property
+    def database_url(self) -> URL | None:
+        """The URL of the database this process opened, if it opened one."""
+        return self._database.engine.url if self._database is not None else None
 
-        database.configure(self.settings.database_url, must_exist=must_exist)
-        return database.SessionLocal()
+    def session(self, *, must_exist: bool = True) -> Session:
+        """A session on the database of `--db`, opened once per process on first use."""
+        if self._database is None:
+            self._database = database.Database(self.settings.database_url, must_exist=must_exist)
+        return self._database.SessionLocal()
 
 
 pass_app = click.make_pass_decorator(App)
@@ -180,8 +197,6 @@ def stdin_lines() -> Iterator[str]:
     """Standard input's lines as they come. Bytes that are not UTF-8 are kept as lone
     surrogates, which match no user and no token: such a line gets its own answer (not
     found, malformed) with its line number instead of ending the command."""
-    import io
-
     return iter(io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="surrogateescape"))
 
 
@@ -208,8 +223,6 @@ def read_password(from_stdin: bool, *, confirm: bool, command: str) -> str:
 
 
 def show_user(user: Any, fmt: str) -> None:
-    from usermgr import service
-
     output.write_one(service.user_record(user), fmt, USER_FIELDS)
 
 
@@ -259,8 +272,6 @@ def init(app: App) -> None:
     Example:
       usermgr --db users.db init
     """
-    from usermgr import migrations, tokens
-
     settings = app.settings
     with app.session(must_exist=False) as db:
         engine = db.get_bind()
@@ -303,8 +314,6 @@ def create(
       usermgr create --email ada@example.com --admin
       printf '%s\\n' "$PW" | usermgr create --email bob@example.com --password-stdin -o id
     """
-    from usermgr import service
-
     if password_stdin and no_password:
         raise click.UsageError("--password-stdin and --no-password cannot be used together")
     with app.session() as db:
@@ -331,8 +340,6 @@ def show(app: App, user: str, fmt: str) -> None:
     Example:
       usermgr show ada@example.com -o json
     """
-    from usermgr import service
-
     with app.session() as db:
         show_user(service.get_user(db, user), fmt)
 
@@ -364,8 +371,6 @@ def list_users(
     Example:
       usermgr list --role beta -o email | usermgr disable -
     """
-    from usermgr import service
-
     filters = service.UserFilter(
         role=role, admin=admin, active=active, locked=locked, search=search, limit=limit, offset=offset
     )
@@ -387,8 +392,6 @@ def update(app: App, user: str, email: str | None, username: str | None, full_na
     Example:
       usermgr update ada@example.com --full-name "Ada King"
     """
-    from usermgr import service
-
     changes = service.user_changes(email=email, username=username, full_name=full_name)
     with app.session() as db:
         show_user(service.update_user(db, user, changes), fmt)
@@ -405,8 +408,6 @@ def set_password(app: App, user: str, password_stdin: bool) -> None:
     Example:
       printf '%s\\n' "$PW" | usermgr set-password ada@example.com --password-stdin
     """
-    from usermgr import service
-
     with app.session() as db:
         service.get_user(db, user)  # an unknown user fails before a password is asked for
         password = read_password(password_stdin, confirm=True, command="set-password")
@@ -414,35 +415,19 @@ def set_password(app: App, user: str, password_stdin: bool) -> None:
     note("password changed; earlier tokens are revoked")
 
 
-def _batch_command(name: str, verb: str, action: Callable[..., list[Any]], doc: str) -> None:
-    """A command that changes every USER given (or read from stdin) in one transaction."""
-
-    @users_argument
-    @pass_app
-    def command(app: App, users: tuple[str, ...]) -> None:
-        refs, origin = read_user_refs(users)
-        with app.session() as db:
-            summarize(verb, action(db, refs, origin))
-
-    command.__doc__ = doc
-    cli.command(name)(command)
+def _batch(
+    app: App, users: tuple[str, ...], verb: str, change: Callable[[Session, list[str | None], str], Any]
+) -> None:
+    """Run one change over the USERs given (or read from stdin) in one transaction, and say so."""
+    refs, origin = read_user_refs(users)
+    with app.session() as db:
+        summarize(verb, change(db, refs, origin))
 
 
-def _service(name: str, *args: Any) -> Callable[..., list[Any]]:
-    """Call `service.<name>` lazily, so that defining the command imports nothing."""
-
-    def call(db: Session, refs: list[str | None], origin: str) -> list[Any]:
-        from usermgr import service
-
-        return getattr(service, name)(db, refs, *args, origin=origin)
-
-    return call
-
-
-_batch_command(
-    "disable",
-    "disabled",
-    _service("set_active", False),
+@cli.command()
+@users_argument
+@pass_app
+def disable(app: App, users: tuple[str, ...]) -> None:
     """Block login for USERs and end their tokens; `-` reads them from stdin.
 
     The last active admin cannot be disabled.
@@ -450,63 +435,73 @@ _batch_command(
     \b
     Example:
       usermgr list --role beta -o email | usermgr disable -
-    """,
-)
-_batch_command(
-    "enable",
-    "enabled",
-    _service("set_active", True),
+    """
+    _batch(app, users, "disabled", lambda db, refs, origin: service.set_active(db, refs, False, origin))
+
+
+@cli.command()
+@users_argument
+@pass_app
+def enable(app: App, users: tuple[str, ...]) -> None:
     """Allow USERs to log in again; `-` reads them from stdin. A lock stays until `unlock`.
 
     \b
     Example:
       usermgr enable ada@example.com 42
-    """,
-)
-_batch_command(
-    "unlock",
-    "unlocked",
-    _service("unlock"),
+    """
+    _batch(app, users, "enabled", lambda db, refs, origin: service.set_active(db, refs, True, origin))
+
+
+@cli.command()
+@users_argument
+@pass_app
+def unlock(app: App, users: tuple[str, ...]) -> None:
     """Clear the failed-login lock of USERs; `-` reads them from stdin.
 
     \b
     Example:
       usermgr unlock ada@example.com
-    """,
-)
-_batch_command(
-    "grant-admin",
-    "granted admin to",
-    _service("grant_role", ADMIN_ROLE),
+    """
+    _batch(app, users, "unlocked", service.unlock)
+
+
+@cli.command("grant-admin")
+@users_argument
+@pass_app
+def grant_admin(app: App, users: tuple[str, ...]) -> None:
     """Give USERs the built-in admin role; `-` reads them from stdin.
 
     \b
     Example:
       usermgr grant-admin ada@example.com
-    """,
-)
-_batch_command(
-    "revoke-admin",
-    "revoked admin from",
-    _service("revoke_role", ADMIN_ROLE),
+    """
+    _batch(app, users, "granted admin to", lambda db, refs, origin: service.grant_role(db, refs, ADMIN_ROLE, origin))
+
+
+@cli.command("revoke-admin")
+@users_argument
+@pass_app
+def revoke_admin(app: App, users: tuple[str, ...]) -> None:
     """Take the admin role from USERs; the last active admin keeps it.
 
     \b
     Example:
       usermgr revoke-admin bob@example.com
-    """,
-)
-_batch_command(
-    "revoke-tokens",
-    "revoked the tokens of",
-    _service("revoke_tokens"),
+    """
+    _batch(app, users, "revoked admin from", lambda db, refs, origin: service.revoke_role(db, refs, ADMIN_ROLE, origin))
+
+
+@cli.command("revoke-tokens")
+@users_argument
+@pass_app
+def revoke_tokens(app: App, users: tuple[str, ...]) -> None:
     """End every token issued to USERs so far; `-` reads them from stdin.
 
     \b
     Example:
       usermgr revoke-tokens ada@example.com
-    """,
-)
+    """
+    _batch(app, users, "revoked the tokens of", service.revoke_tokens)
 
 
 @cli.command()
@@ -520,8 +515,6 @@ def delete(app: App, users: tuple[str, ...], yes: bool) -> None:
     Example:
       usermgr delete bob@example.com --yes
     """
-    from usermgr import service
-
     if not yes and not stdin_is_terminal():
         raise click.UsageError("no terminal to confirm on: add --yes to delete without asking")
     refs, origin = read_user_refs(users)
@@ -532,44 +525,35 @@ def delete(app: App, users: tuple[str, ...], yes: bool) -> None:
         summarize("deleted", service.delete_users(db, refs, origin))
 
 
-def _role_command(name: str, verb: str, action: str, doc: str) -> None:
-    @users_argument
-    @click.argument("role")
-    @pass_app
-    def command(app: App, users: tuple[str, ...], role: str) -> None:
-        from usermgr import service
-
-        refs, origin = read_user_refs(users)
-        with app.session() as db:
-            summarize(verb.format(role=role), getattr(service, action)(db, refs, role, origin=origin))
-
-    command.__doc__ = doc
-    cli.command(name)(command)
-
-
-_role_command(
-    "grant-role",
-    "granted role {role!r} to",
-    "grant_role",
+@cli.command("grant-role")
+@users_argument
+@click.argument("role")
+@pass_app
+def grant_role(app: App, users: tuple[str, ...], role: str) -> None:
     """Give USERs the named ROLE (created on first use).
 
     \b
     Example:
       usermgr grant-role ada@example.com bob@example.com beta
       usermgr list --search @corp.example -o id | usermgr grant-role - staff
-    """,
-)
-_role_command(
-    "revoke-role",
-    "revoked role {role!r} from",
-    "revoke_role",
+    """
+    _batch(app, users, f"granted role {role!r} to", lambda db, refs, origin: service.grant_role(db, refs, role, origin))
+
+
+@cli.command("revoke-role")
+@users_argument
+@click.argument("role")
+@pass_app
+def revoke_role(app: App, users: tuple[str, ...], role: str) -> None:
     """Take the named ROLE from USERs; a user without it is left as it is.
 
     \b
     Example:
       usermgr revoke-role bob@example.com beta
-    """,
-)
+    """
+    _batch(
+        app, users, f"revoked role {role!r} from", lambda db, refs, origin: service.revoke_role(db, refs, role, origin)
+    )
 
 
 @cli.command()
@@ -582,8 +566,6 @@ def roles(app: App, fmt: str) -> None:
     Example:
       usermgr roles -o csv
     """
-    from usermgr import service
-
     with app.session() as db:
         output.write_records(service.list_roles(db), fmt, ("name", "members"))
 
@@ -602,9 +584,6 @@ def login(app: App, user: str, password_stdin: bool, ttl: str | None) -> None:
     Example:
       TOKEN=$(printf '%s\\n' "$PW" | usermgr login ada@example.com --password-stdin)
     """
-    from usermgr import service
-    from usermgr.config import parse_duration
-
     lifetime = parse_duration(ttl, what="--ttl") if ttl is not None else None
     password = read_password(password_stdin, confirm=False, command="login")
     with app.session() as db:
@@ -657,10 +636,6 @@ class TokenChecker:
     """Checks tokens the way `verify` was asked to: offline, or also against the database."""
 
     def __init__(self, app: App, *, role: str | None, check_db: bool, public_key: str | None) -> None:
-        from pathlib import Path
-
-        from usermgr import tokens
-
         self.settings = app.settings
         self.role = role
         self.key, self.algorithm = tokens.verification_key(self.settings, Path(public_key) if public_key else None)
@@ -675,14 +650,10 @@ class TokenChecker:
 
     def claims(self, token: str) -> dict[str, Any]:
         """The token's claims; TokenInvalid or Forbidden when it does not pass."""
-        from usermgr import tokens
-
         if self.db is None:
             return tokens.decode_token(token, self.settings, self.key, self.algorithm, required_role=self.role)
-        from usermgr import service
-
         return service.holder_of_token(
-            self.db, self.settings, token, self.key, self.algorithm, required_role=self.role
+            self.db, self.settings, token, self.key, self.algorithm, required_role=self.role, role_in_token=True
         )[0]
 
 
@@ -771,8 +742,6 @@ def import_users(app: App, source: str, fmt: str | None, on_conflict: str, dry_r
       usermgr import staff.csv --on-conflict skip
       usermgr --db old.db export --with-hashes | usermgr --db new.db import - --format jsonl
     """
-    from usermgr import service
-
     fmt = fmt or (output.format_for_path(source) if source != "-" else None)
     if fmt is None:
         raise click.UsageError("cannot tell the input format: give --format csv or --format jsonl")
@@ -799,8 +768,6 @@ def _open_text(source: str) -> Any:
 def _hash_with_progress(plan: Any, settings: Settings) -> None:
     """Hash the import's passwords, saying first how long it will take; a progress bar
     on a terminal, none when stderr is piped."""
-    from usermgr import service
-
     count = len(plan.passwords)
     note(
         f"hashing {count} password{'s' if count != 1 else ''}:"
@@ -820,7 +787,6 @@ def _write_with_progress(db: Session, plan: Any, on_conflict: str, dry_run: bool
     """Write the import in its one transaction. A progress bar on a terminal; piped, a line
     at each tenth of a large import, so that a log shows it is alive (nothing is committed
     before the last)."""
-    from usermgr import service
 
     def write(progress: Callable[[int], None] | None) -> Any:
         return service.apply_import(db, plan, on_conflict=on_conflict, dry_run=dry_run, progress=progress)
@@ -870,8 +836,6 @@ def export(app: App, with_hashes: bool, no_csv_guard: bool, fmt: str) -> None:
       usermgr export --with-hashes > users.jsonl
       usermgr export -o csv | usermgr --db postgresql://db/app import - --format csv
     """
-    from usermgr import service
-
     fields = (*USER_FIELDS, "hashed_password") if with_hashes else USER_FIELDS
     with app.session() as db:
         records = service.iter_user_records(db, with_hashes=with_hashes)
@@ -896,8 +860,6 @@ def serve(app: App, host: str, port: int) -> None:
         from usermgr.api import create_app
     except ImportError:
         raise errors.ConfigurationError("the HTTP API needs the `api` extra: pip install 'usermgr[api]'") from None
-    from usermgr import database
-
     database.check_url(app.settings.database_url)  # an unusable URL stops here, not on every request
     uvicorn.run(create_app(app.settings), host=host, port=port)
 

@@ -1,4 +1,5 @@
-"""The engine, `SessionLocal`, the declarative `Base`, and SQLite's connection settings."""
+"""A database (its engine and `SessionLocal`), the declarative `Base`, and SQLite's
+connection settings."""
 
 from __future__ import annotations
 
@@ -18,15 +19,10 @@ from usermgr.errors import ConfigurationError, DatabaseUnavailable
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
-# expire_on_commit=False: the service hands committed users back to the faces to render.
-SessionLocal = sessionmaker(expire_on_commit=False)
-
 WRITE = {"usermgr_write": True}
 """Execution options a write transaction starts with: on SQLite it takes the write lock
 at BEGIN (BEGIN IMMEDIATE), so two writers queue on busy_timeout instead of one failing
 with "database is locked" when it upgrades a read lock."""
-
-_engine: Engine | None = None
 
 _DRIVERS = {"sqlite": ("", "pysqlite"), "postgresql": ("psycopg",)}
 """The databases usermgr keeps users in, with the drivers it ships (psycopg 3: the
@@ -153,33 +149,36 @@ def _check_sqlite_file(url: URL, must_exist: bool) -> None:
         raise DatabaseUnavailable(f"cannot create a database at {path}: the directory {path.parent} does not exist")
 
 
-def configure(url: str, *, must_exist: bool = True) -> Engine:
-    """Bind `SessionLocal` to the process's one engine for `url`.
+class Database:
+    """One database: its engine, and `SessionLocal` (the name the FastAPI tutorial uses)
+    to open sessions on it. The CLI holds one for its process, each `api.create_app` its
+    own, so two apps on two databases in one process never share an engine.
 
     With `must_exist`, a SQLite path that does not exist is an error rather than a new
     empty file: only `usermgr init` creates a database. An in-memory database is refused:
     every command that opens a database means to keep what it does.
     """
-    global _engine
-    parsed = check_url(url)
-    _check_sqlite_file(parsed, must_exist)
-    if _engine is not None and _engine.url == parsed:
-        return _engine
-    if _engine is not None:
-        _engine.dispose()
-        _engine = None
-    try:
-        _engine = make_engine(parsed)
-    except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as error:
-        raise ConfigurationError(
-            f"cannot use database URL {masked(parsed)}: {_scrub(_first_line(error), parsed)}"
-        ) from None
-    SessionLocal.configure(bind=_engine)
-    return _engine
+
+    def __init__(self, url: str, *, must_exist: bool = True) -> None:
+        parsed = check_url(url)
+        _check_sqlite_file(parsed, must_exist)
+        try:
+            self.engine = make_engine(parsed)
+        except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as error:
+            raise ConfigurationError(
+                f"cannot use database URL {masked(parsed)}: {_scrub(_first_line(error), parsed)}"
+            ) from None
+        # expire_on_commit=False: the service hands committed users back to the faces to render.
+        self.SessionLocal = sessionmaker(bind=self.engine, expire_on_commit=False)
+
+    def dispose(self) -> None:
+        """Close every pooled connection (a test drops the database after)."""
+        self.engine.dispose()
 
 
-def as_domain_error(error: BaseException) -> DatabaseUnavailable | None:
-    """A user-facing error for a failure of the database itself, or None if it is not one.
+def as_domain_error(error: BaseException, url: URL | None = None) -> DatabaseUnavailable | None:
+    """A user-facing error for a failure of the database itself, or None if it is not one;
+    the password of `url` (the database's, when one was opened) is masked in its text.
 
     Raw sqlite3 errors count too: `init` sets the journal mode on the driver's connection.
     """
@@ -187,7 +186,7 @@ def as_domain_error(error: BaseException) -> DatabaseUnavailable | None:
     if not isinstance(error, failures) or isinstance(error, (exc.IntegrityError, sqlite3.IntegrityError)):
         return None
     text = _first_line(getattr(error, "orig", error)) if str(error) else type(error).__name__
-    text = _scrub(text, _engine.url if _engine is not None else None)
+    text = _scrub(text, url)
     lowered = text.lower()
     if "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered):
         return DatabaseUnavailable("the database has no usermgr schema: run `usermgr init` first")

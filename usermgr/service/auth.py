@@ -183,12 +183,20 @@ def _is_uid(value: Any) -> bool:
 
 
 def holder_of_token(
-    db: Session, settings: Settings, token: str, key: Any, algorithm: str, *, required_role: str | None = None
+    db: Session,
+    settings: Settings,
+    token: str,
+    key: Any,
+    algorithm: str,
+    *,
+    required_role: str | None = None,
+    role_in_token: bool = False,
 ) -> tuple[dict[str, Any], User]:
-    """A token's claims and its holder, both checked: the signature, expiry, issuer and
-    audience (and the role, when asked) of the token, then the holder as
-    `check_token_holder` checks them. What `verify --check-db` and the API ask."""
+    """A token's claims and its holder, both checked: the token's signature, expiry, issuer
+    and audience, then the holder as `check_token_holder` checks them (the role as the
+    database has it now). What `verify --check-db` and the API ask; `verify` also wants the
+    token itself to name the role (`role_in_token`), as its offline check does."""
     from usermgr.tokens import decode_token
 
-    claims = decode_token(token, settings, key, algorithm, required_role=required_role)
+    claims = decode_token(token, settings, key, algorithm, required_role=required_role if role_in_token else None)
     return claims, check_token_holder(db, claims, required_role)
