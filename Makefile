@@ -29,6 +29,7 @@ test: install
 lint: install
 	$(BIN)/ruff check $(RUFF_OPTS) $(RUFF_RULES) usermgr tests bench
 	$(BIN)/ruff format $(RUFF_OPTS) --check usermgr tests bench
+	$(BIN)/mypy usermgr
 
 format: install
 	$(BIN)/ruff check $(RUFF_OPTS) $(RUFF_RULES) --fix usermgr tests bench

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -91,3 +93,14 @@ def test_email_and_id_print_one_value_a_line(rows: list[dict]) -> None:
     assert _written(rows, "id").splitlines() == [str(record["id"]) for record in rows]
     emails = _written(rows, "email")
     assert emails == "".join(f"{record['email']}\n" for record in rows)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_import_text_reads_buffered_and_unbuffered_streams_alike(tmp_path: Path, encoding: str) -> None:
+    """`open_import_text` takes any binary stream: a raw one (no `read1`) reads as a buffered one."""
+    text = "email,full_name\r\nana@example.com,Ana Ñúñez\r\n" + "x@example.com,Xavier\n" * 5000
+    path = tmp_path / "users.csv"
+    path.write_bytes(text.encode(encoding))
+    with open(path, "rb") as buffered, open(path, "rb", buffering=0) as raw:
+        assert not hasattr(raw, "read1")
+        assert output.open_import_text(raw).read() == output.open_import_text(buffered).read() == text

@@ -17,9 +17,12 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, BinaryIO, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 from usermgr.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 USER_FORMATS = ("table", "json", "jsonl", "csv", "email", "id")
 DATA_FORMATS = ("table", "json", "jsonl", "csv")
@@ -34,7 +37,7 @@ CSV_GUARD = "'"
 _GUARDED_STARTS = (*FORMULA_STARTS, CSV_GUARD)
 
 
-def _iso(value: Any) -> str:
+def _iso(value: object) -> str:
     """Timestamps in JSON: ISO 8601 with their UTC offset."""
     if isinstance(value, datetime):
         return value.isoformat()
@@ -45,7 +48,7 @@ def _iso(value: Any) -> str:
 _JSON = json.JSONEncoder(ensure_ascii=False, default=_iso)
 
 
-def _cell(value: Any, list_separator: str) -> str:
+def _cell(value: object, list_separator: str) -> str:
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -79,7 +82,7 @@ def write_records(
     return _WRITERS[fmt](records, fields, out)
 
 
-def _each(records: Iterable[dict[str, Any]], write: Callable[[dict[str, Any]], Any]) -> int:
+def _each(records: Iterable[dict[str, Any]], write: Callable[[dict[str, Any]], object]) -> int:
     """Write every record as it comes (streaming); returns how many there were."""
     count = 0
     for record in records:
@@ -217,14 +220,18 @@ class _Replay(io.RawIOBase):
     def __init__(self, head: bytes, rest: BinaryIO) -> None:
         self._head = head
         self._rest = rest
+        # The bytes there are now, without waiting for a full buffer (a pipe): read1 on a
+        # buffered stream, what one read gives on an unbuffered one.
+        self._read_some = rest.read1 if isinstance(rest, io.BufferedIOBase) else rest.read
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: Any) -> int:
-        data = self._head or self._rest.read1(len(buffer))
-        count = min(len(data), len(buffer))
-        buffer[:count] = data[:count]
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        with memoryview(buffer) as view:
+            data = self._head or self._read_some(len(view))
+            count = min(len(data), len(view))
+            view[:count] = data[:count]
         self._head = self._head[count:]
         return count
 

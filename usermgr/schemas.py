@@ -249,7 +249,7 @@ class ImportRow(BaseModel):
         return self
 
 
-def first_error(error: Any) -> str:
+def first_error(error: ValidationError) -> str:
     """A one-line message from a pydantic ValidationError, naming the field."""
     details = error.errors()
     if not details:

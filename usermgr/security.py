@@ -6,30 +6,42 @@ import base64
 import contextlib
 import secrets
 from functools import cache
+from typing import NamedTuple
 
 import argon2
 from passlib.context import CryptContext
 
 BCRYPT_MAX_BYTES = 72
+
+
+class _Argon2Params(NamedTuple):
+    time_cost: int
+    memory_cost: int
+    parallelism: int
+
+
 # A cheap argon2 profile for test suites only (USERMGR_HASH_PROFILE=test).
-_TEST_PROFILE = {"time_cost": 1, "memory_cost": 1024, "parallelism": 1}
+_TEST_PROFILE = _Argon2Params(time_cost=1, memory_cost=1024, parallelism=1)
 
 
-def _argon2_params(profile: str) -> dict[str, int]:
+def _argon2_params(profile: str) -> _Argon2Params:
     if profile == "test":
         return _TEST_PROFILE
     defaults = argon2.PasswordHasher()
-    return {"time_cost": defaults.time_cost, "memory_cost": defaults.memory_cost, "parallelism": defaults.parallelism}
+    return _Argon2Params(defaults.time_cost, defaults.memory_cost, defaults.parallelism)
 
 
 @cache
 def context(profile: str = "default") -> CryptContext:
     """The CryptContext for a hash profile: argon2-cffi's own defaults unless `test`."""
+    params = _argon2_params(profile)
     return CryptContext(
         schemes=["argon2", "bcrypt"],
         deprecated=["bcrypt"],
         argon2__type="ID",
-        **{f"argon2__{name}": value for name, value in _argon2_params(profile).items()},
+        argon2__time_cost=params.time_cost,
+        argon2__memory_cost=params.memory_cost,
+        argon2__parallelism=params.parallelism,
     )
 
 
@@ -77,7 +89,7 @@ def _dummy_hash(profile: str) -> str:
     def b64(size: int) -> str:
         return base64.b64encode(secrets.token_bytes(size)).decode().rstrip("=")
 
-    settings = f"m={params['memory_cost']},t={params['time_cost']},p={params['parallelism']}"
+    settings = f"m={params.memory_cost},t={params.time_cost},p={params.parallelism}"
     return f"$argon2id$v=19${settings}${b64(16)}${b64(32)}"
 
 

@@ -14,12 +14,20 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
 
 import jwt
 
 from usermgr.config import Settings
 from usermgr.errors import ConfigurationError, Forbidden, TokenInvalid
+
+if TYPE_CHECKING:  # cryptography is the optional `crypto` extra, loaded only for EdDSA
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+SigningKey: TypeAlias = "bytes | Ed25519PrivateKey"
+"""What mints tokens: the HS256 secret, or the Ed25519 private key."""
+VerificationKey: TypeAlias = "bytes | Ed25519PublicKey"
+"""What checks them: the HS256 secret, or the Ed25519 public key."""
 
 REQUIRED_CLAIMS = ["exp", "iat", "iss", "sub"]
 MIN_SECRET_BYTES = 32
@@ -148,7 +156,7 @@ def _key_source(settings: Settings) -> str:
     return "USERMGR_SECRET_KEY" if settings.secret_key else f"key file {settings.key_file}"
 
 
-def signing_key(settings: Settings) -> Any:
+def signing_key(settings: Settings) -> SigningKey:
     """The key that mints tokens: the HS256 secret, or the Ed25519 private key."""
     material = _secret_material(settings)
     if settings.token_algorithm == "EdDSA":
@@ -162,7 +170,7 @@ def signing_key(settings: Settings) -> Any:
     return material
 
 
-def verification_key(settings: Settings, public_key_file: Path | None = None) -> tuple[Any, str]:
+def verification_key(settings: Settings, public_key_file: Path | None = None) -> tuple[VerificationKey, str]:
     """The key and the one algorithm tokens are checked with.
 
     A public key file pins EdDSA and needs no secret: a service can verify but never issue.
@@ -174,27 +182,30 @@ def verification_key(settings: Settings, public_key_file: Path | None = None) ->
             raise ConfigurationError(f"cannot read public key {public_key_file}: {error.strerror}") from None
         return _load_pem(material, private=False, source=f"public key {public_key_file}"), "EdDSA"
     key = signing_key(settings)
-    if settings.token_algorithm == "EdDSA":
-        return key.public_key(), "EdDSA"
-    return key, "HS256"
+    if isinstance(key, bytes):  # signing_key gives bytes exactly when the algorithm is HS256
+        return key, "HS256"
+    return key.public_key(), "EdDSA"
 
 
-def _load_pem(material: bytes, *, private: bool, source: str) -> Any:
+@overload
+def _load_pem(material: bytes, *, private: Literal[True], source: str) -> Ed25519PrivateKey: ...
+@overload
+def _load_pem(material: bytes, *, private: Literal[False], source: str) -> Ed25519PublicKey: ...
+def _load_pem(material: bytes, *, private: bool, source: str) -> Ed25519PrivateKey | Ed25519PublicKey:
     try:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError:
         raise ConfigurationError("EdDSA needs the `crypto` extra: pip install 'usermgr[crypto]'") from None
     try:
-        if private:
-            key = serialization.load_pem_private_key(material, password=None)
-            wanted: type = ed25519.Ed25519PrivateKey
-        else:
-            key = serialization.load_pem_public_key(material)
-            wanted = ed25519.Ed25519PublicKey
+        key: object = (
+            serialization.load_pem_private_key(material, password=None)
+            if private
+            else serialization.load_pem_public_key(material)
+        )
     except (ValueError, TypeError):
         raise ConfigurationError(f"{source} is not a PEM Ed25519 key, as EdDSA needs") from None
-    if not isinstance(key, wanted):
+    if not isinstance(key, ed25519.Ed25519PrivateKey if private else ed25519.Ed25519PublicKey):
         raise ConfigurationError(f"{source} is not an Ed25519 key, as EdDSA needs")
     return key
 
@@ -210,7 +221,7 @@ def issue_token(
     roles: list[str],
     token_version: int,
     ttl: int,
-    key: Any = None,
+    key: SigningKey | None = None,
 ) -> str:
     """A signed access token for the user whose `uid` is `subject`. `key` defaults to
     `signing_key(settings)`; a caller that must not record anything with an unusable key
@@ -251,7 +262,7 @@ def _reason(error: jwt.PyJWTError) -> str:
 
 
 def decode_token(
-    token: str, settings: Settings, key: Any, algorithm: str, *, required_role: str | None = None
+    token: str, settings: Settings, key: VerificationKey, algorithm: str, *, required_role: str | None = None
 ) -> dict[str, Any]:
     """The claims of a valid token; TokenInvalid with the reason, or Forbidden without the role."""
     token = token.strip()
