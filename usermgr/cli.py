@@ -23,7 +23,7 @@ from usermgr.lazy import lazy_module
 # The one place the heavy modules are loaded: each on its first use, so that `usermgr
 # --help` and offline `usermgr verify` never import SQLAlchemy, pydantic or passlib.
 if TYPE_CHECKING:
-    from sqlalchemy import URL
+    from sqlalchemy import URL, Engine
     from sqlalchemy.orm import Session
 
     from usermgr import database, migrations, service, tokens
@@ -69,10 +69,18 @@ def _domain_error(error: BaseException, app: App | None) -> errors.UsermgrError 
 class UsermgrGroup(click.Group):
     """Turns every failure into one line on stderr and its exit code, usage errors too."""
 
-    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, **extra: Any) -> NoReturn:
-        extra["standalone_mode"] = False
+    def main(  # type: ignore[override]  # always standalone: the overloads' bool variant never applies
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> NoReturn:
         try:
-            code = super().main(args=args, prog_name=prog_name, **extra)
+            code = super().main(
+                args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra
+            )
         except click.exceptions.NoArgsIsHelpError as error:
             click.echo(error.ctx.get_help() if error.ctx else "", err=True)
             sys.exit(2)
@@ -146,11 +154,18 @@ class App:
         """The URL of the database this process opened, if it opened one."""
         return self._database.engine.url if self._database is not None else None
 
-    def session(self, *, must_exist: bool = True) -> Session:
-        """A session on the database of `--db`, opened once per process on first use."""
+    def _opened(self, must_exist: bool) -> database.Database:
         if self._database is None:
             self._database = database.Database(self.settings.database_url, must_exist=must_exist)
-        return self._database.SessionLocal()
+        return self._database
+
+    def session(self, *, must_exist: bool = True) -> Session:
+        """A session on the database of `--db`, opened once per process on first use."""
+        return self._opened(must_exist).SessionLocal()
+
+    def engine(self, *, must_exist: bool = True) -> Engine:
+        """The engine of the database of `--db` (for migrations)."""
+        return self._opened(must_exist).engine
 
 
 pass_app = click.make_pass_decorator(App)
@@ -273,13 +288,12 @@ def init(app: App) -> None:
       usermgr --db users.db init
     """
     settings = app.settings
-    with app.session(must_exist=False) as db:
-        engine = db.get_bind()
-        migrations.upgrade(engine)
-        note(
-            f"database {engine.url.render_as_string(hide_password=True)}"
-            f" is at schema revision {migrations.current_revision(engine)}"
-        )
+    engine = app.engine(must_exist=False)
+    migrations.upgrade(engine)
+    note(
+        f"database {engine.url.render_as_string(hide_password=True)}"
+        f" is at schema revision {migrations.current_revision(engine)}"
+    )
     if settings.key_file is None:
         note("no key file for this database: set USERMGR_SECRET_KEY or give --key-file to sign tokens")
     elif tokens.create_key_file(settings.key_file, settings.token_algorithm):

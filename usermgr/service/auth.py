@@ -110,13 +110,14 @@ def _take_success(
     if new_hash is not None:
         values["hashed_password"] = new_hash
     with writing(db):
-        taken = db.execute(
+        taken = db.scalars(
             update(User)
             .where(User.id == user_id, User.is_active.is_(True), User.hashed_password == checked, may_enter)
             .values(**values)
+            .returning(User.id)
             .execution_options(synchronize_session=False)
-        ).rowcount
-        if not taken:
+        ).first()
+        if taken is None:
             raise AuthenticationFailed()
         return db.scalars(select(User).where(User.id == user_id).execution_options(populate_existing=True)).one()
 

@@ -27,6 +27,7 @@ from usermgr.service.revocation import Access, revokes_tokens
 from usermgr.service.roles import keeping_an_admin
 from usermgr.service.users import refuse_lookalike
 
+USERS = User.metadata.tables[User.__tablename__]  # the Core table, for bulk statements
 MAX_REPORTED_ROW_ERRORS = 20
 
 
@@ -186,7 +187,7 @@ class _RoleIds:
 
     def __call__(self, name: str) -> int:
         if name not in self.ids:
-            self.ids[name] = self.db.scalar(insert(Role).values(name=name).returning(Role.id))
+            self.ids[name] = self.db.execute(insert(Role).values(name=name).returning(Role.id)).scalar_one()
         return self.ids[name]
 
 
@@ -223,29 +224,29 @@ def _import_chunk(
     result: ImportResult,
 ) -> None:
     emails = [row["email"] for row in chunk]
-    existing: dict[str, int | None] = dict(db.execute(select(User.email, User.id).where(User.email.in_(emails))).all())
+    existing: dict[str, int] = dict(db.execute(select(User.email, User.id).where(User.email.in_(emails))).tuples().all())
     _check_uids(db, chunk)
-    pending: list[SpooledRow] = []
+    pending: dict[str, SpooledRow] = {}  # to be inserted, by email; a later row with that email meets it
 
     def insert_pending() -> None:
-        for row, user_id in zip(pending, _insert_rows(db, plan, pending, role_ids), strict=True):
+        rows = list(pending.values())
+        for row, user_id in zip(rows, _insert_rows(db, plan, rows, role_ids), strict=True):
             existing[row["email"]] = user_id
-        result.created += len(pending)
+        result.created += len(rows)
         pending.clear()
 
     for row in chunk:
         line, email = row["line"], row["email"]
-        if email not in existing:
+        if email not in existing and email not in pending:
             if not email.isascii():
                 refuse_lookalike(db, email, line)
-            existing[email] = None  # to be inserted; a later row with this email conflicts with it
-            pending.append(row)
+            pending[email] = row
         elif on_conflict == "error":
             raise Conflict(f"line {line}: a user with email {email!r} already exists; use --on-conflict skip or update")
         elif on_conflict == "skip":
             result.skipped += 1
         else:
-            if existing[email] is None:
+            if email in pending:
                 insert_pending()
             _update_from_row(db, plan, existing[email], row, role_ids)
             result.updated += 1
@@ -294,7 +295,7 @@ def _insert_rows(db: Session, plan: ImportPlan, rows: list[SpooledRow], role_ids
     ]
     # One executemany, then the ids by email: RETURNING in parameter order would make
     # SQLAlchemy insert row by row on SQLite, which cannot promise that order.
-    db.execute(insert(User.__table__), values)
+    db.execute(insert(USERS), values)
     emails = [row["email"] for row in rows]
     ids = dict(db.execute(select(User.email, User.id).where(User.email.in_(emails))).all())
     inserted = [ids[email] for email in emails]
@@ -326,8 +327,8 @@ def _update_from_row(db: Session, plan: ImportPlan, user_id: int, row: SpooledRo
         roles=frozenset(row["roles"]),
     )
     if revokes_tokens(before, after):
-        values["token_version"] = User.__table__.c.token_version + 1
-    db.execute(update(User.__table__).where(User.__table__.c.id == user_id).values(updated_at=utcnow(), **values))
+        values["token_version"] = USERS.c.token_version + 1
+    db.execute(update(USERS).where(USERS.c.id == user_id).values(updated_at=utcnow(), **values))
     db.execute(delete(user_roles).where(user_roles.c.user_id == user_id))
     if row["roles"]:
         db.execute(insert(user_roles), [{"user_id": user_id, "role_id": role_ids(name)} for name in row["roles"]])

@@ -168,10 +168,10 @@ def resolve_many(db: Session, refs: Sequence[str | None], origin: str) -> list[U
     for position, (ref, key) in enumerate(zip(refs, keys, strict=True), start=1):
         if ref is None:
             continue  # a blank line of input: no one, and an empty argument is still a mistake
-        user = found_by.get(key) if key is not None else None
-        if user is None:
+        match = found_by.get(key) if key is not None else None
+        if match is None:
             raise NotFound(f"no user matches {ref.strip()!r} ({origin} {position}); nothing was changed")
-        found.setdefault(user.id, user)
+        found.setdefault(match.id, match)
     return list(found.values())
 
 

@@ -25,9 +25,14 @@ def validated_role(name: str) -> str:
     return checked(validate_role_name, name)
 
 
-def named_role(db: Session, name: str, *, create: bool) -> Role | None:
-    role = db.scalars(select(Role).where(Role.name == name)).first()
-    if role is None and create:
+def named_role(db: Session, name: str) -> Role | None:
+    return db.scalars(select(Role).where(Role.name == name)).first()
+
+
+def ensured_role(db: Session, name: str) -> Role:
+    """The role called `name`, created now if there is none yet."""
+    role = named_role(db, name)
+    if role is None:
         role = Role(name=name)
         db.add(role)
     return role
@@ -69,10 +74,11 @@ def grant_role(db: Session, refs: Sequence[str | None], role_name: str, origin: 
     name = validated_role(role_name)
     with writing(db):
         users = resolve_many(db, refs, origin)
-        role = named_role(db, name, create=bool(users))  # a role comes into being with its first member
-        for user in users:
-            if role not in user.roles:
-                user.roles.append(role)
+        if users:  # a role comes into being with its first member
+            role = ensured_role(db, name)
+            for user in users:
+                if role not in user.roles:
+                    user.roles.append(role)
     return users
 
 
@@ -81,7 +87,7 @@ def revoke_role(db: Session, refs: Sequence[str | None], role_name: str, origin:
     name = validated_role(role_name)
     with writing(db), keeping_an_admin(db):
         users = resolve_many(db, refs, origin)
-        role = named_role(db, name, create=False)
+        role = named_role(db, name)
         with revoking_tokens_on_change(users):
             for user in users:
                 if role is not None and role in user.roles:

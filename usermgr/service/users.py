@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from usermgr.schemas import UserCreate, UserUpdate
 from usermgr.service.core import checked, reading, resolve_many, user_named, validated, writing
 from usermgr.service.revocation import revoking_tokens_on_change
-from usermgr.service.roles import granted_role_names, keeping_an_admin, named_role
+from usermgr.service.roles import ensured_role, granted_role_names, keeping_an_admin
 
 
 def _ensure_unique(db: Session, email: str | None, username: str | None, except_id: int | None = None) -> None:
@@ -63,7 +63,7 @@ def create_user(
     with writing(db):
         _ensure_unique(db, data.email, data.username)
         user = User(email=data.email, username=data.username, full_name=data.full_name, hashed_password=hashed)
-        user.roles = [named_role(db, name, create=True) for name in role_names]
+        user.roles = [ensured_role(db, name) for name in role_names]
         db.add(user)
         db.flush()
     return user
