@@ -109,11 +109,20 @@ def plan_import(rows: Iterable[Any]) -> ImportPlan:
     `rows` are `output.InputRow`s. Bad rows are reported with their line numbers, the
     first twenty and then a count, as one InvalidInput.
     """
+    plan = ImportPlan(spool=tempfile.TemporaryFile())  # noqa: SIM115 (ImportPlan.close closes it)
+    try:
+        _validate_into(plan, rows)
+    except BaseException:
+        plan.close()  # a bad row, or input that could not be read: the spool goes now
+        raise
+    return plan
+
+
+def _validate_into(plan: ImportPlan, rows: Iterable[Any]) -> None:
     from pydantic import ValidationError
 
     from usermgr.schemas import ImportRow, first_error
 
-    plan = ImportPlan(spool=tempfile.TemporaryFile())  # noqa: SIM115 (ImportPlan.close closes it)
     problems: list[str] = []
     bad = 0
     for row in rows:
@@ -134,12 +143,10 @@ def plan_import(rows: Iterable[Any]) -> ImportPlan:
             plan.passwords[row.line] = valid.password
         plan.add(_spooled_row(row.line, valid))
     if bad:
-        plan.close()
         more = f" (the first {MAX_REPORTED_ROW_ERRORS} shown)" if bad > MAX_REPORTED_ROW_ERRORS else ""
         raise InvalidInput(
             "\n".join([*problems, f"{bad} invalid row{'s' if bad != 1 else ''}{more}; nothing was imported"])
         )
-    return plan
 
 
 def seconds_to_hash(plan: ImportPlan, settings: Settings) -> float:
@@ -224,7 +231,9 @@ def _import_chunk(
     result: ImportResult,
 ) -> None:
     emails = [row["email"] for row in chunk]
-    existing: dict[str, int] = dict(db.execute(select(User.email, User.id).where(User.email.in_(emails))).tuples().all())
+    existing: dict[str, int] = {
+        email: user_id for email, user_id in db.execute(select(User.email, User.id).where(User.email.in_(emails)))
+    }
     _check_uids(db, chunk)
     pending: dict[str, SpooledRow] = {}  # to be inserted, by email; a later row with that email meets it
 
