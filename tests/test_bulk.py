@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -15,19 +14,13 @@ import bcrypt
 import pytest
 from sqlalchemy import select
 
-from tests.conftest import CONTRACT_USER_FIELDS, USERMGR, Runner, run_usermgr, user_count
+from tests.conftest import CONTRACT_USER_FIELDS, USERMGR, Runner, emails, process_env, run_usermgr, user_count
 from usermgr.cli import LARGE_IMPORT_ROWS
 from usermgr.models import User
 
 
 def jsonl(*rows: dict) -> str:
     return "".join(json.dumps(row) + "\n" for row in rows)
-
-
-def emails(run: Runner) -> list[str]:
-    result = run("list", "-o", "email")
-    assert result.exit_code == 0, result.stderr
-    return result.stdout.split()
 
 
 def test_import_csv_file_with_roles_and_flags(run: Runner, tmp_path: Path) -> None:
@@ -253,8 +246,9 @@ def test_list_piped_into_disable(run: Runner) -> None:
 def _import_until_it_is_writing(env: dict, source: Path) -> int:
     """Start `usermgr import`, wait for its first progress line (written inside its one
     transaction, after a chunk of rows) and kill -9 it there; the process's exit status."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("USERMGR_")} | env
-    process = subprocess.Popen([str(USERMGR), "import", str(source)], env=full_env, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [str(USERMGR), "import", str(source)], env=process_env(env), stderr=subprocess.PIPE, text=True
+    )
     try:
         assert process.stderr is not None
         for line in process.stderr:
