@@ -12,8 +12,9 @@ import shutil
 import subprocess
 import sys
 import time
+import unicodedata
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -220,6 +221,19 @@ def ok(result: Ran) -> Ran:
     return result
 
 
+def error_line(result: Result, code: int) -> str:
+    """Assert a clean refusal: exit `code`, nothing on stdout, no traceback, and one
+    `usermgr: error:` line that echoes no raw control or formatting character (a
+    right-to-left override must not reach the terminal); that line."""
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("usermgr: error: ") and result.stderr.endswith("\n"), result.stderr
+    line = result.stderr.removesuffix("\n")
+    assert not [char for char in line if unicodedata.category(char) in ("Cc", "Cf")], ascii(line)
+    return line
+
+
 def create_user(run: Runner, email: str, *options: str, password: str | None = PASSWORD) -> int:
     """Create a user with the CLI (`password=None`: without a password); its id."""
     secret = ["--password-stdin"] if password is not None else ["--no-password"]
@@ -269,11 +283,17 @@ def process_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def run_usermgr(
-    *args: str, env: dict[str, str], input: str | None = None, timeout: float = HANG_TIMEOUT
+    *args: str, env: dict[str, str], input: str | None = None, preexec_fn: Callable[[], Any] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Runs the installed `usermgr` executable as a subprocess."""
+    """Runs the installed `usermgr` executable as a subprocess (`preexec_fn`: run in the child first)."""
     return subprocess.run(
-        [str(USERMGR), *args], input=input, env=process_env(env), capture_output=True, text=True, timeout=timeout
+        [str(USERMGR), *args],
+        input=input,
+        env=process_env(env),
+        capture_output=True,
+        text=True,
+        timeout=HANG_TIMEOUT,
+        preexec_fn=preexec_fn,
     )
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from tests.conftest import CONTRACT_USER_FIELDS, PASSWORD, Runner, create_user, emails, login, ok, users
+from tests.conftest import CONTRACT_USER_FIELDS, PASSWORD, Runner, create_user, emails, error_line, login, ok, users
 from usermgr.cli import cli
 
 FIELDS = list(CONTRACT_USER_FIELDS)
@@ -25,17 +25,6 @@ USER_FORMATS = ["table", "json", "jsonl", "csv", "email", "id"]
 
 
 # ---- helpers --------------------------------------------------------------------------
-
-
-def error_line(result: Result, code: int) -> str:
-    """Assert a clean failure: the exit code, nothing on stdout, one `usermgr: error:` line."""
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    assert result.stdout == ""
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("usermgr: error: ")
-    return lines[0]
 
 
 def said(result: Result, count: str, *words: str) -> bool:

@@ -20,6 +20,7 @@ from tests.conftest import (
     api_token,
     bearer,
     create_user,
+    emails,
     login,
     run_usermgr,
     shown,
@@ -117,7 +118,7 @@ def test_import_refuses_one_uid_for_two_rows(run: Runner) -> None:
     uid = "6f1c0de4-6d0b-4f7e-9a55-0d6f5a1b7c3e"
     rows = "".join(json.dumps({"email": f"{name}@example.com", "uid": uid}) + "\n" for name in ("ann", "ben"))
     result = run("import", "-", "--format", "jsonl", input=rows)
-    assert (result.exit_code, run("list", "-o", "email").stdout) == (5, "")
+    assert (result.exit_code, emails(run)) == (5, [])
 
 
 @pytest.mark.parametrize(
@@ -127,7 +128,7 @@ def test_import_refuses_a_malformed_uid(run: Runner, uid: str) -> None:
     result = run("import", "-", "--format", "jsonl", input=json.dumps({"email": "ann@example.com", "uid": uid}) + "\n")
     assert result.exit_code == 3
     assert "line 1: uid: invalid uid" in result.stderr
-    assert run("list", "-o", "email").stdout == ""
+    assert emails(run) == []
 
 
 def test_update_from_import_never_changes_a_users_uid(run: Runner) -> None:
@@ -236,7 +237,7 @@ def test_show_list_and_the_api_say_whether_an_account_is_locked(
     locked_until = shown(run, "ada@example.com")["locked_until"]
     assert locked_until is not None and locked_until.endswith("+00:00")
     assert run("list", "--locked", "-o", "email").stdout == "ada@example.com\n"
-    assert run("list", "-o", "email").stdout == "ada@example.com\nbob@example.com\n"
+    assert emails(run) == ["ada@example.com", "bob@example.com"]
     create_user(run, ADMIN, "--admin", password=ADMIN_PASSWORD)
     listed = client.get("/users", headers=bearer(api_token(client, ADMIN, ADMIN_PASSWORD))).json()
     assert [user["locked_until"] is not None for user in listed] == [True, False, False]

@@ -17,7 +17,7 @@ from click.testing import Result
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from tests.conftest import AUTH_FAILED_LINE, PASSWORD, Runner, create_user, login, token_of, uid_of
+from tests.conftest import AUTH_FAILED_LINE, PASSWORD, Runner, create_user, login, shown, token_of, uid_of
 from usermgr import security
 from usermgr.models import User
 
@@ -75,8 +75,8 @@ def test_login_prints_only_the_token(run: Runner) -> None:
     assert result.stdout.count("\n") == 1 and result.stdout.endswith("\n")
     token = result.stdout.strip()
     assert token.count(".") == 2 and " " not in token
-    shown = claims_of(run, token)
-    assert (shown["sub"], shown["email"], shown["roles"], shown["ver"]) == (
+    claims = claims_of(run, token)
+    assert (claims["sub"], claims["email"], claims["roles"], claims["ver"]) == (
         uid_of(run, str(user_id)),
         "ada@example.com",
         ["beta"],
@@ -219,8 +219,8 @@ def test_only_the_first_line_is_the_password(run: Runner) -> None:
 @pytest.mark.parametrize("ttl, seconds", [("4500s", 4500), ("15m", 900), ("8h", 28800), ("7d", 604800), ("5400", 5400)])
 def test_ttl_sets_the_lifetime(run: Runner, ttl: str, seconds: int) -> None:
     create_user(run, "ada@example.com")
-    shown = claims_of(run, token_of(run, "ada@example.com", PASSWORD, "--ttl", ttl))
-    assert shown["exp"] - shown["iat"] == seconds
+    claims = claims_of(run, token_of(run, "ada@example.com", PASSWORD, "--ttl", ttl))
+    assert claims["exp"] - claims["iat"] == seconds
 
 
 def test_default_lifetime_comes_from_the_settings(run: Runner) -> None:
@@ -228,8 +228,8 @@ def test_default_lifetime_comes_from_the_settings(run: Runner) -> None:
     assert (lambda c: c["exp"] - c["iat"])(claims_of(run, token_of(run, "ada@example.com"))) == 3600
     result = login(run, "ada@example.com", env={"USERMGR_TOKEN_TTL": "2h"})
     assert result.exit_code == 0, result.stderr
-    shown = claims_of(run, result.stdout.strip())
-    assert shown["exp"] - shown["iat"] == 7200
+    claims = claims_of(run, result.stdout.strip())
+    assert claims["exp"] - claims["iat"] == 7200
 
 
 @pytest.mark.parametrize("ttl", ["0", "0s", "abc", "15x", "1w", "1.5h", "-5m", "", "15 minutes", "1e3"])
@@ -351,14 +351,14 @@ def test_threshold_zero_never_locks(run: Runner, db: Session) -> None:
 
 def test_success_records_the_login_and_resets_failures(run: Runner, db: Session) -> None:
     create_user(run, "ada@example.com")
-    assert json.loads(run("show", "ada@example.com", "-o", "json").stdout)["last_login_at"] is None
+    assert shown(run, "ada@example.com")["last_login_at"] is None
     assert_refused(login(run, "ada@example.com", "wrong-password"))
     assert stored(db, "ada@example.com").failed_logins == 1
     before = datetime.now(UTC)
     assert login(run, "ada@example.com").exit_code == 0
     after = datetime.now(UTC)
-    shown = json.loads(run("show", "ada@example.com", "-o", "json").stdout)
-    assert before <= datetime.fromisoformat(shown["last_login_at"]) <= after
+    record = shown(run, "ada@example.com")
+    assert before <= datetime.fromisoformat(record["last_login_at"]) <= after
     user = stored(db, "ada@example.com")
     assert user.failed_logins == 0
     assert user.last_login_at is not None and before <= user.last_login_at <= after

@@ -23,15 +23,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
 from tests.conftest import (
-    HANG_TIMEOUT,
     PASSWORD,
-    USERMGR,
     PostgresAdmin,
     Runner,
     create_user,
     free_port,
     login_process,
-    process_env,
     run_usermgr,
 )
 from usermgr import api
@@ -287,14 +284,7 @@ def test_a_key_write_that_fails_leaves_no_key_file(database_held_open: str, tmp_
         "USERMGR_TOKEN_ALGORITHM": algorithm,
         "USERMGR_HASH_PROFILE": "test",
     }
-    result = subprocess.run(
-        [str(USERMGR), "init"],
-        env=process_env(env),
-        capture_output=True,
-        text=True,
-        timeout=HANG_TIMEOUT,
-        preexec_fn=_limit_file_size(16),  # a key is longer than 16 bytes
-    )
+    result = run_usermgr("init", env=env, preexec_fn=_limit_file_size(16))  # a key is longer than 16 bytes
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("usermgr: error:")]
     assert errors == [f"usermgr: error: cannot create key file {key_file}: File too large; no key file was left behind"]
@@ -316,14 +306,7 @@ def test_a_public_key_that_cannot_be_written_takes_its_private_key_with_it(tmp_p
 
 def test_the_key_files_are_0600_and_0644_whatever_the_umask(tmp_path: Path) -> None:
     env = {"USERMGR_DATABASE_URL": str(tmp_path / "users.db"), "USERMGR_TOKEN_ALGORITHM": "EdDSA"}
-    result = subprocess.run(
-        [str(USERMGR), "init"],
-        env=process_env(env),
-        capture_output=True,
-        text=True,
-        timeout=HANG_TIMEOUT,
-        preexec_fn=lambda: os.umask(0),
-    )
+    result = run_usermgr("init", env=env, preexec_fn=lambda: os.umask(0))
     assert result.returncode == 0, result.stderr
     assert stat.S_IMODE((tmp_path / "usermgr.key").stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "usermgr.key.pub").stat().st_mode) == 0o644

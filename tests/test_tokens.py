@@ -261,17 +261,17 @@ def test_valid_token_prints_its_claims(offline: Runner, hs_settings: Settings) -
     result = offline("verify", token, "-o", "json")
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""
-    shown = json.loads(result.stdout)
-    assert shown.keys() >= CLAIM_KEYS
-    assert (shown["sub"], shown["email"], shown["roles"], shown["iss"], shown["ver"]) == (
+    printed = json.loads(result.stdout)
+    assert printed.keys() >= CLAIM_KEYS
+    assert (printed["sub"], printed["email"], printed["roles"], printed["iss"], printed["ver"]) == (
         uid_number(7),
         "ada@example.com",
         ["admin", "beta"],
         ISSUER,
         0,
     )
-    assert shown["exp"] - shown["iat"] == 600
-    assert len(shown["jti"]) == 32
+    assert printed["exp"] - printed["iat"] == 600
+    assert len(printed["jti"]) == 32
     table = offline("verify", token)
     assert table.exit_code == 0
     assert "ada@example.com" in table.stdout and "admin, beta" in table.stdout
