@@ -25,6 +25,8 @@ import pytest
 from click.testing import CliRunner, Result
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 
@@ -33,6 +35,11 @@ from sqlalchemy.engine import make_url
 for _name in [name for name in os.environ if name.startswith("USERMGR_") and name != "USERMGR_TEST_POSTGRES_URL"]:
     del os.environ[_name]
 os.environ["USERMGR_HASH_PROFILE"] = "test"
+
+# Property tests get no time budget: Hypothesis's per-example deadline and its "input
+# generation is slow" health check both fail a test when a loaded machine is slow.
+hypothesis_settings.register_profile("usermgr", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+hypothesis_settings.load_profile("usermgr")
 
 from tests.pg_server import PostgresServer, find_pg_bin, free_port  # noqa: E402
 from usermgr import api, database, migrations, tokens  # noqa: E402

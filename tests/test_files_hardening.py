@@ -361,7 +361,7 @@ PREFIXES = {
 
 @pytest.mark.parametrize("source", ["file", "stdin"])
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_any_bytes_get_a_clean_answer_and_change_nothing_unless_imported(
     run: Runner, tmp_path: Path, fmt: str, source: str, data: st.DataObject
