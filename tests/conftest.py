@@ -11,13 +11,22 @@ import os
 import shutil
 import subprocess
 import sys
+import time
+import unicodedata
 import uuid
-from collections.abc import Iterator
-from dataclasses import replace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
+import httpx
 import pytest
 from click.testing import CliRunner, Result
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
@@ -28,7 +37,13 @@ for _name in [name for name in os.environ if name.startswith("USERMGR_") and nam
     del os.environ[_name]
 os.environ["USERMGR_HASH_PROFILE"] = "test"
 
-from usermgr import database, migrations, tokens  # noqa: E402
+# Property tests get no time budget: Hypothesis's per-example deadline and its "input
+# generation is slow" health check both fail a test when a loaded machine is slow.
+hypothesis_settings.register_profile("usermgr", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+hypothesis_settings.load_profile("usermgr")
+
+from tests.pg_server import PostgresServer, find_pg_bin, free_port  # noqa: E402
+from usermgr import api, database, migrations, tokens  # noqa: E402
 from usermgr.cli import cli  # noqa: E402
 from usermgr.config import Settings, load_settings  # noqa: E402
 from usermgr.models import User  # noqa: E402
@@ -49,6 +64,16 @@ CONTRACT_USER_FIELDS = (
     "locked_until",
 )
 USERMGR = Path(sys.executable).with_name("usermgr")
+HANG_TIMEOUT = 300.0
+"""Seconds: the one guard against a hang. It never measures speed: a wait this long is a
+hang, not a loaded machine, and every wait in the suite is for a signal, not a budget."""
+
+# The suite's one password, admin and failure message: a test that needs another says why.
+PASSWORD = "correct horse battery"
+ADMIN = "admin@example.com"
+ADMIN_PASSWORD = "admin-password-1"  # not PASSWORD: a mix-up between the two logins fails
+AUTH_FAILED = "authentication failed: wrong email or password, or the account is disabled or locked"
+AUTH_FAILED_LINE = f"usermgr: error: {AUTH_FAILED}\n"
 
 
 class PostgresAdmin:
@@ -90,8 +115,6 @@ def postgres() -> Iterator[PostgresAdmin]:
     if external:
         yield PostgresAdmin(external)
         return
-    from tests.pg_server import PostgresServer, find_pg_bin
-
     if find_pg_bin() is None:
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL server binaries are missing: .ci/run must install them")
@@ -191,23 +214,198 @@ def run(env: dict[str, str]) -> Runner:
     return Runner(env)
 
 
+# ---- the CLI in process: one helper per idea, for every test file ----------------------------
+
+Ran = TypeVar("Ran", Result, subprocess.CompletedProcess)
+
+
+def ok(result: Ran) -> Ran:
+    """Assert that a command (in process or a real process) succeeded without a traceback."""
+    code = result.exit_code if isinstance(result, Result) else result.returncode
+    assert code == 0, (code, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def error_line(result: Result, code: int) -> str:
+    """Assert a clean refusal: exit `code`, nothing on stdout, no traceback, and one
+    `usermgr: error:` line that echoes no raw control or formatting character (a
+    right-to-left override must not reach the terminal); that line."""
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("usermgr: error: ") and result.stderr.endswith("\n"), result.stderr
+    line = result.stderr.removesuffix("\n")
+    assert not [char for char in line if unicodedata.category(char) in ("Cc", "Cf")], ascii(line)
+    return line
+
+
+def create_user(run: Runner, email: str, *options: str, password: str | None = PASSWORD) -> int:
+    """Create a user with the CLI (`password=None`: without a password); its id."""
+    secret = ["--password-stdin"] if password is not None else ["--no-password"]
+    result = ok(run("create", "--email", email, *secret, *options, "-o", "id", input=f"{password}\n"))
+    return int(result.stdout)
+
+
+def login(run: Runner, user: str, password: str = PASSWORD, *options: str, env: dict[str, str] | None = None) -> Result:
+    """`usermgr login` with the password on stdin; the result, success or not."""
+    return run("login", user, "--password-stdin", *options, input=f"{password}\n", env=env)
+
+
+def token_of(run: Runner, user: str, password: str = PASSWORD, *options: str, env: dict[str, str] | None = None) -> str:
+    """The token a successful `usermgr login` prints."""
+    return ok(login(run, user, password, *options, env=env)).stdout.strip()
+
+
+def users(run: Runner) -> list[dict[str, Any]]:
+    """Every user as `list -o json` shows them."""
+    listed: list[dict[str, Any]] = json.loads(ok(run("list", "-o", "json")).stdout)
+    return listed
+
+
+def emails(run: Runner, *filters: str) -> list[str]:
+    """The emails `list` shows, with its `filters`."""
+    return ok(run("list", *filters, "-o", "email")).stdout.splitlines()
+
+
+def shown(run: Runner, ref: str) -> dict[str, Any]:
+    """The user `ref` names, as `show -o json` prints it."""
+    record: dict[str, Any] = json.loads(ok(run("show", ref, "-o", "json")).stdout)
+    return record
+
+
 def uid_of(run: Runner, ref: str) -> str:
     """The stable identity (`uid`) of the user `ref` names, as `show` prints it."""
-    result = run("show", ref, "-o", "json")
-    assert result.exit_code == 0, result.stderr
-    uid: str = json.loads(result.stdout)["uid"]
+    uid: str = shown(run, ref)["uid"]
     return uid
 
 
+# ---- the installed `usermgr` as a real process -----------------------------------------------
+
+
+def process_env(env: dict[str, str]) -> dict[str, str]:
+    """The environment of a `usermgr` process: this one's, without its USERMGR_* settings, plus `env`."""
+    return {key: value for key, value in os.environ.items() if not key.startswith("USERMGR_")} | env
+
+
 def run_usermgr(
-    *args: str, env: dict[str, str], input: str | None = None, timeout: float = 60
+    *args: str, env: dict[str, str], input: str | None = None, preexec_fn: Callable[[], Any] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Runs the installed `usermgr` executable as a subprocess."""
-    full_env = {key: value for key, value in os.environ.items() if not key.startswith("USERMGR_")}
-    full_env.update(env)
+    """Runs the installed `usermgr` executable as a subprocess (`preexec_fn`: run in the child first)."""
     return subprocess.run(
-        [str(USERMGR), *args], input=input, env=full_env, capture_output=True, text=True, timeout=timeout
+        [str(USERMGR), *args],
+        input=input,
+        env=process_env(env),
+        capture_output=True,
+        text=True,
+        timeout=HANG_TIMEOUT,
+        preexec_fn=preexec_fn,
     )
+
+
+def usermgr_bytes(*args: str | bytes, env: dict[str, str], input: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """The installed `usermgr` with a bytes argv and raw bytes on standard input (run_usermgr takes text)."""
+    argv = [os.fsencode(USERMGR), *(arg if isinstance(arg, bytes) else os.fsencode(arg) for arg in args)]
+    return subprocess.run(argv, input=input, env=process_env(env), capture_output=True, timeout=HANG_TIMEOUT)
+
+
+def login_process(env: dict[str, str], user: str, password: str = PASSWORD) -> subprocess.CompletedProcess[str]:
+    """`usermgr login` as a real process, with the password on stdin."""
+    return run_usermgr("login", user, "--password-stdin", env=env, input=f"{password}\n")
+
+
+@dataclass(frozen=True)
+class Served:
+    """A running `usermgr serve`: its process, port, base URL and log file."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    base_url: str
+    log: Path
+
+    def client(self, **options: Any) -> httpx.Client:
+        """An HTTP client for the server, patient enough for a loaded machine."""
+        return httpx.Client(base_url=self.base_url, timeout=HANG_TIMEOUT, **options)
+
+
+def _wait_until_healthy(served: Served) -> None:
+    """Poll /healthz until it answers; fail with the server's log if the server exits first
+    (or, as a guard against a hang only, if it has not answered after HANG_TIMEOUT)."""
+    deadline = time.monotonic() + HANG_TIMEOUT
+    while time.monotonic() < deadline:
+        if served.process.poll() is not None:
+            pytest.fail(f"usermgr serve exited with {served.process.returncode}:\n{served.log.read_text()}")
+        try:
+            if httpx.get(f"{served.base_url}/healthz", timeout=HANG_TIMEOUT).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)  # not listening yet
+    pytest.fail(f"usermgr serve never answered /healthz:\n{served.log.read_text()}")
+
+
+@contextmanager
+def serving(env: dict[str, str], log: Path) -> Iterator[Served]:
+    """A real `usermgr serve` on a free loopback port, healthy, logging to `log`; stopped
+    (SIGTERM) on leaving, and its log printed, which pytest shows when the test fails."""
+    port = free_port()
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [str(USERMGR), "serve", "--port", str(port)], env=process_env(env), stdout=sink, stderr=subprocess.STDOUT
+        )
+    served = Served(process, port, f"http://127.0.0.1:{port}", log)
+    try:
+        _wait_until_healthy(served)
+        yield served
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=HANG_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        print(log.read_text())
+
+
+# ---- the HTTP API -----------------------------------------------------------------------------
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def api_login(http: httpx.Client, email: str, password: str = PASSWORD) -> httpx.Response:
+    """POST /auth/login, on a TestClient or on a real server."""
+    return http.post("/auth/login", data={"username": email, "password": password})
+
+
+def api_token(http: httpx.Client, email: str, password: str = PASSWORD) -> str:
+    """The access token a successful POST /auth/login returns."""
+    response = api_login(http, email, password)
+    assert response.status_code == 200, response.text
+    token: str = response.json()["access_token"]
+    return token
+
+
+@pytest.fixture
+def app(settings: Settings) -> FastAPI:
+    return api.create_app(settings)
+
+
+@pytest.fixture
+def client(app: FastAPI) -> Iterator[TestClient]:
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def admin_id(run: Runner) -> int:
+    return create_user(run, ADMIN, "--admin", password=ADMIN_PASSWORD)
+
+
+@pytest.fixture
+def admin(client: TestClient, admin_id: int) -> dict[str, str]:
+    """Headers of a logged-in admin."""
+    return bearer(api_token(client, ADMIN, ADMIN_PASSWORD))
 
 
 def user_count(url: str) -> int:

@@ -39,8 +39,10 @@ DATABASE = "usermgr"
 HOST = "127.0.0.1"
 SERVER_BINARIES = ("initdb", "pg_ctl", "postgres")
 START_ATTEMPTS = 5  # a fresh port each time, in case another process took the one we picked
-COMMAND_TIMEOUT = 120.0
-READY_TIMEOUT = 30.0
+# Guards against a hang only, never budgets: a loaded machine may take minutes to start a server.
+SERVER_WAIT = 240  # seconds pg_ctl waits for the server to start or stop (-t)
+READY_TIMEOUT = 240.0
+COMMAND_TIMEOUT = 300.0  # longer than SERVER_WAIT, so that pg_ctl reports before it is killed
 LOG_TAIL_LINES = 40
 
 SETTINGS = {
@@ -199,7 +201,7 @@ class PostgresServer:
         data_dir = base_dir / "data"
         if running or (data_dir / "postmaster.pid").exists():
             subprocess.run(
-                self._command("pg_ctl", "stop", "-D", str(data_dir), "-m", "immediate", "-w", "-t", "60"),
+                self._command("pg_ctl", "stop", "-D", str(data_dir), "-m", "immediate", "-w", "-t", str(SERVER_WAIT)),
                 cwd=base_dir,
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
@@ -302,7 +304,7 @@ class PostgresServer:
                 "start",
                 "-w",
                 "-t",
-                "60",
+                str(SERVER_WAIT),
                 "-D",
                 str(self.data_dir),
                 "-l",
@@ -330,7 +332,9 @@ class PostgresServer:
     def _connect(self, dbname: str) -> psycopg.Connection[tuple[object, ...]]:
         import psycopg
 
-        return psycopg.connect(host=HOST, port=self.port, user=ROLE, dbname=dbname, autocommit=True, connect_timeout=10)
+        return psycopg.connect(
+            host=HOST, port=self.port, user=ROLE, dbname=dbname, autocommit=True, connect_timeout=SERVER_WAIT
+        )
 
     def _wait_until_ready(self) -> None:
         import psycopg

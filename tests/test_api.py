@@ -6,13 +6,9 @@ Every test that takes `client`, `settings`, `run` or `env` runs on SQLite and on
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,43 +23,35 @@ from hypothesis import settings as hypothesis_settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from tests.conftest import CONTRACT_USER_FIELDS, USERMGR, Runner, uid_of
+from tests.conftest import (
+    ADMIN,
+    ADMIN_PASSWORD,
+    AUTH_FAILED,
+    CONTRACT_USER_FIELDS,
+    HANG_TIMEOUT,
+    PASSWORD,
+    Runner,
+    api_login,
+    api_token,
+    bearer,
+    create_user,
+    login,
+    process_env,
+    run_usermgr,
+    serving,
+    uid_of,
+    users,
+)
 from usermgr import api, service, tokens
 from usermgr.config import Settings
 from usermgr.errors import ConfigurationError
 from usermgr.models import User
 
-ADMIN = "admin@example.com"
-ADMIN_PASSWORD = "admin-password-1"
-PASSWORD = "correct horse battery"
-AUTH_FAILED = {"detail": "authentication failed: wrong email or password, or the account is disabled or locked"}
-
-# ---- helpers and fixtures -------------------------------------------------------------------------
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def create_user(run: Runner, email: str, password: str = PASSWORD, *flags: str) -> int:
-    """Add a user with the CLI; its id."""
-    result = run("create", "--email", email, "--password-stdin", *flags, "-o", "id", input=f"{password}\n")
-    assert result.exit_code == 0, result.stderr
-    return int(result.stdout)
+# ---- helpers ---------------------------------------------------------------------------------------
 
 
 def signup(client: TestClient, email: str, password: str = PASSWORD, **fields: Any) -> httpx.Response:
     return client.post("/auth/signup", json={"email": email, "password": password, **fields})
-
-
-def login(client: TestClient, email: str, password: str = PASSWORD) -> httpx.Response:
-    return client.post("/auth/login", data={"username": email, "password": password})
-
-
-def token_for(client: TestClient, email: str, password: str = PASSWORD) -> str:
-    response = login(client, email, password)
-    assert response.status_code == 200, response.text
-    return response.json()["access_token"]
 
 
 def assert_unauthorized(response: httpx.Response, detail: str | None = None) -> None:
@@ -73,47 +61,20 @@ def assert_unauthorized(response: httpx.Response, detail: str | None = None) -> 
         assert response.json() == {"detail": detail}
 
 
-def cli_users(run: Runner) -> list[dict[str, Any]]:
-    result = run("list", "-o", "json")
-    assert result.exit_code == 0, result.stderr
-    return json.loads(result.stdout)
-
-
-@pytest.fixture
-def app(settings: Settings) -> FastAPI:
-    return api.create_app(settings)
-
-
-@pytest.fixture
-def client(app: FastAPI) -> Iterator[TestClient]:
-    with TestClient(app) as test_client:
-        yield test_client
-
-
-@pytest.fixture
-def admin_id(run: Runner) -> int:
-    return create_user(run, ADMIN, ADMIN_PASSWORD, "--admin")
-
-
-@pytest.fixture
-def admin(client: TestClient, admin_id: int) -> dict[str, str]:
-    """Headers of a logged-in admin."""
-    return bearer(token_for(client, ADMIN, ADMIN_PASSWORD))
-
-
 # ---- the module and the app ---------------------------------------------------------------------
 
 
 def test_importing_the_module_touches_no_database_and_no_key(tmp_path: Path) -> None:
     database = tmp_path / "absent.db"
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("USERMGR_")}
-    environment.update(USERMGR_DATABASE_URL=f"sqlite:///{database}", USERMGR_KEY_FILE=str(tmp_path / "absent.key"))
+    environment = process_env(
+        {"USERMGR_DATABASE_URL": f"sqlite:///{database}", "USERMGR_KEY_FILE": str(tmp_path / "absent.key")}
+    )
     result = subprocess.run(
         [sys.executable, "-c", "import usermgr.api; print(type(usermgr.api.app).__name__)"],
         env=environment,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=HANG_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "FastAPI\n"
@@ -128,7 +89,7 @@ def test_create_app_without_settings_reads_the_environment(
     create_user(run, "ada@example.com")
     with TestClient(api.create_app()) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
-        token = token_for(client, "ada@example.com")
+        token = api_token(client, "ada@example.com")
         assert client.get("/users/me", headers=bearer(token)).json()["email"] == "ada@example.com"
 
 
@@ -161,7 +122,11 @@ def test_an_unusable_database_is_503(
     """The client hears only that the database is unavailable; paths and driver text go to the log."""
     settings = Settings(database_url=url.format(tmp=tmp_path), key_file=key_file, hash_profile="test")
     with TestClient(api.create_app(settings)) as client:
-        for response in (client.get("/healthz"), signup(client, "ada@example.com"), login(client, "ada@example.com")):
+        for response in (
+            client.get("/healthz"),
+            signup(client, "ada@example.com"),
+            api_login(client, "ada@example.com"),
+        ):
             assert response.status_code == 503, response.text
             assert response.json() == UNAVAILABLE
     assert logged in caplog.text
@@ -173,7 +138,7 @@ def test_a_database_without_the_schema_is_503(
 ) -> None:
     settings = Settings(database_url=empty_db_url, key_file=key_file, hash_profile="test")
     with TestClient(api.create_app(settings)) as client:
-        for response in (signup(client, "ada@example.com"), login(client, "ada@example.com")):
+        for response in (signup(client, "ada@example.com"), api_login(client, "ada@example.com")):
             assert response.status_code == 503, response.text
             assert response.json() == UNAVAILABLE
     assert "usermgr init" in caplog.text
@@ -182,7 +147,7 @@ def test_a_database_without_the_schema_is_503(
 def test_a_valid_token_on_an_unusable_database_is_503(settings: Settings, tmp_path: Path, run: Runner) -> None:
     create_user(run, "ada@example.com")
     with TestClient(api.create_app(settings)) as client:
-        token = token_for(client, "ada@example.com")
+        token = api_token(client, "ada@example.com")
     broken = replace(settings, database_url=f"sqlite:///{tmp_path}/missing.db")
     with TestClient(api.create_app(broken)) as client:
         response = client.get("/users/me", headers=bearer(token))
@@ -201,8 +166,8 @@ def test_signup_creates_a_user_without_roles(client: TestClient, run: Runner) ->
     assert body["email"] == "ada@example.com"
     assert (body["username"], body["full_name"], body["is_active"], body["roles"]) == ("ada", "Ada Lovelace", True, [])
     assert body["last_login_at"] is None
-    assert [user["email"] for user in cli_users(run)] == ["ada@example.com"]
-    assert token_for(client, "ada@example.com")
+    assert [user["email"] for user in users(run)] == ["ada@example.com"]
+    assert api_token(client, "ada@example.com")
 
 
 def test_signup_of_a_taken_email_or_username_is_409(client: TestClient, run: Runner) -> None:
@@ -213,7 +178,7 @@ def test_signup_of_a_taken_email_or_username_is_409(client: TestClient, run: Run
     taken_username = signup(client, "other@example.com", username="ada")
     assert taken_username.status_code == 409
     assert taken_username.json() == {"detail": "a user with username 'ada' already exists"}
-    assert len(cli_users(run)) == 1
+    assert len(users(run)) == 1
 
 
 @pytest.mark.parametrize(
@@ -235,15 +200,15 @@ def test_invalid_signup_is_422_and_creates_nobody(
     response = client.post("/auth/signup", json=body)
     assert response.status_code == 422
     assert [issue["loc"] for issue in response.json()["detail"]] == [["body", field]]
-    assert cli_users(run) == []
+    assert users(run) == []
 
 
 def test_signup_is_never_a_way_to_a_role(client: TestClient, run: Runner) -> None:
     """Even the first account on an empty database gets no role, and it cannot reach admin routes."""
     assert signup(client, "first@example.com").json()["roles"] == []
-    response = client.get("/users", headers=bearer(token_for(client, "first@example.com")))
+    response = client.get("/users", headers=bearer(api_token(client, "first@example.com")))
     assert response.status_code == 403
-    assert cli_users(run)[0]["roles"] == []
+    assert users(run)[0]["roles"] == []
 
 
 # ---- login and lockout -----------------------------------------------------------------------------
@@ -251,7 +216,7 @@ def test_signup_is_never_a_way_to_a_role(client: TestClient, run: Runner) -> Non
 
 def test_login_returns_a_bearer_token_that_the_cli_verifies(client: TestClient, run: Runner) -> None:
     user_id = create_user(run, "ada@example.com")
-    response = login(client, "ADA@example.com")
+    response = api_login(client, "ADA@example.com")
     assert response.status_code == 200
     assert set(response.json()) == {"access_token", "token_type"}
     assert response.json()["token_type"] == "bearer"
@@ -271,15 +236,15 @@ def test_unknown_wrong_disabled_and_locked_logins_get_the_same_401(
     create_user(run, "locked@example.com")
     assert run("disable", "off@example.com").exit_code == 0
     for _ in range(settings.lockout_threshold):
-        assert login(client, "locked@example.com", "wrong password").status_code == 401
+        assert api_login(client, "locked@example.com", "wrong password").status_code == 401
     answers = [
-        login(client, "nobody@example.com"),
-        login(client, "ada@example.com", "wrong password"),
-        login(client, "off@example.com"),
-        login(client, "locked@example.com"),
+        api_login(client, "nobody@example.com"),
+        api_login(client, "ada@example.com", "wrong password"),
+        api_login(client, "off@example.com"),
+        api_login(client, "locked@example.com"),
     ]
     for response in answers:
-        assert_unauthorized(response, AUTH_FAILED["detail"])
+        assert_unauthorized(response, AUTH_FAILED)
     assert len({(response.content, response.headers["content-length"]) for response in answers}) == 1
 
 
@@ -294,13 +259,13 @@ def test_lockout_over_http_then_unlock(client: TestClient, run: Runner, settings
     create_user(run, "ada@example.com")
     assert settings.lockout_threshold == 5
     for _ in range(settings.lockout_threshold - 1):
-        assert_unauthorized(login(client, "ada@example.com", "wrong password"))
-    assert login(client, "ada@example.com").status_code == 200, "below the threshold the right password still works"
+        assert_unauthorized(api_login(client, "ada@example.com", "wrong password"))
+    assert api_login(client, "ada@example.com").status_code == 200, "below the threshold the right password still works"
     for _ in range(settings.lockout_threshold):
-        assert_unauthorized(login(client, "ada@example.com", "wrong password"))
-    assert_unauthorized(login(client, "ada@example.com"), AUTH_FAILED["detail"])
+        assert_unauthorized(api_login(client, "ada@example.com", "wrong password"))
+    assert_unauthorized(api_login(client, "ada@example.com"), AUTH_FAILED)
     assert run("unlock", "ada@example.com").exit_code == 0
-    assert login(client, "ada@example.com").status_code == 200
+    assert api_login(client, "ada@example.com").status_code == 200
 
 
 def test_failed_logins_on_the_cli_and_the_api_count_toward_one_lockout(
@@ -308,12 +273,12 @@ def test_failed_logins_on_the_cli_and_the_api_count_toward_one_lockout(
 ) -> None:
     create_user(run, "ada@example.com")
     for _ in range(settings.lockout_threshold - 1):
-        assert_unauthorized(login(client, "ada@example.com", "wrong password"))
-    from_cli = run("login", "ada@example.com", "--password-stdin", input="wrong password\n")
+        assert_unauthorized(api_login(client, "ada@example.com", "wrong password"))
+    from_cli = login(run, "ada@example.com", "wrong password")
     assert from_cli.exit_code == 6
     assert from_cli.stdout == ""
-    assert_unauthorized(login(client, "ada@example.com"))
-    locked_cli = run("login", "ada@example.com", "--password-stdin", input=f"{PASSWORD}\n")
+    assert_unauthorized(api_login(client, "ada@example.com"))
+    locked_cli = login(run, "ada@example.com")
     assert locked_cli.exit_code == 6
     assert locked_cli.stdout == ""
 
@@ -322,8 +287,8 @@ def test_failed_logins_on_the_cli_and_the_api_count_toward_one_lockout(
 
 
 def test_me_returns_the_tokens_holder(client: TestClient, run: Runner) -> None:
-    user_id = create_user(run, "ada@example.com", PASSWORD, "--full-name", "Ada")
-    response = client.get("/users/me", headers=bearer(token_for(client, "ada@example.com")))
+    user_id = create_user(run, "ada@example.com", "--full-name", "Ada")
+    response = client.get("/users/me", headers=bearer(api_token(client, "ada@example.com")))
     assert response.status_code == 200
     body = response.json()
     assert (body["id"], body["email"], body["full_name"], body["roles"]) == (user_id, "ada@example.com", "Ada", [])
@@ -333,17 +298,17 @@ def test_me_returns_the_tokens_holder(client: TestClient, run: Runner) -> None:
 
 def test_a_cli_token_works_on_the_api_until_revoked(client: TestClient, run: Runner) -> None:
     create_user(run, "ada@example.com")
-    from_cli = run("login", "ada@example.com", "--password-stdin", input=f"{PASSWORD}\n")
+    from_cli = login(run, "ada@example.com")
     assert from_cli.exit_code == 0, from_cli.stderr
     token = from_cli.stdout.strip()
     assert from_cli.stdout == f"{token}\n"
     assert client.get("/users/me", headers=bearer(token)).json()["email"] == "ada@example.com"
-    from_api = token_for(client, "ada@example.com")
+    from_api = api_token(client, "ada@example.com")
     assert run("verify", from_api).exit_code == 0
     assert run("revoke-tokens", "ada@example.com").exit_code == 0
     for old in (token, from_api):
         assert_unauthorized(client.get("/users/me", headers=bearer(old)), "token invalid: revoked")
-    assert client.get("/users/me", headers=bearer(token_for(client, "ada@example.com"))).status_code == 200
+    assert client.get("/users/me", headers=bearer(api_token(client, "ada@example.com"))).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -371,11 +336,11 @@ def test_expired_foreign_and_stale_tokens_are_401(client: TestClient, run: Runne
     assert_unauthorized(client.get("/users/me", headers=bearer(foreign)), "token invalid: bad signature")
     other_issuer = tokens.issue_token(replace(settings, token_issuer="elsewhere"), **claims, ttl=600)
     assert_unauthorized(client.get("/users/me", headers=bearer(other_issuer)), "token invalid: wrong issuer")
-    valid = token_for(client, "ada@example.com")
+    valid = api_token(client, "ada@example.com")
     assert run("disable", "ada@example.com").exit_code == 0
     assert_unauthorized(client.get("/users/me", headers=bearer(valid)), "token invalid: the user is disabled")
     assert run("enable", "ada@example.com").exit_code == 0
-    valid = token_for(client, "ada@example.com")
+    valid = api_token(client, "ada@example.com")
     assert run("delete", "ada@example.com", "--yes").exit_code == 0
     assert_unauthorized(client.get("/users/me", headers=bearer(valid)), "token invalid: the user no longer exists")
 
@@ -400,24 +365,24 @@ def test_admin_routes_refuse_anonymous_and_non_admins(
     url = path.format(id=admin_id)
     body = {"json": {"full_name": "Changed"}} if method == "PATCH" else {}
     assert_unauthorized(client.request(method, url, **body))
-    response = client.request(method, url, headers=bearer(token_for(client, "ada@example.com")), **body)
+    response = client.request(method, url, headers=bearer(api_token(client, "ada@example.com")), **body)
     assert response.status_code == 403
     assert response.json() == {"detail": "forbidden: the user does not have the role 'admin'"}
-    users = {user["id"]: user for user in cli_users(run)}
-    assert users[admin_id]["full_name"] is None
-    assert users[admin_id]["roles"] == ["admin"]
-    assert users[user_id]["roles"] == []
+    by_id = {user["id"]: user for user in users(run)}
+    assert by_id[admin_id]["full_name"] is None
+    assert by_id[admin_id]["roles"] == ["admin"]
+    assert by_id[user_id]["roles"] == []
 
 
 def test_roles_come_from_the_database_not_the_token(client: TestClient, run: Runner, admin: dict[str, str]) -> None:
     create_user(run, "ada@example.com")
-    token = token_for(client, "ada@example.com")  # its roles claim is []
+    token = api_token(client, "ada@example.com")  # its roles claim is []
     assert client.get("/users", headers=bearer(token)).status_code == 403
     assert run("grant-admin", "ada@example.com").exit_code == 0
     assert client.get("/users", headers=bearer(token)).status_code == 200
     assert run("revoke-admin", ADMIN).exit_code == 0
     assert_unauthorized(client.get("/users", headers=admin), "token invalid: revoked")  # it named admin
-    fresh = token_for(client, ADMIN, ADMIN_PASSWORD)
+    fresh = api_token(client, ADMIN, ADMIN_PASSWORD)
     assert client.get("/users", headers=bearer(fresh)).status_code == 403
 
 
@@ -425,7 +390,7 @@ def test_roles_come_from_the_database_not_the_token(client: TestClient, run: Run
 
 
 def test_list_users_filters_and_pages(client: TestClient, run: Runner, admin: dict[str, str], admin_id: int) -> None:
-    ada = create_user(run, "ada@example.com", PASSWORD, "--role", "editor", "--full-name", "Ada Lovelace")
+    ada = create_user(run, "ada@example.com", "--role", "editor", "--full-name", "Ada Lovelace")
     bob = create_user(run, "bob@example.com")
     assert run("disable", "bob@example.com").exit_code == 0
 
@@ -478,7 +443,7 @@ def test_list_users_defaults_to_100_and_caps_at_1000(
 
 
 def test_get_user(client: TestClient, run: Runner, admin: dict[str, str]) -> None:
-    ada = create_user(run, "ada@example.com", PASSWORD, "--username", "ada")
+    ada = create_user(run, "ada@example.com", "--username", "ada")
     response = client.get(f"/users/{ada}", headers=admin)
     assert response.status_code == 200
     assert (response.json()["id"], response.json()["username"]) == (ada, "ada")
@@ -496,13 +461,13 @@ def test_a_user_id_that_is_no_id_is_422(client: TestClient, admin: dict[str, str
 
 
 def test_patch_user_changes_only_the_given_fields(client: TestClient, run: Runner, admin: dict[str, str]) -> None:
-    ada = create_user(run, "ada@example.com", PASSWORD, "--username", "ada", "--full-name", "Ada")
+    ada = create_user(run, "ada@example.com", "--username", "ada", "--full-name", "Ada")
     response = client.patch(f"/users/{ada}", headers=admin, json={"email": "Ada.L@Example.com"})
     assert response.status_code == 200, response.text
     body = response.json()
     assert (body["email"], body["username"], body["full_name"]) == ("ada.l@example.com", "ada", "Ada")
     assert client.get(f"/users/{ada}", headers=admin).json() == body
-    assert token_for(client, "ada.l@example.com")
+    assert api_token(client, "ada.l@example.com")
 
 
 def test_patch_user_failures(client: TestClient, run: Runner, admin: dict[str, str], admin_id: int) -> None:
@@ -526,11 +491,11 @@ def test_patch_user_failures(client: TestClient, run: Runner, admin: dict[str, s
         response = client.patch(f"/users/{ada}", headers=admin, json=body)
         assert response.status_code == 422, body
         assert isinstance(response.json()["detail"], list)
-    users = {user["id"]: user for user in cli_users(run)}
-    assert (users[ada]["email"], users[ada]["is_active"], users[ada]["roles"]) == ("ada@example.com", True, [])
+    by_id = {user["id"]: user for user in users(run)}
+    assert (by_id[ada]["email"], by_id[ada]["is_active"], by_id[ada]["roles"]) == ("ada@example.com", True, [])
     partly_null = client.patch(f"/users/{ada}", headers=admin, json={"email": None, "full_name": "Ada"})
     assert partly_null.status_code == 422  # an email can be changed, never removed
-    assert cli_users(run)[-1]["full_name"] is None
+    assert users(run)[-1]["full_name"] is None
 
 
 def test_delete_user(client: TestClient, run: Runner, admin: dict[str, str]) -> None:
@@ -541,7 +506,7 @@ def test_delete_user(client: TestClient, run: Runner, admin: dict[str, str]) -> 
     assert client.get(f"/users/{ada}", headers=admin).status_code == 404
     again = client.delete(f"/users/{ada}", headers=admin)
     assert again.status_code == 404
-    assert [user["email"] for user in cli_users(run)] == [ADMIN]
+    assert [user["email"] for user in users(run)] == [ADMIN]
 
 
 def test_the_last_admin_cannot_be_deleted_or_demoted(
@@ -554,8 +519,8 @@ def test_the_last_admin_cannot_be_deleted_or_demoted(
     demoted = client.delete(f"/users/{admin_id}/roles/admin", headers=admin)
     assert demoted.status_code == 409
     assert demoted.json() == last
-    assert cli_users(run)[0]["roles"] == ["admin"]
-    other = create_user(run, "other@example.com", PASSWORD, "--admin")
+    assert users(run)[0]["roles"] == ["admin"]
+    other = create_user(run, "other@example.com", "--admin")
     assert client.delete(f"/users/{other}/roles/admin", headers=admin).json()["roles"] == []
     assert run("grant-admin", "other@example.com").exit_code == 0
     assert client.delete(f"/users/{admin_id}", headers=admin).status_code == 204
@@ -569,12 +534,12 @@ def test_grant_and_revoke_roles(client: TestClient, run: Runner, admin: dict[str
     assert client.put(f"/users/{ada}/roles/editor", headers=admin).json()["roles"] == ["editor"]
     # sorted(): right after a grant the service hands back roles in the order they were added
     assert sorted(client.put(f"/users/{ada}/roles/admin", headers=admin).json()["roles"]) == ["admin", "editor"]
-    assert run("verify", token_for(client, "ada@example.com"), "--role", "admin").exit_code == 0
+    assert run("verify", api_token(client, "ada@example.com"), "--role", "admin").exit_code == 0
     revoked = client.delete(f"/users/{ada}/roles/editor", headers=admin)
     assert revoked.status_code == 200
     assert revoked.json()["roles"] == ["admin"]
     assert client.delete(f"/users/{ada}/roles/never-granted", headers=admin).json()["roles"] == ["admin"]
-    assert cli_users(run)[1]["roles"] == ["admin"]
+    assert users(run)[1]["roles"] == ["admin"]
 
 
 def test_role_routes_failures(client: TestClient, run: Runner, admin: dict[str, str]) -> None:
@@ -586,7 +551,7 @@ def test_role_routes_failures(client: TestClient, run: Runner, admin: dict[str, 
         bad = client.request(method, f"/users/{ada}/roles/Not%20A%20Role", headers=admin)
         assert bad.status_code == 422
         assert bad.json()["detail"][0]["loc"] == ["path", "role"]
-    assert cli_users(run)[1]["roles"] == []
+    assert users(run)[1]["roles"] == []
 
 
 # ---- an existing FastAPI app reusing the routers and the dependencies -----------------------------
@@ -612,13 +577,13 @@ def test_an_existing_app_includes_the_routers_and_reuses_the_dependencies(
 
     create_user(run, "ada@example.com")
     with TestClient(host) as client:
-        token = token_for(client, "ada@example.com")
+        token = api_token(client, "ada@example.com")
         assert client.get("/hello", headers=bearer(token)).json() == {"hello": "ada@example.com", "users": 2}
         assert client.get("/reports", headers=bearer(token)).status_code == 403
         assert run("grant-role", "ada@example.com", "reporting").exit_code == 0
         assert client.get("/reports", headers=bearer(token)).json() == {"for": "ada@example.com"}
         assert_unauthorized(client.get("/reports"))
-        admin = bearer(token_for(client, ADMIN, ADMIN_PASSWORD))
+        admin = bearer(api_token(client, ADMIN, ADMIN_PASSWORD))
         assert client.get(f"/users/{admin_id}", headers=admin).json()["email"] == ADMIN
 
 
@@ -709,7 +674,7 @@ def test_every_response_conforms_to_the_openapi_document(
 def test_a_nul_byte_in_the_login_email_is_an_unknown_user(client: TestClient, run: Runner) -> None:
     """No email holds a NUL: not a database failure (PostgreSQL refuses NUL in text), but the one 401."""
     create_user(run, "ada@example.com")
-    assert_unauthorized(login(client, "ada\x00@example.com"), AUTH_FAILED["detail"])
+    assert_unauthorized(api_login(client, "ada\x00@example.com"), AUTH_FAILED)
 
 
 def test_a_nul_byte_in_the_search_is_invalid_input(client: TestClient, admin: dict[str, str]) -> None:
@@ -722,80 +687,39 @@ def test_a_nul_byte_in_the_search_is_invalid_input(client: TestClient, admin: di
 # ---- end to end: the installed `usermgr serve` --------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_until_healthy(server: subprocess.Popen[bytes], base_url: str, log: Path) -> None:
-    """Poll /healthz until it answers; fail with the server's log if it exits or never does."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"usermgr serve exited with {server.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{base_url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"usermgr serve did not answer /healthz within 60 s:\n{log.read_text()}")
-
-
 @pytest.mark.e2e
 def test_usermgr_serve_end_to_end(env: dict[str, str], tmp_path: Path) -> None:
-    port = _free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("USERMGR_")}
-    environment.update(env)
-    log = tmp_path / "serve.log"
-    with log.open("wb") as sink:
-        server = subprocess.Popen(
-            [str(USERMGR), "serve", "--port", str(port)], env=environment, stdout=sink, stderr=subprocess.STDOUT
-        )
-    try:
-        _wait_until_healthy(server, base_url, log)
-        with httpx.Client(base_url=base_url, timeout=30) as http:
-            created = http.post("/auth/signup", json={"email": "ada@example.com", "password": PASSWORD})
-            assert created.status_code == 201, created.text
-            token = http.post("/auth/login", data={"username": "ada@example.com", "password": PASSWORD})
-            assert token.status_code == 200, token.text
-            me = http.get("/users/me", headers=bearer(token.json()["access_token"]))
-            assert me.status_code == 200
-            assert me.json() == created.json() | {"last_login_at": me.json()["last_login_at"]}
-            assert me.json()["last_login_at"] is not None
-            assert_unauthorized(http.get("/users/me"))
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        print(log.read_text())  # pytest shows it when the test fails
+    with serving(env, tmp_path / "serve.log") as served, served.client() as http:
+        created = http.post("/auth/signup", json={"email": "ada@example.com", "password": PASSWORD})
+        assert created.status_code == 201, created.text
+        me = http.get("/users/me", headers=bearer(api_token(http, "ada@example.com")))
+        assert me.status_code == 200
+        assert me.json() == created.json() | {"last_login_at": me.json()["last_login_at"]}
+        assert me.json()["last_login_at"] is not None
+        assert_unauthorized(http.get("/users/me"))
+    log = served.log.read_text()
     # uvicorn shuts down cleanly, then re-raises SIGTERM so the exit status tells how it ended.
-    assert server.returncode in (0, -signal.SIGTERM), log.read_text()
-    assert f"Uvicorn running on {base_url}" in log.read_text(), "loopback by default"
-    assert "Application shutdown complete." in log.read_text()
+    assert served.process.returncode in (0, -signal.SIGTERM), log
+    assert f"Uvicorn running on {served.base_url}" in log, "loopback by default"
+    assert "Application shutdown complete." in log
 
 
 def test_two_apps_on_two_databases_in_one_process(settings: Settings, tmp_path: Path) -> None:
     """Each app holds its own database: a second app on another database clobbers nothing."""
     other_url = f"sqlite:///{tmp_path / 'other.db'}"
-    assert subprocess.run([str(USERMGR), "--db", other_url, "init"], capture_output=True, env={}).returncode == 0
+    assert run_usermgr("--db", other_url, "init", env={}).returncode == 0
     other = replace(settings, database_url=other_url)
     with TestClient(api.create_app(settings)) as first, TestClient(api.create_app(other)) as second:
         for client, email in ((first, "one@example.com"), (second, "two@example.com"), (first, "three@example.com")):
             assert signup(client, email).status_code == 201
         for client, emails in ((first, ["one@example.com", "three@example.com"]), (second, ["two@example.com"])):
             for email in emails:
-                me = client.get("/users/me", headers=bearer(token_for(client, email)))
+                me = client.get("/users/me", headers=bearer(api_token(client, email)))
                 assert me.json()["email"] == email
-            assert login(client, "two@example.com" if client is first else "one@example.com").status_code == 401
+            assert api_login(client, "two@example.com" if client is first else "one@example.com").status_code == 401
 
 
 def test_importing_the_module_builds_no_app_until_asked(tmp_path: Path) -> None:
     script = "import usermgr.api as m; print('app' in vars(m)); m.app; print('app' in vars(m))"
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={**os.environ})
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert result.stdout.split() == ["False", "True"], result.stderr

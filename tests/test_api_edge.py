@@ -8,10 +8,8 @@ The body limit is tested against a real `usermgr serve` over a real socket: only
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,20 +17,20 @@ from typing import Any, NamedTuple
 import h11
 import httpx
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from tests.conftest import USERMGR, Runner, run_usermgr
-from tests.test_api import (
+from tests.conftest import (
     ADMIN,
     ADMIN_PASSWORD,
+    HANG_TIMEOUT,
     PASSWORD,
-    _free_port,
-    _wait_until_healthy,
-    bearer,
-    cli_users,
+    Runner,
+    Served,
+    api_token,
     create_user,
-    token_for,
+    run_usermgr,
+    serving,
+    users,
 )
 from usermgr import api, service
 from usermgr.config import Settings
@@ -53,23 +51,6 @@ def assert_security_headers(headers: httpx.Headers | dict[str, str]) -> None:
     assert {name: lowered.get(name) for name in SECURITY_HEADERS} == SECURITY_HEADERS
 
 
-@pytest.fixture
-def app(settings: Settings) -> FastAPI:
-    return api.create_app(settings)
-
-
-@pytest.fixture
-def client(app: FastAPI) -> Iterator[TestClient]:
-    with TestClient(app) as test_client:
-        yield test_client
-
-
-@pytest.fixture
-def admin(client: TestClient, run: Runner) -> dict[str, str]:
-    create_user(run, ADMIN, ADMIN_PASSWORD, "--admin")
-    return bearer(token_for(client, ADMIN, ADMIN_PASSWORD))
-
-
 # ---- a 422 says where and why, never what was sent ----------------------------------------------
 
 
@@ -81,7 +62,7 @@ def test_a_422_never_echoes_the_password(client: TestClient, run: Runner, passwo
     issues = response.json()["detail"]
     assert [issue["loc"] for issue in issues] == [["body", "password"]]
     assert all(set(issue) == {"loc", "msg", "type"} for issue in issues)
-    assert cli_users(run) == []
+    assert users(run) == []
 
 
 def test_a_422_echoes_no_other_input_either(client: TestClient, admin: dict[str, str], run: Runner) -> None:
@@ -128,7 +109,7 @@ def test_a_lone_surrogate_in_signup_is_422(client: TestClient, run: Runner, fiel
     assert [issue["loc"] for issue in response.json()["detail"]] == [["body", field]]
     what = "password" if field == "password" else "text"
     assert response.json()["detail"][0]["msg"] == f"{what} {NOT_UNICODE}"
-    assert cli_users(run) == []
+    assert users(run) == []
 
 
 def test_surrogates_anywhere_in_a_signup_body_are_a_clean_answer(client: TestClient, run: Runner) -> None:
@@ -146,15 +127,15 @@ def test_surrogates_anywhere_in_a_signup_body_are_a_clean_answer(client: TestCli
         headers={"content-type": "application/json"},
     )
     assert as_bytes.status_code in (400, 422), as_bytes.text
-    assert cli_users(run) == []
+    assert users(run) == []
 
 
 @pytest.mark.parametrize("field", ["email", "username", "full_name"])
 def test_a_lone_surrogate_in_an_admin_patch_is_422(
     client: TestClient, run: Runner, admin: dict[str, str], field: str
 ) -> None:
-    user_id = create_user(run, "ada@example.com", PASSWORD, "--username", "ada", "--full-name", "Ada")
-    before = cli_users(run)
+    user_id = create_user(run, "ada@example.com", "--username", "ada", "--full-name", "Ada")
+    before = users(run)
     response = client.patch(
         f"/users/{user_id}",
         headers={**admin, "content-type": "application/json"},
@@ -162,7 +143,7 @@ def test_a_lone_surrogate_in_an_admin_patch_is_422(
     )
     assert response.status_code == 422, response.text
     assert response.json()["detail"] == [{"loc": ["body", field], "msg": f"text {NOT_UNICODE}", "type": "value_error"}]
-    assert cli_users(run) == before
+    assert users(run) == before
 
 
 @pytest.mark.parametrize("command", ["create", "update"])
@@ -172,13 +153,13 @@ def test_a_lone_surrogate_in_full_name_is_invalid_input_on_the_cli(run: Runner, 
     else:
         create_user(run, "ada@example.com")
         args = ["update", "ada@example.com"]
-    before = cli_users(run)
+    before = users(run)
     result = run(*args, "--full-name", f"Ada{LONE_SURROGATE}")
     assert result.exit_code == 3, result.stderr
     assert result.stderr.startswith("usermgr: error: ")
     assert "surrogate" in result.stderr
     assert len(result.stderr.splitlines()) == 1
-    assert cli_users(run) == before
+    assert users(run) == before
 
 
 @pytest.mark.e2e
@@ -188,7 +169,7 @@ def test_an_undecodable_full_name_argument_is_invalid_input(env: dict[str, str],
     assert result.returncode == 3, result.stderr
     assert result.stderr.startswith("usermgr: error: ")
     assert "unexpected" not in result.stderr
-    assert cli_users(run) == []
+    assert users(run) == []
 
 
 def test_a_lone_surrogate_in_a_password_is_invalid_input_for_the_service(
@@ -199,48 +180,35 @@ def test_a_lone_surrogate_in_a_password_is_invalid_input_for_the_service(
         service.set_password(db, settings, "ada@example.com", f"long enough{LONE_SURROGATE}")
     with pytest.raises(InvalidInput, match="surrogate"):
         service.create_user(db, settings, service.new_user("bob@example.com", password=f"long enough{LONE_SURROGATE}"))
-    assert [user["email"] for user in cli_users(run)] == ["ada@example.com"]
+    assert [user["email"] for user in users(run)] == ["ada@example.com"]
 
 
 # ---- the body limit, against a real `usermgr serve` ---------------------------------------------
 
 
-class Served:
-    """A running `usermgr serve` on a SQLite database, and the CLI pointed at the same database."""
-
-    def __init__(self, base_url: str, port: int, run: Runner) -> None:
-        self.base_url = base_url
-        self.port = port
-        self.run = run
-
-
 @pytest.fixture
-def served(tmp_path: Path, sqlite_template: Path, key_file: Path) -> Iterator[Served]:
+def sqlite_env(tmp_path: Path, sqlite_template: Path, key_file: Path) -> dict[str, str]:
     """The body limit is the server's, not the database's: SQLite alone is enough here."""
     database = tmp_path / "users.db"
     shutil.copy(sqlite_template, database)
-    env = {"USERMGR_DATABASE_URL": f"sqlite:///{database}", "USERMGR_KEY_FILE": str(key_file)}
-    env["USERMGR_HASH_PROFILE"] = "test"
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("USERMGR_")}
-    environment.update(env)
-    port = _free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "serve.log"
-    with log.open("wb") as sink:
-        server = subprocess.Popen(
-            [str(USERMGR), "serve", "--port", str(port)], env=environment, stdout=sink, stderr=subprocess.STDOUT
-        )
-    try:
-        _wait_until_healthy(server, base_url, log)
-        yield Served(base_url, port, Runner(env))
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        print(log.read_text())  # pytest shows it when the test fails
+    return {
+        "USERMGR_DATABASE_URL": f"sqlite:///{database}",
+        "USERMGR_KEY_FILE": str(key_file),
+        "USERMGR_HASH_PROFILE": "test",
+    }
+
+
+@pytest.fixture
+def served(sqlite_env: dict[str, str], tmp_path: Path) -> Iterator[Served]:
+    """A running `usermgr serve` on that database."""
+    with serving(sqlite_env, tmp_path / "serve.log") as server:
+        yield server
+
+
+@pytest.fixture
+def served_run(sqlite_env: dict[str, str]) -> Runner:
+    """The CLI, pointed at the served database."""
+    return Runner(sqlite_env)
 
 
 class Answer(NamedTuple):
@@ -253,7 +221,7 @@ def raw_exchange(port: int, method: str, path: str, headers: list[tuple[str, str
     """Send a request head and then `chunks` as they are (the body may be shorter than the
     Content-Length the head declares), stop sending if the server closes, and read its answer."""
     connection = h11.Connection(h11.CLIENT)
-    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=HANG_TIMEOUT) as sock:
         sock.sendall(connection.send(h11.Request(method=method, target=path, headers=[("host", "edge"), *headers])))
         for chunk in chunks:
             try:
@@ -289,7 +257,7 @@ def _chunked(body: bytes, piece: int = 65536) -> list[bytes]:
 
 
 @pytest.mark.e2e
-def test_a_huge_content_length_is_refused_before_any_body_is_sent(served: Served) -> None:
+def test_a_huge_content_length_is_refused_before_any_body_is_sent(served: Served, served_run: Runner) -> None:
     """Ten GiB declared and not one byte sent: the answer comes at once, from the head alone."""
     response = raw_exchange(
         served.port,
@@ -301,16 +269,18 @@ def test_a_huge_content_length_is_refused_before_any_body_is_sent(served: Served
     assert response.status_code == 413
     assert json.loads(response.body) == {"detail": api.BODY_TOO_LARGE}
     assert_security_headers(response.headers)
-    assert cli_users(served.run) == []
+    assert users(served_run) == []
 
 
 @pytest.mark.e2e
-def test_a_declared_oversize_body_never_reaches_a_route_that_ignores_its_body(served: Served) -> None:
+def test_a_declared_oversize_body_never_reaches_a_route_that_ignores_its_body(
+    served: Served, served_run: Runner
+) -> None:
     """DELETE reads no body: refused only when it answers, the user would already be gone."""
-    create_user(served.run, ADMIN, ADMIN_PASSWORD, "--admin")
-    victim = create_user(served.run, "ada@example.com")
-    with httpx.Client(base_url=served.base_url, timeout=60) as http:
-        token = token_for(http, ADMIN, ADMIN_PASSWORD)  # type: ignore[arg-type]
+    create_user(served_run, ADMIN, "--admin", password=ADMIN_PASSWORD)
+    victim = create_user(served_run, "ada@example.com")
+    with served.client() as http:
+        token = api_token(http, ADMIN, ADMIN_PASSWORD)
     response = raw_exchange(
         served.port,
         "DELETE",
@@ -320,11 +290,11 @@ def test_a_declared_oversize_body_never_reaches_a_route_that_ignores_its_body(se
     )
     assert response.status_code == 413
     assert json.loads(response.body) == {"detail": api.BODY_TOO_LARGE}
-    assert [user["email"] for user in cli_users(served.run)] == [ADMIN, "ada@example.com"]
+    assert [user["email"] for user in users(served_run)] == [ADMIN, "ada@example.com"]
 
 
 @pytest.mark.e2e
-def test_a_chunked_body_over_the_limit_is_refused_as_it_streams(served: Served) -> None:
+def test_a_chunked_body_over_the_limit_is_refused_as_it_streams(served: Served, served_run: Runner) -> None:
     body = _json_signup_body(api.MAX_BODY_BYTES + 1)
     response = raw_exchange(
         served.port,
@@ -336,12 +306,12 @@ def test_a_chunked_body_over_the_limit_is_refused_as_it_streams(served: Served) 
     assert response.status_code == 413
     assert json.loads(response.body) == {"detail": api.BODY_TOO_LARGE}
     assert_security_headers(response.headers)
-    assert cli_users(served.run) == []
+    assert users(served_run) == []
 
 
 @pytest.mark.e2e
-def test_bodies_up_to_the_limit_are_processed_and_one_byte_more_is_not(served: Served) -> None:
-    with httpx.Client(base_url=served.base_url, timeout=60) as http:
+def test_bodies_up_to_the_limit_are_processed_and_one_byte_more_is_not(served: Served, served_run: Runner) -> None:
+    with served.client() as http:
         over = _json_signup_body(api.MAX_BODY_BYTES + 1, "over@example.com")
         refused = http.post("/auth/signup", content=over, headers={"content-type": "application/json"})
         assert refused.status_code == 413, refused.text
@@ -356,7 +326,7 @@ def test_bodies_up_to_the_limit_are_processed_and_one_byte_more_is_not(served: S
         _chunked(_json_signup_body(api.MAX_BODY_BYTES, "streamed@example.com")),
     )
     assert streamed.status_code == 201, streamed.body
-    assert [user["email"] for user in cli_users(served.run)] == ["ada@example.com", "streamed@example.com"]
+    assert [user["email"] for user in users(served_run)] == ["ada@example.com", "streamed@example.com"]
 
 
 @pytest.mark.parametrize("route", ["signup", "login", "patch"])
@@ -364,8 +334,8 @@ def test_a_streamed_body_over_the_limit_is_413_on_every_route_that_reads_one(
     client: TestClient, run: Runner, admin: dict[str, str], route: str
 ) -> None:
     """No Content-Length: the limit counts the bytes as the route reads them."""
-    user_id = create_user(run, "ada@example.com", PASSWORD, "--full-name", "Ada")
-    before = cli_users(run)
+    user_id = create_user(run, "ada@example.com", "--full-name", "Ada")
+    before = users(run)
     pieces = [b" " * 65536] * (api.MAX_BODY_BYTES // 65536) + [b"{}"]
     url, headers = {
         "signup": ("/auth/signup", {"content-type": "application/json"}),
@@ -376,7 +346,7 @@ def test_a_streamed_body_over_the_limit_is_413_on_every_route_that_reads_one(
     assert "content-length" not in response.request.headers
     assert response.status_code == 413, response.text
     assert response.json() == {"detail": api.BODY_TOO_LARGE}
-    assert cli_users(run) == before
+    assert users(run) == before
 
 
 # ---- security headers on every response ---------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -15,19 +14,24 @@ import bcrypt
 import pytest
 from sqlalchemy import select
 
-from tests.conftest import CONTRACT_USER_FIELDS, USERMGR, Runner, run_usermgr, user_count
+from tests.conftest import (
+    CONTRACT_USER_FIELDS,
+    USERMGR,
+    Runner,
+    emails,
+    login,
+    process_env,
+    run_usermgr,
+    shown,
+    user_count,
+    users,
+)
 from usermgr.cli import LARGE_IMPORT_ROWS
 from usermgr.models import User
 
 
 def jsonl(*rows: dict) -> str:
     return "".join(json.dumps(row) + "\n" for row in rows)
-
-
-def emails(run: Runner) -> list[str]:
-    result = run("list", "-o", "email")
-    assert result.exit_code == 0, result.stderr
-    return result.stdout.split()
 
 
 def test_import_csv_file_with_roles_and_flags(run: Runner, tmp_path: Path) -> None:
@@ -39,8 +43,7 @@ def test_import_csv_file_with_roles_and_flags(run: Runner, tmp_path: Path) -> No
     assert result.exit_code == 0, result.stderr
     assert result.stdout == ""
     assert "2 created, 0 updated, 0 skipped" in result.stderr
-    users = [json.loads(line) for line in run("list", "-o", "jsonl").stdout.splitlines()]
-    assert [(u["email"], u["username"], u["roles"], u["is_active"]) for u in users] == [
+    assert [(u["email"], u["username"], u["roles"], u["is_active"]) for u in users(run)] == [
         ("ann@example.com", "ann", ["beta", "staff"], True),
         ("bo@example.com", None, [], False),
     ]
@@ -125,12 +128,12 @@ def test_conflicts_error_skip_update(run: Runner) -> None:
     skipped = run("import", "-", "--format", "csv", "--on-conflict", "skip", input=data)
     assert skipped.exit_code == 0, skipped.stderr
     assert "1 created, 0 updated, 1 skipped" in skipped.stderr
-    assert json.loads(run("show", "old@example.com", "-o", "json").stdout)["full_name"] == "Old"
+    assert shown(run, "old@example.com")["full_name"] == "Old"
 
     updated = run("import", "-", "--format", "csv", "--on-conflict", "update", input=data.replace("New,", "Newer,"))
     assert updated.exit_code == 0, updated.stderr
     assert "0 created, 2 updated, 0 skipped" in updated.stderr
-    old = json.loads(run("show", "old@example.com", "-o", "json").stdout)
+    old = shown(run, "old@example.com")
     assert (old["full_name"], old["roles"]) == ("Renamed", ["staff"])
 
 
@@ -155,7 +158,7 @@ def test_update_cannot_demote_the_last_admin(run: Runner) -> None:
     result = run("import", "-", "--format", "jsonl", "--on-conflict", "update", input=data)
     assert result.exit_code == 5
     assert "last active admin" in result.stderr
-    assert json.loads(run("show", "root@example.com", "-o", "json").stdout)["roles"] == ["admin"]
+    assert shown(run, "root@example.com")["roles"] == ["admin"]
 
 
 def test_plaintext_passwords_are_hashed_with_an_estimate(run: Runner) -> None:
@@ -163,15 +166,15 @@ def test_plaintext_passwords_are_hashed_with_an_estimate(run: Runner) -> None:
     result = run("import", "-", "--format", "jsonl", input=data)
     assert result.exit_code == 0, result.stderr
     assert "hashing 1 password: about" in result.stderr
-    login = run("login", "p@example.com", "--password-stdin", input="correct horse\n")
-    assert login.exit_code == 0, login.stderr
+    logged_in = login(run, "p@example.com", "correct horse")
+    assert logged_in.exit_code == 0, logged_in.stderr
 
 
 def test_imported_bcrypt_hash_logs_in_and_is_upgraded(run: Runner, db, settings) -> None:
     hashed = bcrypt.hashpw(b"legacy-password", bcrypt.gensalt(rounds=4)).decode()
     result = run("import", "-", "--format", "jsonl", input=jsonl({"email": "b@example.com", "hashed_password": hashed}))
     assert result.exit_code == 0, result.stderr
-    assert run("login", "b@example.com", "--password-stdin", input="legacy-password\n").exit_code == 0
+    assert login(run, "b@example.com", "legacy-password").exit_code == 0
     stored = db.scalar(select(User.hashed_password).where(User.email == "b@example.com"))
     assert stored.startswith("$argon2id$")
 
@@ -190,7 +193,7 @@ def test_export_import_round_trip_reproduces_users(run: Runner, env: dict, tmp_p
     run("create", "--email", "b@example.com", "--username", "bee", "--role", "beta", "--no-password")
     run("create", "--email", "c@example.com", "--role", "beta", "--role", "staff", "--no-password")
     run("disable", "c@example.com")
-    assert run("login", "a@example.com", "--password-stdin", input="first-password\n").exit_code == 0
+    assert login(run, "a@example.com", "first-password").exit_code == 0
     for fmt in ("jsonl", "csv"):
         exported = run("export", "--with-hashes", "-o", fmt)
         assert exported.exit_code == 0, exported.stderr
@@ -205,8 +208,8 @@ def test_export_import_round_trip_reproduces_users(run: Runner, env: dict, tmp_p
         assert imported.exit_code == 0, imported.stderr
         again = run("export", "--with-hashes", "-o", fmt, env=target_env)
         assert strip_ids(again.stdout, fmt) == strip_ids(exported.stdout, fmt)
-        login = run("login", "a@example.com", "--password-stdin", input="first-password\n", env=target_env)
-        assert login.exit_code == 0, login.stderr
+        logged_in = login(run, "a@example.com", "first-password", env=target_env)
+        assert logged_in.exit_code == 0, logged_in.stderr
 
 
 def strip_ids(data: str, fmt: str) -> list[dict]:
@@ -220,7 +223,7 @@ def test_import_update_without_a_password_keeps_the_users_password(run: Runner) 
     run("create", "--email", "k@example.com", "--password-stdin", input="kept-password\n")
     data = jsonl({"email": "k@example.com", "full_name": "Kept"})
     assert run("import", "-", "--format", "jsonl", "--on-conflict", "update", input=data).exit_code == 0
-    assert run("login", "k@example.com", "--password-stdin", input="kept-password\n").exit_code == 0
+    assert login(run, "k@example.com", "kept-password").exit_code == 0
 
 
 def test_export_never_shows_hashes_unless_asked(run: Runner) -> None:
@@ -253,8 +256,9 @@ def test_list_piped_into_disable(run: Runner) -> None:
 def _import_until_it_is_writing(env: dict, source: Path) -> int:
     """Start `usermgr import`, wait for its first progress line (written inside its one
     transaction, after a chunk of rows) and kill -9 it there; the process's exit status."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("USERMGR_")} | env
-    process = subprocess.Popen([str(USERMGR), "import", str(source)], env=full_env, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [str(USERMGR), "import", str(source)], env=process_env(env), stderr=subprocess.PIPE, text=True
+    )
     try:
         assert process.stderr is not None
         for line in process.stderr:

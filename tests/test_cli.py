@@ -17,32 +17,14 @@ from typing import Any
 import pytest
 from click.testing import CliRunner, Result
 
-from tests.conftest import CONTRACT_USER_FIELDS, Runner
+from tests.conftest import CONTRACT_USER_FIELDS, PASSWORD, Runner, create_user, emails, error_line, login, ok, users
 from usermgr.cli import cli
 
 FIELDS = list(CONTRACT_USER_FIELDS)
 USER_FORMATS = ["table", "json", "jsonl", "csv", "email", "id"]
-PASSWORD = "correct horse battery"
 
 
 # ---- helpers --------------------------------------------------------------------------
-
-
-def ok(result: Result) -> Result:
-    assert result.exit_code == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    return result
-
-
-def error_line(result: Result, code: int) -> str:
-    """Assert a clean failure: the exit code, nothing on stdout, one `usermgr: error:` line."""
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    assert result.stdout == ""
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("usermgr: error: ")
-    return lines[0]
 
 
 def said(result: Result, count: str, *words: str) -> bool:
@@ -55,22 +37,6 @@ def said(result: Result, count: str, *words: str) -> bool:
     return all(word in lines[0] for word in words)
 
 
-def add(run: Runner, email: str, *options: str, password: str | None = None) -> dict[str, Any]:
-    """Create a user (without a password unless one is given) and return it as JSON."""
-    secret = ["--password-stdin"] if password is not None else ["--no-password"]
-    result = ok(run("create", "--email", email, *secret, *options, "-o", "json", input=f"{password}\n"))
-    assert result.stderr == ""
-    return json.loads(result.stdout)
-
-
-def users(run: Runner) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in ok(run("list", "-o", "jsonl")).stdout.splitlines()]
-
-
-def emails(run: Runner, *filters: str) -> list[str]:
-    return ok(run("list", *filters, "-o", "email")).stdout.splitlines()
-
-
 def role_counts(run: Runner) -> dict[str, int]:
     return {row["name"]: row["members"] for row in json.loads(ok(run("roles", "-o", "json")).stdout)}
 
@@ -78,10 +44,6 @@ def role_counts(run: Runner) -> dict[str, int]:
 def state(run: Runner) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Everything a command could change that the CLI can show: users and role counts."""
     return users(run), role_counts(run)
-
-
-def login(run: Runner, user: str, password: str = PASSWORD, env: dict[str, str] | None = None) -> Result:
-    return run("login", user, "--password-stdin", input=f"{password}\n", env=env)
 
 
 def assert_utc_timestamp(value: str) -> None:
@@ -142,23 +104,13 @@ def expected_one(fmt: str, user: dict[str, Any]) -> dict[str, Any] | str:
 @pytest.fixture
 def people(run: Runner) -> dict[str, dict[str, Any]]:
     """ada: password, two roles, has logged in; bob: no password, disabled; cy: plain."""
-    add(
-        run,
-        "Ada@Example.COM",
-        "--username",
-        "ada",
-        "--full-name",
-        "Ada Lovelace",
-        "--role",
-        "staff",
-        "--role",
-        "beta",
-        password=PASSWORD,
+    create_user(
+        run, "Ada@Example.COM", "--username", "ada", "--full-name", "Ada Lovelace", "--role", "staff", "--role", "beta"
     )
     assert ok(login(run, "ada@example.com")).stdout.count(".") == 2
-    add(run, "bob@example.com", "--username", "bob")
+    create_user(run, "bob@example.com", "--username", "bob", password=None)
     ok(run("disable", "bob@example.com"))
-    add(run, "cy@corp.example", "--full-name", "Cy Corp")
+    create_user(run, "cy@corp.example", "--full-name", "Cy Corp", password=None)
     return {user["username"] or user["email"].split("@")[0]: user for user in users(run)}
 
 
@@ -289,7 +241,7 @@ def test_init_creates_the_schema_and_a_private_key_file_and_is_idempotent(empty_
     assert "created key file" not in again.stderr
     assert key.read_bytes() == secret
     assert ok(run("list")).stdout == ""
-    add(run, "a@example.com")
+    create_user(run, "a@example.com", password=None)
     ok(run("init"))
     assert emails(run) == ["a@example.com"]
 
@@ -309,7 +261,7 @@ def test_bare_sqlite_path_with_the_key_file_beside_it(tmp_path: Path, monkeypatc
 
 
 def test_database_url_from_the_environment_and_db_overrides_it(run: Runner, tmp_path: Path) -> None:
-    add(run, "in-env@example.com")
+    create_user(run, "in-env@example.com", password=None)
     assert emails(run) == ["in-env@example.com"]  # the run fixture sets only USERMGR_DATABASE_URL
     other = str(tmp_path / "other.db")
     ok(run("--db", other, "init"))
@@ -373,21 +325,29 @@ def test_every_command_has_help_with_an_example(name: str | None) -> None:
 
 
 def test_create_with_every_option(run: Runner) -> None:
-    created = add(
-        run,
-        "Ada@Example.COM",
-        "--username",
-        "ada",
-        "--full-name",
-        "Ada Lovelace",
-        "--admin",
-        "--role",
-        "beta",
-        "--role",
-        "beta",
-        "--role",
-        "staff",
+    result = ok(
+        run(
+            "create",
+            "--email",
+            "Ada@Example.COM",
+            "--username",
+            "ada",
+            "--full-name",
+            "Ada Lovelace",
+            "--admin",
+            "--role",
+            "beta",
+            "--role",
+            "beta",
+            "--role",
+            "staff",
+            "--no-password",
+            "-o",
+            "json",
+        )
     )
+    assert result.stderr == ""
+    created = json.loads(result.stdout)
     assert {key: created[key] for key in ("email", "username", "full_name", "is_active", "roles", "last_login_at")} == {
         "email": "ada@example.com",
         "username": "ada",
@@ -400,7 +360,7 @@ def test_create_with_every_option(run: Runner) -> None:
 
 
 def test_create_without_a_password_cannot_log_in(run: Runner) -> None:
-    add(run, "nopw@example.com")
+    create_user(run, "nopw@example.com", password=None)
     assert error_line(login(run, "nopw@example.com"), 6).startswith("usermgr: error: authentication failed")
 
 
@@ -467,7 +427,7 @@ def test_create_with_a_bad_role_creates_nothing(run: Runner) -> None:
     ids=["email, any case", "username"],
 )
 def test_create_conflicts(run: Runner, first: list[str], second: list[str], message: str) -> None:
-    add(run, *first)
+    create_user(run, *first, password=None)
     before = state(run)
     assert message in error_line(run("create", "--email", *second, "--no-password"), 5)
     assert state(run) == before
@@ -489,7 +449,7 @@ def test_show_unknown_user(run: Runner, people: dict[str, dict[str, Any]], ref: 
 
 
 def test_list_filters(run: Runner, people: dict[str, dict[str, Any]]) -> None:
-    add(run, "dee@example.com", "--admin")
+    create_user(run, "dee@example.com", "--admin", password=None)
     assert emails(run, "--role", "beta") == ["ada@example.com"]
     assert emails(run, "--role", "nobody") == []
     assert emails(run, "--admin") == ["dee@example.com"]
@@ -690,7 +650,7 @@ def test_delete_several_with_yes(run: Runner, people: dict[str, dict[str, Any]])
     assert emails(run) == ["cy@corp.example"]
     assert role_counts(run) == {"admin": 0, "beta": 0, "staff": 0}
     error_line(run("show", "ada@example.com"), 4)
-    add(run, "ada@example.com")  # the email is free again
+    create_user(run, "ada@example.com", password=None)  # the email is free again
 
 
 def test_delete_without_yes_and_no_terminal_refuses(run: Runner, people: dict[str, dict[str, Any]]) -> None:

@@ -10,7 +10,6 @@ The assertions are on outcomes only, never on timing.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, create_engine, select, text
 from sqlalchemy.orm import Session
 
-from tests.conftest import USERMGR, user_count
+from tests.conftest import HANG_TIMEOUT, USERMGR, process_env, user_count
 from usermgr import service
 from usermgr.config import Settings, sqlite_path
 from usermgr.models import User
@@ -28,7 +27,6 @@ from usermgr.service import UserFilter
 
 RACERS = 12
 ADMIN_RACE_ROUNDS = 5
-GATE_PATIENCE_SECONDS = 120  # how long the gate waits for every racer to queue before giving up
 
 
 @dataclass(frozen=True)
@@ -41,12 +39,10 @@ class Outcome:
 
 def start(commands: Sequence[Sequence[str]], env: dict[str, str]) -> list[subprocess.Popen[str]]:
     """One `usermgr` process per command, all started before any is waited on."""
-    full_env = {key: value for key, value in os.environ.items() if not key.startswith("USERMGR_")}
-    full_env.update(env)
     return [
         subprocess.Popen(
             [str(USERMGR), *args],
-            env=full_env,
+            env=process_env(env),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -59,7 +55,7 @@ def start(commands: Sequence[Sequence[str]], env: dict[str, str]) -> list[subpro
 def finish(processes: list[subprocess.Popen[str]]) -> list[Outcome]:
     outcomes = []
     for process in processes:
-        stdout, stderr = process.communicate(timeout=180)
+        stdout, stderr = process.communicate(timeout=HANG_TIMEOUT)
         outcomes.append(Outcome(tuple(process.args[1:]), process.returncode, stdout, stderr))
     return outcomes
 
@@ -84,7 +80,7 @@ def gate(url: str, table: str, racers: list[subprocess.Popen[str]]) -> Iterator[
         with engine.connect() as connection:
             connection.execute(text(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
             yield
-            deadline = time.monotonic() + GATE_PATIENCE_SECONDS
+            deadline = time.monotonic() + HANG_TIMEOUT
             while _queued_on(connection, table) < len(racers):
                 early = [process.args for process in racers if process.poll() is not None]
                 assert not early, f"racers ended before reaching the gate: {early}"

@@ -16,27 +16,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONTRACT_USER_FIELDS, USERMGR, run_usermgr
+from tests.conftest import (
+    CONTRACT_USER_FIELDS,
+    HANG_TIMEOUT,
+    PASSWORD,
+    USERMGR,
+    Runner,
+    emails,
+    login_process,
+    ok,
+    process_env,
+    run_usermgr,
+)
 
 pytestmark = pytest.mark.e2e
 
-PASSWORD = "a long enough secret"
 PIPED_USERS = 10_000  # about 220 KB of emails: far more than a pipe holds, so `head` closes it mid-stream
-SAFETY_TIMEOUT = 60.0  # only so that a broken prompt fails the test instead of hanging it
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
-    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    return result
-
-
-def emails(env: dict[str, str]) -> list[str]:
-    return ok(run_usermgr("list", "-o", "email", env=env)).stdout.splitlines()
-
-
-def login(env: dict[str, str], user: str, password: str) -> subprocess.CompletedProcess[str]:
-    return run_usermgr("login", user, "--password-stdin", env=env, input=f"{password}\n")
 
 
 # ---- a real terminal ------------------------------------------------------------------------
@@ -71,7 +66,7 @@ class Terminal:
         return os.waitstatus_to_exitcode(status)
 
     def _read(self) -> bool:
-        ready, _, _ = select.select([self.fd], [], [], SAFETY_TIMEOUT)
+        ready, _, _ = select.select([self.fd], [], [], HANG_TIMEOUT)
         if not ready:
             return False
         try:
@@ -84,8 +79,7 @@ class Terminal:
 
 @contextmanager
 def on_terminal(*args: str, env: dict[str, str]) -> Iterator[Terminal]:
-    full_env = {key: value for key, value in os.environ.items() if not key.startswith("USERMGR_")}
-    full_env.update(env)
+    full_env = process_env(env)
     pid, fd = pty.fork()
     if pid == 0:  # the child: the pseudo-terminal is its stdin, stdout, stderr and /dev/tty
         try:
@@ -126,10 +120,10 @@ def test_init_create_login_show(empty_db_url: str, tmp_path: Path) -> None:
     )
     assert created.stdout.strip().isdigit()
     assert created.stderr == ""
-    token = ok(login(env, "ada@example.com", PASSWORD)).stdout
+    token = ok(login_process(env, "ada@example.com")).stdout
     assert token.count(".") == 2 and token.endswith("\n") and token.count("\n") == 1
     assert ok(run_usermgr("verify", token.strip(), "-o", "email", env=env)).stdout == "ada@example.com\n"
-    assert login(env, "ada@example.com", "not this line").returncode == 6
+    assert login_process(env, "ada@example.com", "not this line").returncode == 6
     shown = json.loads(ok(run_usermgr("show", created.stdout.strip(), "-o", "json", env=env)).stdout)
     assert shown["email"] == "ada@example.com"
     assert shown["last_login_at"].endswith("+00:00")
@@ -154,7 +148,7 @@ def test_list_into_head_ends_quietly(env: dict[str, str]) -> None:
             env={**os.environ, **env, "USERMGR": str(USERMGR)},
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=HANG_TIMEOUT,
         )
         assert (fmt, pipeline.returncode, pipeline.stderr) == (fmt, 0, "")
         assert pipeline.stdout.startswith(first_line), (fmt, pipeline.stdout)
@@ -162,12 +156,16 @@ def test_list_into_head_ends_quietly(env: dict[str, str]) -> None:
 
 
 def test_python_dash_m_usermgr() -> None:
-    result = subprocess.run([sys.executable, "-m", "usermgr", "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "usermgr", "--help"], capture_output=True, text=True, timeout=HANG_TIMEOUT
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert result.stdout.startswith("Usage: ")
     assert "Example" in result.stdout
-    unknown = subprocess.run([sys.executable, "-m", "usermgr", "--bogus"], capture_output=True, text=True, timeout=60)
+    unknown = subprocess.run(
+        [sys.executable, "-m", "usermgr", "--bogus"], capture_output=True, text=True, timeout=HANG_TIMEOUT
+    )
     assert unknown.returncode == 2
     assert unknown.stdout == ""
     assert unknown.stderr.startswith("usermgr: error: ") and unknown.stderr.count("\n") == 1
@@ -185,7 +183,7 @@ def test_create_asks_twice_on_a_terminal_without_echo(env: dict[str, str]) -> No
         terminal.expect("x@example.com\n")
         assert terminal.finish() == 0
     assert PASSWORD not in terminal.transcript  # the terminal did not echo it
-    assert ok(login(env, "x@example.com", PASSWORD)).stdout.count(".") == 2
+    assert ok(login_process(env, "x@example.com")).stdout.count(".") == 2
 
 
 def test_a_mismatched_confirmation_asks_again(env: dict[str, str]) -> None:
@@ -201,8 +199,8 @@ def test_a_mismatched_confirmation_asks_again(env: dict[str, str]) -> None:
         terminal.type(f"{PASSWORD}\n")
         assert terminal.finish() == 0
     assert terminal.transcript.count("Password: ") == 2
-    assert login(env, "x@example.com", "first attempt here").returncode == 6
-    assert ok(login(env, "x@example.com", PASSWORD)).stdout.count(".") == 2
+    assert login_process(env, "x@example.com", "first attempt here").returncode == 6
+    assert ok(login_process(env, "x@example.com")).stdout.count(".") == 2
 
 
 def test_a_weak_password_on_the_terminal_creates_nothing(env: dict[str, str]) -> None:
@@ -213,7 +211,7 @@ def test_a_weak_password_on_the_terminal_creates_nothing(env: dict[str, str]) ->
         assert terminal.finish() == 3
     assert "usermgr: error: password too short" in terminal.transcript
     assert "Traceback" not in terminal.transcript
-    assert emails(env) == []
+    assert emails(Runner(env)) == []
 
 
 def test_ctrl_c_at_the_prompt_changes_nothing(env: dict[str, str]) -> None:
@@ -223,7 +221,7 @@ def test_ctrl_c_at_the_prompt_changes_nothing(env: dict[str, str]) -> None:
         assert terminal.finish() == 130
     assert "usermgr: error: interrupted; nothing was changed" in terminal.transcript
     assert "Traceback" not in terminal.transcript
-    assert emails(env) == []
+    assert emails(Runner(env)) == []
 
 
 def test_set_password_on_a_terminal(env: dict[str, str]) -> None:
@@ -234,7 +232,7 @@ def test_set_password_on_a_terminal(env: dict[str, str]) -> None:
             terminal.type(f"{PASSWORD}\n")
         assert terminal.finish() == 0
     assert PASSWORD not in terminal.transcript
-    assert ok(login(env, "x@example.com", PASSWORD)).stdout.count(".") == 2
+    assert ok(login_process(env, "x@example.com")).stdout.count(".") == 2
 
 
 def test_delete_asks_on_a_terminal(env: dict[str, str]) -> None:
@@ -245,7 +243,7 @@ def test_delete_asks_on_a_terminal(env: dict[str, str]) -> None:
             terminal.expect("Delete 1 user? [y/N]: ")
             terminal.type(f"{answer}\n")
             assert terminal.finish() == 0
-        assert emails(env) == remaining
+        assert emails(Runner(env)) == remaining
         assert ("nothing was deleted" in terminal.transcript) == (answer == "n")
         assert ("deleted 1 user" in terminal.transcript) == (answer == "y")
 
@@ -266,7 +264,7 @@ def test_debug_shows_a_traceback_only_when_asked(env: dict[str, str]) -> None:
                 stdout=full,
                 stderr=subprocess.PIPE,
                 text=True,
-                timeout=60,
+                timeout=HANG_TIMEOUT,
             )
 
     quiet = show()
@@ -308,13 +306,13 @@ main(sys.argv[1:])
 
 @pytest.mark.e2e
 def test_serve_without_the_api_extra_says_how_to_install_it(env: dict[str, str]) -> None:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("USERMGR_")} | env
+    full_env = process_env(env)
     result = subprocess.run(
         [sys.executable, "-c", BLOCK_API_EXTRA, "serve", "--port", "1"],
         env=full_env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=HANG_TIMEOUT,
     )
     assert result.returncode == 2
     assert result.stdout == ""

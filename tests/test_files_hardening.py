@@ -8,8 +8,6 @@ import codecs
 import csv
 import io
 import json
-import os
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,18 +15,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import USERMGR, Runner, _fresh_database, run_usermgr, user_count
+from tests.conftest import Runner, _fresh_database, run_usermgr, user_count, usermgr_bytes, users
 from usermgr import output
 
 SECRET = "Pl41n-Secret-Passw0rd"
 ARGON2 = "$argon2id$v=19$m=1024,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo"
-
-
-def usermgr_bytes(*args: str, env: dict[str, str], data: bytes) -> subprocess.CompletedProcess[bytes]:
-    """The installed `usermgr` with `data` as raw bytes on standard input (run_usermgr takes text)."""
-    full_env = {key: value for key, value in os.environ.items() if not key.startswith("USERMGR_")}
-    full_env.update(env)
-    return subprocess.run([str(USERMGR), *args], input=data, env=full_env, capture_output=True, timeout=60, check=False)
 
 
 def import_bytes(env: dict[str, str], tmp_path: Path, data: bytes, fmt: str, source: str) -> tuple[int, str]:
@@ -36,16 +27,10 @@ def import_bytes(env: dict[str, str], tmp_path: Path, data: bytes, fmt: str, sou
     if source == "file":
         path = tmp_path / f"input.{fmt}"
         path.write_bytes(data)
-        result = usermgr_bytes("import", str(path), env=env, data=b"")
+        result = usermgr_bytes("import", str(path), env=env, input=b"")
     else:
-        result = usermgr_bytes("import", "-", "--format", fmt, env=env, data=data)
+        result = usermgr_bytes("import", "-", "--format", fmt, env=env, input=data)
     return result.returncode, result.stderr.decode("utf-8", "replace")
-
-
-def users(run: Runner) -> list[dict]:
-    result = run("export", "-o", "jsonl")
-    assert result.exit_code == 0, result.stderr
-    return [json.loads(line) for line in result.stdout.splitlines()]
 
 
 def assert_clean_refusal(code: int, stderr: str) -> None:
@@ -376,7 +361,7 @@ PREFIXES = {
 
 @pytest.mark.parametrize("source", ["file", "stdin"])
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data())
 def test_any_bytes_get_a_clean_answer_and_change_nothing_unless_imported(
     run: Runner, tmp_path: Path, fmt: str, source: str, data: st.DataObject

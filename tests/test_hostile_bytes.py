@@ -26,9 +26,8 @@ from hypothesis import strategies as st
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
-from tests.conftest import USERMGR, Runner
+from tests.conftest import PASSWORD, Runner, usermgr_bytes
 
-PASSWORD = "correct horse battery"
 NEW_PASSWORD = "another good password"
 RESTORED_TABLES = ("roles", "users", "user_roles")  # parents first
 
@@ -317,17 +316,6 @@ STDIN_DECODING = {
 BAD_REFS = [b"\xff\xfe", b"ada\xc3@example.com"]
 
 
-def usermgr_bytes(
-    *args: str | bytes, env: dict[str, str], input: bytes = b"", extra_env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[bytes]:
-    """The installed `usermgr` with a bytes argv and bytes on standard input."""
-    full_env = {key: value for key, value in os.environ.items() if not key.startswith("USERMGR_")}
-    full_env.update(env)
-    full_env.update(extra_env or {})
-    argv = [os.fsencode(USERMGR), *(arg if isinstance(arg, bytes) else os.fsencode(arg) for arg in args)]
-    return subprocess.run(argv, input=input, env=full_env, capture_output=True, timeout=600)
-
-
 def answer(process: subprocess.CompletedProcess[bytes]) -> tuple[int, str]:
     return process.returncode, process.stderr.decode("utf-8", "backslashreplace")
 
@@ -362,7 +350,7 @@ def test_invalid_utf8_on_standard_input_for_dash(
 ) -> None:
     extra = STDIN_DECODING[decoding]
     for args in (["disable", "-"], ["revoke-role", "-", "beta"]):
-        process = usermgr_bytes(*args, env=env, input=b"bob@example.com\n" + ref + b"\n", extra_env=extra)
+        process = usermgr_bytes(*args, env={**env, **extra}, input=b"bob@example.com\n" + ref + b"\n")
         assert_clean_process(process, {INVALID, NOT_FOUND})
     assert snapshot(seeded.run) == seeded.baseline
 
@@ -374,11 +362,9 @@ def test_login_with_an_invalid_utf8_password_answers_known_and_unknown_users_ali
 ) -> None:
     """Today a known user gets 6 and an unknown one 1 ("unexpected"), which tells them apart."""
     extra = STDIN_DECODING[decoding]
-    known = usermgr_bytes(
-        "login", "--password-stdin", "ada@example.com", env=env, input=password + b"\n", extra_env=extra
-    )
+    known = usermgr_bytes("login", "--password-stdin", "ada@example.com", env={**env, **extra}, input=password + b"\n")
     unknown = usermgr_bytes(
-        "login", "--password-stdin", "nobody@example.com", env=env, input=password + b"\n", extra_env=extra
+        "login", "--password-stdin", "nobody@example.com", env={**env, **extra}, input=password + b"\n"
     )
     assert_clean_process(known, {INVALID, AUTH_FAILED})
     assert answer(known) == answer(unknown)
@@ -391,9 +377,8 @@ def test_set_password_with_an_invalid_utf8_password(env: dict[str, str], seeded:
         "set-password",
         "--password-stdin",
         "bob@example.com",
-        env=env,
+        env={**env, **STDIN_DECODING[decoding]},
         input=b"new password \xff\xfe\n",
-        extra_env=STDIN_DECODING[decoding],
     )
     assert_clean_process(process, {INVALID})
     assert snapshot(seeded.run) == seeded.baseline

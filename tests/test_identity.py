@@ -13,23 +13,21 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import Runner, run_usermgr, uid_of
-from usermgr import api
+from tests.conftest import (
+    ADMIN,
+    ADMIN_PASSWORD,
+    Runner,
+    api_token,
+    bearer,
+    create_user,
+    emails,
+    login,
+    run_usermgr,
+    shown,
+    token_of,
+    uid_of,
+)
 from usermgr.config import Settings
-
-PASSWORD = "correct horse battery"
-
-
-def create(run: Runner, email: str, *extra: str) -> int:
-    result = run("create", "--email", email, "--password-stdin", *extra, "-o", "id", input=PASSWORD + "\n")
-    assert result.exit_code == 0, result.stderr
-    return int(result.stdout)
-
-
-def token_of(run: Runner, ref: str, password: str = PASSWORD) -> str:
-    result = run("login", ref, "--password-stdin", input=password + "\n")
-    assert result.exit_code == 0, result.stderr
-    return result.stdout.strip()
 
 
 def check_db(run: Runner, token: str) -> tuple[int, str]:
@@ -37,39 +35,32 @@ def check_db(run: Runner, token: str) -> tuple[int, str]:
     return result.exit_code, result.stdout or result.stderr
 
 
-def shown(run: Runner, ref: str) -> dict[str, Any]:
-    result = run("show", ref, "-o", "json")
-    assert result.exit_code == 0, result.stderr
-    record: dict[str, Any] = json.loads(result.stdout)
-    return record
-
-
 # ---- a deleted user's token never passes as the next user ---------------------------------
 
 
 def test_a_deleted_users_token_never_passes_as_the_next_user(run: Runner) -> None:
-    create(run, "admin@example.com", "--admin")
-    carol = create(run, "carol@example.com")
+    create_user(run, "admin@example.com", "--admin")
+    carol = create_user(run, "carol@example.com")
     token = token_of(run, "carol@example.com")
     assert run("delete", "carol@example.com", "--yes").exit_code == 0
-    mallory = create(run, "mallory@example.com", "--admin")
+    mallory = create_user(run, "mallory@example.com", "--admin")
     assert mallory != carol  # ids are never reused, on SQLite too
     code, message = check_db(run, token)
     assert (code, message) == (7, "usermgr: error: token invalid: the user no longer exists\n")
 
 
 def test_every_user_gets_a_distinct_canonical_uid(run: Runner) -> None:
-    uids = [uid_of(run, str(create(run, f"user{n}@example.com"))) for n in range(3)]
+    uids = [uid_of(run, str(create_user(run, f"user{n}@example.com"))) for n in range(3)]
     assert len(set(uids)) == 3
     for uid in uids:
         assert len(uid) == 36 and uid == uid.lower() and uid[14] == "4"  # a version-4 UUID
 
 
 def test_ids_are_not_reused_after_deleting_the_newest_user(run: Runner) -> None:
-    first = create(run, "first@example.com")
-    second = create(run, "second@example.com")
+    first = create_user(run, "first@example.com")
+    second = create_user(run, "second@example.com")
     assert run("delete", str(second), "--yes").exit_code == 0
-    assert create(run, "third@example.com") > second > first
+    assert create_user(run, "third@example.com") > second > first
 
 
 # ---- identities travel with export and import, across databases ---------------------------
@@ -96,8 +87,8 @@ def test_a_moved_users_token_works_and_nobody_elses_does(
         Runner({**key, "USERMGR_DATABASE_URL": target}),
     )
     # The target already has someone at id 1; the mover is id 1 in the source.
-    create(target_run, "resident@example.com", "--admin")
-    create(source_run, "mover@example.com", "--admin")
+    create_user(target_run, "resident@example.com", "--admin")
+    create_user(source_run, "mover@example.com", "--admin")
     mover_token = token_of(source_run, "mover@example.com")
     resident_token = token_of(target_run, "resident@example.com")
     exported = source_run("export", "--with-hashes", "-o", "jsonl")
@@ -111,7 +102,7 @@ def test_a_moved_users_token_works_and_nobody_elses_does(
 
 
 def test_import_refuses_a_uid_that_belongs_to_someone_else(run: Runner) -> None:
-    create(run, "ada@example.com")
+    create_user(run, "ada@example.com")
     ada_uid = uid_of(run, "ada@example.com")
     rows = json.dumps({"email": "eve@example.com", "uid": ada_uid}) + "\n"
     result = run("import", "-", "--format", "jsonl", input=rows)
@@ -127,7 +118,7 @@ def test_import_refuses_one_uid_for_two_rows(run: Runner) -> None:
     uid = "6f1c0de4-6d0b-4f7e-9a55-0d6f5a1b7c3e"
     rows = "".join(json.dumps({"email": f"{name}@example.com", "uid": uid}) + "\n" for name in ("ann", "ben"))
     result = run("import", "-", "--format", "jsonl", input=rows)
-    assert (result.exit_code, run("list", "-o", "email").stdout) == (5, "")
+    assert (result.exit_code, emails(run)) == (5, [])
 
 
 @pytest.mark.parametrize(
@@ -137,11 +128,11 @@ def test_import_refuses_a_malformed_uid(run: Runner, uid: str) -> None:
     result = run("import", "-", "--format", "jsonl", input=json.dumps({"email": "ann@example.com", "uid": uid}) + "\n")
     assert result.exit_code == 3
     assert "line 1: uid: invalid uid" in result.stderr
-    assert run("list", "-o", "email").stdout == ""
+    assert emails(run) == []
 
 
 def test_update_from_import_never_changes_a_users_uid(run: Runner) -> None:
-    create(run, "ada@example.com")
+    create_user(run, "ada@example.com")
     uid = uid_of(run, "ada@example.com")
     other = "6f1c0de4-6d0b-4f7e-9a55-0d6f5a1b7c3e"
     rows = json.dumps({"email": "ada@example.com", "uid": other, "full_name": "Eve"}) + "\n"
@@ -201,7 +192,7 @@ IMPORT_CHANGES: dict[str, tuple[dict[str, Any], bool]] = {
 @pytest.mark.parametrize("case", IMPORT_CHANGES, ids=list(IMPORT_CHANGES))
 def test_import_update_revokes_exactly_as_the_commands_do(run: Runner, case: str) -> None:
     change, revokes = IMPORT_CHANGES[case]
-    create(run, "ada@example.com", "--role", "beta")
+    create_user(run, "ada@example.com", "--role", "beta")
     token = token_of(run, "ada@example.com")
     row = json.dumps({**ROW, **change}) + "\n"
     result = run("import", "-", "--format", "jsonl", "--on-conflict", "update", input=row)
@@ -212,7 +203,7 @@ def test_import_update_revokes_exactly_as_the_commands_do(run: Runner, case: str
 
 
 def test_import_reenabling_does_not_revive_tokens(run: Runner) -> None:
-    create(run, "ada@example.com", "--role", "beta")
+    create_user(run, "ada@example.com", "--role", "beta")
     token = token_of(run, "ada@example.com")
     for active in (False, True):
         row = json.dumps({**ROW, "is_active": active}) + "\n"
@@ -220,39 +211,36 @@ def test_import_reenabling_does_not_revive_tokens(run: Runner) -> None:
     assert check_db(run, token) == (7, "usermgr: error: token invalid: revoked\n")
 
 
-def test_api_patch_of_the_email_revokes_and_of_the_name_does_not(run: Runner, settings: Settings) -> None:
-    create(run, "admin@example.com", "--admin")
-    ada = create(run, "ada@example.com")
-    with TestClient(api.create_app(settings)) as client:
-        admin_token = client.post("/auth/login", data={"username": "admin@example.com", "password": PASSWORD})
-        headers = {"Authorization": f"Bearer {admin_token.json()['access_token']}"}
-        token = token_of(run, "ada@example.com")
-        assert client.patch(f"/users/{ada}", json={"full_name": "Ada King"}, headers=headers).status_code == 200
-        assert check_db(run, token)[0] == 0
-        assert client.patch(f"/users/{ada}", json={"email": "ada@new.example"}, headers=headers).status_code == 200
-        assert check_db(run, token) == (7, "usermgr: error: token invalid: revoked\n")
-        assert client.get("/users/me", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+def test_api_patch_of_the_email_revokes_and_of_the_name_does_not(
+    run: Runner, client: TestClient, admin: dict[str, str]
+) -> None:
+    ada = create_user(run, "ada@example.com")
+    token = token_of(run, "ada@example.com")
+    assert client.patch(f"/users/{ada}", json={"full_name": "Ada King"}, headers=admin).status_code == 200
+    assert check_db(run, token)[0] == 0
+    assert client.patch(f"/users/{ada}", json={"email": "ada@new.example"}, headers=admin).status_code == 200
+    assert check_db(run, token) == (7, "usermgr: error: token invalid: revoked\n")
+    assert client.get("/users/me", headers=bearer(token)).status_code == 401
 
 
 # ---- locked_until in the record, and list --locked ----------------------------------------
 
 
-def test_show_list_and_the_api_say_whether_an_account_is_locked(run: Runner, settings: Settings) -> None:
-    create(run, "ada@example.com")
-    create(run, "bob@example.com")
+def test_show_list_and_the_api_say_whether_an_account_is_locked(
+    run: Runner, settings: Settings, client: TestClient
+) -> None:
+    create_user(run, "ada@example.com")
+    create_user(run, "bob@example.com")
     assert shown(run, "ada@example.com")["locked_until"] is None
     for _ in range(settings.lockout_threshold):
-        assert run("login", "ada@example.com", "--password-stdin", input="wrong password\n").exit_code == 6
+        assert login(run, "ada@example.com", "wrong password").exit_code == 6
     locked_until = shown(run, "ada@example.com")["locked_until"]
     assert locked_until is not None and locked_until.endswith("+00:00")
     assert run("list", "--locked", "-o", "email").stdout == "ada@example.com\n"
-    assert run("list", "-o", "email").stdout == "ada@example.com\nbob@example.com\n"
-    with TestClient(api.create_app(settings)) as client:
-        create(run, "admin@example.com", "--admin")
-        login = client.post("/auth/login", data={"username": "admin@example.com", "password": PASSWORD})
-        headers = {"Authorization": f"Bearer {login.json()['access_token']}"}
-        users = client.get("/users", headers=headers).json()
-        assert [user["locked_until"] is not None for user in users] == [True, False, False]
+    assert emails(run) == ["ada@example.com", "bob@example.com"]
+    create_user(run, ADMIN, "--admin", password=ADMIN_PASSWORD)
+    listed = client.get("/users", headers=bearer(api_token(client, ADMIN, ADMIN_PASSWORD))).json()
+    assert [user["locked_until"] is not None for user in listed] == [True, False, False]
     assert run("unlock", "ada@example.com").exit_code == 0
     assert run("list", "--locked", "-o", "email").stdout == ""
 
@@ -261,7 +249,7 @@ def test_show_list_and_the_api_say_whether_an_account_is_locked(run: Runner, set
 
 
 def test_a_user_is_found_by_id_email_and_username(run: Runner) -> None:
-    ada = create(run, "ada@example.com", "--username", "ada.l")
+    ada = create_user(run, "ada@example.com", "--username", "ada.l")
     for ref in (str(ada), "ADA@example.com", "ada.l", " ada.l "):
         assert shown(run, ref)["id"] == ada
     assert run("show", "ADA.L").exit_code == 4  # usernames are exact, as stored

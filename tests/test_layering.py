@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import usermgr
+from tests.conftest import HANG_TIMEOUT
 from usermgr import tokens
 from usermgr.config import load_settings
 
@@ -42,7 +43,7 @@ def loaded_after(code: str, watched: set[str], env: dict[str, str] | None = None
         env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=HANG_TIMEOUT,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stderr.splitlines()[-1])
@@ -84,7 +85,7 @@ def test_offline_verify_loads_neither_sqlalchemy_nor_pydantic(tmp_path: Path) ->
         email="ada@example.com",
         roles=["admin"],
         token_version=0,
-        ttl=60,
+        ttl=3600,  # the token must outlive the start of a fresh interpreter, however slow
     )
     code = f"""
 from usermgr.cli import main

@@ -12,8 +12,6 @@ extended it, and the next period starts from zero.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,18 +28,25 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, select, update
 
-from tests.conftest import USERMGR, Runner, run_usermgr
-from tests.test_api import _free_port, _wait_until_healthy
+from tests.conftest import (
+    AUTH_FAILED_LINE,
+    HANG_TIMEOUT,
+    PASSWORD,
+    Runner,
+    api_login,
+    create_user,
+    login,
+    login_process,
+    run_usermgr,
+    serving,
+)
 from usermgr import api
 from usermgr.config import Settings
 from usermgr.models import User
 
 THRESHOLD = 3
 EMAIL = "ada@example.com"
-PASSWORD = "correct horse battery"
 WRONG = "not the password"
-AUTH_FAILED = "usermgr: error: authentication failed: wrong email or password, or the account is disabled or locked\n"
-SLOW = 120  # seconds: an answer slower than this is a hang, not a loaded machine
 
 
 @pytest.fixture
@@ -67,7 +72,7 @@ class Probe:
         return row.failed_logins, row.locked_until
 
     def wait_for_lock(self, email: str = EMAIL) -> datetime:
-        deadline = time.monotonic() + SLOW
+        deadline = time.monotonic() + HANG_TIMEOUT
         while time.monotonic() < deadline:
             locked_until = self.state(email)[1]
             if locked_until is not None:
@@ -100,45 +105,22 @@ def probe(db_url: str) -> Iterator[Probe]:
 
 @pytest.fixture
 def user(lock_run: Runner, probe: Probe) -> str:
-    result = lock_run("create", "--email", EMAIL, "--password-stdin", input=f"{PASSWORD}\n")
-    assert result.exit_code == 0, result.stderr
+    create_user(lock_run, EMAIL)
     probe.slow_down()
     return EMAIL
 
 
 @contextmanager
-def serving(env: dict[str, str], tmp_path: Path) -> Iterator[httpx.Client]:
-    """A real `usermgr serve` on a free loopback port, and an HTTP client for it."""
-    port = _free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("USERMGR_")}
-    environment.update(env)
-    log = tmp_path / "serve.log"
-    with log.open("wb") as sink:
-        server = subprocess.Popen(
-            [str(USERMGR), "serve", "--port", str(port)], env=environment, stdout=sink, stderr=subprocess.STDOUT
-        )
-    try:
-        _wait_until_healthy(server, base_url, log)
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
-        with httpx.Client(base_url=base_url, timeout=SLOW, limits=limits) as http:
-            yield http
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        print(log.read_text())  # pytest shows it when the test fails
+def http_to_serve(env: dict[str, str], tmp_path: Path) -> Iterator[httpx.Client]:
+    """A real `usermgr serve`, and an HTTP client for it that sends many requests at once."""
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=0)
+    with serving(env, tmp_path / "serve.log") as served, served.client(limits=limits) as http:
+        yield http
 
 
-def api_login(http: httpx.Client, password: str, username: str = EMAIL) -> int:
-    return http.post("/auth/login", data={"username": username, "password": password}).status_code
-
-
-def cli_login(env: dict[str, str], password: str, user: str = EMAIL) -> subprocess.CompletedProcess[str]:
-    return run_usermgr("login", user, "--password-stdin", env=env, input=f"{password}\n", timeout=SLOW)
+def api_guess(http: httpx.Client, password: str) -> int:
+    """The status of one login attempt as ada over HTTP."""
+    return api_login(http, EMAIL, password).status_code
 
 
 def all_at_once(pool: ThreadPoolExecutor, calls: list[Callable[[], Any]]) -> list[Future[Any]]:
@@ -146,7 +128,7 @@ def all_at_once(pool: ThreadPoolExecutor, calls: list[Callable[[], Any]]) -> lis
     barrier = threading.Barrier(len(calls))
 
     def released(call: Callable[[], Any]) -> Any:
-        barrier.wait(timeout=SLOW)
+        barrier.wait(timeout=HANG_TIMEOUT)
         return call()
 
     return [pool.submit(released, call) for call in calls]
@@ -162,36 +144,36 @@ def test_a_burst_of_wrong_guesses_locks_after_the_threshold_and_the_right_passwo
     """29 simultaneous wrong guesses, then the right password as soon as the lock shows (while
     the guesses are still being answered, on a machine as slow as a real hash makes it): it is
     refused, and only THRESHOLD guesses were ever counted (one lock, count zero)."""
-    with serving(lock_env, tmp_path) as http, ThreadPoolExecutor(max_workers=29) as pool:
-        wrong = all_at_once(pool, [lambda: api_login(http, WRONG)] * 29)
+    with http_to_serve(lock_env, tmp_path) as http, ThreadPoolExecutor(max_workers=29) as pool:
+        wrong = all_at_once(pool, [lambda: api_guess(http, WRONG)] * 29)
         lock = probe.wait_for_lock()
-        right = api_login(http, PASSWORD)
+        right = api_guess(http, PASSWORD)
         answers = [future.result() for future in wrong]
         assert (right, set(answers)) == (401, {401})
         assert probe.state() == (0, lock), "a guess was counted after the lock: it was checked"
         assert lock_run("unlock", user).exit_code == 0
-        assert api_login(http, PASSWORD) == 200
+        assert api_guess(http, PASSWORD) == 200
 
 
 @pytest.mark.e2e
 def test_b_cli_processes_and_api_requests_together_share_one_bounded_lockout(
     user: str, lock_env: dict[str, str], probe: Probe, tmp_path: Path
 ) -> None:
-    with serving(lock_env, tmp_path) as http, ThreadPoolExecutor(max_workers=18) as pool:
-        calls: list[Callable[[], Any]] = [lambda: cli_login(lock_env, WRONG)] * 4
-        calls += [lambda: api_login(http, WRONG)] * 14
+    with http_to_serve(lock_env, tmp_path) as http, ThreadPoolExecutor(max_workers=18) as pool:
+        calls: list[Callable[[], Any]] = [lambda: login_process(lock_env, EMAIL, WRONG)] * 4
+        calls += [lambda: api_guess(http, WRONG)] * 14
         futures = all_at_once(pool, calls)
         lock = probe.wait_for_lock()
         outcomes = [future.result() for future in futures]
         for outcome in outcomes[:4]:
-            assert (outcome.returncode, outcome.stdout, outcome.stderr) == (6, "", AUTH_FAILED)
+            assert (outcome.returncode, outcome.stdout, outcome.stderr) == (6, "", AUTH_FAILED_LINE)
         assert set(outcomes[4:]) == {401}
         assert probe.state() == (0, lock), "a guess was counted after the lock: it was checked"
-        assert cli_login(lock_env, PASSWORD).returncode == 6, "the lock holds for the CLI"
-        assert api_login(http, PASSWORD) == 401, "and for the API"
+        assert login_process(lock_env, EMAIL, PASSWORD).returncode == 6, "the lock holds for the CLI"
+        assert api_guess(http, PASSWORD) == 401, "and for the API"
         assert probe.state() == (0, lock)
         assert run_usermgr("unlock", user, env=lock_env).returncode == 0
-        assert cli_login(lock_env, PASSWORD).returncode == 0
+        assert login_process(lock_env, EMAIL, PASSWORD).returncode == 0
 
 
 @pytest.mark.e2e
@@ -199,12 +181,12 @@ def test_c_wrong_guesses_during_a_lock_do_not_extend_it(
     user: str, lock_env: dict[str, str], lock_run: Runner, probe: Probe, tmp_path: Path
 ) -> None:
     """Neither the guesses still in flight when the lock was set, nor those sent during it."""
-    with serving(lock_env, tmp_path) as http, ThreadPoolExecutor(max_workers=12) as pool:
-        first = all_at_once(pool, [lambda: api_login(http, WRONG)] * 12)
+    with http_to_serve(lock_env, tmp_path) as http, ThreadPoolExecutor(max_workers=12) as pool:
+        first = all_at_once(pool, [lambda: api_guess(http, WRONG)] * 12)
         lock = probe.wait_for_lock()
-        during = all_at_once(pool, [lambda: api_login(http, WRONG)] * 12)
+        during = all_at_once(pool, [lambda: api_guess(http, WRONG)] * 12)
         for _ in range(THRESHOLD):
-            assert lock_run("login", user, "--password-stdin", input=f"{WRONG}\n").exit_code == 6
+            assert login(lock_run, user, WRONG).exit_code == 6
         assert {future.result() for future in [*first, *during]} == {401}
     assert probe.state() == (0, lock)
 
@@ -216,7 +198,7 @@ def test_d_after_a_lock_expires_the_count_starts_from_zero(user: str, lock_run: 
     period = {"USERMGR_LOCKOUT_PERIOD": "1s"}
 
     def guess(password: str) -> int:
-        return lock_run("login", user, "--password-stdin", input=f"{password}\n", env=period).exit_code
+        return login(lock_run, user, password, env=period).exit_code
 
     assert [guess(WRONG) for _ in range(THRESHOLD)] == [6] * THRESHOLD
     failed, lock = probe.state()
@@ -234,14 +216,16 @@ def test_d_after_a_burst_the_next_period_starts_from_zero(
     """Racing `usermgr login` processes lock the account; none of them counts once the lock is
     set, so when it ends (here: moved into the past, as time would) the count starts at zero."""
     with ThreadPoolExecutor(max_workers=6) as pool:
-        outcomes = [future.result() for future in all_at_once(pool, [lambda: cli_login(lock_env, WRONG)] * 6)]
+        outcomes = [
+            future.result() for future in all_at_once(pool, [lambda: login_process(lock_env, EMAIL, WRONG)] * 6)
+        ]
     assert {outcome.returncode for outcome in outcomes} == {6}
     failed, lock = probe.state()
     assert failed == 0 and lock is not None
     probe.end_lock()
     for _ in range(THRESHOLD - 1):
-        assert lock_run("login", user, "--password-stdin", input=f"{WRONG}\n").exit_code == 6
-    assert lock_run("login", user, "--password-stdin", input=f"{PASSWORD}\n").exit_code == 0
+        assert login(lock_run, user, WRONG).exit_code == 6
+    assert login(lock_run, user, PASSWORD).exit_code == 0
 
 
 @pytest.fixture
@@ -254,9 +238,9 @@ def test_e_the_right_password_as_the_thresholds_guess_gets_in_and_clears_its_own
     user: str, client: TestClient, probe: Probe
 ) -> None:
     for _ in range(THRESHOLD - 1):
-        assert client.post("/auth/login", data={"username": user, "password": WRONG}).status_code == 401
+        assert api_login(client, user, WRONG).status_code == 401
     assert probe.state() == (THRESHOLD - 1, None)
-    assert client.post("/auth/login", data={"username": user, "password": PASSWORD}).status_code == 200
+    assert api_login(client, user, PASSWORD).status_code == 200
     assert probe.state() == (0, None)
 
 
@@ -266,22 +250,22 @@ def test_f_the_api_takes_no_numeric_id_and_such_guesses_lock_no_one(
 ) -> None:
     """An anonymous caller cannot lock accounts by counting ids; the CLI still takes an id."""
     assert lock_run("show", "1", "-o", "email").stdout == f"{user}\n"
-    detail = client.post("/auth/login", data={"username": user, "password": WRONG}).json()
+    detail = api_login(client, user, WRONG).json()
     for password in [WRONG] * (THRESHOLD + 1) + [PASSWORD]:
-        response = client.post("/auth/login", data={"username": digits, "password": password})
+        response = api_login(client, digits, password)
         assert (response.status_code, response.json()) == (401, detail)
     assert probe.state() == (1, None), "only the one guess by email counted"
-    assert client.post("/auth/login", data={"username": user, "password": PASSWORD}).status_code == 200
-    assert lock_run("login", "1", "--password-stdin", input=f"{PASSWORD}\n").exit_code == 0
+    assert api_login(client, user, PASSWORD).status_code == 200
+    assert login(lock_run, "1").exit_code == 0
 
 
 def test_a_lock_stands_even_with_lockout_turned_off(user: str, lock_run: Runner, probe: Probe) -> None:
     """USERMGR_LOCKOUT_THRESHOLD=0 counts nothing more, but a lock already set still ends only
     with its period or `unlock`: a right password is taken only while the account is unlocked."""
     for _ in range(THRESHOLD):
-        assert lock_run("login", user, "--password-stdin", input=f"{WRONG}\n").exit_code == 6
+        assert login(lock_run, user, WRONG).exit_code == 6
     off = {"USERMGR_LOCKOUT_THRESHOLD": "0"}
-    assert lock_run("login", user, "--password-stdin", input=f"{PASSWORD}\n", env=off).exit_code == 6
+    assert login(lock_run, user, env=off).exit_code == 6
     assert probe.state()[1] is not None
     assert lock_run("unlock", user).exit_code == 0
-    assert lock_run("login", user, "--password-stdin", input=f"{PASSWORD}\n", env=off).exit_code == 0
+    assert login(lock_run, user, env=off).exit_code == 0

@@ -7,24 +7,24 @@ under test, so that what the service left in the database is what gets asserted.
 from __future__ import annotations
 
 import re
-import sqlite3
+import subprocess
+import time
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, event, insert, select
+from sqlalchemy import create_engine, event, select
 from sqlalchemy.orm import Session
 
-from tests.conftest import CONTRACT_USER_FIELDS
+from tests.conftest import CONTRACT_USER_FIELDS, HANG_TIMEOUT, PASSWORD, USERMGR, process_env
 from usermgr import service
 from usermgr.config import Settings, sqlite_path
 from usermgr.errors import AuthenticationFailed, Conflict, InvalidInput, NotFound
 from usermgr.models import Role, User, user_roles
 from usermgr.service import UserFilter
-
-PASSWORD = "correct horse"
-
 
 # ---- helpers ------------------------------------------------------------------------------
 
@@ -66,7 +66,7 @@ def user_state(url: str, email: str) -> dict[str, Any]:
     return stored(url)["users"][email]
 
 
-def emails(db: Session, filters: UserFilter | None = None) -> list[str]:
+def listed(db: Session, filters: UserFilter | None = None) -> list[str]:
     return [record["email"] for record in service.iter_user_records(db, filters or UserFilter())]
 
 
@@ -224,7 +224,7 @@ def people(db: Session, settings: Settings) -> list[str]:
 
 
 def test_list_is_oldest_first(db: Session, people: list[str]) -> None:
-    assert emails(db) == people
+    assert listed(db) == people
 
 
 def test_list_records_have_the_contract_fields_and_no_hash(db: Session, people: list[str]) -> None:
@@ -255,7 +255,7 @@ def test_list_records_have_the_contract_fields_and_no_hash(db: Session, people: 
     ],
 )
 def test_list_filters_by_role_admin_and_activity(db: Session, people: list[str], filters: UserFilter, expected) -> None:
-    assert emails(db, filters) == [f"{name}@example.com" for name in expected]
+    assert listed(db, filters) == [f"{name}@example.com" for name in expected]
 
 
 @pytest.mark.parametrize(
@@ -274,7 +274,7 @@ def test_list_filters_by_role_admin_and_activity(db: Session, people: list[str],
     ],
 )
 def test_list_search_is_case_insensitive_and_literal(db: Session, people: list[str], search: str, expected) -> None:
-    assert emails(db, UserFilter(search=search)) == [f"{name}@example.com" for name in expected]
+    assert listed(db, UserFilter(search=search)) == [f"{name}@example.com" for name in expected]
 
 
 @pytest.mark.parametrize(
@@ -289,11 +289,11 @@ def test_list_search_is_case_insensitive_and_literal(db: Session, people: list[s
     ],
 )
 def test_list_limit_and_offset(db: Session, people: list[str], limit: int | None, offset: int, expected) -> None:
-    assert emails(db, UserFilter(limit=limit, offset=offset)) == people[expected]
+    assert listed(db, UserFilter(limit=limit, offset=offset)) == people[expected]
 
 
 def test_list_limit_and_offset_apply_after_the_filters(db: Session, people: list[str]) -> None:
-    assert emails(db, UserFilter(active=True, limit=2, offset=1)) == ["bob_x@example.com", "bobbx@example.com"]
+    assert listed(db, UserFilter(active=True, limit=2, offset=1)) == ["bob_x@example.com", "bobbx@example.com"]
 
 
 @pytest.mark.parametrize("filters", [UserFilter(limit=-1), UserFilter(offset=-1), UserFilter(role="Bad Role")])
@@ -303,7 +303,7 @@ def test_list_rejects_bad_filters(db: Session, people: list[str], filters: UserF
 
 
 def test_list_of_an_empty_database_is_empty(db: Session) -> None:
-    assert emails(db) == []
+    assert listed(db) == []
 
 
 # ---- update -------------------------------------------------------------------------------
@@ -660,7 +660,7 @@ def test_valid_role_names_are_accepted(db: Session, settings: Settings, name: st
     add(db, settings, "ann@example.com")
     service.grant_role(db, ["ann@example.com"], name)
     assert user_state(settings.database_url, "ann@example.com")["roles"] == [name]
-    assert emails(db, UserFilter(role=name)) == ["ann@example.com"]
+    assert listed(db, UserFilter(role=name)) == ["ann@example.com"]
     service.revoke_role(db, ["ann@example.com"], name)
     assert user_state(settings.database_url, "ann@example.com")["roles"] == []
 
@@ -695,75 +695,91 @@ def test_list_roles_counts_members_including_none(db: Session, settings: Setting
     ]
 
 
-# ---- a unique-constraint race ends as a Conflict -----------------------------------------------
+# ---- two writers of one email: one wins, the other gets a Conflict ----------------------------
 
 
-def _write_elsewhere(url: str, email: str) -> str:
-    """Insert a user with `email` through a connection of its own and commit; "committed", or
-    "locked out" when SQLite refuses at once because another transaction holds the write lock."""
-    path = sqlite_path(url)
-    if path is not None:
-        other = sqlite3.connect(path, timeout=0)
-        try:
-            other.execute(
-                "INSERT INTO users (email, is_active, created_at, updated_at, failed_logins, token_version)"
-                " VALUES (?, 1, '2024-01-01 00:00:00', '2024-01-01 00:00:00', 0, 0)",
-                (email,),
-            )
-            other.commit()
-        except sqlite3.OperationalError as error:
-            assert "locked" in str(error)
-            return "locked out"
-        finally:
-            other.close()
-        return "committed"
-    engine = create_engine(url)
-    try:
-        with engine.begin() as connection:
-            connection.execute(insert(User.__table__).values(email=email))
-    finally:
-        engine.dispose()
-    return "committed"
+def _contend_behind_the_check(db: Session, env: dict[str, str], email: str) -> list[subprocess.Popen[str]]:
+    """Just before the session flushes a new or changed user (the service's uniqueness check
+    has passed by then), start a real `usermgr create --email <email>`, once.
 
-
-def _insert_behind_the_check(db: Session, url: str, email: str) -> list[str]:
-    """Just before the session flushes a new or changed user (the service's uniqueness
-    pre-check has passed by then), write `email` from another connection, once.
-
-    Returns the list the other writer's outcome will be appended to.
+    PostgreSQL: nothing holds the contender back, so it is waited for: it commits inside the
+    service's transaction, between its check and its write. SQLite: the service took the
+    write lock at BEGIN IMMEDIATE, before its check, so the contender can only queue on it;
+    it is waited for until it does (see _wait_until_queued), and ends after the service
+    commits. Returns the list that the contender's process is appended to.
     """
-    outcome: list[str] = []
+    contenders: list[subprocess.Popen[str]] = []
 
     def before_flush(session: Session, _context: Any, _instances: Any) -> None:
-        if not outcome and any(isinstance(obj, User) for obj in [*session.new, *session.dirty]):
-            outcome.append(_write_elsewhere(url, email))
+        if contenders or not any(isinstance(obj, User) for obj in [*session.new, *session.dirty]):
+            return
+        command = [str(USERMGR), "create", "--email", email, "--no-password"]
+        process = subprocess.Popen(command, env=process_env(env), stderr=subprocess.PIPE, text=True)
+        contenders.append(process)
+        database = sqlite_path(env["USERMGR_DATABASE_URL"])
+        if database is None:
+            process.wait(timeout=HANG_TIMEOUT)
+        else:
+            _wait_until_queued(process, Path(f"{database}-wal").resolve())
 
     event.listen(db, "before_flush", before_flush)
-    return outcome
+    return contenders
 
 
-def test_create_racing_another_writer(db: Session, settings: Settings, backend: str) -> None:
-    outcome = _insert_behind_the_check(db, settings.database_url, "race@example.com")
-    if backend == "sqlite":
-        add(db, settings, "race@example.com")
-        assert outcome == ["locked out"]
-    else:
+def _wait_until_queued(process: subprocess.Popen[str], wal: Path) -> None:
+    """Wait until `process` is queued on SQLite's write lock: it holds the database's
+    write-ahead log open (so it is inside a statement) and sleeps, as SQLite's busy handler
+    does between tries (Linux: /proc/PID/fd and /proc/PID/wchan). Fail if it ends first:
+    then the lock did not hold it back, and there was no race."""
+    proc = Path(f"/proc/{process.pid}")
+    deadline = time.monotonic() + HANG_TIMEOUT  # a guard against a hang only
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the contender was never held back: {process.communicate()}"
+        with suppress(FileNotFoundError, ProcessLookupError):  # a descriptor closed as it was listed
+            if any(fd.readlink() == wal for fd in (proc / "fd").iterdir()) and "sleep" in (proc / "wchan").read_text():
+                return
+        time.sleep(0.01)
+    pytest.fail(f"the contender never queued on the write lock of {wal.parent}")
+
+
+def _outcome(process: subprocess.Popen[str]) -> tuple[int, str]:
+    _, stderr = process.communicate(timeout=HANG_TIMEOUT)
+    return process.returncode, stderr
+
+
+CONTENDER_LOST = (5, "usermgr: error: a user with email 'race@example.com' already exists\n")
+
+
+def test_create_racing_another_writer(db: Session, settings: Settings, env: dict[str, str], backend: str) -> None:
+    """The contract for two writers of one email: exactly one wins, the other gets a Conflict
+    (exit 5), and the database holds the one user. Who loses depends on the backend (see
+    _contend_behind_the_check): on SQLite the unique constraint is never what stops the
+    second writer, as its BEGIN IMMEDIATE waits until the first has committed."""
+    contenders = _contend_behind_the_check(db, env, "race@example.com")
+    if backend == "postgres":
         with pytest.raises(Conflict, match="already exists"):
             add(db, settings, "race@example.com")
-        assert outcome == ["committed"]
+        expected = (0, "")
+    else:
+        add(db, settings, "race@example.com")
+        expected = CONTENDER_LOST
+    (contender,) = contenders
+    assert _outcome(contender) == expected
     assert list(stored(settings.database_url)["users"]) == ["race@example.com"]
 
 
-def test_update_racing_another_writer(db: Session, settings: Settings, backend: str) -> None:
+def test_update_racing_another_writer(db: Session, settings: Settings, env: dict[str, str], backend: str) -> None:
+    """The same contract when the service renames a user to the email another writer creates."""
     add(db, settings, "ann@example.com")
-    outcome = _insert_behind_the_check(db, settings.database_url, "race@example.com")
+    contenders = _contend_behind_the_check(db, env, "race@example.com")
     changes = service.user_changes(email="race@example.com")
-    if backend == "sqlite":
-        service.update_user(db, "ann@example.com", changes)
-        assert outcome == ["locked out"]
-        assert list(stored(settings.database_url)["users"]) == ["race@example.com"]
-    else:
+    if backend == "postgres":
         with pytest.raises(Conflict, match="already exists"):
             service.update_user(db, "ann@example.com", changes)
-        assert outcome == ["committed"]
-        assert sorted(stored(settings.database_url)["users"]) == ["ann@example.com", "race@example.com"]
+        expected, emails = (0, ""), ["ann@example.com", "race@example.com"]
+    else:
+        service.update_user(db, "ann@example.com", changes)
+        expected, emails = CONTENDER_LOST, ["race@example.com"]
+    (contender,) = contenders
+    assert _outcome(contender) == expected
+    assert sorted(stored(settings.database_url)["users"]) == emails

@@ -12,7 +12,6 @@ import logging
 import os
 import resource
 import signal
-import socket
 import sqlite3
 import stat
 import subprocess
@@ -23,13 +22,20 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
-from tests.conftest import USERMGR, PostgresAdmin, run_usermgr
+from tests.conftest import (
+    PASSWORD,
+    PostgresAdmin,
+    Runner,
+    create_user,
+    free_port,
+    login_process,
+    run_usermgr,
+)
 from usermgr import api
 from usermgr.config import Settings
 
 SECRET = "s3cr3t-PW"
 ACCEPTED = ("sqlite:///PATH", "postgresql://")
-PASSWORD = "correct horse battery"
 
 
 def refusal(result: subprocess.CompletedProcess[str], code: int) -> str:
@@ -43,13 +49,6 @@ def refusal(result: subprocess.CompletedProcess[str], code: int) -> str:
     assert len(errors) == 1 and errors[0] == lines[-1], result.stderr
     assert "unexpected" not in errors[0]
     return errors[0]
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (it was free a moment ago)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -213,8 +212,7 @@ one_backend = pytest.mark.parametrize("backend", ["sqlite"])
 def test_a_duration_setting_too_long_for_a_datetime_is_a_configuration_error(
     env: dict[str, str], name: str, value: str
 ) -> None:
-    created = run_usermgr("create", "--email", "ada@example.com", "--password-stdin", env=env, input=f"{PASSWORD}\n")
-    assert created.returncode == 0, created.stderr
+    create_user(Runner(env), "ada@example.com")
     for command in (["list"], ["login", "ada@example.com", "--password-stdin"]):
         line = refusal(run_usermgr(*command, env={**env, name: value}, input="wrong password\n"), 2)
         assert name in line and "36500d" in line
@@ -229,18 +227,16 @@ def test_the_longest_duration_is_accepted(env: dict[str, str], name: str) -> Non
 
 def test_a_lockout_of_the_longest_period_locks(env: dict[str, str]) -> None:
     env = {**env, "USERMGR_LOCKOUT_PERIOD": "36500d", "USERMGR_LOCKOUT_THRESHOLD": "1"}
-    created = run_usermgr("create", "--email", "ada@example.com", "--password-stdin", env=env, input=f"{PASSWORD}\n")
-    assert created.returncode == 0, created.stderr
-    assert run_usermgr("login", "ada@example.com", "--password-stdin", env=env, input="wrong\n").returncode == 6
-    locked = run_usermgr("login", "ada@example.com", "--password-stdin", env=env, input=f"{PASSWORD}\n")
+    create_user(Runner(env), "ada@example.com")
+    assert login_process(env, "ada@example.com", "wrong").returncode == 6
+    locked = login_process(env, "ada@example.com")
     assert locked.returncode == 6, "locked for 100 years, not 'no lockout'"
 
 
 @one_backend
 @pytest.mark.parametrize("ttl", ["99999999999d", "36501d", "9" * 5000], ids=["11-digit-days", "36501d", "5000-digits"])
 def test_a_login_ttl_too_long_for_a_datetime_is_invalid_input(env: dict[str, str], ttl: str) -> None:
-    created = run_usermgr("create", "--email", "ada@example.com", "--password-stdin", env=env, input=f"{PASSWORD}\n")
-    assert created.returncode == 0, created.stderr
+    create_user(Runner(env), "ada@example.com")
     env = {**env, "USERMGR_TOKEN_MAX_TTL": "36500d"}
     result = run_usermgr("login", "ada@example.com", "--password-stdin", "--ttl", ttl, env=env, input=f"{PASSWORD}\n")
     line = refusal(result, 3)
@@ -282,21 +278,13 @@ def test_a_key_write_that_fails_leaves_no_key_file(database_held_open: str, tmp_
     keys = tmp_path / "keys"
     keys.mkdir()
     key_file = keys / "usermgr.key"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("USERMGR_")}
-    env.update(
-        USERMGR_DATABASE_URL=database_held_open,
-        USERMGR_KEY_FILE=str(key_file),
-        USERMGR_TOKEN_ALGORITHM=algorithm,
-        USERMGR_HASH_PROFILE="test",
-    )
-    result = subprocess.run(
-        [str(USERMGR), "init"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        preexec_fn=_limit_file_size(16),  # a key is longer than 16 bytes
-    )
+    env = {
+        "USERMGR_DATABASE_URL": database_held_open,
+        "USERMGR_KEY_FILE": str(key_file),
+        "USERMGR_TOKEN_ALGORITHM": algorithm,
+        "USERMGR_HASH_PROFILE": "test",
+    }
+    result = run_usermgr("init", env=env, preexec_fn=_limit_file_size(16))  # a key is longer than 16 bytes
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("usermgr: error:")]
     assert errors == [f"usermgr: error: cannot create key file {key_file}: File too large; no key file was left behind"]
@@ -318,15 +306,7 @@ def test_a_public_key_that_cannot_be_written_takes_its_private_key_with_it(tmp_p
 
 def test_the_key_files_are_0600_and_0644_whatever_the_umask(tmp_path: Path) -> None:
     env = {"USERMGR_DATABASE_URL": str(tmp_path / "users.db"), "USERMGR_TOKEN_ALGORITHM": "EdDSA"}
-    full_env = {key: value for key, value in os.environ.items() if not key.startswith("USERMGR_")} | env
-    result = subprocess.run(
-        [str(USERMGR), "init"],
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        preexec_fn=lambda: os.umask(0),
-    )
+    result = run_usermgr("init", env=env, preexec_fn=lambda: os.umask(0))
     assert result.returncode == 0, result.stderr
     assert stat.S_IMODE((tmp_path / "usermgr.key").stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "usermgr.key.pub").stat().st_mode) == 0o644

@@ -11,7 +11,6 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import stat
 import subprocess
 import time
@@ -29,11 +28,21 @@ from jwcrypto import jwk
 from jwcrypto import jwt as jwcrypto_jwt
 from jwcrypto.jws import InvalidJWSSignature
 
-from tests.conftest import USERMGR, Runner, run_usermgr, uid_of
+from tests.conftest import (
+    HANG_TIMEOUT,
+    USERMGR,
+    Runner,
+    create_user,
+    login,
+    process_env,
+    run_usermgr,
+    shown,
+    token_of,
+    uid_of,
+)
 from usermgr import tokens
 from usermgr.config import Settings, load_settings
 
-PASSWORD = "correct-horse-battery"
 ISSUER = "usermgr"
 CLAIM_KEYS = {"sub", "email", "roles", "iss", "iat", "exp", "jti", "ver"}
 NOT_ADMIN = "usermgr: error: forbidden: the token's holder does not have the role 'admin'\n"
@@ -124,18 +133,6 @@ def issue(
     return tokens.issue_token(
         settings, subject=subject, email=email, roles=roles if roles is not None else [], token_version=0, ttl=600
     )
-
-
-def create_user(run: Runner, email: str, *extra: str) -> int:
-    result = run("create", "--email", email, "--password-stdin", *extra, "-o", "id", input=PASSWORD + "\n")
-    assert result.exit_code == 0, result.stderr
-    return int(result.stdout)
-
-
-def login(run: Runner, email: str, *, env: dict[str, str] | None = None) -> str:
-    result = run("login", email, "--password-stdin", input=PASSWORD + "\n", env=env)
-    assert result.exit_code == 0, result.stderr
-    return result.stdout.strip()
 
 
 # ---- fixtures --------------------------------------------------------------------------------
@@ -264,17 +261,17 @@ def test_valid_token_prints_its_claims(offline: Runner, hs_settings: Settings) -
     result = offline("verify", token, "-o", "json")
     assert result.exit_code == 0, result.stderr
     assert result.stderr == ""
-    shown = json.loads(result.stdout)
-    assert shown.keys() >= CLAIM_KEYS
-    assert (shown["sub"], shown["email"], shown["roles"], shown["iss"], shown["ver"]) == (
+    printed = json.loads(result.stdout)
+    assert printed.keys() >= CLAIM_KEYS
+    assert (printed["sub"], printed["email"], printed["roles"], printed["iss"], printed["ver"]) == (
         uid_number(7),
         "ada@example.com",
         ["admin", "beta"],
         ISSUER,
         0,
     )
-    assert shown["exp"] - shown["iat"] == 600
-    assert len(shown["jti"]) == 32
+    assert printed["exp"] - printed["iat"] == 600
+    assert len(printed["jti"]) == 32
     table = offline("verify", token)
     assert table.exit_code == 0
     assert "ada@example.com" in table.stdout and "admin, beta" in table.stdout
@@ -413,7 +410,7 @@ def test_key_file_readable_by_others_is_refused(
 def test_key_file_readable_by_others_is_refused_for_login(run: Runner, key_file: Path) -> None:
     create_user(run, "ada@example.com")
     key_file.chmod(0o644)
-    result = run("login", "ada@example.com", "--password-stdin", input=PASSWORD + "\n")
+    result = login(run, "ada@example.com")
     assert result.exit_code == 2
     assert result.stdout == ""
     assert "chmod 600" in result.stderr
@@ -422,8 +419,8 @@ def test_key_file_readable_by_others_is_refused_for_login(run: Runner, key_file:
 def test_unusable_key_file_on_login_changes_nothing(run: Runner, key_file: Path) -> None:
     create_user(run, "ada@example.com")
     key_file.chmod(0o644)
-    assert run("login", "ada@example.com", "--password-stdin", input=PASSWORD + "\n").exit_code == 2
-    assert json.loads(run("show", "ada@example.com", "-o", "json").stdout)["last_login_at"] is None
+    assert login(run, "ada@example.com").exit_code == 2
+    assert shown(run, "ada@example.com")["last_login_at"] is None
 
 
 def test_missing_key_file_is_a_clear_error(offline: Runner, tmp_path: Path) -> None:
@@ -453,7 +450,7 @@ def test_secret_key_overrides_the_key_file(offline: Runner, key_file: Path) -> N
 def test_login_signs_with_the_secret_key(run: Runner) -> None:
     secret = "an-application-secret-of-40-bytes-long!!"
     create_user(run, "ada@example.com")
-    token = login(run, "ada@example.com", env={"USERMGR_SECRET_KEY": secret, "USERMGR_KEY_FILE": "/nonexistent/k"})
+    token = token_of(run, "ada@example.com", env={"USERMGR_SECRET_KEY": secret, "USERMGR_KEY_FILE": "/nonexistent/k"})
     decoded = jwt.decode(token, secret, algorithms=["HS256"], issuer=ISSUER)
     assert decoded["email"] == "ada@example.com"
 
@@ -486,9 +483,7 @@ def test_eddsa_key_file_with_hs256_configured_is_a_configuration_error(run: Runn
     path = tmp_path / "ed.key"
     tokens.create_key_file(path, "EdDSA")
     create_user(run, "ada@example.com")
-    result = run(
-        "login", "ada@example.com", "--password-stdin", input=PASSWORD + "\n", env={"USERMGR_KEY_FILE": str(path)}
-    )
+    result = login(run, "ada@example.com", env={"USERMGR_KEY_FILE": str(path)})
     assert result.exit_code == 2, result.stderr
     assert result.stdout == ""
     assert result.stderr.startswith("usermgr: error: ")
@@ -519,7 +514,7 @@ def test_init_creates_an_ed25519_key_pair(eddsa: tuple[Runner, Path]) -> None:
 def test_eddsa_token_verifies_with_only_the_public_key(eddsa: tuple[Runner, Path], tmp_path: Path) -> None:
     runner, path = eddsa
     create_user(runner, "ada@example.com", "--role", "beta")
-    token = login(runner, "ada@example.com")
+    token = token_of(runner, "ada@example.com")
     assert jwt.get_unverified_header(token)["alg"] == "EdDSA"
     verifier_env = {  # a process with no private key, no secret and no database
         "USERMGR_KEY_FILE": str(tmp_path / "no-such.key"),
@@ -545,7 +540,7 @@ def test_eddsa_token_verifies_with_only_the_public_key(eddsa: tuple[Runner, Path
 def test_eddsa_token_is_refused_where_hs256_is_configured(eddsa: tuple[Runner, Path], run: Runner) -> None:
     runner, _path = eddsa
     create_user(runner, "ada@example.com")
-    assert_token_invalid(run("verify", login(runner, "ada@example.com")), "algorithm not allowed")
+    assert_token_invalid(run("verify", token_of(runner, "ada@example.com")), "algorithm not allowed")
 
 
 def test_public_key_that_is_not_ed25519_is_refused(offline: Runner, key_file: Path) -> None:
@@ -568,7 +563,7 @@ def test_jwcrypto_token_verifies_with_usermgr(offline: Runner, key_file: Path) -
 
 def test_usermgr_token_verifies_with_jwcrypto(run: Runner, key_file: Path) -> None:
     user_id = create_user(run, "ada@example.com", "--admin")
-    token = login(run, "ada@example.com")
+    token = token_of(run, "ada@example.com")
     key = jwk.JWK(kty="oct", k=b64url(secret_of(key_file)))
     checked = jwcrypto_jwt.JWT(jwt=token, key=key, algs=["HS256"], check_claims={"iss": ISSUER, "exp": None})
     decoded = json.loads(checked.claims)
@@ -585,7 +580,7 @@ def test_usermgr_eddsa_token_verifies_with_jwcrypto(eddsa: tuple[Runner, Path]) 
     runner, path = eddsa
     create_user(runner, "ada@example.com")
     key = jwk.JWK.from_pem(tokens.public_key_path(path).read_bytes())
-    checked = jwcrypto_jwt.JWT(jwt=login(runner, "ada@example.com"), key=key, algs=["EdDSA"])
+    checked = jwcrypto_jwt.JWT(jwt=token_of(runner, "ada@example.com"), key=key, algs=["EdDSA"])
     assert json.loads(checked.claims)["email"] == "ada@example.com"
 
 
@@ -603,19 +598,15 @@ with open(sys.argv[1], "w") as out:
 """
 
 
-def python_env(env: dict[str, str]) -> dict[str, str]:
-    return {**{k: v for k, v in os.environ.items() if not k.startswith("USERMGR_")}, **env}
-
-
 def import_chain(args: list[str], env: dict[str, str]) -> str:
     """Who imported sqlalchemy or pydantic first, from `python -X importtime` (for the failure message)."""
     code = f"from usermgr.cli import main\ntry:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
     lines = subprocess.run(
         [str(USERMGR.with_name("python")), "-X", "importtime", "-c", code],
-        env=python_env(env),
+        env=process_env(env),
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=HANG_TIMEOUT,
     ).stderr.splitlines()
     first = next(
         (i for i, line in enumerate(lines) if line.split("|")[-1].strip().startswith(("sqlalchemy", "pydantic"))), None
@@ -648,11 +639,11 @@ def test_start_up_loads_no_database_layer(
     report = tmp_path / "modules.json"
     probe = subprocess.run(
         [str(USERMGR.with_name("python")), "-c", PROBE, str(report), *args],
-        env=python_env(offline_env),
+        env=process_env(offline_env),
         input=token + "\n",
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=HANG_TIMEOUT,
     )
     assert "Traceback" not in probe.stderr
     loaded = json.loads(report.read_text())
