@@ -109,6 +109,16 @@ class PostgresAdmin:
         self._execute(f'DROP DATABASE IF EXISTS "{name}"')
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs the PostgreSQL server `postgres`, so that `-m "not postgres"`
+    (as `make mutate` runs) leaves out exactly the tests that would start it."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_postgres = callspec is not None and callspec.params.get("backend") == "postgres"
+        if on_postgres or "postgres" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgres)
+
+
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresAdmin]:
     external = os.environ.get("USERMGR_TEST_POSTGRES_URL")

@@ -26,8 +26,10 @@ from tests.conftest import (
     user_count,
     users,
 )
+from usermgr import service
 from usermgr.cli import LARGE_IMPORT_ROWS
 from usermgr.models import User
+from usermgr.output import InputRow
 
 
 def jsonl(*rows: dict) -> str:
@@ -291,3 +293,22 @@ def test_kill_9_mid_import_leaves_no_row(env: dict, db_url: str, backend: str, t
             assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     result = run_usermgr("list", "-o", "id", env=env)
     assert (result.returncode, result.stdout) == (0, "")
+
+
+def test_import_update_of_a_row_added_earlier_in_the_same_input(run: Runner) -> None:
+    """--on-conflict update: a later row for an email that an earlier row of the same input
+    creates updates that new user."""
+    rows = jsonl({"email": "ann@example.com", "full_name": "Ann A"}, {"email": "ann@example.com", "full_name": "Ann B"})
+    result = run("import", "-", "--format", "jsonl", "--on-conflict", "update", input=rows)
+    assert result.exit_code == 0, result.stderr
+    shown = run("show", "ann@example.com", "-o", "json")
+    assert (emails(run), json.loads(shown.stdout)["full_name"]) == (["ann@example.com"], "Ann B")
+
+
+def test_an_import_plan_counts_its_rows() -> None:
+    """plan.rows sizes the progress of a large import: one a valid row."""
+    plan = service.plan_import(InputRow(line, {"email": f"u{line}@example.com"}) for line in range(1, 4))
+    try:
+        assert plan.rows == 3
+    finally:
+        plan.close()

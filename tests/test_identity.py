@@ -119,15 +119,26 @@ def test_import_refuses_one_uid_for_two_rows(run: Runner) -> None:
     rows = "".join(json.dumps({"email": f"{name}@example.com", "uid": uid}) + "\n" for name in ("ann", "ben"))
     result = run("import", "-", "--format", "jsonl", input=rows)
     assert (result.exit_code, emails(run)) == (5, [])
+    # Refused by the rule, with its line, not only by the database's unique index.
+    assert result.stderr == f"usermgr: error: line 2: uid {uid} already belongs to another user; nothing was imported\n"
+
+
+CANONICAL_UID = "6f1c0de4-6d0b-4f7e-9a55-0d6f5a1b7c3e"
 
 
 @pytest.mark.parametrize(
-    "uid", ["not-a-uuid", "6F1C0DE4-6D0B-4F7E-9A55-0D6F5A1B7C3E", "6f1c0de46d0b4f7e9a550d6f5a1b7c3e", "1"]
+    ("uid", "advice"),
+    [
+        ("not-a-uuid", "give a UUID such as 123e4567-e89b-42d3-a456-426614174000"),
+        ("6F1C0DE4-6D0B-4F7E-9A55-0D6F5A1B7C3E", f"write it as {CANONICAL_UID}"),
+        ("6f1c0de46d0b4f7e9a550d6f5a1b7c3e", f"write it as {CANONICAL_UID}"),
+        ("1", "give a UUID such as 123e4567-e89b-42d3-a456-426614174000"),
+    ],
 )
-def test_import_refuses_a_malformed_uid(run: Runner, uid: str) -> None:
+def test_import_refuses_a_malformed_uid(run: Runner, uid: str, advice: str) -> None:
     result = run("import", "-", "--format", "jsonl", input=json.dumps({"email": "ann@example.com", "uid": uid}) + "\n")
     assert result.exit_code == 3
-    assert "line 1: uid: invalid uid" in result.stderr
+    assert f"line 1: uid: invalid uid: {advice}" in result.stderr
     assert emails(run) == []
 
 

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from tests.conftest import CONTRACT_USER_FIELDS, HANG_TIMEOUT, PASSWORD, USERMGR, process_env
 from usermgr import service
 from usermgr.config import Settings, sqlite_path
-from usermgr.errors import AuthenticationFailed, Conflict, InvalidInput, NotFound
+from usermgr.errors import AuthenticationFailed, Conflict, InvalidInput, NotFound, TokenInvalid
 from usermgr.models import Role, User, user_roles
 from usermgr.service import UserFilter
 
@@ -174,6 +174,25 @@ def test_create_sets_the_defaults(db: Session, settings: Settings) -> None:
 def test_create_rejects_bad_fields(fields: dict[str, str]) -> None:
     with pytest.raises(InvalidInput):
         service.new_user(**fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"email": "ada@example.com", "username": "has space"},
+            "username: invalid username: use 1 to 150 of A-Z, a-z, 0-9 and . _ @ + -",
+        ),
+        (
+            {"email": "not-an-email", "username": "has space", "full_name": ""},
+            "email: value is not a valid email address: An email address must have an @-sign. (and 2 more)",
+        ),
+    ],
+)
+def test_a_bad_field_is_one_line_naming_it_and_counting_the_rest(fields: dict[str, str], message: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        service.new_user(**fields)
+    assert str(caught.value) == message
 
 
 def test_create_rejects_bad_role_and_writes_nothing(db: Session, settings: Settings) -> None:
@@ -373,6 +392,17 @@ def test_update_rejects_bad_fields(fields: dict[str, Any]) -> None:
         service.user_changes(**fields)
 
 
+def test_a_token_without_a_version_claim_counts_as_version_0(db: Session, settings: Settings) -> None:
+    """`ver` is not a required claim: a token without it stands for version 0, so it holds
+    until the user's first revocation."""
+    user = add(db, settings, "ada@example.com")
+    claims = {"sub": user.uid, "email": user.email, "roles": []}
+    assert service.check_token_holder(db, claims).email == "ada@example.com"
+    service.revoke_tokens(db, ["ada@example.com"])
+    with pytest.raises(TokenInvalid, match="revoked"):
+        service.check_token_holder(db, claims)
+
+
 # ---- set_password ---------------------------------------------------------------------------
 
 
@@ -385,6 +415,13 @@ def test_set_password_stores_a_new_hash_and_revokes_tokens(db: Session, settings
     assert after["token_version"] == before["token_version"] + 1
     assert can_log_in(db, settings, "ada@example.com", "a new secret")
     assert not can_log_in(db, settings, "ada@example.com", PASSWORD)
+
+
+def test_set_password_hashes_with_the_configured_profile(db: Session, settings: Settings) -> None:
+    add(db, settings, "ada@example.com", password=PASSWORD)
+    service.set_password(db, settings, "ada@example.com", "a new secret")
+    hashed = user_state(settings.database_url, "ada@example.com")["hashed_password"]
+    assert hashed.startswith("$argon2id$v=19$m=1024,t=1,p=1$")  # security._TEST_PROFILE
 
 
 @pytest.mark.parametrize(("length", "ok"), [(0, False), (7, False), (8, True), (1024, True), (1025, False)])

@@ -42,6 +42,7 @@ from tests.conftest import (
 )
 from usermgr import tokens
 from usermgr.config import Settings, load_settings
+from usermgr.errors import ConfigurationError
 
 ISSUER = "usermgr"
 CLAIM_KEYS = {"sub", "email", "roles", "iss", "iat", "exp", "jti", "ver"}
@@ -467,6 +468,19 @@ def test_secret_of_exactly_32_bytes_is_accepted(offline: Runner) -> None:
     secret = "s" * 32
     result = offline("verify", signed(secret.encode(), int(time.time())), env={"USERMGR_SECRET_KEY": secret})
     assert result.exit_code == 0, result.stderr
+
+
+@pytest.mark.parametrize("source", ["USERMGR_SECRET_KEY", "key file"])
+def test_a_pem_key_for_hs256_names_where_it_came_from(tmp_path: Path, source: str) -> None:
+    pem_file = tmp_path / "ed25519.key"
+    tokens.create_key_file(pem_file, "EdDSA")
+    settings = load_settings(database_url=f"sqlite:///{tmp_path / 'users.db'}", key_file=str(pem_file))
+    if source == "USERMGR_SECRET_KEY":
+        settings = replace(settings, secret_key=pem_file.read_text())
+    named = "USERMGR_SECRET_KEY" if source == "USERMGR_SECRET_KEY" else f"key file {pem_file}"
+    with pytest.raises(ConfigurationError) as caught:
+        tokens.signing_key(settings)
+    assert str(caught.value) == f"{named} holds a PEM key, but USERMGR_TOKEN_ALGORITHM is HS256: set it to EdDSA"
 
 
 def test_short_key_file_is_refused(offline: Runner, tmp_path: Path) -> None:
