@@ -47,7 +47,7 @@ class Forbidden(UsermgrError):
     """A valid token without the required role."""
 
 
-# error -> (CLI exit code, HTTP status). Exit codes are the contract's (../shared/spec/cli.md);
+# error -> (CLI exit code, HTTP status). Exit codes are the command-line contract's (README, Exit codes);
 # 1 stays "unexpected failure", which is also where an unusable database lands.
 ERROR_TABLE: dict[type[UsermgrError], tuple[int, int]] = {
     DatabaseUnavailable: (1, 503),
