@@ -723,3 +723,17 @@ def test_importing_the_module_builds_no_app_until_asked(tmp_path: Path) -> None:
     script = "import usermgr.api as m; print('app' in vars(m)); m.app; print('app' in vars(m))"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert result.stdout.split() == ["False", "True"], result.stderr
+
+
+def test_each_route_documents_the_statuses_of_the_errors_it_can_raise(client: TestClient) -> None:
+    """api._responses derives them from errors.ERROR_TABLE; these are what the contract says."""
+    paths = client.get("/openapi.json").json()["paths"]
+
+    def documented(path: str, method: str) -> set[str]:
+        return set(paths[path][method]["responses"])
+
+    assert documented("/auth/signup", "post") == {"201", "400", "409", "413", "422", "503"}
+    assert documented("/auth/login", "post") == {"200", "400", "401", "413", "422", "503"}
+    assert documented("/users/{user_id}", "delete") == {"204", "401", "403", "404", "409", "413", "422", "503"}
+    assert documented("/healthz", "get") == {"200", "413", "503"}
+    assert paths["/users/me"]["get"]["responses"]["401"]["description"].startswith("Bad signature, expired")

@@ -302,21 +302,33 @@ class InvalidResponse(BaseModel):
 
 
 _UNAUTHORIZED_HEADERS = {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}}
-_RESPONSES: dict[int, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "The body cannot be parsed"},
-    401: {"model": ErrorResponse, "description": "Not authenticated", "headers": _UNAUTHORIZED_HEADERS},
-    403: {"model": ErrorResponse, "description": "Forbidden: the token's holder lacks the role"},
-    404: {"model": ErrorResponse, "description": "No such user"},
-    409: {"model": ErrorResponse, "description": "Conflict"},
-    413: {"model": ErrorResponse, "description": f"The request body is over {MAX_BODY_BYTES} bytes"},
-    422: {"model": InvalidResponse, "description": "Invalid input"},
-    503: {"model": ErrorResponse, "description": "The database is unavailable"},
-}
 
 
-def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The given statuses, plus those any request can get: 413 (a body over the limit) and 503."""
-    return {code: _RESPONSES[code] for code in (*codes, 413, 503)}
+def _answer(model: type[BaseModel], description: str, status_code: int) -> dict[str, Any]:
+    answer: dict[str, Any] = {"model": model, "description": description}
+    if status_code == status.HTTP_401_UNAUTHORIZED:
+        answer["headers"] = _UNAUTHORIZED_HEADERS
+    return answer
+
+
+def _responses(*raised: type[errors.UsermgrError], parses_body: bool = False) -> dict[int | str, dict[str, Any]]:
+    """What a route answers besides success: the statuses of the domain errors it can raise,
+    from errors.ERROR_TABLE (so they cannot drift from what the handlers send), each described
+    by its error's docstring; 400 when it parses a body; and 413 and 503, which any request
+    can get."""
+    answers: dict[int | str, dict[str, Any]] = {}
+    if parses_body:
+        answers[400] = _answer(ErrorResponse, "The body cannot be parsed", 400)
+    for error in (*raised, errors.DatabaseUnavailable):
+        code = errors.http_status(error())
+        model = InvalidResponse if code == status.HTTP_422_UNPROCESSABLE_CONTENT else ErrorResponse
+        answers[code] = _answer(model, (error.__doc__ or error.__name__).strip().splitlines()[0], code)
+    answers[413] = _answer(ErrorResponse, f"The request body is over {MAX_BODY_BYTES} bytes", 413)
+    return dict(sorted(answers.items(), key=lambda item: int(item[0])))
+
+
+_AUTHENTICATED = (errors.TokenInvalid,)
+_ADMIN = (errors.TokenInvalid, errors.Forbidden)
 
 
 # ---- /auth -------------------------------------------------------------------------------------
@@ -328,7 +340,7 @@ auth_router = APIRouter(prefix="/auth", tags=["auth"], max_body_size=MAX_BODY_BY
     "/signup",
     status_code=status.HTTP_201_CREATED,
     response_model=UserResponse,
-    responses=_responses(400, 409, 422),
+    responses=_responses(errors.Conflict, errors.InvalidInput, parses_body=True),
     summary="Create an account (never with a role)",
 )
 def signup(body: SignupRequest, db: DB, settings: Annotated[Settings, Depends(get_settings)]) -> User:
@@ -338,7 +350,7 @@ def signup(body: SignupRequest, db: DB, settings: Annotated[Settings, Depends(ge
 @auth_router.post(
     "/login",
     response_model=TokenResponse,
-    responses=_responses(400, 401, 422),
+    responses=_responses(errors.AuthenticationFailed, errors.InvalidInput, parses_body=True),
     summary="Exchange email and password for an access token",
 )
 def login(
@@ -355,13 +367,18 @@ def login(
 users_router = APIRouter(prefix="/users", tags=["users"], max_body_size=MAX_BODY_BYTES)
 
 
-@users_router.get("/me", response_model=UserResponse, responses=_responses(401), summary="The token's holder")
+@users_router.get(
+    "/me", response_model=UserResponse, responses=_responses(*_AUTHENTICATED), summary="The token's holder"
+)
 def read_me(user: Annotated[User, Depends(current_user)]) -> User:
     return user
 
 
 @users_router.get(
-    "", response_model=list[UserResponse], responses=_responses(401, 403, 422), summary="List users (admin)"
+    "",
+    response_model=list[UserResponse],
+    responses=_responses(*_ADMIN, errors.InvalidInput),
+    summary="List users (admin)",
 )
 def list_users(
     _admin: Admin,
@@ -380,7 +397,10 @@ def list_users(
 
 
 @users_router.get(
-    "/{user_id}", response_model=UserResponse, responses=_responses(401, 403, 404, 422), summary="One user (admin)"
+    "/{user_id}",
+    response_model=UserResponse,
+    responses=_responses(*_ADMIN, errors.NotFound, errors.InvalidInput),
+    summary="One user (admin)",
 )
 def read_user(user_id: UserId, _admin: Admin, db: DB) -> User:
     return service.get_user(db, str(user_id))
@@ -389,7 +409,7 @@ def read_user(user_id: UserId, _admin: Admin, db: DB) -> User:
 @users_router.patch(
     "/{user_id}",
     response_model=UserResponse,
-    responses=_responses(400, 401, 403, 404, 409, 422),
+    responses=_responses(*_ADMIN, errors.NotFound, errors.Conflict, errors.InvalidInput, parses_body=True),
     summary="Change profile fields (admin)",
 )
 def update_user(user_id: UserId, body: UserUpdate, _admin: Admin, db: DB) -> User:
@@ -402,7 +422,7 @@ def update_user(user_id: UserId, body: UserUpdate, _admin: Admin, db: DB) -> Use
     "/{user_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
-    responses=_responses(401, 403, 404, 409, 422),
+    responses=_responses(*_ADMIN, errors.NotFound, errors.Conflict, errors.InvalidInput),
     summary="Delete a user (admin; never the last active admin)",
 )
 def delete_user(user_id: UserId, _admin: Admin, db: DB) -> Response:
@@ -413,7 +433,7 @@ def delete_user(user_id: UserId, _admin: Admin, db: DB) -> Response:
 @users_router.put(
     "/{user_id}/roles/{role}",
     response_model=UserResponse,
-    responses=_responses(401, 403, 404, 422),
+    responses=_responses(*_ADMIN, errors.NotFound, errors.InvalidInput),
     summary="Grant a role (admin)",
 )
 def grant_role(user_id: UserId, role: RoleName, _admin: Admin, db: DB) -> User:
@@ -423,7 +443,7 @@ def grant_role(user_id: UserId, role: RoleName, _admin: Admin, db: DB) -> User:
 @users_router.delete(
     "/{user_id}/roles/{role}",
     response_model=UserResponse,
-    responses=_responses(401, 403, 404, 409, 422),
+    responses=_responses(*_ADMIN, errors.NotFound, errors.Conflict, errors.InvalidInput),
     summary="Revoke a role (admin; never from the last active admin)",
 )
 def revoke_role(user_id: UserId, role: RoleName, _admin: Admin, db: DB) -> User:
