@@ -820,3 +820,20 @@ def test_update_racing_another_writer(db: Session, settings: Settings, env: dict
     (contender,) = contenders
     assert _outcome(contender) == expected
     assert sorted(stored(settings.database_url)["users"]) == emails
+
+
+def test_a_login_checked_against_a_hash_replaced_meanwhile_is_not_taken(db: Session, settings: Settings) -> None:
+    """The success step of a login (after its slow hash check) is taken only while the stored
+    hash is still the one it checked: a password set in between wins, deterministically here
+    by setting it between the two steps that `authenticate` runs."""
+    from usermgr.service.auth import _take_success
+
+    user = service.create_user(db, settings, service.new_user("race@example.com", password="old password 1"))
+    checked = user.hashed_password
+    service.set_password(db, settings, "race@example.com", "new password 2")
+    with pytest.raises(AuthenticationFailed):
+        _take_success(db, user.id, checked, None, "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo")
+    with db.begin():
+        stored = db.scalar(select(User.hashed_password).where(User.id == user.id))
+    assert stored != checked and not stored.endswith("aGFzaGhhc2hoYXNo")  # the new password stands
+    assert service.authenticate(db, settings, "race@example.com", "new password 2").id == user.id
