@@ -248,7 +248,7 @@ def summarize(verb: str, users: Sequence[Any]) -> None:
 # ---- the group ----------------------------------------------------------------------------
 
 
-@click.group(cls=UsermgrGroup, context_settings=CONTEXT_SETTINGS)
+@click.group(cls=UsermgrGroup, context_settings=CONTEXT_SETTINGS, epilog=f"Exit codes: {errors.exit_code_summary()}.")
 @click.option(
     "--db", envvar="USERMGR_DATABASE_URL", metavar="URL", help="Database URL or SQLite path [default: users.db]."
 )
@@ -269,9 +269,6 @@ def cli(ctx: click.Context, db: str | None, key_file: str | None, debug: bool) -
       usermgr init
       usermgr create --email ada@example.com --admin
       usermgr list -o email | head -1
-
-    Exit codes: 0 ok, 1 unexpected, 2 usage, 3 invalid input, 4 not found,
-    5 conflict, 6 authentication failed, 7 token invalid, 8 forbidden.
     """
     ctx.obj = App(db=db, key_file=key_file, debug=debug)
 

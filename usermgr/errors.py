@@ -9,29 +9,43 @@ from __future__ import annotations
 class UsermgrError(Exception):
     """An error whose message is written for the user: what went wrong and what to do."""
 
+    meaning = "an error"  # a few words for the exit-code summary in `usermgr --help`
+
 
 class ConfigurationError(UsermgrError):
     """A setting is missing or unusable (no key file, an insecure key file, a bad value)."""
+
+    meaning = "usage or configuration"
 
 
 class DatabaseUnavailable(UsermgrError):
     """The database cannot be opened, is corrupt, or has no schema yet."""
 
+    meaning = "unexpected"
+
 
 class InvalidInput(UsermgrError):
     """Bad email, weak password, malformed import row, bad role name, bad duration."""
+
+    meaning = "invalid input"
 
 
 class NotFound(UsermgrError):
     """No user (or role) matches."""
 
+    meaning = "not found"
+
 
 class Conflict(UsermgrError):
     """Already exists, or the change would remove the last active admin."""
 
+    meaning = "conflict"
+
 
 class AuthenticationFailed(UsermgrError):
     """Wrong password, unknown user, disabled or locked: one message for all."""
+
+    meaning = "authentication failed"
 
     def __init__(
         self, message: str = "authentication failed: wrong email or password, or the account is disabled or locked"
@@ -42,9 +56,13 @@ class AuthenticationFailed(UsermgrError):
 class TokenInvalid(UsermgrError):
     """Bad signature, expired, malformed, wrong issuer or audience, revoked."""
 
+    meaning = "token invalid"
+
 
 class Forbidden(UsermgrError):
     """A valid token without the required role."""
+
+    meaning = "forbidden"
 
 
 # error -> (CLI exit code, HTTP status). Exit codes are the command-line contract's (README, Exit codes);
@@ -61,6 +79,14 @@ ERROR_TABLE: dict[type[UsermgrError], tuple[int, int]] = {
 }
 
 UNEXPECTED_EXIT_CODE = 1
+
+
+def exit_code_summary() -> str:
+    """The exit codes in one line, from the table: what `usermgr --help` prints."""
+    meanings = {0: "ok", UNEXPECTED_EXIT_CODE: "unexpected"}
+    for cls, (code, _status) in ERROR_TABLE.items():
+        meanings.setdefault(code, cls.meaning)
+    return ", ".join(f"{code} {meaning}" for code, meaning in sorted(meanings.items()))
 
 
 def _codes(error: UsermgrError) -> tuple[int, int]:
