@@ -24,6 +24,7 @@ from typing import Any
 import jwt
 import pytest
 from click.testing import Result
+from cryptography.hazmat.primitives import serialization
 from jwcrypto import jwk
 from jwcrypto import jwt as jwcrypto_jwt
 from jwcrypto.jws import InvalidJWSSignature
@@ -42,7 +43,6 @@ from tests.conftest import (
 )
 from usermgr import tokens
 from usermgr.config import Settings, load_settings
-from usermgr.errors import ConfigurationError
 
 ISSUER = "usermgr"
 CLAIM_KEYS = {"sub", "email", "roles", "iss", "iat", "exp", "jti", "ver"}
@@ -471,16 +471,18 @@ def test_secret_of_exactly_32_bytes_is_accepted(offline: Runner) -> None:
 
 
 @pytest.mark.parametrize("source", ["USERMGR_SECRET_KEY", "key file"])
-def test_a_pem_key_for_hs256_names_where_it_came_from(tmp_path: Path, source: str) -> None:
+def test_a_pem_key_signs_with_its_own_algorithm(tmp_path: Path, source: str) -> None:
+    """The algorithm belongs to the key: an Ed25519 PEM signs EdDSA though USERMGR_TOKEN_ALGORITHM says HS256."""
     pem_file = tmp_path / "ed25519.key"
     tokens.create_key_file(pem_file, "EdDSA")
     settings = load_settings(database_url=f"sqlite:///{tmp_path / 'users.db'}", key_file=str(pem_file))
     if source == "USERMGR_SECRET_KEY":
-        settings = replace(settings, secret_key=pem_file.read_text())
-    named = "USERMGR_SECRET_KEY" if source == "USERMGR_SECRET_KEY" else f"key file {pem_file}"
-    with pytest.raises(ConfigurationError) as caught:
-        tokens.signing_key(settings)
-    assert str(caught.value) == f"{named} holds a PEM key, but USERMGR_TOKEN_ALGORITHM is HS256: set it to EdDSA"
+        settings = replace(settings, secret_key=pem_file.read_text(), key_file=tmp_path / "absent.key")
+    assert settings.token_algorithm == "HS256"
+    token = issue(settings)
+    assert jwt.get_unverified_header(token)["alg"] == "EdDSA"
+    public = serialization.load_pem_public_key(tokens.public_key_path(pem_file).read_bytes())
+    assert jwt.decode(token, public, algorithms=["EdDSA"], issuer=ISSUER)["email"] == "ada@example.com"
 
 
 def test_short_key_file_is_refused(offline: Runner, tmp_path: Path) -> None:
@@ -492,15 +494,16 @@ def test_short_key_file_is_refused(offline: Runner, tmp_path: Path) -> None:
     assert "shorter than 32 bytes" in result.stderr
 
 
-def test_eddsa_key_file_with_hs256_configured_is_a_configuration_error(run: Runner, tmp_path: Path) -> None:
-    """A key made for EdDSA while USERMGR_TOKEN_ALGORITHM is left at HS256: exit 2, not a crash."""
+def test_eddsa_key_file_needs_no_algorithm_setting(run: Runner, tmp_path: Path) -> None:
+    """A key made for EdDSA while USERMGR_TOKEN_ALGORITHM is left at HS256: it signs EdDSA,
+    and `verify` with it asks for no variable (the key says what it is)."""
     path = tmp_path / "ed.key"
     tokens.create_key_file(path, "EdDSA")
     create_user(run, "ada@example.com")
-    result = login(run, "ada@example.com", env={"USERMGR_KEY_FILE": str(path)})
-    assert result.exit_code == 2, result.stderr
-    assert result.stdout == ""
-    assert result.stderr.startswith("usermgr: error: ")
+    token = token_of(run, "ada@example.com", env={"USERMGR_KEY_FILE": str(path)})
+    assert jwt.get_unverified_header(token)["alg"] == "EdDSA"
+    result = run("verify", token, "-o", "email", env={"USERMGR_KEY_FILE": str(path)})
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "ada@example.com\n", "")
 
 
 # ---- EdDSA -----------------------------------------------------------------------------------
@@ -551,16 +554,19 @@ def test_eddsa_token_verifies_with_only_the_public_key(eddsa: tuple[Runner, Path
     assert refused.stderr == "usermgr: error: token invalid: algorithm not allowed\n"
 
 
-def test_eddsa_token_is_refused_where_hs256_is_configured(eddsa: tuple[Runner, Path], run: Runner) -> None:
+def test_eddsa_token_is_refused_by_a_ring_without_its_key(eddsa: tuple[Runner, Path], run: Runner) -> None:
     runner, _path = eddsa
     create_user(runner, "ada@example.com")
-    assert_token_invalid(run("verify", token_of(runner, "ada@example.com")), "algorithm not allowed")
+    assert_token_invalid(run("verify", token_of(runner, "ada@example.com")), "unknown key")
 
 
-def test_public_key_that_is_not_ed25519_is_refused(offline: Runner, key_file: Path) -> None:
+def test_public_key_that_is_not_a_public_key_is_refused(offline: Runner, key_file: Path) -> None:
     result = offline("verify", "--public-key", str(key_file), "a.b.c")
     assert result.exit_code == 2
-    assert result.stderr == f"usermgr: error: public key {key_file} is not a PEM Ed25519 key, as EdDSA needs\n"
+    assert result.stderr == (
+        f"usermgr: error: public key {key_file} is not a PEM public key usermgr verifies with:"
+        " Ed25519, P-256 or RSA (2048 bits or more)\n"
+    )
 
 
 # ---- interop ---------------------------------------------------------------------------------

@@ -187,8 +187,7 @@ def holder_of_token(
     db: Session,
     settings: Settings,
     token: str,
-    key: Any,
-    algorithm: str,
+    keys: Any,
     *,
     required_role: str | None = None,
     role_in_token: bool = False,
@@ -199,5 +198,5 @@ def holder_of_token(
     token itself to name the role (`role_in_token`), as its offline check does."""
     from usermgr.tokens import decode_token
 
-    claims = decode_token(token, settings, key, algorithm, required_role=required_role if role_in_token else None)
+    claims = decode_token(token, settings, keys, required_role=required_role if role_in_token else None)
     return claims, check_token_holder(db, claims, required_role)
