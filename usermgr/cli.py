@@ -667,9 +667,7 @@ def verify(
 class TokenChecker:
     """Checks tokens the way `verify` was asked to: offline, or also against the database."""
 
-    def __init__(
-        self, app: App, *, role: str | None, check_db: bool, public_key: str | None, jwks: str | None
-    ) -> None:
+    def __init__(self, app: App, *, role: str | None, check_db: bool, public_key: str | None, jwks: str | None) -> None:
         self.settings = app.settings
         self.role = role
         self.keys = tokens.verification_keys(
@@ -750,6 +748,9 @@ def _verify_stream(checker: TokenChecker, lines: Any, fmt: str) -> int:
 # ---- the key ring: `usermgr keys` -------------------------------------------------------------
 
 KEY_FIELDS = ("kid", "alg", "state", "created", "fingerprint")
+KID_ARGUMENTS = {"ignore_unknown_options": True, "help_option_names": ["--help"]}
+"""A kid (a base64url thumbprint) may start with `-`: `keys retire "$KID"` must take it as the
+KID, not as options (`-Jdash` would otherwise hold `-h`, the help)."""
 alg_option = click.option(
     "--alg",
     type=click.Choice(KEY_ALGORITHMS),
@@ -818,7 +819,7 @@ def keys_add(app: App, alg: str | None) -> None:
     click.echo(changes[0].kid)
 
 
-@keys.command("activate")
+@keys.command("activate", context_settings=KID_ARGUMENTS)
 @click.argument("kid")
 @pass_app
 def keys_activate(app: App, kid: str) -> None:
@@ -849,7 +850,7 @@ def keys_rotate(app: App, alg: str | None) -> None:
     click.echo(changes[0].kid)
 
 
-@keys.command("retire")
+@keys.command("retire", context_settings=KID_ARGUMENTS)
 @click.argument("kid")
 @pass_app
 def keys_retire(app: App, kid: str) -> None:
@@ -862,7 +863,7 @@ def keys_retire(app: App, kid: str) -> None:
     _change_keys(app, keyring.retire_key(kid))
 
 
-@keys.command("export")
+@keys.command("export", context_settings=KID_ARGUMENTS)
 @click.argument("kids", nargs=-1, metavar="[KID...]")
 @click.option(
     "--format",
