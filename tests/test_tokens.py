@@ -17,7 +17,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from tests.conftest import (
     token_of,
     uid_of,
 )
-from usermgr import tokens
+from usermgr import keyring, tokens
 from usermgr.config import Settings, load_settings
 
 ISSUER = "usermgr"
@@ -252,6 +252,157 @@ def test_eddsa_refuses_forged_tokens(tmp_path: Path, ed_key: Path, how: str, cas
         runner = Runner({**env, "USERMGR_KEY_FILE": str(tmp_path / "no-such.key")})
         result = runner("verify", "--public-key", str(tokens.public_key_path(ed_key)), token)
     assert_token_invalid(result, reason)
+
+
+# ---- the hostile corpus for the key ring: kid, jku, x5u, a JWK Set ------------------------------
+
+
+@dataclass(frozen=True)
+class RingCase:
+    """A key ring (RS256 active, ES256 next, an EdDSA key retired) and an attacker's key."""
+
+    key_file: Path
+    jwks_file: Path
+    rs256: keyring.RingKey
+    es256: keyring.RingKey
+    retired: keyring.RingKey
+    attacker: keyring.RingKey
+
+
+@pytest.fixture
+def ring_case(tmp_path: Path) -> RingCase:
+    key_file = tmp_path / "ring.key"
+    tokens.create_key_file(key_file, "RS256")
+    keyring.change_ring(key_file, None, keyring.add_key("ES256"))
+    (added,) = keyring.change_ring(key_file, None, keyring.add_key("EdDSA"))
+    before = keyring.load_ring(key_file, None)
+    keyring.change_ring(key_file, None, keyring.retire_key(added.kid))
+    jwks_file = tmp_path / "jwks.json"
+    jwks_file.write_text(json.dumps(keyring.public_jwks(keyring.load_ring(key_file, None))))
+    rs256, es256 = keyring.load_ring(key_file, None).keys
+    other = tmp_path / "attacker.key"
+    tokens.create_key_file(other, "ES256")
+    attacker = keyring.load_ring(other, None).active
+    return RingCase(key_file, jwks_file, rs256, es256, before.get(added.kid), attacker)
+
+
+def with_header(payload: dict[str, Any], key: keyring.RingKey, **header: Any) -> str:
+    return jwt.encode(payload, key.signer, algorithm=key.alg, headers=header)
+
+
+def hmac_with_header(header: dict[str, Any], payload: dict[str, Any], secret: bytes) -> str:
+    """An HS256 token made by hand (PyJWT refuses a PEM as an HMAC secret), with any header."""
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(payload).encode())}"
+    return f"{signing_input}.{b64url(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest())}"
+
+
+def signed_by_hand(header: dict[str, Any], payload: dict[str, Any], key: keyring.RingKey) -> str:
+    """Signed with `key`, whatever the header holds (PyJWT refuses to write a kid that is not a string)."""
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(payload).encode())}"
+    return f"{signing_input}.{b64url(key.signer.Algorithm.sign(signing_input.encode(), key.signer.key))}"
+
+
+RingMint = Callable[[RingCase, int], str]
+HOSTILE_KIDS: dict[str, tuple[RingMint, str]] = {
+    "kid-naming-no-key": (lambda r, now: with_header(claims(now), r.rs256, kid="no-such-key"), "unknown key"),
+    "kid-naming-a-retired-key": (lambda r, now: with_header(claims(now), r.retired, kid=r.retired.kid), "unknown key"),
+    "hs256-header-rs256-kid-signed-with-the-public-pem": (
+        lambda r, now: hmac_with_header(
+            {"alg": "HS256", "kid": r.rs256.kid, "typ": "JWT"}, claims(now), r.rs256.public_pem().encode()
+        ),
+        "algorithm not allowed",
+    ),
+    "hs256-header-rs256-kid-signed-with-the-public-jwk": (
+        lambda r, now: hmac_with_header(
+            {"alg": "HS256", "kid": r.rs256.kid}, claims(now), json.dumps(r.rs256.public_jwk).encode()
+        ),
+        "algorithm not allowed",
+    ),
+    "rs256-signed-under-the-es256-kid": (
+        lambda r, now: with_header(claims(now), r.rs256, kid=r.es256.kid),
+        "algorithm not allowed",
+    ),
+    "alg-none-with-a-real-kid": (
+        lambda r, now: jwt.encode(claims(now), None, algorithm="none", headers={"kid": r.rs256.kid}),
+        "algorithm not allowed",
+    ),
+    "kid-path-traversal": (
+        lambda r, now: with_header(claims(now), r.attacker, kid="../../../../dev/null"),
+        "unknown key",
+    ),
+    "kid-absolute-path-of-the-ring": (
+        lambda r, now: with_header(claims(now), r.attacker, kid=str(r.key_file)),
+        "unknown key",
+    ),
+    "kid-sql": (lambda r, now: with_header(claims(now), r.attacker, kid="' OR '1'='1' --"), "unknown key"),
+    "kid-not-a-string": (
+        lambda r, now: signed_by_hand({"alg": "RS256", "kid": [r.rs256.kid]}, claims(now), r.rs256),
+        "malformed",
+    ),
+    "no-kid-and-no-pre-ring-key": (
+        lambda r, now: jwt.encode(claims(now), r.rs256.signer, algorithm="RS256"),
+        "unknown key",
+    ),
+    "jku-elsewhere-with-its-own-key": (
+        lambda r, now: with_header(
+            claims(now), r.attacker, kid=r.attacker.kid, jku="https://attacker.example/jwks.json"
+        ),
+        "unknown key",
+    ),
+    "x5u-elsewhere-under-our-kid": (
+        lambda r, now: with_header(claims(now), r.attacker, kid=r.es256.kid, x5u="https://attacker.example/cert.pem"),
+        "bad signature",
+    ),
+    "jwk-header-with-its-own-key": (
+        lambda r, now: with_header(claims(now), r.attacker, kid=r.es256.kid, jwk=r.attacker.public_jwk),
+        "bad signature",
+    ),
+}
+
+
+@pytest.mark.parametrize("how", ["key-ring", "jwks"])
+@pytest.mark.parametrize("case", HOSTILE_KIDS, ids=list(HOSTILE_KIDS))
+def test_hostile_kid_is_refused(tmp_path: Path, ring_case: RingCase, case: str, how: str) -> None:
+    mint, reason = HOSTILE_KIDS[case]
+    token = mint(ring_case, int(time.time()))
+    runner = Runner({"USERMGR_DATABASE_URL": str(tmp_path / "absent.db"), "USERMGR_KEY_FILE": str(ring_case.key_file)})
+    options = ["--jwks", str(ring_case.jwks_file)] if how == "jwks" else []
+    assert_token_invalid(runner("verify", *options, token), reason)
+    good = with_header(claims(int(time.time())), ring_case.rs256, kid=ring_case.rs256.kid)
+    assert runner("verify", *options, good).exit_code == 0, "the same verifier accepts the real thing"
+
+
+def test_a_kid_that_several_keys_of_a_jwk_set_share_names_none(tmp_path: Path, ring_case: RingCase) -> None:
+    """Duplicate kids in a JWK Set: neither key is chosen (no trying both), the other kids still work."""
+    published = json.loads(ring_case.jwks_file.read_text())
+    impostor = {**ring_case.attacker.public_jwk, "kid": ring_case.es256.kid}
+    ring_case.jwks_file.write_text(json.dumps({"keys": [*published["keys"], impostor]}))
+    runner = Runner({"USERMGR_DATABASE_URL": str(tmp_path / "absent.db"), "USERMGR_KEY_FILE": str(tmp_path / "none")})
+    now = int(time.time())
+    for signer in (ring_case.es256, ring_case.attacker):
+        token = with_header(claims(now), signer, kid=ring_case.es256.kid)
+        result = runner("verify", "--jwks", str(ring_case.jwks_file), token)
+        assert_token_invalid(result, "ambiguous key (several keys of the JWK Set share its kid)")
+    other = with_header(claims(now), ring_case.rs256, kid=ring_case.rs256.kid)
+    assert runner("verify", "--jwks", str(ring_case.jwks_file), other).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("not json", "is not JSON"),
+        ('{"keys": {}}', 'needs a "keys" list'),
+        ('{"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "s"}]}', "a secret (oct) key"),
+    ],
+    ids=["not-json", "keys-not-a-list", "a-secret-in-it"],
+)
+def test_an_unusable_jwks_file_is_exit_2(tmp_path: Path, content: str, expected: str) -> None:
+    jwks_file = tmp_path / "jwks.json"
+    jwks_file.write_text(content)
+    runner = Runner({"USERMGR_DATABASE_URL": str(tmp_path / "absent.db"), "USERMGR_KEY_FILE": str(tmp_path / "none")})
+    result = runner("verify", "--jwks", str(jwks_file), "a.b.c")
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and expected in result.stderr
 
 
 # ---- a valid token ---------------------------------------------------------------------------
