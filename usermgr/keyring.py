@@ -681,7 +681,11 @@ def pem_key_set(path: Path) -> KeySet:
     return KeySet({kid: key}, kidless=key)
 
 
-_JWK_ALG = {("OKP", "Ed25519"): "EdDSA", ("EC", "P-256"): "ES256", ("RSA", None): "RS256"}
+_JWK_ALG: dict[tuple[object, object], str] = {
+    ("OKP", "Ed25519"): "EdDSA",
+    ("EC", "P-256"): "ES256",
+    ("RSA", None): "RS256",
+}
 
 
 def jwks_key_set(path: Path) -> KeySet:
