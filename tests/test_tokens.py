@@ -387,6 +387,14 @@ def test_a_kid_that_several_keys_of_a_jwk_set_share_names_none(tmp_path: Path, r
     assert runner("verify", "--jwks", str(ring_case.jwks_file), other).exit_code == 0
 
 
+def test_public_key_and_jwks_cannot_be_mixed(tmp_path: Path, ring_case: RingCase, ed_key: Path) -> None:
+    runner = Runner({"USERMGR_DATABASE_URL": str(tmp_path / "absent.db"), "USERMGR_KEY_FILE": str(tmp_path / "none")})
+    public = str(tokens.public_key_path(ed_key))
+    result = runner("verify", "--public-key", public, "--jwks", str(ring_case.jwks_file), "a.b.c")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("usermgr: error: --public-key and --jwks cannot be used together")
+
+
 @pytest.mark.parametrize(
     "content, expected",
     [
