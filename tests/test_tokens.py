@@ -17,13 +17,14 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
 from click.testing import Result
+from cryptography.hazmat.primitives import serialization
 from jwcrypto import jwk
 from jwcrypto import jwt as jwcrypto_jwt
 from jwcrypto.jws import InvalidJWSSignature
@@ -40,9 +41,8 @@ from tests.conftest import (
     token_of,
     uid_of,
 )
-from usermgr import tokens
+from usermgr import keyring, tokens
 from usermgr.config import Settings, load_settings
-from usermgr.errors import ConfigurationError
 
 ISSUER = "usermgr"
 CLAIM_KEYS = {"sub", "email", "roles", "iss", "iat", "exp", "jti", "ver"}
@@ -252,6 +252,165 @@ def test_eddsa_refuses_forged_tokens(tmp_path: Path, ed_key: Path, how: str, cas
         runner = Runner({**env, "USERMGR_KEY_FILE": str(tmp_path / "no-such.key")})
         result = runner("verify", "--public-key", str(tokens.public_key_path(ed_key)), token)
     assert_token_invalid(result, reason)
+
+
+# ---- the hostile corpus for the key ring: kid, jku, x5u, a JWK Set ------------------------------
+
+
+@dataclass(frozen=True)
+class RingCase:
+    """A key ring (RS256 active, ES256 next, an EdDSA key retired) and an attacker's key."""
+
+    key_file: Path
+    jwks_file: Path
+    rs256: keyring.RingKey
+    es256: keyring.RingKey
+    retired: keyring.RingKey
+    attacker: keyring.RingKey
+
+
+@pytest.fixture
+def ring_case(tmp_path: Path) -> RingCase:
+    key_file = tmp_path / "ring.key"
+    tokens.create_key_file(key_file, "RS256")
+    keyring.change_ring(key_file, None, keyring.add_key("ES256"))
+    (added,) = keyring.change_ring(key_file, None, keyring.add_key("EdDSA"))
+    before = keyring.load_ring(key_file, None)
+    keyring.change_ring(key_file, None, keyring.retire_key(added.kid))
+    jwks_file = tmp_path / "jwks.json"
+    jwks_file.write_text(json.dumps(keyring.public_jwks(keyring.load_ring(key_file, None))))
+    rs256, es256 = keyring.load_ring(key_file, None).keys
+    other = tmp_path / "attacker.key"
+    tokens.create_key_file(other, "ES256")
+    attacker = keyring.load_ring(other, None).active
+    return RingCase(key_file, jwks_file, rs256, es256, before.get(added.kid), attacker)
+
+
+def with_header(payload: dict[str, Any], key: keyring.RingKey, **header: Any) -> str:
+    return jwt.encode(payload, key.signer, algorithm=key.alg, headers=header)
+
+
+def hmac_with_header(header: dict[str, Any], payload: dict[str, Any], secret: bytes) -> str:
+    """An HS256 token made by hand (PyJWT refuses a PEM as an HMAC secret), with any header."""
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(payload).encode())}"
+    return f"{signing_input}.{b64url(hmac.new(secret, signing_input.encode(), hashlib.sha256).digest())}"
+
+
+def signed_by_hand(header: dict[str, Any], payload: dict[str, Any], key: keyring.RingKey) -> str:
+    """Signed with `key`, whatever the header holds (PyJWT refuses to write a kid that is not a string)."""
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(payload).encode())}"
+    return f"{signing_input}.{b64url(key.signer.Algorithm.sign(signing_input.encode(), key.signer.key))}"
+
+
+RingMint = Callable[[RingCase, int], str]
+HOSTILE_KIDS: dict[str, tuple[RingMint, str]] = {
+    "kid-naming-no-key": (lambda r, now: with_header(claims(now), r.rs256, kid="no-such-key"), "unknown key"),
+    "kid-naming-a-retired-key": (lambda r, now: with_header(claims(now), r.retired, kid=r.retired.kid), "unknown key"),
+    "hs256-header-rs256-kid-signed-with-the-public-pem": (
+        lambda r, now: hmac_with_header(
+            {"alg": "HS256", "kid": r.rs256.kid, "typ": "JWT"}, claims(now), r.rs256.public_pem().encode()
+        ),
+        "algorithm not allowed",
+    ),
+    "hs256-header-rs256-kid-signed-with-the-public-jwk": (
+        lambda r, now: hmac_with_header(
+            {"alg": "HS256", "kid": r.rs256.kid}, claims(now), json.dumps(r.rs256.public_jwk).encode()
+        ),
+        "algorithm not allowed",
+    ),
+    "rs256-signed-under-the-es256-kid": (
+        lambda r, now: with_header(claims(now), r.rs256, kid=r.es256.kid),
+        "algorithm not allowed",
+    ),
+    "alg-none-with-a-real-kid": (
+        lambda r, now: jwt.encode(claims(now), None, algorithm="none", headers={"kid": r.rs256.kid}),
+        "algorithm not allowed",
+    ),
+    "kid-path-traversal": (
+        lambda r, now: with_header(claims(now), r.attacker, kid="../../../../dev/null"),
+        "unknown key",
+    ),
+    "kid-absolute-path-of-the-ring": (
+        lambda r, now: with_header(claims(now), r.attacker, kid=str(r.key_file)),
+        "unknown key",
+    ),
+    "kid-sql": (lambda r, now: with_header(claims(now), r.attacker, kid="' OR '1'='1' --"), "unknown key"),
+    "kid-not-a-string": (
+        lambda r, now: signed_by_hand({"alg": "RS256", "kid": [r.rs256.kid]}, claims(now), r.rs256),
+        "malformed",
+    ),
+    "no-kid-and-no-pre-ring-key": (
+        lambda r, now: jwt.encode(claims(now), r.rs256.signer, algorithm="RS256"),
+        "unknown key",
+    ),
+    "jku-elsewhere-with-its-own-key": (
+        lambda r, now: with_header(
+            claims(now), r.attacker, kid=r.attacker.kid, jku="https://attacker.example/jwks.json"
+        ),
+        "unknown key",
+    ),
+    "x5u-elsewhere-under-our-kid": (
+        lambda r, now: with_header(claims(now), r.attacker, kid=r.es256.kid, x5u="https://attacker.example/cert.pem"),
+        "bad signature",
+    ),
+    "jwk-header-with-its-own-key": (
+        lambda r, now: with_header(claims(now), r.attacker, kid=r.es256.kid, jwk=r.attacker.public_jwk),
+        "bad signature",
+    ),
+}
+
+
+@pytest.mark.parametrize("how", ["key-ring", "jwks"])
+@pytest.mark.parametrize("case", HOSTILE_KIDS, ids=list(HOSTILE_KIDS))
+def test_hostile_kid_is_refused(tmp_path: Path, ring_case: RingCase, case: str, how: str) -> None:
+    mint, reason = HOSTILE_KIDS[case]
+    token = mint(ring_case, int(time.time()))
+    runner = Runner({"USERMGR_DATABASE_URL": str(tmp_path / "absent.db"), "USERMGR_KEY_FILE": str(ring_case.key_file)})
+    options = ["--jwks", str(ring_case.jwks_file)] if how == "jwks" else []
+    assert_token_invalid(runner("verify", *options, token), reason)
+    good = with_header(claims(int(time.time())), ring_case.rs256, kid=ring_case.rs256.kid)
+    assert runner("verify", *options, good).exit_code == 0, "the same verifier accepts the real thing"
+
+
+def test_a_kid_that_several_keys_of_a_jwk_set_share_names_none(tmp_path: Path, ring_case: RingCase) -> None:
+    """Duplicate kids in a JWK Set: neither key is chosen (no trying both), the other kids still work."""
+    published = json.loads(ring_case.jwks_file.read_text())
+    impostor = {**ring_case.attacker.public_jwk, "kid": ring_case.es256.kid}
+    ring_case.jwks_file.write_text(json.dumps({"keys": [*published["keys"], impostor]}))
+    runner = Runner({"USERMGR_DATABASE_URL": str(tmp_path / "absent.db"), "USERMGR_KEY_FILE": str(tmp_path / "none")})
+    now = int(time.time())
+    for signer in (ring_case.es256, ring_case.attacker):
+        token = with_header(claims(now), signer, kid=ring_case.es256.kid)
+        result = runner("verify", "--jwks", str(ring_case.jwks_file), token)
+        assert_token_invalid(result, "ambiguous key (several keys of the JWK Set share its kid)")
+    other = with_header(claims(now), ring_case.rs256, kid=ring_case.rs256.kid)
+    assert runner("verify", "--jwks", str(ring_case.jwks_file), other).exit_code == 0
+
+
+def test_public_key_and_jwks_cannot_be_mixed(tmp_path: Path, ring_case: RingCase, ed_key: Path) -> None:
+    runner = Runner({"USERMGR_DATABASE_URL": str(tmp_path / "absent.db"), "USERMGR_KEY_FILE": str(tmp_path / "none")})
+    public = str(tokens.public_key_path(ed_key))
+    result = runner("verify", "--public-key", public, "--jwks", str(ring_case.jwks_file), "a.b.c")
+    assert result.exit_code == 2
+    assert result.stderr.startswith("usermgr: error: --public-key and --jwks cannot be used together")
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("not json", "is not JSON"),
+        ('{"keys": {}}', 'needs a "keys" list'),
+        ('{"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "s"}]}', "a secret (oct) key"),
+    ],
+    ids=["not-json", "keys-not-a-list", "a-secret-in-it"],
+)
+def test_an_unusable_jwks_file_is_exit_2(tmp_path: Path, content: str, expected: str) -> None:
+    jwks_file = tmp_path / "jwks.json"
+    jwks_file.write_text(content)
+    runner = Runner({"USERMGR_DATABASE_URL": str(tmp_path / "absent.db"), "USERMGR_KEY_FILE": str(tmp_path / "none")})
+    result = runner("verify", "--jwks", str(jwks_file), "a.b.c")
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and expected in result.stderr
 
 
 # ---- a valid token ---------------------------------------------------------------------------
@@ -471,16 +630,18 @@ def test_secret_of_exactly_32_bytes_is_accepted(offline: Runner) -> None:
 
 
 @pytest.mark.parametrize("source", ["USERMGR_SECRET_KEY", "key file"])
-def test_a_pem_key_for_hs256_names_where_it_came_from(tmp_path: Path, source: str) -> None:
+def test_a_pem_key_signs_with_its_own_algorithm(tmp_path: Path, source: str) -> None:
+    """The algorithm belongs to the key: an Ed25519 PEM signs EdDSA though USERMGR_TOKEN_ALGORITHM says HS256."""
     pem_file = tmp_path / "ed25519.key"
     tokens.create_key_file(pem_file, "EdDSA")
     settings = load_settings(database_url=f"sqlite:///{tmp_path / 'users.db'}", key_file=str(pem_file))
     if source == "USERMGR_SECRET_KEY":
-        settings = replace(settings, secret_key=pem_file.read_text())
-    named = "USERMGR_SECRET_KEY" if source == "USERMGR_SECRET_KEY" else f"key file {pem_file}"
-    with pytest.raises(ConfigurationError) as caught:
-        tokens.signing_key(settings)
-    assert str(caught.value) == f"{named} holds a PEM key, but USERMGR_TOKEN_ALGORITHM is HS256: set it to EdDSA"
+        settings = replace(settings, secret_key=pem_file.read_text(), key_file=tmp_path / "absent.key")
+    assert settings.token_algorithm == "HS256"
+    token = issue(settings)
+    assert jwt.get_unverified_header(token)["alg"] == "EdDSA"
+    public = serialization.load_pem_public_key(tokens.public_key_path(pem_file).read_bytes())
+    assert jwt.decode(token, public, algorithms=["EdDSA"], issuer=ISSUER)["email"] == "ada@example.com"
 
 
 def test_short_key_file_is_refused(offline: Runner, tmp_path: Path) -> None:
@@ -492,15 +653,16 @@ def test_short_key_file_is_refused(offline: Runner, tmp_path: Path) -> None:
     assert "shorter than 32 bytes" in result.stderr
 
 
-def test_eddsa_key_file_with_hs256_configured_is_a_configuration_error(run: Runner, tmp_path: Path) -> None:
-    """A key made for EdDSA while USERMGR_TOKEN_ALGORITHM is left at HS256: exit 2, not a crash."""
+def test_eddsa_key_file_needs_no_algorithm_setting(run: Runner, tmp_path: Path) -> None:
+    """A key made for EdDSA while USERMGR_TOKEN_ALGORITHM is left at HS256: it signs EdDSA,
+    and `verify` with it asks for no variable (the key says what it is)."""
     path = tmp_path / "ed.key"
     tokens.create_key_file(path, "EdDSA")
     create_user(run, "ada@example.com")
-    result = login(run, "ada@example.com", env={"USERMGR_KEY_FILE": str(path)})
-    assert result.exit_code == 2, result.stderr
-    assert result.stdout == ""
-    assert result.stderr.startswith("usermgr: error: ")
+    token = token_of(run, "ada@example.com", env={"USERMGR_KEY_FILE": str(path)})
+    assert jwt.get_unverified_header(token)["alg"] == "EdDSA"
+    result = run("verify", token, "-o", "email", env={"USERMGR_KEY_FILE": str(path)})
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "ada@example.com\n", "")
 
 
 # ---- EdDSA -----------------------------------------------------------------------------------
@@ -551,16 +713,19 @@ def test_eddsa_token_verifies_with_only_the_public_key(eddsa: tuple[Runner, Path
     assert refused.stderr == "usermgr: error: token invalid: algorithm not allowed\n"
 
 
-def test_eddsa_token_is_refused_where_hs256_is_configured(eddsa: tuple[Runner, Path], run: Runner) -> None:
+def test_eddsa_token_is_refused_by_a_ring_without_its_key(eddsa: tuple[Runner, Path], run: Runner) -> None:
     runner, _path = eddsa
     create_user(runner, "ada@example.com")
-    assert_token_invalid(run("verify", token_of(runner, "ada@example.com")), "algorithm not allowed")
+    assert_token_invalid(run("verify", token_of(runner, "ada@example.com")), "unknown key")
 
 
-def test_public_key_that_is_not_ed25519_is_refused(offline: Runner, key_file: Path) -> None:
+def test_public_key_that_is_not_a_public_key_is_refused(offline: Runner, key_file: Path) -> None:
     result = offline("verify", "--public-key", str(key_file), "a.b.c")
     assert result.exit_code == 2
-    assert result.stderr == f"usermgr: error: public key {key_file} is not a PEM Ed25519 key, as EdDSA needs\n"
+    assert result.stderr == (
+        f"usermgr: error: public key {key_file} is not a PEM public key usermgr verifies with:"
+        " Ed25519, P-256 or RSA (2048 bits or more)\n"
+    )
 
 
 # ---- interop ---------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from usermgr import __version__, database, errors, security, service, tokens
 from usermgr.config import Settings, load_settings
@@ -215,13 +215,11 @@ def token_claims(
     token: Annotated[str, Depends(bearer_token)], settings: Annotated[Settings, Depends(get_settings)]
 ) -> dict[str, Any]:
     """The claims of the request's bearer token: signature, expiry, issuer and audience checked."""
-    key, algorithm = tokens.verification_key(settings)
-    return tokens.decode_token(token, settings, key, algorithm)
+    return tokens.decode_token(token, settings, tokens.verification_keys(settings))
 
 
 def _holder(db: Session, settings: Settings, token: str, role: str | None = None) -> User:
-    key, algorithm = tokens.verification_key(settings)
-    return service.holder_of_token(db, settings, token, key, algorithm, required_role=role)[1]
+    return service.holder_of_token(db, settings, token, tokens.verification_keys(settings), required_role=role)[1]
 
 
 def current_user(
@@ -459,6 +457,63 @@ def healthz(db: DB) -> HealthResponse:
     return HealthResponse(status="ok")
 
 
+# ---- the public keys: /.well-known/jwks.json ---------------------------------------------------
+
+JWKS_PATH = "/.well-known/jwks.json"
+JWKS_MAX_AGE = 300
+"""Seconds a verifier may cache the JWK Set (5 minutes). The rotation procedure (README, Keys)
+waits at least this long between `keys add` and `keys activate`, so that every verifier has
+fetched the new public key before the first token it signs."""
+JWKS_CACHE_CONTROL = f"public, max-age={JWKS_MAX_AGE}"
+
+
+class JsonWebKeySet(BaseModel):
+    """A JWK Set (RFC 7517): public keys only, each with its `kid`, `alg` and `use: sig`."""
+
+    keys: list[dict[str, Any]]
+
+
+def jwks(settings: Annotated[Settings, Depends(get_settings)]) -> dict[str, Any]:
+    """The public keys of the key ring's asymmetric keys (next, active and retiring), for any
+    JOSE library to verify tokens with, by `kid`. Empty while every key is HS256. The key
+    file is parsed again only when it changed, so a `usermgr keys` change shows at once."""
+    return tokens.public_jwks(settings)
+
+
+class _PublicCacheControl:
+    """`Cache-Control: public, max-age=...` on the JWK Set's 200s: every other answer keeps
+    the security headers' `no-store` (this sits outside them, so it has the last word)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != JWKS_PATH:
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_cache_control(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == status.HTTP_200_OK:
+                headers = [(name, value) for name, value in message["headers"] if name.lower() != b"cache-control"]
+                message["headers"] = [*headers, (b"cache-control", JWKS_CACHE_CONTROL.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_cache_control)
+
+
+def _add_jwks(app: FastAPI) -> None:
+    app.add_api_route(
+        JWKS_PATH,
+        jwks,
+        methods=["GET"],
+        response_model=JsonWebKeySet,
+        responses=_responses(),
+        tags=["keys"],
+        summary="The public signing keys (JWK Set), cacheable",
+    )
+    app.add_middleware(_PublicCacheControl)
+
+
 # ---- the HTTP edge: body limit, security headers, 405 and 500 ---------------------------------
 
 
@@ -554,6 +609,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_api_route(
         "/healthz", healthz, methods=["GET"], response_model=HealthResponse, responses=_responses(), tags=["health"]
     )
+    _add_jwks(app)
     return app
 
 

@@ -7,6 +7,7 @@ click and usermgr's stdlib-only modules; each command imports the service when i
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from usermgr import __version__, errors, output
-from usermgr.config import Settings, env_flag, load_settings, parse_duration
+from usermgr.config import KEY_ALGORITHMS, Settings, env_flag, load_settings, parse_duration
 from usermgr.contract import ADMIN_ROLE, USER_FIELDS
 from usermgr.lazy import lazy_module
 
@@ -26,9 +27,10 @@ if TYPE_CHECKING:
     from sqlalchemy import URL, Engine
     from sqlalchemy.orm import Session
 
-    from usermgr import database, migrations, service, tokens
+    from usermgr import database, keyring, migrations, service, tokens
 else:
     database = lazy_module("usermgr.database")
+    keyring = lazy_module("usermgr.keyring")
     migrations = lazy_module("usermgr.migrations")
     service = lazy_module("usermgr.service")
     tokens = lazy_module("usermgr.tokens")
@@ -611,12 +613,25 @@ def login(app: App, user: str, password_stdin: bool, ttl: str | None) -> None:
     help="Also check the user exists, is enabled and unlocked, and has not revoked the token.",
 )
 @click.option(
-    "--public-key", type=click.Path(dir_okay=False, exists=True), help="Verify EdDSA tokens with this public key only."
+    "--public-key",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Verify with this PEM public key only (Ed25519, P-256 or RSA): no key ring needed.",
+)
+@click.option(
+    "--jwks",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Verify with this public JWK Set (`usermgr keys export`, or the API's /.well-known/jwks.json).",
 )
 @output_option(output.USER_FORMATS, default=None)
 @pass_app
 def verify(
-    app: App, tokens: tuple[str, ...], role: str | None, check_db: bool, public_key: str | None, fmt: str | None
+    app: App,
+    tokens: tuple[str, ...],
+    role: str | None,
+    check_db: bool,
+    public_key: str | None,
+    jwks: str | None,
+    fmt: str | None,
 ) -> None:
     """Check tokens offline: signature, expiry, issuer, audience and role.
 
@@ -628,14 +643,17 @@ def verify(
     Example:
       usermgr verify "$TOKEN" --role admin >/dev/null && echo "admin"
       cat tokens.txt | usermgr verify - -o jsonl
+      usermgr verify --jwks jwks.json "$TOKEN"
     """
+    if public_key and jwks:
+        raise click.UsageError("--public-key and --jwks cannot be used together")
     if not tokens:
         if stdin_is_terminal():
             raise click.UsageError("give a TOKEN, or `-` to read tokens from standard input")
         tokens = ("-",)
     if "-" in tokens and len(tokens) > 1:
         raise click.UsageError("`-` reads tokens from standard input and cannot be mixed with other tokens")
-    with TokenChecker(app, role=role, check_db=check_db, public_key=public_key) as checker:
+    with TokenChecker(app, role=role, check_db=check_db, public_key=public_key, jwks=jwks) as checker:
         if tokens == ("-",):
             code = _verify_stream(checker, (line.rstrip("\r\n") for line in stdin_lines()), fmt or "jsonl")
         else:
@@ -646,10 +664,12 @@ def verify(
 class TokenChecker:
     """Checks tokens the way `verify` was asked to: offline, or also against the database."""
 
-    def __init__(self, app: App, *, role: str | None, check_db: bool, public_key: str | None) -> None:
+    def __init__(self, app: App, *, role: str | None, check_db: bool, public_key: str | None, jwks: str | None) -> None:
         self.settings = app.settings
         self.role = role
-        self.key, self.algorithm = tokens.verification_key(self.settings, Path(public_key) if public_key else None)
+        self.keys = tokens.verification_keys(
+            self.settings, Path(public_key) if public_key else None, Path(jwks) if jwks else None
+        )
         self.db = app.session() if check_db else None
 
     def __enter__(self) -> TokenChecker:
@@ -662,9 +682,9 @@ class TokenChecker:
     def claims(self, token: str) -> dict[str, Any]:
         """The token's claims; TokenInvalid or Forbidden when it does not pass."""
         if self.db is None:
-            return tokens.decode_token(token, self.settings, self.key, self.algorithm, required_role=self.role)
+            return tokens.decode_token(token, self.settings, self.keys, required_role=self.role)
         return service.holder_of_token(
-            self.db, self.settings, token, self.key, self.algorithm, required_role=self.role, role_in_token=True
+            self.db, self.settings, token, self.keys, required_role=self.role, role_in_token=True
         )[0]
 
 
@@ -720,6 +740,154 @@ def _verify_stream(checker: TokenChecker, lines: Any, fmt: str) -> int:
         click.echo("usermgr: error: token invalid: no token on standard input", err=True)
         return errors.exit_code(errors.TokenInvalid())
     return worst
+
+
+# ---- the key ring: `usermgr keys` -------------------------------------------------------------
+
+KEY_FIELDS = ("kid", "alg", "state", "created", "fingerprint")
+KID_ARGUMENTS = {"ignore_unknown_options": True, "help_option_names": ["--help"]}
+"""A kid (a base64url thumbprint) may start with `-`: `keys retire "$KID"` must take it as the
+KID, not as options (`-Jdash` would otherwise hold `-h`, the help)."""
+alg_option = click.option(
+    "--alg",
+    type=click.Choice(KEY_ALGORITHMS),
+    help="The new key's algorithm [default: USERMGR_TOKEN_ALGORITHM, else HS256].",
+)
+
+
+@cli.group(cls=click.Group)
+def keys() -> None:
+    """The key ring: list, add, activate, rotate, retire and export signing keys.
+
+    \b
+    States: next (published, not signing), active (signs; exactly one),
+    retiring (verifies, no longer signs). A retired key is removed: tokens it
+    signed fail with "unknown key" (exit 7). README, Keys, has the rotation timeline.
+
+    \b
+    Example:
+      usermgr keys rotate --alg ES256
+      usermgr keys export > jwks.json
+    """
+
+
+def _change_keys(app: App, edit: Any) -> list[Any]:
+    """Apply a change to the key ring file and report each key that changed: the one place
+    that knows "a key changed: action, kid, alg" (an audit trail records it here)."""
+    settings = app.settings
+    changes = keyring.change_ring(settings.key_file, settings.secret_key, edit)
+    for change in changes:
+        note(f"key {change.kid} ({change.alg}): {KEY_ACTIONS[change.action]}")
+    return changes
+
+
+KEY_ACTIONS = {
+    "add": "added as next (published, not signing yet)",
+    "activate": "active: it signs new tokens",
+    "deactivate": "retiring: it verifies, no longer signs",
+    "retire": "retired and removed: tokens it signed now fail",
+}
+
+
+@keys.command("list")
+@output_option(output.DATA_FORMATS)
+@pass_app
+def keys_list(app: App, fmt: str) -> None:
+    """List the keys: kid, alg, state, created, and a fingerprint of each public key.
+
+    \b
+    Example:
+      usermgr keys list -o json
+    """
+    output.write_records((key.record() for key in tokens.key_ring(app.settings).keys), fmt, KEY_FIELDS)
+
+
+@keys.command("add")
+@alg_option
+@pass_app
+def keys_add(app: App, alg: str | None) -> None:
+    """Add a next key: published (JWKS) but not signing. Prints its kid.
+
+    \b
+    Example:
+      KID=$(usermgr keys add --alg ES256)
+    """
+    changes = _change_keys(app, keyring.add_key(alg or app.settings.token_algorithm))
+    click.echo(changes[0].kid)
+
+
+@keys.command("activate", context_settings=KID_ARGUMENTS)
+@click.argument("kid")
+@pass_app
+def keys_activate(app: App, kid: str) -> None:
+    """KID signs new tokens from now on; the active key becomes retiring.
+
+    \b
+    Example:
+      usermgr keys activate "$KID"
+    """
+    if not _change_keys(app, keyring.activate_key(kid)):
+        note(f"key {kid} is already the active key: nothing changed")
+
+
+@keys.command("rotate")
+@alg_option
+@pass_app
+def keys_rotate(app: App, alg: str | None) -> None:
+    """Add a key and activate it at once (the active key becomes retiring). Prints its kid.
+
+    Use add, then activate after the verifiers' JWKS cache time, where verifiers fetch the
+    JWK Set; rotate suits HS256 and verifiers that read the ring file itself.
+
+    \b
+    Example:
+      usermgr keys rotate
+    """
+    changes = _change_keys(app, keyring.rotate_key(alg or app.settings.token_algorithm))
+    click.echo(changes[0].kid)
+
+
+@keys.command("retire", context_settings=KID_ARGUMENTS)
+@click.argument("kid")
+@pass_app
+def keys_retire(app: App, kid: str) -> None:
+    """Remove KID: tokens it signed fail with "unknown key". Never the active key (exit 5).
+
+    \b
+    Example:
+      usermgr keys retire "$OLD_KID"
+    """
+    _change_keys(app, keyring.retire_key(kid))
+
+
+@keys.command("export", context_settings=KID_ARGUMENTS)
+@click.argument("kids", nargs=-1, metavar="[KID...]")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jwks", "pem"]),
+    default="jwks",
+    show_default=True,
+    help="A JWK Set (JSON), or PEM public keys one after another.",
+)
+@pass_app
+def keys_export(app: App, kids: tuple[str, ...], fmt: str) -> None:
+    """Print public keys only: every asymmetric key, or the KIDs named. Never a private
+    key or an HS256 secret (asking for an HS256 key is exit 3).
+
+    \b
+    Example:
+      usermgr keys export > jwks.json
+      usermgr keys export --format pem "$KID" > issuer.pub
+    """
+    ring = tokens.key_ring(app.settings)
+    chosen = [ring.get(kid) for kid in kids] if kids else [key for key in ring.keys if not key.symmetric]
+    if fmt == "pem":
+        click.echo("".join(key.public_pem() for key in chosen), nl=False)
+    else:
+        click.echo(json.dumps({"keys": [key.public_jwk for key in chosen]}, indent=2))
+    if not chosen:
+        note("no asymmetric key in the ring: HS256 secrets are never exported (`usermgr keys add --alg ES256`)")
 
 
 @cli.command("import")

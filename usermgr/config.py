@@ -15,6 +15,8 @@ from usermgr.errors import ConfigurationError, InvalidInput
 
 DEFAULT_DATABASE_URL = "sqlite:///users.db"
 KEY_FILE_NAME = "usermgr.key"
+KEY_ALGORITHMS = ("HS256", "EdDSA", "ES256", "RS256")
+"""The algorithms a key of the ring may have; USERMGR_TOKEN_ALGORITHM picks the one of new keys."""
 
 ACCEPTED_DATABASE_URLS = (
     "use a SQLite file path (./NAME if the name has a colon), sqlite:///PATH,"
@@ -108,6 +110,7 @@ class Settings:
     secret_key: str | None = field(default=None, repr=False)
     debug: bool = False
     token_algorithm: str = "HS256"
+    """The algorithm of keys created from now on (`init`, `keys add`): a token's own key decides its algorithm."""
     token_ttl: int = 3600
     token_max_ttl: int = 30 * 86400
     token_issuer: str = "usermgr"
@@ -133,8 +136,8 @@ def load_settings(database_url: str | None = None, key_file: str | None = None, 
     url = normalize_database_url(database_url)
     key_path = key_file or os.environ.get("USERMGR_KEY_FILE")
     algorithm = os.environ.get("USERMGR_TOKEN_ALGORITHM", "HS256") or "HS256"
-    if algorithm not in ("HS256", "EdDSA"):
-        raise ConfigurationError(f"USERMGR_TOKEN_ALGORITHM={algorithm!r}: use HS256 or EdDSA")
+    if algorithm not in KEY_ALGORITHMS:
+        raise ConfigurationError(f"USERMGR_TOKEN_ALGORITHM={algorithm!r}: use {', '.join(KEY_ALGORITHMS)}")
     profile = os.environ.get("USERMGR_HASH_PROFILE", "default") or "default"
     if profile not in ("default", "test"):
         raise ConfigurationError(f"USERMGR_HASH_PROFILE={profile!r}: use default (or test, for test suites only)")

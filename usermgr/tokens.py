@@ -1,4 +1,4 @@
-"""JWT issue and verify with PyJWT, and the signing keys.
+"""JWT issue and verify with PyJWT, with the keys of the key ring (usermgr/keyring.py).
 
 Imports neither SQLAlchemy nor pydantic: `usermgr verify TOKEN` must start without them.
 """
@@ -6,40 +6,24 @@ Imports neither SQLAlchemy nor pydantic: `usermgr verify TOKEN` must start witho
 from __future__ import annotations
 
 import base64
-import contextlib
-import os
 import secrets
-import stat
-import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias, overload
+from typing import Any
 
 import jwt
 
+from usermgr import keyring
 from usermgr.config import Settings
 from usermgr.errors import ConfigurationError, Forbidden, TokenInvalid
 
-if TYPE_CHECKING:  # cryptography is the optional `crypto` extra, loaded only for EdDSA
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-
-SigningKey: TypeAlias = "bytes | Ed25519PrivateKey"
-"""What mints tokens: the HS256 secret, or the Ed25519 private key."""
-VerificationKey: TypeAlias = "bytes | Ed25519PublicKey"
-"""What checks them: the HS256 secret, or the Ed25519 public key."""
-
 REQUIRED_CLAIMS = ["exp", "iat", "iss", "sub"]
-MIN_SECRET_BYTES = 32
 MAX_TOKEN_BYTES = 16 * 1024
 VERSION_CLAIM = "ver"
 
 
 # ---- keys -------------------------------------------------------------------------
-
-
-def _new_secret() -> str:
-    return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
 
 
 def _new_ed25519_pem() -> tuple[bytes, bytes]:
@@ -64,22 +48,29 @@ def create_key_file(path: Path, algorithm: str) -> bool:
     """Create the key file with mode 0600 unless it exists; True if it was created.
 
     HS256: 32 random bytes, base64url, one line. EdDSA: an Ed25519 private key (PEM),
-    and its public key beside it as `<key file>.pub` for services that only verify.
+    and its public key beside it as `<key file>.pub` for services that only verify. Both
+    are the single-key form every earlier usermgr reads, and a one-key ring to this one.
+    ES256 and RS256 have no such form: a key ring (a JWK Set) of one active key.
     Either the whole key appears or nothing does: a full disk leaves no empty or partial
     key file for a later run to trust, and an existing key is never replaced.
     """
     if path.exists():
         return False
+    public_pem = None
     if algorithm == "EdDSA":
         private_pem, public_pem = _new_ed25519_pem()
+    elif algorithm == "HS256":
+        private_pem = (_new_secret() + "\n").encode()
     else:
-        private_pem, public_pem = (_new_secret() + "\n").encode(), None
+        jwk = keyring.new_jwk(algorithm)
+        key = keyring.RingKey(kid=jwk["kid"], alg=algorithm, state="active", created=keyring.utc_now(), jwk=jwk)
+        private_pem = keyring.Ring(keys=(key,), source=str(path)).serialized()
     try:
-        if not _put_in_place(path, private_pem, 0o600, replace=False):
+        if not keyring.put_in_place(path, private_pem, 0o600, replace=False):
             return False  # another `init` created it first: theirs stands
         if public_pem is not None:
             try:
-                _put_in_place(public_key_path(path), public_pem, 0o644, replace=True)
+                keyring.put_in_place(public_key_path(path), public_pem, 0o644, replace=True)
             except OSError:
                 path.unlink()  # without its public half the pair is unfinished: the next `init` makes both
                 raise
@@ -87,127 +78,42 @@ def create_key_file(path: Path, algorithm: str) -> bool:
         raise ConfigurationError(
             f"cannot create key file {path}: {error.strerror or error}; no key file was left behind"
         ) from None
-    _sync_directory(path.parent)
+    keyring.sync_directory(path.parent)
     return True
 
 
-def _put_in_place(target: Path, content: bytes, mode: int, *, replace: bool) -> bool:
-    """Write `content` to a new file beside `target` (private from its creation), fsync it,
-    then give it `target`'s name in one step. Without `replace` an existing `target` is
-    kept (a hard link never overwrites) and the result is False. The temporary name is
-    gone afterwards, whatever happened."""
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    temporary = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-            os.fchmod(handle.fileno(), mode)
-        if replace:
-            os.replace(temporary, target)
-            return True
-        try:
-            os.link(temporary, target)
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        temporary.unlink(missing_ok=True)
+def _new_secret() -> str:
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
 
 
-def _sync_directory(directory: Path) -> None:
-    """Make the new name itself survive a crash; a file system that cannot sync a
-    directory still has the key, so a failure here is not one."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def key_ring(settings: Settings) -> keyring.Ring:
+    """The settings' key ring (USERMGR_SECRET_KEY, else the key file), parsed once per process."""
+    return keyring.load_ring(settings.key_file, settings.secret_key)
 
 
-def _read_private_file(path: Path) -> bytes:
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise ConfigurationError(
-            f"no key file at {path}: run `usermgr init` to create one, or set USERMGR_SECRET_KEY"
-        ) from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigurationError(
-            f"key file {path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}): run `chmod 600 {path}`"
-        )
-    try:
-        return path.read_bytes().strip()
-    except OSError as error:
-        raise ConfigurationError(f"cannot read key file {path}: {error.strerror}") from None
-
-
-def _secret_material(settings: Settings) -> bytes:
-    if settings.secret_key:
-        return settings.secret_key.encode()
-    if settings.key_file is None:
-        raise ConfigurationError("no signing key: set USERMGR_SECRET_KEY, or give --key-file (USERMGR_KEY_FILE)")
-    return _read_private_file(settings.key_file)
-
-
-def _key_source(settings: Settings) -> str:
-    return "USERMGR_SECRET_KEY" if settings.secret_key else f"key file {settings.key_file}"
-
-
-def signing_key(settings: Settings) -> SigningKey:
-    """The key that mints tokens: the HS256 secret, or the Ed25519 private key."""
-    material = _secret_material(settings)
-    if settings.token_algorithm == "EdDSA":
-        return _load_pem(material, private=True, source=_key_source(settings))
-    if material.startswith(b"-----BEGIN"):
-        raise ConfigurationError(
-            f"{_key_source(settings)} holds a PEM key, but USERMGR_TOKEN_ALGORITHM is HS256: set it to EdDSA"
-        )
-    if len(material) < MIN_SECRET_BYTES:
-        raise ConfigurationError(f"the HS256 secret is shorter than {MIN_SECRET_BYTES} bytes: use a longer one")
-    return material
-
-
-def verification_key(settings: Settings, public_key_file: Path | None = None) -> tuple[VerificationKey, str]:
-    """The key and the one algorithm tokens are checked with.
-
-    A public key file pins EdDSA and needs no secret: a service can verify but never issue.
-    """
-    if public_key_file is not None:
-        try:
-            material = public_key_file.read_bytes()
-        except OSError as error:
-            raise ConfigurationError(f"cannot read public key {public_key_file}: {error.strerror}") from None
-        return _load_pem(material, private=False, source=f"public key {public_key_file}"), "EdDSA"
-    key = signing_key(settings)
-    if isinstance(key, bytes):  # signing_key gives bytes exactly when the algorithm is HS256
-        return key, "HS256"
-    return key.public_key(), "EdDSA"
-
-
-@overload
-def _load_pem(material: bytes, *, private: Literal[True], source: str) -> Ed25519PrivateKey: ...
-@overload
-def _load_pem(material: bytes, *, private: Literal[False], source: str) -> Ed25519PublicKey: ...
-def _load_pem(material: bytes, *, private: bool, source: str) -> Ed25519PrivateKey | Ed25519PublicKey:
-    try:
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import ed25519
-    except ImportError:
-        raise ConfigurationError("EdDSA needs the `crypto` extra: pip install 'usermgr[crypto]'") from None
-    try:
-        key: object = (
-            serialization.load_pem_private_key(material, password=None)
-            if private
-            else serialization.load_pem_public_key(material)
-        )
-    except (ValueError, TypeError):
-        raise ConfigurationError(f"{source} is not a PEM Ed25519 key, as EdDSA needs") from None
-    if not isinstance(key, ed25519.Ed25519PrivateKey if private else ed25519.Ed25519PublicKey):
-        raise ConfigurationError(f"{source} is not an Ed25519 key, as EdDSA needs")
+def signing_key(settings: Settings) -> keyring.RingKey:
+    """The key that mints tokens: the ring's active key, its private half loaded (so that an
+    unusable key fails before anything is recorded)."""
+    key = key_ring(settings).active
+    key.signer  # noqa: B018 (loads and checks the private key now)
     return key
+
+
+def verification_keys(
+    settings: Settings, public_key_file: Path | None = None, jwks_file: Path | None = None
+) -> keyring.KeySet:
+    """The keys tokens are checked against, by kid: a public JWK Set or a public key file
+    (neither needs a secret: a service can verify but never issue), else the key ring."""
+    if jwks_file is not None:
+        return keyring.jwks_key_set(jwks_file)
+    if public_key_file is not None:
+        return keyring.pem_key_set(public_key_file)
+    return key_ring(settings).key_set
+
+
+def public_jwks(settings: Settings) -> dict[str, Any]:
+    """The JWK Set of the ring's asymmetric keys, public halves only."""
+    return keyring.public_jwks(key_ring(settings))
 
 
 # ---- tokens -----------------------------------------------------------------------
@@ -221,7 +127,7 @@ def issue_token(
     roles: list[str],
     token_version: int,
     ttl: int,
-    key: SigningKey | None = None,
+    key: keyring.RingKey | None = None,
 ) -> str:
     """A signed access token for the user whose `uid` is `subject`. `key` defaults to
     `signing_key(settings)`; a caller that must not record anything with an unusable key
@@ -240,7 +146,7 @@ def issue_token(
     if settings.token_audience:
         claims["aud"] = settings.token_audience
     key = signing_key(settings) if key is None else key
-    return jwt.encode(claims, key, algorithm=settings.token_algorithm, headers={"typ": "JWT"})
+    return jwt.encode(claims, key.signer, algorithm=key.alg, headers={"kid": key.kid, "typ": "JWT"})
 
 
 def _reason(error: jwt.PyJWTError) -> str:
@@ -262,17 +168,20 @@ def _reason(error: jwt.PyJWTError) -> str:
 
 
 def decode_token(
-    token: str, settings: Settings, key: VerificationKey, algorithm: str, *, required_role: str | None = None
+    token: str, settings: Settings, keys: keyring.KeySet, *, required_role: str | None = None
 ) -> dict[str, Any]:
-    """The claims of a valid token; TokenInvalid with the reason, or Forbidden without the role."""
+    """The claims of a valid token; TokenInvalid with the reason, or Forbidden without the role.
+
+    The key is the one the token's `kid` names, with that key's algorithm only."""
     token = token.strip()
     if not token or len(token) > MAX_TOKEN_BYTES:
         raise TokenInvalid("token invalid: malformed")
+    key = keys.for_token(token)
     try:
         claims = jwt.decode(
             token,
-            key,
-            algorithms=[algorithm],
+            key.key,
+            algorithms=[key.alg],
             issuer=settings.token_issuer,
             audience=settings.token_audience,
             leeway=settings.token_leeway,

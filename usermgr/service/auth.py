@@ -187,8 +187,7 @@ def holder_of_token(
     db: Session,
     settings: Settings,
     token: str,
-    key: Any,
-    algorithm: str,
+    keys: Any,
     *,
     required_role: str | None = None,
     role_in_token: bool = False,
@@ -196,8 +195,9 @@ def holder_of_token(
     """A token's claims and its holder, both checked: the token's signature, expiry, issuer
     and audience, then the holder as `check_token_holder` checks them (the role as the
     database has it now). What `verify --check-db` and the API ask; `verify` also wants the
-    token itself to name the role (`role_in_token`), as its offline check does."""
+    token itself to name the role (`role_in_token`), as its offline check does. `keys` is the
+    `usermgr.keyring.KeySet` the token's `kid` picks its one key from."""
     from usermgr.tokens import decode_token
 
-    claims = decode_token(token, settings, key, algorithm, required_role=required_role if role_in_token else None)
+    claims = decode_token(token, settings, keys, required_role=required_role if role_in_token else None)
     return claims, check_token_holder(db, claims, required_role)

@@ -1,0 +1,434 @@
+"""The key ring: rotation without downtime, the `keys` commands, the ring file, JWKS and interop.
+
+Rotation runs through the installed `usermgr` and a real `usermgr serve` (which must see
+`keys` changes without a restart), for every algorithm and on both backends. Interop is
+checked both ways with independent JOSE implementations (jwcrypto, joserfc) and with
+PyJWT's `PyJWKClient` against the live `/.well-known/jwks.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from joserfc import jwt as joserfc_jwt
+from joserfc.jwk import KeySet as JoserfcKeySet
+from jwcrypto import jwk as jwcrypto_jwk
+from jwcrypto import jwt as jwcrypto_jwt
+
+from tests.conftest import (
+    PASSWORD,
+    Runner,
+    api_token,
+    bearer,
+    create_user,
+    ok,
+    run_usermgr,
+    serving,
+    token_of,
+)
+from usermgr import api, keyring, tokens
+from usermgr.config import load_settings
+from usermgr.errors import TokenInvalid
+
+ALGORITHMS = ["HS256", "EdDSA", "ES256", "RS256"]
+ASYMMETRIC = ["EdDSA", "ES256", "RS256"]
+ISSUER = "usermgr"
+PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "k", "oth"}
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+
+
+def ring_env(env: dict[str, str], tmp_path: Path, alg: str = "HS256") -> dict[str, str]:
+    """The suite's environment with a key ring of its own, made by `usermgr init` with `alg`."""
+    ring = {**env, "USERMGR_KEY_FILE": str(tmp_path / "ring.key"), "USERMGR_TOKEN_ALGORITHM": alg}
+    ok(run_usermgr("init", env=ring))
+    return ring
+
+
+def listed(env: dict[str, str]) -> list[dict[str, Any]]:
+    keys: list[dict[str, Any]] = json.loads(ok(run_usermgr("keys", "list", "-o", "json", env=env)).stdout)
+    return keys
+
+
+def kid_of(token: str) -> str:
+    kid: str = jwt.get_unverified_header(token)["kid"]
+    return kid
+
+
+def refused(result: Any, code: int) -> str:
+    """Exit `code`, nothing on stdout, one `usermgr: error:` line and no traceback; that line."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("usermgr: error: "), result.stderr
+    line: str = lines[0]
+    return line
+
+
+def offline_env(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """`env` with a database that does not exist: offline verification must not need one."""
+    return {**env, "USERMGR_DATABASE_URL": str(tmp_path / "absent" / "users.db")}
+
+
+def claims(now: int, **changes: Any) -> dict[str, Any]:
+    base = {"iss": ISSUER, "sub": str(uuid.UUID(int=1)), "email": "ada@example.com", "roles": [], "iat": now}
+    return {**base, "exp": now + 600, "jti": uuid.uuid4().hex, "ver": 0, **changes}
+
+
+# ---- zero-downtime rotation --------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("alg", ALGORITHMS)
+def test_rotation_keeps_earlier_tokens_valid_until_retire(env: dict[str, str], tmp_path: Path, alg: str) -> None:
+    ring = ring_env(env, tmp_path, alg)
+    offline = offline_env(ring, tmp_path)
+    run = Runner(ring)
+    create_user(run, "ada@example.com")
+    with serving(ring, tmp_path / "serve.log") as served, served.client() as http:
+        before = token_of(run, "ada@example.com")
+        from_api_before = api_token(http, "ada@example.com")
+        old_kid = kid_of(before)
+        assert kid_of(from_api_before) == old_kid
+        assert jwt.get_unverified_header(before)["alg"] == alg
+
+        new_kid = ok(run_usermgr("keys", "rotate", env=ring)).stdout.strip()
+        assert new_kid != old_kid
+        states = {key["kid"]: key["state"] for key in listed(ring)}
+        assert states == {old_kid: "retiring", new_kid: "active"}
+
+        after = token_of(run, "ada@example.com")
+        assert kid_of(after) == new_kid
+        assert kid_of(api_token(http, "ada@example.com")) == new_kid, "the server sees the rotation at once"
+        for token in (before, from_api_before, after):
+            assert ok(run_usermgr("verify", token, "-o", "email", env=offline)).stdout == "ada@example.com\n"
+            assert ok(run_usermgr("verify", token, "--check-db", "-o", "email", env=ring)).stdout == (
+                "ada@example.com\n"
+            )
+            assert http.get("/users/me", headers=bearer(token)).status_code == 200
+        if alg in ASYMMETRIC:
+            published = {key["kid"] for key in http.get(api.JWKS_PATH).json()["keys"]}
+            assert published == {old_kid, new_kid}
+
+        ok(run_usermgr("keys", "retire", old_kid, env=ring))
+        for token in (before, from_api_before):
+            line = refused(run_usermgr("verify", token, env=offline), 7)
+            assert line == "usermgr: error: token invalid: unknown key"
+            line = refused(run_usermgr("verify", token, "--check-db", env=ring), 7)
+            assert line == "usermgr: error: token invalid: unknown key"
+            answer = http.get("/users/me", headers=bearer(token))
+            assert (answer.status_code, answer.json()) == (401, {"detail": "token invalid: unknown key"})
+        assert http.get("/users/me", headers=bearer(after)).status_code == 200
+        assert ok(run_usermgr("verify", after, "-o", "email", env=offline)).stdout == "ada@example.com\n"
+        if alg in ASYMMETRIC:
+            assert [key["kid"] for key in http.get(api.JWKS_PATH).json()["keys"]] == [new_kid]
+
+
+@pytest.mark.e2e
+def test_staged_rotation_add_activate_retire(env: dict[str, str], tmp_path: Path) -> None:
+    """The timeline for verifiers that fetch JWKS: a next key is published before it signs."""
+    ring = ring_env(env, tmp_path, "ES256")
+    offline = offline_env(ring, tmp_path)
+    run = Runner(ring)
+    create_user(run, "ada@example.com")
+    first = token_of(run, "ada@example.com")
+    added = ok(run_usermgr("keys", "add", "--alg", "RS256", env=ring))
+    next_kid = added.stdout.strip()
+    assert f"key {next_kid} (RS256): added as next" in added.stderr
+    assert kid_of(token_of(run, "ada@example.com")) == kid_of(first), "a next key does not sign"
+    exported = json.loads(ok(run_usermgr("keys", "export", env=ring)).stdout)
+    assert [key["kid"] for key in exported["keys"]] == [kid_of(first), next_kid]
+    ok(run_usermgr("keys", "activate", next_kid, env=ring))
+    second = token_of(run, "ada@example.com")
+    assert (kid_of(second), jwt.get_unverified_header(second)["alg"]) == (next_kid, "RS256")
+    again = ok(run_usermgr("keys", "activate", next_kid, env=ring))
+    assert "already the active key" in again.stderr
+    # a rollback: the retiring key signs again, the other one becomes retiring
+    ok(run_usermgr("keys", "activate", kid_of(first), env=ring))
+    assert {key["kid"]: key["state"] for key in listed(ring)} == {kid_of(first): "active", next_kid: "retiring"}
+    for token in (first, second):
+        ok(run_usermgr("verify", token, env=offline))
+
+
+# ---- the pre-ring key file ---------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("alg", ["HS256", "EdDSA"])
+def test_a_pre_ring_key_file_becomes_the_first_key_of_the_ring(env: dict[str, str], tmp_path: Path, alg: str) -> None:
+    key_file = tmp_path / "old.key"
+    tokens.create_key_file(key_file, alg)  # the single-key form every earlier usermgr made
+    ring = {**env, "USERMGR_KEY_FILE": str(key_file)}
+    offline = offline_env(ring, tmp_path)
+    run = Runner(ring)
+    create_user(run, "ada@example.com")
+    material = key_file.read_bytes()
+    signing = material.strip() if alg == "HS256" else material
+    kidless = jwt.encode(claims(int(time.time())), signing, algorithm=alg)  # as usermgr signed before the ring
+    with_kid = token_of(run, "ada@example.com")
+
+    (only,) = listed(ring)
+    assert key_file.read_bytes() == material, "reading never rewrites the file"
+    independent = jwcrypto_jwk.JWK.from_pem(material) if alg == "EdDSA" else None
+    if independent is None:
+        independent = jwcrypto_jwk.JWK(kty="oct", k=keyring._b64url(material.strip()))
+    assert only["kid"] == independent.thumbprint() == kid_of(with_kid), "the RFC 7638 thumbprint"
+    assert (only["alg"], only["state"]) == (alg, "active")
+
+    new_kid = ok(run_usermgr("keys", "rotate", "--alg", "ES256", env=ring)).stdout.strip()
+    stored = json.loads(key_file.read_text())
+    assert [key["kid"] for key in stored["keys"]] == [only["kid"], new_kid]
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith(".old.key")) == []
+    for token in (kidless, with_kid):
+        ok(run_usermgr("verify", token, env=offline))
+    ok(run_usermgr("keys", "retire", only["kid"], env=ring))
+    for token in (kidless, with_kid):
+        assert refused(run_usermgr("verify", token, env=offline), 7).endswith("token invalid: unknown key")
+
+
+def test_the_secret_key_variable_is_a_one_key_ring_that_keys_cannot_change(tmp_path: Path) -> None:
+    secret = "an-application-secret-of-40-bytes-long!!"
+    env = {"USERMGR_SECRET_KEY": secret, "USERMGR_DATABASE_URL": str(tmp_path / "absent.db")}
+    (only,) = listed(env)
+    assert (only["alg"], only["state"]) == ("HS256", "active")
+    kidless = jwt.encode(claims(int(time.time())), secret, algorithm="HS256")
+    ok(run_usermgr("verify", kidless, env=env))
+    line = refused(run_usermgr("keys", "rotate", env=env), 2)
+    assert "USERMGR_SECRET_KEY is set" in line
+    assert secret not in line
+
+
+# ---- the `keys` commands' refusals -------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_keys_commands_refuse_clearly(env: dict[str, str], tmp_path: Path) -> None:
+    ring = ring_env(env, tmp_path)
+    (secret_key,) = listed(ring)
+    public_kid = ok(run_usermgr("keys", "add", "--alg", "EdDSA", env=ring)).stdout.strip()
+    before = (tmp_path / "ring.key").read_bytes()
+
+    line = refused(run_usermgr("keys", "retire", secret_key["kid"], env=ring), 5)
+    assert "is the active key: activate another one first" in line
+    for command in ("activate", "retire"):
+        line = refused(run_usermgr("keys", command, "no-such-kid", env=ring), 4)
+        assert line.startswith("usermgr: error: no key with kid 'no-such-kid'")
+    refused(run_usermgr("keys", "export", public_kid, "no-such-kid", env=ring), 4)
+    line = refused(run_usermgr("keys", "export", secret_key["kid"], env=ring), 3)
+    assert "is HS256: a shared secret has no public form" in line
+    refused(run_usermgr("keys", "add", "--alg", "HS512", env=ring), 2)
+    assert (tmp_path / "ring.key").read_bytes() == before, "a refusal changes nothing"
+
+
+@pytest.mark.e2e
+def test_a_kid_that_starts_with_a_dash_is_a_kid(env: dict[str, str], tmp_path: Path) -> None:
+    """A thumbprint is base64url and may start with `-`: `keys retire "$KID"` must not read it as an option."""
+    ring = ring_env(env, tmp_path, "ES256")
+    key_file = tmp_path / "ring.key"
+    stored = json.loads(key_file.read_text())
+    stored["keys"][0]["kid"] = "-Jdash"
+    key_file.write_text(json.dumps(stored))
+    added = ok(run_usermgr("keys", "add", "--alg", "ES256", env=ring)).stdout.strip()
+    ok(run_usermgr("keys", "activate", added, env=ring))
+    assert json.loads(ok(run_usermgr("keys", "export", "-Jdash", env=ring)).stdout)["keys"][0]["kid"] == "-Jdash"
+    ok(run_usermgr("keys", "activate", "-Jdash", env=ring))
+    ok(run_usermgr("keys", "retire", added, env=ring))
+    assert [key["kid"] for key in listed(ring)] == ["-Jdash"]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("fmt", ["jwks", "pem"])
+def test_export_and_list_never_show_a_private_key_or_a_secret(env: dict[str, str], tmp_path: Path, fmt: str) -> None:
+    ring = ring_env(env, tmp_path)
+    for alg in ASYMMETRIC:
+        ok(run_usermgr("keys", "add", "--alg", alg, env=ring))
+    stored = json.loads((tmp_path / "ring.key").read_text())["keys"]
+    secrets_ = [str(key[name]) for key in stored for name in PRIVATE_MEMBERS if name in key]
+    assert len(secrets_) >= 1 + 1 + 1 + 6, "the ring holds an HS256 secret and three private keys"
+    exported = ok(run_usermgr("keys", "export", "--format", fmt, env=ring)).stdout
+    shown = ok(run_usermgr("keys", "list", "-o", "json", env=ring)).stdout
+    for text in (exported, shown):
+        assert not [value for value in secrets_ if value in text]
+    if fmt == "jwks":
+        published = json.loads(exported)["keys"]
+        assert [key["alg"] for key in published] == ASYMMETRIC
+        assert not [key for key in published if set(key) & PRIVATE_MEMBERS]
+    else:
+        assert exported.count("-----BEGIN PUBLIC KEY-----") == 3
+        assert "PRIVATE" not in exported
+    fingerprints = [key["fingerprint"] for key in json.loads(shown)]
+    assert fingerprints[0] == "" and all(value.startswith("SHA256:") for value in fingerprints[1:])
+
+
+# ---- a ring file that cannot be trusted ------------------------------------------------------------------
+
+
+def _two_active(text: str) -> str:
+    ring = json.loads(text)
+    for key in ring["keys"]:
+        key["state"] = "active"
+    return json.dumps(ring)
+
+
+BROKEN_RINGS = {
+    "truncated": (lambda text: text[: len(text) // 2], "not JSON"),
+    "not-json": (lambda text: "{keys: [}", "not JSON"),
+    "two-active-keys": (_two_active, "exactly one active key, this one has 2"),
+    "no-keys": (lambda text: '{"keys": []}', 'non-empty "keys" list'),
+    "unknown-alg": (lambda text: text.replace('"alg": "HS256"', '"alg": "none"'), "has alg 'none'"),
+}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("case", [*BROKEN_RINGS, "world-readable"])
+def test_a_broken_ring_file_is_one_clear_line(env: dict[str, str], tmp_path: Path, case: str) -> None:
+    ring = ring_env(env, tmp_path)
+    ok(run_usermgr("keys", "add", "--alg", "ES256", env=ring))
+    create_user(Runner(ring), "ada@example.com")
+    token = token_of(Runner(ring), "ada@example.com")
+    key_file = tmp_path / "ring.key"
+    if case == "world-readable":
+        key_file.chmod(0o644)
+        expected = f"is accessible by group or others (mode 0644): run `chmod 600 {key_file}`"
+    else:
+        damage, expected = BROKEN_RINGS[case]
+        key_file.write_text(damage(key_file.read_text()))
+    for args in (["verify", token], ["keys", "list"], ["keys", "rotate"], ["keys", "export"]):
+        line = refused(run_usermgr(*args, env=ring), 2)
+        assert expected in line, (args, line)
+    login = run_usermgr("login", "ada@example.com", "--password-stdin", input=f"{PASSWORD}\n", env=ring)
+    assert expected in refused(login, 2)
+
+
+# ---- the server: the JWK Set and its caching -----------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_jwks_route_is_public_and_cacheable_and_other_routes_are_not(env: dict[str, str], tmp_path: Path) -> None:
+    ring = ring_env(env, tmp_path)
+    with serving(ring, tmp_path / "serve.log") as served, served.client() as http:
+        empty = http.get(api.JWKS_PATH)
+        assert (empty.status_code, empty.json()) == (200, {"keys": []}), "HS256 secrets are never published"
+        kid = ok(run_usermgr("keys", "add", "--alg", "ES256", env=ring)).stdout.strip()
+        answer = http.get(api.JWKS_PATH)
+        assert answer.headers["cache-control"] == f"public, max-age={api.JWKS_MAX_AGE}"
+        assert answer.headers["x-content-type-options"] == "nosniff", "the other security headers stay"
+        assert [key["kid"] for key in answer.json()["keys"]] == [kid]
+        assert http.get("/healthz").headers["cache-control"] == "no-store"
+        assert http.post(api.JWKS_PATH).headers["cache-control"] == "no-store"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("alg", ASYMMETRIC)
+def test_pyjwt_jwks_client_verifies_tokens_against_the_live_jwks(env: dict[str, str], tmp_path: Path, alg: str) -> None:
+    ring = ring_env(env, tmp_path, alg)
+    run = Runner(ring)
+    create_user(run, "ada@example.com")
+    with serving(ring, tmp_path / "serve.log") as served, served.client() as http:
+        token = api_token(http, "ada@example.com")
+        client = jwt.PyJWKClient(served.base_url + api.JWKS_PATH, cache_keys=False)
+        key = client.get_signing_key_from_jwt(token)
+        assert jwt.decode(token, key, issuer=ISSUER)["email"] == "ada@example.com"
+        ok(run_usermgr("keys", "rotate", env=ring))
+        rotated = api_token(http, "ada@example.com")
+        fresh = jwt.PyJWKClient(served.base_url + api.JWKS_PATH, cache_keys=False)
+        assert jwt.decode(rotated, fresh.get_signing_key_from_jwt(rotated), issuer=ISSUER)["sub"]
+
+
+# ---- interop both ways: jwcrypto and joserfc ---------------------------------------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("alg", ALGORITHMS)
+def test_other_jose_libraries_verify_our_tokens(env: dict[str, str], tmp_path: Path, alg: str) -> None:
+    ring = ring_env(env, tmp_path, alg)
+    run = Runner(ring)
+    create_user(run, "ada@example.com")
+    token = token_of(run, "ada@example.com")
+    if alg == "HS256":  # a shared secret is never exported: these verifiers hold the ring itself
+        ok(run_usermgr("keys", "add", env=ring))  # turns `init`'s single-key file into a ring file
+        key_set = {"keys": [{"kty": "oct", "k": key["k"], "kid": key["kid"]} for key in ring_keys(tmp_path)]}
+    else:
+        key_set = json.loads(ok(run_usermgr("keys", "export", env=ring)).stdout)
+    by_jwcrypto = jwcrypto_jwt.JWT(
+        jwt=token, key=jwcrypto_jwk.JWKSet.from_json(json.dumps(key_set)), algs=[alg], check_claims={"iss": ISSUER}
+    )
+    assert json.loads(by_jwcrypto.claims)["email"] == "ada@example.com"
+    by_joserfc = joserfc_jwt.decode(token, JoserfcKeySet.import_key_set(key_set), algorithms=[alg])
+    assert by_joserfc.claims["email"] == "ada@example.com"
+    assert by_joserfc.header["kid"] == kid_of(token)
+
+
+def ring_keys(tmp_path: Path) -> list[dict[str, Any]]:
+    keys: list[dict[str, Any]] = json.loads((tmp_path / "ring.key").read_text())["keys"]
+    return keys
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("library", ["jwcrypto", "joserfc"])
+@pytest.mark.parametrize("alg", ASYMMETRIC)
+def test_verify_jwks_accepts_tokens_other_libraries_mint(tmp_path: Path, library: str, alg: str) -> None:
+    now = int(time.time())
+    if library == "jwcrypto":
+        params = {"EdDSA": {"kty": "OKP", "crv": "Ed25519"}, "ES256": {"kty": "EC", "crv": "P-256"}}
+        key = jwcrypto_jwk.JWK.generate(**params.get(alg, {"kty": "RSA", "size": 2048}), kid=f"jwcrypto-{alg}")
+        minted = jwcrypto_jwt.JWT(header={"alg": alg, "kid": key.key_id}, claims=claims(now))
+        minted.make_signed_token(key)
+        token, public = minted.serialize(), key.export_public(as_dict=True)
+    else:
+        from joserfc.jwk import ECKey, OKPKey, RSAKey
+
+        kid = {"kid": f"joserfc-{alg}"}
+        made = {
+            "EdDSA": lambda: OKPKey.generate_key("Ed25519", parameters=kid),
+            "ES256": lambda: ECKey.generate_key("P-256", parameters=kid),
+            "RS256": lambda: RSAKey.generate_key(2048, parameters=kid),
+        }[alg]()
+        token = joserfc_jwt.encode({"alg": alg, "kid": made.kid}, claims(now), made, algorithms=[alg])
+        public = made.as_dict(private=False)
+    jwks_file = tmp_path / "jwks.json"
+    jwks_file.write_text(json.dumps({"keys": [public]}))
+    verifier = {"USERMGR_DATABASE_URL": str(tmp_path / "absent.db"), "USERMGR_KEY_FILE": str(tmp_path / "absent.key")}
+    result = ok(run_usermgr("verify", "--jwks", str(jwks_file), token, "-o", "email", env=verifier))
+    assert result.stdout == "ada@example.com\n"
+
+
+# ---- the ring is parsed once per process --------------------------------------------------------------------
+
+
+def test_the_ring_is_parsed_once_and_again_only_when_the_file_changes(tmp_path: Path) -> None:
+    key_file = tmp_path / "ring.key"
+    tokens.create_key_file(key_file, "ES256")
+    first = keyring.load_ring(key_file, None)
+    assert keyring.load_ring(key_file, None) is first
+    assert first.key_set is first.key_set
+    changes = keyring.change_ring(key_file, None, keyring.add_key("EdDSA"))
+    second = keyring.load_ring(key_file, None)
+    assert second is not first
+    assert [key.kid for key in second.keys] == [first.active.kid, changes[0].kid]
+    os.utime(key_file, ns=(0, 0))  # any change of the file's stat reads it again
+    assert keyring.load_ring(key_file, None) is not second
+
+
+def test_a_lookup_by_kid_never_tries_another_key(tmp_path: Path) -> None:
+    """A token whose kid names key A but that key B signed is a bad signature, not a match of B."""
+    key_file = tmp_path / "ring.key"
+    tokens.create_key_file(key_file, "ES256")
+    keyring.change_ring(key_file, None, keyring.add_key("ES256"))
+    ring = keyring.load_ring(key_file, None)
+    first, second = ring.keys
+    forged = jwt.encode(claims(int(time.time())), second.signer, algorithm="ES256", headers={"kid": first.kid})
+    settings = load_settings(key_file=str(key_file))
+    with pytest.raises(TokenInvalid, match="bad signature"):
+        tokens.decode_token(forged, settings, ring.key_set)
