@@ -214,10 +214,8 @@ def test_docs_lists_every_route_and_logs_in_through_its_oauth2_form(browser: Any
     block.find_element(By.CSS_SELECTOR, ".try-out__btn").click()
     _wait(browser, lambda _driver: block.find_elements(By.CSS_SELECTOR, ".btn.execute"))
     block.find_element(By.CSS_SELECTOR, ".btn.execute").click()
-    status = _wait(
-        browser,
-        lambda _driver: block.find_elements(By.CSS_SELECTOR, ".live-responses-table tr.response .response-col_status"),
-    )
+    answer = ".live-responses-table tr.response"
+    status = _wait(browser, lambda _driver: block.find_elements(By.CSS_SELECTOR, f"{answer} .response-col_status"))
     assert status[0].text.strip().startswith("200"), status[0].text
     body = block.find_element(By.CSS_SELECTOR, f"{answer} .response-col_description pre").text
     assert json.loads(body)["email"] == EMAIL
