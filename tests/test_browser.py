@@ -185,6 +185,8 @@ def test_docs_lists_every_route_and_logs_in_through_its_oauth2_form(browser: Any
     missing_from_contract = CONTRACT_ROUTES - NOT_YET_BUILT - documented
     assert not missing_from_contract, f"contract routes the app lacks: {missing_from_contract}"
 
+    line = f"usermgr: serving on {server.base_url} (docs: {server.base_url}/docs)\n"
+    assert server.log.read_text().startswith(line), "serve says where the docs are"
     browser.get(f"{server.base_url}/docs")
     _wait(browser, lambda driver: len(_rendered_operations(driver)) >= len(documented))
     assert _rendered_operations(browser) == documented

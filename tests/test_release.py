@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -34,7 +35,7 @@ import pytest
 import yaml
 
 import usermgr
-from tests.conftest import HANG_TIMEOUT, PASSWORD, PostgresAdmin, process_env
+from tests.conftest import HANG_TIMEOUT, PASSWORD, USERMGR, PostgresAdmin, process_env
 from tests.pg_server import free_port
 from usermgr import api, tokens
 from usermgr.config import Settings
@@ -152,6 +153,35 @@ def test_compose_runs_init_then_the_api_on_a_healthy_postgresql_with_the_key_as_
         assert environment["USERMGR_DATABASE_URL"].startswith("postgresql://usermgr:${POSTGRES_PASSWORD:?")
     assert compose["secrets"] == {"usermgr_key": {"file": "./usermgr.key"}}
     assert "/usermgr.key" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+# ---- serve without a key: the container's refusal, from usermgr itself --------------------------
+
+
+@pytest.mark.parametrize(
+    ("database", "error"),
+    [
+        ("postgresql://usermgr@127.0.0.1:1/none", "no signing key: set USERMGR_SECRET_KEY, or give --key-file"),
+        ("users.db", "no key file at usermgr.key: run `usermgr init` to create one"),
+    ],
+)
+def test_serve_refuses_to_start_without_a_signing_key(tmp_path: Path, database: str, error: str) -> None:
+    """Exit 2 and one line before anything listens. The port given is taken, so a serve that
+    went on would fail there instead (exit 1), not hang."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = subprocess.run(
+            [str(USERMGR), "--db", database, "serve", "--port", str(taken.getsockname()[1])],
+            env=process_env({}),
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=HANG_TIMEOUT,
+        )
+    assert result.returncode == 2, result
+    assert result.stderr.startswith(f"usermgr: error: {error}") and result.stderr.count("\n") == 1, result.stderr
+    assert result.stdout == ""
 
 
 # ---- the version, LICENSE and CHANGELOG ------------------------------------------------------
