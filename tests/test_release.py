@@ -7,7 +7,7 @@ can be checked without it: hadolint on the Dockerfile, compose.yaml as YAML, and
 Dockerfile's own RUN steps, USER, CMD and HEALTHCHECK run outside Docker in a fresh virtual
 environment.
 
-The `release` tests build wheels and a virtual environment (a minute or two; pip may fetch
+The `release` test builds wheels and a virtual environment (a few minutes; pip may fetch
 the dependencies from the package index, or take them from its cache).
 """
 
@@ -25,6 +25,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -255,8 +256,8 @@ def _shell(command: str, *, cwd: Path, env: dict[str, str]) -> None:
     assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
 
 
-@pytest.fixture(scope="module")
-def release() -> Iterator[Release]:
+@contextmanager
+def built_release() -> Iterator[Release]:
     """`python -m build` (sdist, then the wheel from it), then the Dockerfile's own steps: its
     build stage's RUN in the unpacked sdist with $WHEELS a temporary directory, and its final
     stage's RUN with a fresh venv's python first on PATH. The venv lives in a directory every
@@ -295,8 +296,7 @@ def release() -> Iterator[Release]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-@pytest.mark.release
-def test_build_makes_an_sdist_and_a_wheel_without_a_warning(release: Release) -> None:
+def _check_build_makes_an_sdist_and_a_wheel_without_a_warning(release: Release) -> None:
     assert not _warnings(release.build_output), "\n".join(_warnings(release.build_output))
     with tarfile.open(release.sdist) as archive:
         names = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
@@ -379,8 +379,8 @@ def _run(release: Release, *args: str, env: dict[str, str], cwd: Path, input: st
     return result.stdout
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Iterator[Path]:
+@contextmanager
+def home_directory() -> Iterator[Path]:
     """The container's WORKDIR: a directory of the container's user (outside pytest's
     private tmp_path, which that user cannot enter)."""
     directory = Path(tempfile.mkdtemp(prefix="usermgr-home-"))
@@ -392,8 +392,7 @@ def home(tmp_path: Path) -> Iterator[Path]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-@pytest.mark.release
-def test_the_containers_steps_run_init_and_serve_on_postgresql_as_its_user(
+def _check_the_containers_steps_run_init_and_serve_on_postgresql_as_its_user(
     release: Release, postgres: PostgresAdmin, home: Path
 ) -> None:
     """compose.yaml's `init` service, then the image's CMD and HEALTHCHECK, with the key in a
@@ -418,8 +417,7 @@ def test_the_containers_steps_run_init_and_serve_on_postgresql_as_its_user(
         postgres.drop(url)
 
 
-@pytest.mark.release
-def test_the_container_refuses_to_start_without_a_key(release: Release, postgres: PostgresAdmin, home: Path) -> None:
+def _check_the_container_refuses_to_start_without_a_key(release: Release, postgres: PostgresAdmin, home: Path) -> None:
     url = postgres.create(migrated=True)
     try:
         env = release.env(USERMGR_DATABASE_URL=url)
@@ -436,8 +434,7 @@ def test_the_container_refuses_to_start_without_a_key(release: Release, postgres
         postgres.drop(url)
 
 
-@pytest.mark.release
-def test_the_wheel_alone_runs_init_create_login_verify_and_serve(release: Release, home: Path) -> None:
+def _check_the_wheel_alone_runs_init_create_login_verify_and_serve(release: Release, home: Path) -> None:
     """From the installed wheel only (no source tree on the path), on SQLite."""
     env = release.env(USERMGR_DATABASE_URL=str(home / "users.db"))
     _run(release, "init", env=env, cwd=home)
@@ -467,3 +464,17 @@ def test_the_wheel_alone_runs_init_create_login_verify_and_serve(release: Releas
         timeout=HANG_TIMEOUT,
     )
     assert location.stdout.startswith(str(release.venv)), location
+
+
+@pytest.mark.release
+def test_the_release_builds_and_runs_as_the_image_would(postgres: PostgresAdmin) -> None:
+    """One test, so that the build and the venv (the costly part) happen once however the
+    suite is spread over workers; each check below names what failed."""
+    with built_release() as release:
+        _check_build_makes_an_sdist_and_a_wheel_without_a_warning(release)
+        with home_directory() as home:
+            _check_the_wheel_alone_runs_init_create_login_verify_and_serve(release, home)
+        with home_directory() as home:
+            _check_the_containers_steps_run_init_and_serve_on_postgresql_as_its_user(release, postgres, home)
+        with home_directory() as home:
+            _check_the_container_refuses_to_start_without_a_key(release, postgres, home)
