@@ -30,6 +30,7 @@ lint: install
 	$(BIN)/ruff check $(RUFF_OPTS) $(RUFF_RULES) usermgr tests bench
 	$(BIN)/ruff format $(RUFF_OPTS) --check usermgr tests bench
 	$(BIN)/mypy usermgr
+	$(BIN)/hadolint Dockerfile
 
 format: install
 	$(BIN)/ruff check $(RUFF_OPTS) $(RUFF_RULES) --fix usermgr tests bench
@@ -51,4 +52,4 @@ mutate: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m tests.mutation_sample --sample $(MUTATE_SAMPLE) $(if $(MUTATE_SEED),--seed $(MUTATE_SEED))
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache mutants
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache mutants test-artifacts

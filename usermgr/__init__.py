@@ -1,3 +1,3 @@
 """usermgr: the admin tool for the users table of a Python web app."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -21,18 +21,23 @@ An existing FastAPI app can reuse the pieces::
     # Depends(api.require_role("editor"))
 """
 
+import base64
+import hashlib
 import logging
 import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from importlib.resources import files
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 from secure import CacheControl, ReferrerPolicy, Secure, XContentTypeOptions, XFrameOptions
 from secure.middleware import SecureASGIMiddleware
@@ -66,6 +71,8 @@ MAX_BODY_BYTES = 1024 * 1024
 """The largest request body accepted (1 MiB): a signup or a PATCH needs a few hundred bytes."""
 BODY_TOO_LARGE = f"request body too large: send at most {MAX_BODY_BYTES} bytes"
 SERVER_ERROR = "internal server error: the server's log has the details"
+DOCS_ASSETS_PATH = "/docs-assets"
+"""Where the app serves Swagger UI's and ReDoc's own files (scripts, style sheet, icon)."""
 
 SECURITY_HEADERS = Secure(
     xcto=XContentTypeOptions(),  # nosniff: a JSON answer is never run as a script or page
@@ -597,6 +604,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The usermgr API as its own app; `settings=None` reads USERMGR_* variables at startup."""
     app = FastAPI(
+        docs_url=None,  # _add_docs serves /docs and /redoc itself, without a CDN
+        redoc_url=None,
         title="usermgr",
         version=__version__,
         description="Users, roles and access tokens: the same rules as the `usermgr` CLI.",
@@ -610,7 +619,83 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/healthz", healthz, methods=["GET"], response_model=HealthResponse, responses=_responses(), tags=["health"]
     )
     _add_jwks(app)
+    _add_docs(app)
     return app
+
+
+# ---- /docs and /redoc, offline ---------------------------------------------------------------
+
+_DOCS_POLICY = (
+    "default-src 'none'",
+    "script-src 'self'{inline}",  # and the page's own start-up script, by its hash
+    "style-src 'self' 'unsafe-inline'",  # both UIs set style attributes; ReDoc injects <style>
+    "img-src 'self' data:",
+    "font-src 'self' data:",
+    "connect-src 'self'",  # /openapi.json, and Swagger's "Try it out"
+    "worker-src blob:",  # ReDoc's search index
+    "frame-ancestors 'none'",
+    "base-uri 'none'",
+    "form-action 'self'",
+)
+_INLINE_SCRIPT = re.compile(r"<script>(.*?)</script>", re.DOTALL)
+
+
+def _docs_page(page: HTMLResponse) -> HTMLResponse:
+    """`page` with a Content-Security-Policy that lets it load from this host only.
+
+    The API's other answers need none (JSON is never rendered); these pages get one that
+    allows only their own inline script (by its hash) and this host's files, so that even
+    a link a vendored script holds to another host is never fetched: ReDoc's logo
+    (cdn.redoc.ly) is refused by the browser and ReDoc then leaves it out.
+    """
+    hashes = "".join(
+        f" 'sha256-{base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()}'"
+        for script in _INLINE_SCRIPT.findall(bytes(page.body).decode())
+    )
+    page.headers["Content-Security-Policy"] = "; ".join(_DOCS_POLICY).format(inline=hashes)
+    return page
+
+
+def _add_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs and ReDoc at /redoc, their scripts, style sheet and icon served from
+    DOCS_ASSETS_PATH: fastapi-offline's copies (pinned in setup.cfg), never a CDN, so both
+    work on a host without internet. Paths honour the ASGI root_path (a proxy's prefix)."""
+    assets = files("fastapi_offline") / "static"
+    app.mount(DOCS_ASSETS_PATH, StaticFiles(directory=str(assets)), name="docs-assets")
+    openapi_url = app.openapi_url or "/openapi.json"
+    redirect_url = app.swagger_ui_oauth2_redirect_url or "/docs/oauth2-redirect"
+
+    def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return _docs_page(
+            get_swagger_ui_html(
+                openapi_url=f"{root}{openapi_url}",
+                title=f"{app.title} - Swagger UI",
+                oauth2_redirect_url=f"{root}{redirect_url}",
+                swagger_js_url=f"{root}{DOCS_ASSETS_PATH}/swagger-ui-bundle.js",
+                swagger_css_url=f"{root}{DOCS_ASSETS_PATH}/swagger-ui.css",
+                swagger_favicon_url=f"{root}{DOCS_ASSETS_PATH}/favicon.png",
+            )
+        )
+
+    def swagger_ui_redirect() -> HTMLResponse:
+        return _docs_page(get_swagger_ui_oauth2_redirect_html())
+
+    def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return _docs_page(
+            get_redoc_html(
+                openapi_url=f"{root}{openapi_url}",
+                title=f"{app.title} - ReDoc",
+                redoc_js_url=f"{root}{DOCS_ASSETS_PATH}/redoc.standalone.js",
+                redoc_favicon_url=f"{root}{DOCS_ASSETS_PATH}/favicon.png",
+                with_google_fonts=False,
+            )
+        )
+
+    app.add_api_route("/docs", swagger_ui, methods=["GET"], include_in_schema=False)
+    app.add_api_route(redirect_url, swagger_ui_redirect, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/redoc", redoc, methods=["GET"], include_in_schema=False)
 
 
 def __getattr__(name: str) -> FastAPI:

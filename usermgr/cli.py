@@ -1040,6 +1040,9 @@ def serve(app: App, host: str, port: int) -> None:
     except ImportError:
         raise errors.ConfigurationError("the HTTP API needs the `api` extra: pip install 'usermgr[api]'") from None
     database.check_url(app.settings.database_url)  # an unusable URL stops here, not on every request
+    tokens.signing_key(app.settings)  # so does a missing key: a container without its secret exits 2 at once
+    base_url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    note(f"serving on {base_url} (docs: {base_url}/docs)")
     uvicorn.run(create_app(app.settings), host=host, port=port)
 
 
