@@ -745,9 +745,9 @@ def _verify_stream(checker: TokenChecker, lines: Any, fmt: str) -> int:
 def import_users(app: App, source: str, fmt: str | None, on_conflict: str, dry_run: bool, no_csv_guard: bool) -> None:
     """Add users in bulk from CSV or JSONL: all of them, or none.
 
-    Fields as `export` writes them: email (required), username, full_name, roles,
-    is_active, created_at, last_login_at, and either password (hashed here) or
-    hashed_password (argon2 or bcrypt, stored as it is). Every row is validated first.
+    Fields as `export` writes them (email required; id and locked_until are ignored),
+    and either password (hashed here) or hashed_password (argon2 or bcrypt, stored as
+    it is). Every row is validated first.
     Text in UTF-8 (with or without a byte-order mark) or in UTF-16 with a byte-order
     mark; lines end in LF, CRLF or CR.
 
