@@ -25,6 +25,7 @@ USER_RECORD: dict[str, object] = {
     "created_at": datetime,
     "last_login_at": datetime | None,
     "locked_until": datetime | None,
+    "expires_at": datetime | None,
 }
 """A user in JSON, JSONL, CSV and the API: each field, in this order, with the type it holds
 (../shared/spec/cli.md, Output). Times are in UTC."""

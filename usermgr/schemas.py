@@ -242,6 +242,7 @@ class ImportRow(BaseModel):
     hashed_password: HashedPassword | None = Field(default=None, repr=False)
     created_at: UtcTime | None = None
     last_login_at: UtcTime | None = None
+    expires_at: UtcTime | None = None
 
     @model_validator(mode="after")
     def _one_secret(self) -> ImportRow:
