@@ -35,6 +35,7 @@ USERNAME = re.compile(r"[A-Za-z0-9_.@+-]{1,150}")
 FULL_NAME_MAX_LENGTH = 300
 # Hash formats `import` stores as they are: argon2 (PHC) and bcrypt (modular crypt).
 _HAS_OFFSET = re.compile(r"(Z|[+-]\d\d:?\d\d)$")
+_DATE = re.compile(r"\d{4}-\d\d-\d\d", re.ASCII)
 HASH_FORMAT = re.compile(
     r"\$argon2(id|i|d)\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+|\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}"
 )
@@ -130,7 +131,9 @@ Uid = Annotated[str, AfterValidator(_check_uid)]
 
 
 def _naive_is_utc(value: Any) -> Any:
-    """Timestamps without an offset are taken as UTC, as usermgr writes them."""
+    """Timestamps without an offset are taken as UTC, as usermgr writes them; a date alone is its start."""
+    if isinstance(value, str) and _DATE.fullmatch(value):
+        return value + "T00:00:00+00:00"
     if isinstance(value, str) and value and not _HAS_OFFSET.search(value):
         return value + "+00:00"
     return value
@@ -146,7 +149,20 @@ def _in_utc(value: datetime) -> datetime:
 
 
 UtcTime = Annotated[AwareDatetime, BeforeValidator(_naive_is_utc), AfterValidator(_in_utc)]
-"""An ISO 8601 time, in UTC: one without an offset is taken as UTC."""
+"""An ISO 8601 date and time in UTC: one without an offset is taken as UTC, a date alone as its start."""
+
+_UTC_TIME: TypeAdapter[datetime] | None = None
+
+
+def utc_time(text: str) -> datetime:
+    """`text` as a UtcTime; ValueError with a one-line reason if it is none."""
+    global _UTC_TIME
+    if _UTC_TIME is None:
+        _UTC_TIME = TypeAdapter(UtcTime, config=ConfigDict(hide_input_in_errors=True))
+    try:
+        return _UTC_TIME.validate_python(text)
+    except ValidationError as error:
+        raise ValueError(first_error(error)) from None
 
 
 def latin_lookalike(email: str) -> str | None:
@@ -199,6 +215,7 @@ class UserUpdate(BaseModel):
     email: Email | None = None
     username: Username | None = None
     full_name: FullName | None = None
+    expires_at: UtcTime | None = Field(default=None, description="ISO 8601, UTC without an offset; null: never.")
 
     @model_validator(mode="after")
     def _email_stays(self) -> UserUpdate:
