@@ -336,3 +336,15 @@ def test_a_real_server_refuses_an_expired_holder(env: dict[str, str], run: Runne
         assert api_login(http, "ada@example.com").json() == {"detail": AUTH_FAILED}
         ok(run_usermgr("update", "ada@example.com", "--expires", "never", env=env))
         assert http.get("/users/me", headers=bearer(token)).status_code == 200
+
+
+def test_the_service_refuses_a_new_account_expired_at_birth(db: Any, settings: Any) -> None:
+    """create_user checks again in its own call: the check before the prompt is the CLI's courtesy."""
+    from usermgr import service
+    from usermgr.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="not in the future"):
+        service.create_user(
+            db, settings, service.new_user("ada@example.com"), expires_at=datetime.now(UTC) - timedelta(seconds=1)
+        )
+    assert list(service.iter_user_records(db)) == []
