@@ -62,6 +62,7 @@ CONTRACT_USER_FIELDS = (
     "created_at",
     "last_login_at",
     "locked_until",
+    "expires_at",
 )
 USERMGR = Path(sys.executable).with_name("usermgr")
 HANG_TIMEOUT = 300.0

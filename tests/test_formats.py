@@ -34,6 +34,7 @@ records = st.fixed_dictionaries(
         "created_at": st.datetimes(timezones=st.just(UTC)),
         "last_login_at": timestamps,
         "locked_until": timestamps,
+        "expires_at": timestamps,
     }
 )
 
@@ -58,7 +59,7 @@ def _as_read_back(record: dict) -> dict:
             expected[name] = record[name]
     if record["roles"]:
         expected["roles"] = record["roles"]
-    for name in ("last_login_at", "locked_until"):
+    for name in ("last_login_at", "locked_until", "expires_at"):
         if record[name]:
             expected[name] = record[name].isoformat()
     return expected

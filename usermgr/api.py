@@ -234,7 +234,7 @@ def current_user(
     settings: Annotated[Settings, Depends(get_settings)],
     db: Annotated[Session, Depends(get_db)],
 ) -> User:
-    """The token's holder, if it still exists, is enabled, is not locked and has not revoked the token."""
+    """The token's holder, if it still exists, is enabled, is not locked or expired and has not revoked the token."""
     return _holder(db, settings, token)
 
 
@@ -418,7 +418,8 @@ def read_user(user_id: UserId, _admin: Admin, db: DB) -> User:
     summary="Change profile fields (admin)",
 )
 def update_user(user_id: UserId, body: UserUpdate, _admin: Admin, db: DB) -> User:
-    """Only the fields given (and not null) change, as with `usermgr update`."""
+    """Only the fields given (and not null) change, as with `usermgr update`; `expires_at`
+    null clears the expiry (signup never takes one: nobody sets their own)."""
     changes = service.user_changes(**body.model_dump(exclude_unset=True))
     return service.update_user(db, str(user_id), changes)
 

@@ -35,6 +35,7 @@ else:
     service = lazy_module("usermgr.service")
     tokens = lazy_module("usermgr.tokens")
 
+WHEN = "an ISO 8601 date (its start, UTC) or date and time (UTC without an offset), or a duration from now (90d)"
 CLAIM_FIELDS = ("sub", "email", "roles", "iss", "aud", "iat", "exp", "jti", "ver")
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -305,6 +306,11 @@ def init(app: App) -> None:
 @click.option("--full-name", help="Optional display name.")
 @click.option("--admin", is_flag=True, help="Grant the built-in admin role.")
 @click.option("--role", "roles", multiple=True, metavar="ROLE", help="Grant a role (repeatable).")
+@click.option(
+    "--expires",
+    metavar="WHEN",
+    help=f"The account cannot log in from WHEN on (in the future): {WHEN} [default: never].",
+)
 @password_stdin_option
 @click.option("--no-password", is_flag=True, help="Create without a password: the user cannot log in yet.")
 @output_option()
@@ -316,6 +322,7 @@ def create(
     full_name: str | None,
     admin: bool,
     roles: tuple[str, ...],
+    expires: str | None,
     password_stdin: bool,
     no_password: bool,
     fmt: str,
@@ -326,11 +333,14 @@ def create(
     Example:
       usermgr create --email ada@example.com --admin
       printf '%s\\n' "$PW" | usermgr create --email bob@example.com --password-stdin -o id
+      usermgr create --email contractor@example.com --expires 2027-03-31 --no-password
     """
     if password_stdin and no_password:
         raise click.UsageError("--password-stdin and --no-password cannot be used together")
+    expires_at = service.expiry(expires) if expires is not None else None
     with app.session() as db:
-        service.check_new_user(db, service.new_user(email, username, full_name), roles=roles)  # before the prompt
+        # Before the prompt: a mistake is said before anyone types a password.
+        service.check_new_user(db, service.new_user(email, username, full_name), roles=roles, expires_at=expires_at)
         if not password_stdin and not no_password and not stdin_is_terminal():
             raise click.UsageError(
                 "no terminal to ask for the password on: "
@@ -338,7 +348,7 @@ def create(
             )
         password = None if no_password else read_password(password_stdin, confirm=True, command="create")
         data = service.new_user(email, username, full_name, password)
-        user = service.create_user(db, app.settings, data, roles=roles, admin=admin)
+        user = service.create_user(db, app.settings, data, roles=roles, admin=admin, expires_at=expires_at)
     show_user(user, fmt)
 
 
@@ -362,6 +372,10 @@ def show(app: App, user: str, fmt: str) -> None:
 @click.option("--admin", is_flag=True, help="Only admins.")
 @click.option("--active/--disabled", "active", default=None, help="Only enabled, or only disabled, users.")
 @click.option("--locked", is_flag=True, help="Only users locked out by failed logins right now.")
+@click.option("--expired", is_flag=True, help="Only users whose account expiry has passed.")
+@click.option(
+    "--expires-before", metavar="T", help=f"Only users whose account expires before T (expired ones too): {WHEN}."
+)
 @click.option("--search", metavar="TEXT", help="Only users whose email, username or name contains TEXT.")
 @click.option("--limit", type=click.IntRange(min=0), help="At most N users.")
 @click.option("--offset", type=click.IntRange(min=0), default=0, help="Skip the first N users.")
@@ -373,6 +387,8 @@ def list_users(
     admin: bool,
     active: bool | None,
     locked: bool,
+    expired: bool,
+    expires_before: str | None,
     search: str | None,
     limit: int | None,
     offset: int,
@@ -383,9 +399,21 @@ def list_users(
     \b
     Example:
       usermgr list --role beta -o email | usermgr disable -
+      usermgr list --expires-before 30d -o email
     """
+    before = (
+        service.expiry(expires_before, what="--expires-before", never=False) if expires_before is not None else None
+    )
     filters = service.UserFilter(
-        role=role, admin=admin, active=active, locked=locked, search=search, limit=limit, offset=offset
+        role=role,
+        admin=admin,
+        active=active,
+        locked=locked,
+        expired=expired,
+        expires_before=before,
+        search=search,
+        limit=limit,
+        offset=offset,
     )
     with app.session() as db:
         output.write_records(service.iter_user_records(db, filters), fmt, USER_FIELDS)
@@ -396,16 +424,26 @@ def list_users(
 @click.option("--email", help="New email.")
 @click.option("--username", help="New username.")
 @click.option("--full-name", help="New display name.")
+@click.option(
+    "--expires",
+    metavar="WHEN",
+    help=f"The account cannot log in from WHEN on: {WHEN}; a past time ends logins now; never clears it.",
+)
 @output_option()
 @pass_app
-def update(app: App, user: str, email: str | None, username: str | None, full_name: str | None, fmt: str) -> None:
-    """Change profile fields; only those given change.
+def update(
+    app: App, user: str, email: str | None, username: str | None, full_name: str | None, expires: str | None, fmt: str
+) -> None:
+    """Change profile fields and the account's expiry; only those given change.
+
+    Expiry is not disable: `enable` leaves it, `--expires never` clears it.
 
     \b
     Example:
       usermgr update ada@example.com --full-name "Ada King"
+      usermgr update bob@example.com --expires 90d
     """
-    changes = service.user_changes(email=email, username=username, full_name=full_name)
+    changes = service.user_changes(email=email, username=username, full_name=full_name, expires=expires)
     with app.session() as db:
         show_user(service.update_user(db, user, changes), fmt)
 
@@ -610,7 +648,7 @@ def login(app: App, user: str, password_stdin: bool, ttl: str | None) -> None:
 @click.option(
     "--check-db",
     is_flag=True,
-    help="Also check the user exists, is enabled and unlocked, and has not revoked the token.",
+    help="Also check the user exists, is enabled, unlocked and unexpired, and has not revoked the token.",
 )
 @click.option(
     "--public-key",
@@ -910,9 +948,9 @@ def keys_export(app: App, kids: tuple[str, ...], fmt: str) -> None:
 def import_users(app: App, source: str, fmt: str | None, on_conflict: str, dry_run: bool, no_csv_guard: bool) -> None:
     """Add users in bulk from CSV or JSONL: all of them, or none.
 
-    Fields as `export` writes them: email (required), username, full_name, roles,
-    is_active, created_at, last_login_at, and either password (hashed here) or
-    hashed_password (argon2 or bcrypt, stored as it is). Every row is validated first.
+    Fields as `export` writes them (email required; id and locked_until are ignored),
+    and either password (hashed here) or hashed_password (argon2 or bcrypt, stored as
+    it is). Every row is validated first.
     Text in UTF-8 (with or without a byte-order mark) or in UTF-16 with a byte-order
     mark; lines end in LF, CRLF or CR.
 

@@ -1,23 +1,40 @@
 """The contract's names, declared once: the user record's fields and the built-in admin role.
 
-Stdlib only and import-free, so the faces (`usermgr --help`, `usermgr verify`) and the
+Stdlib only and cheap to import, so the faces (`usermgr --help`, `usermgr verify`) and the
 heavy modules (models, service, schemas) can all derive from it.
+
+Adding a field to the record touches four places: the column in models.py, its migration,
+USER_RECORD here, and the field's validation in schemas.ImportRow. Every output (show,
+list, export, the API's user) and import carry it from there.
 """
 
 from __future__ import annotations
 
+from datetime import datetime
+
 ADMIN_ROLE = "admin"
 
-USER_FIELDS = (
-    "id",
-    "uid",
-    "email",
-    "username",
-    "full_name",
-    "is_active",
-    "roles",
-    "created_at",
-    "last_login_at",
-    "locked_until",
-)
-"""A user in JSON, JSONL, CSV and the API, in this order (../shared/spec/cli.md, Output)."""
+USER_RECORD: dict[str, object] = {
+    "id": int,
+    "uid": str,
+    "email": str,
+    "username": str | None,
+    "full_name": str | None,
+    "is_active": bool,
+    "roles": list[str],
+    "created_at": datetime,
+    "last_login_at": datetime | None,
+    "locked_until": datetime | None,
+    "expires_at": datetime | None,
+}
+"""A user in JSON, JSONL, CSV and the API: each field, in this order, with the type it holds
+(../shared/spec/cli.md, Output). Times are in UTC."""
+
+USER_FIELDS = tuple(USER_RECORD)
+
+NOT_IMPORTED = ("id", "locked_until")
+"""Record fields `import` reads past: the database gives each user its id, and a lock is
+the database's own answer to failed logins."""
+
+IMPORTED_FIELDS = tuple(name for name in USER_FIELDS if name not in NOT_IMPORTED)
+"""The record fields `import` takes back (schemas.ImportRow validates exactly these)."""

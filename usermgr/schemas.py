@@ -21,9 +21,12 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
+
+from usermgr.contract import IMPORTED_FIELDS, USER_RECORD
 
 PASSWORD_MIN_LENGTH = 8
 PASSWORD_MAX_LENGTH = 1024
@@ -32,6 +35,7 @@ USERNAME = re.compile(r"[A-Za-z0-9_.@+-]{1,150}")
 FULL_NAME_MAX_LENGTH = 300
 # Hash formats `import` stores as they are: argon2 (PHC) and bcrypt (modular crypt).
 _HAS_OFFSET = re.compile(r"(Z|[+-]\d\d:?\d\d)$")
+_DATE = re.compile(r"\d{4}-\d\d-\d\d", re.ASCII)
 HASH_FORMAT = re.compile(
     r"\$argon2(id|i|d)\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+|\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}"
 )
@@ -126,6 +130,41 @@ HashedPassword = Annotated[str, AfterValidator(_check_hash)]
 Uid = Annotated[str, AfterValidator(_check_uid)]
 
 
+def _naive_is_utc(value: Any) -> Any:
+    """Timestamps without an offset are taken as UTC, as usermgr writes them; a date alone is its start."""
+    if isinstance(value, str) and _DATE.fullmatch(value):
+        return value + "T00:00:00+00:00"
+    if isinstance(value, str) and value and not _HAS_OFFSET.search(value):
+        return value + "+00:00"
+    return value
+
+
+def _in_utc(value: datetime) -> datetime:
+    """Stored in UTC: a time with no UTC equivalent (`9999-12-31T23:00:00-05:00` is in
+    the year 10000) is refused here, with its line, before anything is written."""
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of range in UTC: use a time from 0001-01-01 to 9999-12-31 UTC") from None
+
+
+UtcTime = Annotated[AwareDatetime, BeforeValidator(_naive_is_utc), AfterValidator(_in_utc)]
+"""An ISO 8601 date and time in UTC: one without an offset is taken as UTC, a date alone as its start."""
+
+_UTC_TIME: TypeAdapter[datetime] | None = None
+
+
+def utc_time(text: str) -> datetime:
+    """`text` as a UtcTime; ValueError with a one-line reason if it is none."""
+    global _UTC_TIME
+    if _UTC_TIME is None:
+        _UTC_TIME = TypeAdapter(UtcTime, config=ConfigDict(hide_input_in_errors=True))
+    try:
+        return _UTC_TIME.validate_python(text)
+    except ValidationError as error:
+        raise ValueError(first_error(error)) from None
+
+
 def latin_lookalike(email: str) -> str | None:
     """The all-Latin email that `email` can be mistaken for, when it has letters from
     another script that look like Latin ones (Unicode's confusables data, through
@@ -176,6 +215,7 @@ class UserUpdate(BaseModel):
     email: Email | None = None
     username: Username | None = None
     full_name: FullName | None = None
+    expires_at: UtcTime | None = Field(default=None, description="ISO 8601, UTC without an offset; null: never.")
 
     @model_validator(mode="after")
     def _email_stays(self) -> UserUpdate:
@@ -184,26 +224,24 @@ class UserUpdate(BaseModel):
         return self
 
 
-class UserResponse(BaseModel):
-    """A user as shown to anyone: never the password hash."""
+class _UserRecord(BaseModel):
+    """What UserResponse adds to the contract's fields: read from an ORM user, roles as names."""
 
     model_config = ConfigDict(from_attributes=True)
 
-    id: int
-    uid: str
-    email: str
-    username: str | None
-    full_name: str | None
-    is_active: bool
-    roles: list[str]
-    created_at: datetime
-    last_login_at: datetime | None
-    locked_until: datetime | None
-
-    @field_validator("roles", mode="before")
+    @field_validator("roles", mode="before", check_fields=False)
     @classmethod
     def _role_names(cls, value: Any) -> Any:
         return [getattr(role, "name", role) for role in value]
+
+
+UserResponse = create_model(
+    "UserResponse",
+    __base__=_UserRecord,
+    __doc__="A user as shown to anyone: the contract's record (contract.USER_RECORD), never the password hash.",
+    __module__=__name__,
+    **{name: (kind, ...) for name, kind in USER_RECORD.items()},  # type: ignore[call-overload]
+)
 
 
 class ImportRow(BaseModel):
@@ -219,34 +257,28 @@ class ImportRow(BaseModel):
     is_active: bool = True
     password: Password | None = Field(default=None, repr=False)
     hashed_password: HashedPassword | None = Field(default=None, repr=False)
-    created_at: AwareDatetime | None = None
-    last_login_at: AwareDatetime | None = None
-
-    @field_validator("created_at", "last_login_at", mode="before")
-    @classmethod
-    def _naive_is_utc(cls, value: Any) -> Any:
-        """Timestamps without an offset are taken as UTC, as usermgr writes them."""
-        if isinstance(value, str) and value and not _HAS_OFFSET.search(value):
-            return value + "+00:00"
-        return value
-
-    @field_validator("created_at", "last_login_at")
-    @classmethod
-    def _in_utc(cls, value: datetime | None) -> datetime | None:
-        """Stored in UTC: a time with no UTC equivalent (`9999-12-31T23:00:00-05:00` is in
-        the year 10000) is refused here, with its line, before anything is written."""
-        if value is None:
-            return None
-        try:
-            return value.astimezone(UTC)
-        except OverflowError:
-            raise ValueError("out of range in UTC: use a time from 0001-01-01 to 9999-12-31 UTC") from None
+    created_at: UtcTime | None = None
+    last_login_at: UtcTime | None = None
+    expires_at: UtcTime | None = None
 
     @model_validator(mode="after")
     def _one_secret(self) -> ImportRow:
         if self.password is not None and self.hashed_password is not None:
             raise ValueError("give either password or hashed_password, not both")
         return self
+
+
+def _check_import_fields() -> None:
+    """ImportRow takes exactly the contract's imported fields (and a secret): a field added
+    to the contract but not here would be dropped by every import without a word."""
+    taken = set(ImportRow.model_fields) - {"password", "hashed_password"}
+    if taken != set(IMPORTED_FIELDS):
+        raise TypeError(
+            f"ImportRow's fields {sorted(taken)} are not contract.IMPORTED_FIELDS {sorted(IMPORTED_FIELDS)}"
+        )
+
+
+_check_import_fields()
 
 
 def first_error(error: ValidationError) -> str:

@@ -24,6 +24,15 @@ def _is_locked(user: User, now: datetime) -> bool:
     return user.locked_until is not None and user.locked_until > now
 
 
+def _is_expired(user: User, now: datetime) -> bool:
+    return user.expires_at is not None and user.expires_at <= now
+
+
+def _unexpired(now: datetime) -> Any:
+    """The SQL condition "no expiry, or one still ahead": `_is_expired`'s negation."""
+    return or_(User.expires_at.is_(None), User.expires_at > now)
+
+
 def _unlocked(now: datetime) -> Any:
     """The SQL condition "no lock, or an expired one" (`now` bound as a UtcDateTime, so that
     SQLite's stored strings compare as times)."""
@@ -100,9 +109,10 @@ def _reserve_guess(
 def _take_success(
     db: Session, user_id: int, checked: str | None, my_lock: datetime | None, new_hash: str | None
 ) -> User:
-    """Record a right password, atomically: only for an active user that is unlocked, or
-    locked by this guess's own reservation, and whose hash is still the one `checked` (a
-    password set meanwhile wins, and a rehash never overwrites it); else AuthenticationFailed.
+    """Record a right password, atomically: only for an active, unexpired user that is unlocked,
+    or locked by this guess's own reservation, and whose hash is still the one `checked` (a
+    password set meanwhile wins, and a rehash never overwrites it); else AuthenticationFailed,
+    the answer of every other failure, after the same password check.
     Returns the user as the same transaction left it (roles and token_version for the token)."""
     now = utcnow()
     may_enter = _unlocked(now) if my_lock is None else or_(_unlocked(now), User.locked_until == my_lock)
@@ -112,7 +122,13 @@ def _take_success(
     with writing(db):
         taken = db.scalars(
             update(User)
-            .where(User.id == user_id, User.is_active.is_(True), User.hashed_password == checked, may_enter)
+            .where(
+                User.id == user_id,
+                User.is_active.is_(True),
+                _unexpired(now),
+                User.hashed_password == checked,
+                may_enter,
+            )
             .values(**values)
             .returning(User.id)
             .execution_options(synchronize_session=False)
@@ -149,8 +165,8 @@ def login(
 
 
 def check_token_holder(db: Session, claims: dict[str, Any], required_role: str | None = None) -> User:
-    """The token's user, if it still exists, is enabled, is not locked, has not revoked
-    the token and (when asked) still holds the role.
+    """The token's user, if it still exists, is enabled, is not locked, has not expired, has
+    not revoked the token and (when asked) still holds the role.
 
     The holder is found by `sub`, the user's `uid`: never reused, so a deleted user's token
     can never pass as whoever is created next, here or in another database.
@@ -164,8 +180,11 @@ def check_token_holder(db: Session, claims: dict[str, Any], required_role: str |
         raise TokenInvalid("token invalid: the user no longer exists")
     if not user.is_active:
         raise TokenInvalid("token invalid: the user is disabled")
-    if _is_locked(user, utcnow()):
+    now = utcnow()
+    if _is_locked(user, now):
         raise TokenInvalid("token invalid: the user is locked")
+    if _is_expired(user, now):
+        raise TokenInvalid("token invalid: the user's account expired")
     if claims.get(VERSION_CLAIM, 0) != user.token_version:
         raise TokenInvalid("token invalid: revoked")
     if required_role is not None and required_role not in user.role_names:

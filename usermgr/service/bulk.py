@@ -16,7 +16,8 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from usermgr.config import Settings
-from usermgr.database import utcnow
+from usermgr.contract import IMPORTED_FIELDS
+from usermgr.database import UtcDateTime, utcnow
 from usermgr.errors import Conflict, InvalidInput
 from usermgr.models import Role, User, new_uid, user_roles
 
@@ -87,20 +88,22 @@ class ImportResult:
     skipped: int = 0
 
 
+_SPOOLED = (*IMPORTED_FIELDS, "hashed_password")
+_WRITTEN = tuple(name for name in IMPORTED_FIELDS if name not in ("uid", "roles"))
+"""The users columns a row sets as they are (the uid and the roles have rules of their own)."""
+_TIMES = frozenset(column.name for column in USERS.columns if isinstance(column.type, UtcDateTime))
+
+
+def _plain(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
 def _spooled_row(line: int, row: ImportRow) -> dict[str, Any]:
-    """A valid row as it waits in the spool: plain values that marshal can write."""
-    return {
-        "line": line,
-        "uid": row.uid,
-        "email": row.email,
-        "username": row.username,
-        "full_name": row.full_name,
-        "roles": sorted(set(row.roles)),
-        "is_active": row.is_active,
-        "hashed_password": row.hashed_password,
-        "created_at": row.created_at.isoformat() if row.created_at else None,
-        "last_login_at": row.last_login_at.isoformat() if row.last_login_at else None,
-    }
+    """A valid row as it waits in the spool: plain values that marshal can write (times as ISO text)."""
+    spooled = {name: _plain(getattr(row, name)) for name in _SPOOLED}
+    spooled["line"] = line
+    spooled["roles"] = sorted(set(row.roles))
+    return spooled
 
 
 def plan_import(rows: Iterable[Any]) -> ImportPlan:
@@ -281,12 +284,16 @@ def _check_uids(db: Session, chunk: list[SpooledRow]) -> None:
 
 
 def _user_values(plan: ImportPlan, row: SpooledRow) -> dict[str, Any]:
-    values = {name: row[name] for name in ("email", "username", "full_name", "is_active")}
+    values = {name: _column_value(name, row[name]) for name in _WRITTEN}
     values["hashed_password"] = plan.hashes.get(row["line"], row["hashed_password"])
-    values["last_login_at"] = datetime.fromisoformat(row["last_login_at"]) if row["last_login_at"] else None
-    if row["created_at"]:
-        values["created_at"] = datetime.fromisoformat(row["created_at"])
+    if values["created_at"] is None:
+        del values["created_at"]  # a new user's is now, and an existing user keeps theirs
     return values
+
+
+def _column_value(name: str, value: Any) -> Any:
+    """A spooled value as its column takes it: times back from ISO text."""
+    return datetime.fromisoformat(value) if name in _TIMES and value is not None else value
 
 
 def _insert_rows(db: Session, plan: ImportPlan, rows: list[SpooledRow], role_ids: _RoleIds) -> list[int]:

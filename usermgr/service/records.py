@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, or_, select
@@ -29,10 +30,15 @@ def user_record(user: User) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class UserFilter:
+    """Which users a list shows. `expired`: their expiry has passed; `expires_before`: their
+    expiry is before that time (those already expired included)."""
+
     role: str | None = None
     admin: bool = False
     active: bool | None = None
     locked: bool = False
+    expired: bool = False
+    expires_before: datetime | None = None
     search: str | None = None
     limit: int | None = None
     offset: int = 0
@@ -57,6 +63,10 @@ def _filtered(statement: Any, filters: UserFilter) -> Any:
         statement = statement.where(User.is_active.is_(filters.active))
     if filters.locked:
         statement = statement.where(User.locked_until > utcnow())
+    if filters.expired:
+        statement = statement.where(User.expires_at <= utcnow())
+    if filters.expires_before is not None:
+        statement = statement.where(User.expires_at < filters.expires_before)
     if filters.search:
         text = filters.search
         statement = statement.where(

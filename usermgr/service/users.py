@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from usermgr.config import Settings
+from usermgr.config import Settings, parse_duration
+from usermgr.database import utcnow
 from usermgr.errors import Conflict, InvalidInput
 from usermgr.models import User
 
 if TYPE_CHECKING:
     from usermgr.schemas import UserCreate, UserUpdate
-from usermgr.service.core import checked, reading, resolve_many, user_named, validated, writing
+from usermgr.service.core import checked, reading, resolve_many, storable, user_named, validated, writing
 from usermgr.service.revocation import revoking_tokens_on_change
 from usermgr.service.roles import ensured_role, granted_role_names, keeping_an_admin
 
@@ -45,24 +48,80 @@ def refuse_lookalike(db: Session, email: str, line: int | None = None) -> None:
         )
 
 
-def check_new_user(db: Session, data: UserCreate, *, roles: Sequence[str] = ()) -> None:
+_DURATION_LIKE = re.compile(r"\s*[0-9]+\s*[smhd]?\s*", re.ASCII)
+MAX_WHEN_LENGTH = 64  # far longer than any ISO 8601 time or duration
+
+
+def expiry(text: str, *, what: str = "--expires", never: bool = True) -> datetime | None:
+    """The UTC time a WHEN names: `never` (None, where `never` is allowed), a duration from
+    now with its unit (`90d`, as --ttl takes them), or an ISO 8601 date (its start, in UTC)
+    or date and time (in UTC unless it has an offset). A bare number is refused: it reads
+    as seconds and as a date (20270131) alike."""
+    from usermgr.schemas import utc_time
+
+    shown = repr(text if len(text) <= 40 else text[:40] + "...")
+    forms = "an ISO 8601 date or time (2027-01-31, 2027-01-31T17:00Z), a duration such as 90d"
+    advice = f"use {forms}{', or never' if never else ''}"
+    word = text.strip()
+    if never and word == "never":
+        return None
+    if _DURATION_LIKE.fullmatch(word):
+        if word.isdigit():
+            raise InvalidInput(f"invalid {what} {shown}: give a unit (90d) or a date (2027-01-31)")
+        return utcnow() + timedelta(seconds=parse_duration(word, what=what))
+    if len(text) > MAX_WHEN_LENGTH or not storable(text):
+        raise InvalidInput(f"invalid {what} {shown}: {advice}")
+    try:
+        return utc_time(word)
+    except ValueError as error:
+        raise InvalidInput(f"invalid {what} {shown}: {error}; {advice}") from None
+
+
+def _check_ahead(expires_at: datetime | None) -> None:
+    """A new account expires in the future: one that is expired at birth could never be
+    used, so its time is a typo (2025 for 2027) far more often than a wish."""
+    if expires_at is not None and expires_at <= utcnow():
+        raise InvalidInput(
+            f"expiry {expires_at.isoformat()} is not in the future: a new account must expire later than now"
+        )
+
+
+def check_new_user(
+    db: Session, data: UserCreate, *, roles: Sequence[str] = (), expires_at: datetime | None = None
+) -> None:
     """Fail now if `create_user` would fail on these fields, so that a face can say so
     before it asks a person for a password. `create_user` checks again, in its transaction."""
     granted_role_names(roles, admin=False)
+    _check_ahead(expires_at)
     with reading(db):
         _ensure_unique(db, data.email, data.username)
 
 
 def create_user(
-    db: Session, settings: Settings, data: UserCreate, *, roles: Sequence[str] = (), admin: bool = False
+    db: Session,
+    settings: Settings,
+    data: UserCreate,
+    *,
+    roles: Sequence[str] = (),
+    admin: bool = False,
+    expires_at: datetime | None = None,
 ) -> User:
+    """A new user. `expires_at` (None: never) must be in the future; the signup route never
+    passes one, so that nobody sets their own account's expiry."""
     from usermgr import security
 
     role_names = granted_role_names(roles, admin)
+    _check_ahead(expires_at)
     hashed = security.hash_password(data.password, settings.hash_profile) if data.password else None
     with writing(db):
         _ensure_unique(db, data.email, data.username)
-        user = User(email=data.email, username=data.username, full_name=data.full_name, hashed_password=hashed)
+        user = User(
+            email=data.email,
+            username=data.username,
+            full_name=data.full_name,
+            hashed_password=hashed,
+            expires_at=expires_at,
+        )
         user.roles = [ensured_role(db, name) for name in role_names]
         db.add(user)
         db.flush()
@@ -78,16 +137,24 @@ def new_user(
     return validated(UserCreate, email=email, username=username, full_name=full_name, password=password)
 
 
-def user_changes(**fields: Any) -> UserUpdate:
-    """Validate the given profile fields (only those given are applied)."""
+def user_changes(*, expires: str | None = None, **fields: Any) -> UserUpdate:
+    """Validate the given fields (only those given are applied). A profile field given as
+    None is not given; `expires_at` given as None clears the expiry. `expires` is a WHEN
+    as `update --expires` takes it (see `expiry`; `never` clears the expiry).
+
+    An expiry may be in the past: that ends the account's logins now, and says since when.
+    Setting one does not revoke tokens: the holder check refuses them once it has passed."""
     from usermgr.schemas import UserUpdate
 
-    return validated(UserUpdate, **{name: value for name, value in fields.items() if value is not None})
+    given = {name: value for name, value in fields.items() if value is not None or name == "expires_at"}
+    if expires is not None:
+        given["expires_at"] = expiry(expires)
+    return validated(UserUpdate, **given)
 
 
 def update_user(db: Session, ref: str, changes: UserUpdate) -> User:
     if not changes.model_fields_set:
-        raise InvalidInput("nothing to change: give a new email, username or full name")
+        raise InvalidInput("nothing to change: give a new email, username, full name or expiry")
     with writing(db):
         user = user_named(db, ref)
         values = changes.model_dump(include=changes.model_fields_set)
