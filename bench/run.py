@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import data
+import perfapi_figures
 from harness import (
     Figure,
     Goal,
@@ -289,6 +290,7 @@ FIGURES: list[tuple[str, str, Callable[[Workspace], list[Figure]]]] = [
     ("7", "verify - of 10,000 tokens", verify_stream),
     ("8", "disable - of 1,000 users", batch_disable),
     ("9", "login timing: unknown email vs wrong password", login_timing),
+    ("api", "GET /users/me vs a bare FastAPI app", perfapi_figures.users_me),
 ]
 
 
