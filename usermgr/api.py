@@ -38,7 +38,6 @@ from secure import CacheControl, ReferrerPolicy, Secure, XContentTypeOptions, XF
 from secure.middleware import SecureASGIMiddleware
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -191,24 +190,35 @@ def warm_up(app: FastAPI) -> None:
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl=TOKEN_URL, auto_error=False)
 
 
-def get_settings(runtime: Annotated[_Runtime, Depends(_runtime)]) -> Settings:
-    return runtime.settings
+# What each request pays for (GET /users/me is the hot path): FastAPI runs a plain `def`
+# dependency in its threadpool, a hop that costs more than a quick dependency's own work, and
+# a generator dependency takes two; every dependency also costs its solving. So the quick
+# ones are `async def` and take the `Request` itself, and the token's holder is checked in
+# one `def` dependency with a session of its own (`_holder`): one hop in all.
 
 
-def get_db(runtime: Annotated[_Runtime, Depends(_runtime)]) -> Iterator[Session]:
+async def get_settings(request: Request) -> Settings:
+    return _runtime(request).settings
+
+
+def get_db(request: Request) -> Iterator[Session]:
     """One session per request, closed after it; the service opens the transactions."""
-    db = runtime.database.SessionLocal()
+    db = _runtime(request).database.SessionLocal()
     try:
         yield db
     finally:
         db.close()
 
 
-def bearer_token(token: Annotated[str | None, Depends(oauth2_scheme)]) -> str:
-    """The request's bearer token, unchecked; 401 when there is none."""
+def _bearer(token: str | None) -> str:
     if not token:
         raise errors.TokenInvalid(f"not authenticated: send `Authorization: Bearer <token>` (get one at {TOKEN_URL})")
     return token
+
+
+async def bearer_token(token: Annotated[str | None, Depends(oauth2_scheme)]) -> str:
+    """The request's bearer token, unchecked; 401 when there is none."""
+    return _bearer(token)
 
 
 def token_claims(
@@ -219,18 +229,18 @@ def token_claims(
     return tokens.decode_token(token, settings, key, algorithm)
 
 
-def _holder(db: Session, settings: Settings, token: str, role: str | None = None) -> User:
+def _holder(runtime: _Runtime, token: str, role: str | None = None) -> User:
+    """The holder check in a session of its own, closed before the route runs: one trip to
+    the threadpool for the whole check, where `get_db` (a generator dependency) takes two."""
+    settings = runtime.settings
     key, algorithm = tokens.verification_key(settings)
-    return service.holder_of_token(db, settings, token, key, algorithm, required_role=role)[1]
+    with runtime.database.SessionLocal() as db:
+        return service.holder_of_token(db, settings, token, key, algorithm, required_role=role)[1]
 
 
-def current_user(
-    token: Annotated[str, Depends(bearer_token)],
-    settings: Annotated[Settings, Depends(get_settings)],
-    db: Annotated[Session, Depends(get_db)],
-) -> User:
+def current_user(request: Request, token: Annotated[str | None, Depends(oauth2_scheme)]) -> User:
     """The token's holder, if it still exists, is enabled, is not locked and has not revoked the token."""
-    return _holder(db, settings, token)
+    return _holder(_runtime(request), _bearer(token))
 
 
 def require_role(name: str) -> Callable[..., User]:
@@ -238,12 +248,8 @@ def require_role(name: str) -> Callable[..., User]:
     just in the token's claims); 403 without it."""
     role = validate_role_name(name)
 
-    def holder_with_role(
-        token: Annotated[str, Depends(bearer_token)],
-        settings: Annotated[Settings, Depends(get_settings)],
-        db: Annotated[Session, Depends(get_db)],
-    ) -> User:
-        return _holder(db, settings, token, role)
+    def holder_with_role(request: Request, token: Annotated[str | None, Depends(oauth2_scheme)]) -> User:
+        return _holder(_runtime(request), _bearer(token), role)
 
     holder_with_role.__name__ = f"require_role_{role}"
     return holder_with_role
@@ -370,8 +376,8 @@ users_router = APIRouter(prefix="/users", tags=["users"], max_body_size=MAX_BODY
 @users_router.get(
     "/me", response_model=UserResponse, responses=_responses(*_AUTHENTICATED), summary="The token's holder"
 )
-def read_me(user: Annotated[User, Depends(current_user)]) -> User:
-    return user
+async def read_me(user: Annotated[User, Depends(current_user)]) -> User:
+    return user  # async: nothing left to block on, so no second trip to the threadpool
 
 
 @users_router.get(
@@ -488,11 +494,16 @@ class _DeclaredBodyLimit:
 
     @staticmethod
     def _declared_length(scope: Scope) -> int:
-        """The Content-Length, or 0 without one (the server itself refuses a malformed one)."""
-        try:
-            return int(Headers(scope=scope).get("content-length", "0"))
-        except ValueError:
-            return 0
+        """The Content-Length, or 0 without one (the server itself refuses a malformed one).
+        Read off the raw header list: ASGI servers give the names lowercased, and a
+        `Headers` lookup that misses (every GET) costs a raised KeyError."""
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    return int(value)
+                except ValueError:
+                    return 0
+        return 0
 
 
 def _documented_methods(app: FastAPI, path: str) -> set[str]:
