@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
+from anyio import to_thread
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -64,6 +65,13 @@ _STATE_KEY = "usermgr"
 MAX_BODY_BYTES = 1024 * 1024
 """The largest request body accepted (1 MiB): a signup or a PATCH needs a few hundred bytes."""
 BODY_TOO_LARGE = f"request body too large: send at most {MAX_BODY_BYTES} bytes"
+
+API_THREADS = 16
+"""Threads for blocking work (a route or dependency that is a plain `def`: the database, a
+password hash) in each server process, and so its database connections: with one pool
+connection per thread none waits for one, and `--workers N` opens at most N x 16 on
+PostgreSQL (its default max_connections is 100). Above two cores' worth, more threads
+only queue on the GIL and on argon2's CPU."""
 SERVER_ERROR = "internal server error: the server's log has the details"
 
 SECURITY_HEADERS = Secure(
@@ -110,7 +118,7 @@ class _Runtime:
         if self._database is None:
             with self._lock:
                 if self._database is None:
-                    self._database = database.Database(self.settings.database_url)
+                    self._database = database.Database(self.settings.database_url, pool_size=API_THREADS)
         return self._database
 
 
@@ -546,6 +554,7 @@ def _add_http_edge(app: FastAPI) -> None:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    to_thread.current_default_thread_limiter().total_tokens = API_THREADS  # as many as the pool's connections
     await run_in_threadpool(warm_up, app)
     yield
 
