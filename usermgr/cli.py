@@ -860,13 +860,37 @@ def export(app: App, with_hashes: bool, no_csv_guard: bool, fmt: str) -> None:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Server processes (uvicorn's workers). They share every rule through the database: use PostgreSQL.",
+)
+@click.option(
+    "--proxy-headers/--no-proxy-headers",
+    default=True,
+    show_default=True,
+    help="Take the client's address and scheme from X-Forwarded-For/-Proto sent by --forwarded-allow-ips.",
+)
+@click.option(
+    "--forwarded-allow-ips",
+    metavar="IPS",
+    help="Comma-separated proxy addresses (or *) trusted for X-Forwarded-*."
+    " [default: $FORWARDED_ALLOW_IPS, else 127.0.0.1]",
+)
 @pass_app
-def serve(app: App, host: str, port: int) -> None:
+def serve(app: App, host: str, port: int, workers: int, proxy_headers: bool, forwarded_allow_ips: str | None) -> None:
     """Run the HTTP API with uvicorn (needs the `api` extra).
+
+    With --workers N, N processes answer on one port; a lockout, the last admin and a
+    revoked token hold across them, as across hosts, because they live in the database.
+    On SQLite they work too, but every write waits for the one before it.
 
     \b
     Example:
       usermgr --db users.db serve --port 8000
+      usermgr --db postgresql://app@db/app serve --host 0.0.0.0 --workers 4 --forwarded-allow-ips 10.0.0.2
     """
     try:
         import uvicorn
@@ -875,7 +899,22 @@ def serve(app: App, host: str, port: int) -> None:
     except ImportError:
         raise errors.ConfigurationError("the HTTP API needs the `api` extra: pip install 'usermgr[api]'") from None
     database.check_url(app.settings.database_url)  # an unusable URL stops here, not on every request
-    uvicorn.run(create_app(app.settings), host=host, port=port)
+    server = {"host": host, "port": port, "proxy_headers": proxy_headers, "forwarded_allow_ips": forwarded_allow_ips}
+    if workers == 1:
+        uvicorn.run(create_app(app.settings), **server)
+        return
+    # Each worker is a new process that builds its own app from the USERMGR_* variables:
+    # hand it the settings this command was given as options.
+    os.environ.update(_settings_environment(app.settings))
+    uvicorn.run("usermgr.api:create_app", factory=True, workers=workers, **server)
+
+
+def _settings_environment(settings: Settings) -> dict[str, str]:
+    """The USERMGR_* variables that give a new process the settings of the global options."""
+    variables = {"USERMGR_DATABASE_URL": settings.database_url, "USERMGR_DEBUG": "1" if settings.debug else ""}
+    if settings.key_file is not None:
+        variables["USERMGR_KEY_FILE"] = str(settings.key_file)
+    return variables
 
 
 if __name__ == "__main__":
