@@ -49,6 +49,7 @@ sys.path.insert(0, str(BENCH.parent))  # tests.pg_server, the suite's PostgreSQL
 
 import perfapi_figures as figures  # noqa: E402
 from harness import machine, progress  # noqa: E402
+from run import commit  # noqa: E402
 
 from tests.pg_server import PostgresServer  # noqa: E402
 
@@ -432,14 +433,16 @@ def report(
     me: tuple[list[figures.Load], list[figures.Load]],
     login_per_s: float,
     started: str,
+    load: str,
 ) -> str:
     seconds = tally.seconds
     cores = os.cpu_count() or 1
     lines = [
         SECTION,
         "",
-        f"Written by `make loadtest` (bench/loadtest.py) on {started}: {cores} cores, load average at the start"
-        f" {machine()['load average at start (1, 5, 15 min)']}; PostgreSQL (tests/pg_server.py: fsync off) and"
+        f"Written by `make loadtest` (bench/loadtest.py) on {started}, usermgr commit {commit()}: {cores} cores,"
+        " load average at the start"
+        f" {load}; PostgreSQL (tests/pg_server.py: fsync off) and"
         f" `usermgr serve --workers {args.workers}` on 127.0.0.1, everything driven at once for {seconds:.0f} s"
         " from this"
         " one machine, so the load generator and the CLI take CPU from the server.",
@@ -514,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print the report only; leave bench/RESULTS.md alone")
     args = parser.parse_args(argv)
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load = machine()["load average at start (1, 5, 15 min)"]
     with ExitStack() as stack:
         root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="usermgr-loadtest-")))
         progress("starting PostgreSQL")
@@ -545,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         me = figures.compare_me(ours, bare, token_of(ours.port, reader(1)), args.turns, args.turn_seconds)
         progress("logins alone, 10 s")
         login_per_s = login_rate(ours.port, 10.0, threads=4)
-    text = report(args, tally, results, me, login_per_s, started)
+    text = report(args, tally, results, me, login_per_s, started, load)
     print(text)
     if not args.no_write:
         write_section(text)

@@ -899,14 +899,22 @@ def serve(app: App, host: str, port: int, workers: int, proxy_headers: bool, for
     except ImportError:
         raise errors.ConfigurationError("the HTTP API needs the `api` extra: pip install 'usermgr[api]'") from None
     database.check_url(app.settings.database_url)  # an unusable URL stops here, not on every request
-    server = {"host": host, "port": port, "proxy_headers": proxy_headers, "forwarded_allow_ips": forwarded_allow_ips}
     if workers == 1:
-        uvicorn.run(create_app(app.settings), **server)
-        return
-    # Each worker is a new process that builds its own app from the USERMGR_* variables:
-    # hand it the settings this command was given as options.
-    os.environ.update(_settings_environment(app.settings))
-    uvicorn.run("usermgr.api:create_app", factory=True, workers=workers, **server)
+        target: Any = create_app(app.settings)
+    else:
+        # Each worker is a new process that builds its own app from the USERMGR_* variables:
+        # hand it the settings this command was given as options.
+        os.environ.update(_settings_environment(app.settings))
+        target = "usermgr.api:create_app"
+    uvicorn.run(
+        target,
+        factory=workers > 1,
+        workers=workers,
+        host=host,
+        port=port,
+        proxy_headers=proxy_headers,
+        forwarded_allow_ips=forwarded_allow_ips,
+    )
 
 
 def _settings_environment(settings: Settings) -> dict[str, str]:
