@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 RUFF_OPTS := --line-length 120 --target-version py311
 RUFF_RULES := --select E,F,W,I,B,UP,SIM,RUF --ignore RUF001,RUF002,RUF003
 
-.PHONY: install run test lint format sample bench mutate clean
+.PHONY: install run test lint format sample bench loadtest mutate clean
 
 install: $(STAMP)
 
@@ -42,6 +42,13 @@ sample: install
 
 bench: install
 	$(BIN)/python bench/run.py
+
+# Load test (not part of `make test`): a throwaway PostgreSQL and `usermgr serve --workers 2` under
+# logins, GET /users/me, admin writes and CLI import/disable at once for LOADTEST_SECONDS, then the
+# rules checked; writes the "Load test" section of bench/RESULTS.md. Uses wrk when it is installed.
+LOADTEST_SECONDS ?= 60
+loadtest: install
+	$(BIN)/python bench/loadtest.py --seconds $(LOADTEST_SECONDS)
 
 # Mutation testing (not part of `make test`): mutmut over a seeded random sample of the mutants of
 # the rule-holding modules ([mutmut] in setup.cfg), on the SQLite half of the suite; prints the score.

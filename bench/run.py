@@ -27,6 +27,7 @@ from typing import Any
 
 import data
 import keys_figures
+import perfapi_figures
 from harness import (
     Figure,
     Goal,
@@ -291,6 +292,7 @@ FIGURES: list[tuple[str, str, Callable[[Workspace], list[Figure]]]] = [
     ("8", "disable - of 1,000 users", batch_disable),
     ("9", "login timing: unknown email vs wrong password", login_timing),
     ("11", "verify - with a 5-key ring, and vs plain PyJWT", keys_figures.keys_verify),
+    ("api", "GET /users/me vs a bare FastAPI app", perfapi_figures.users_me),
 ]
 
 

@@ -14,7 +14,7 @@ import sys
 import time
 import unicodedata
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -355,14 +355,16 @@ def _wait_until_healthy(served: Served) -> None:
 
 
 @contextmanager
-def serving(env: dict[str, str], log: Path) -> Iterator[Served]:
-    """A real `usermgr serve` on a free loopback port, healthy, logging to `log`; stopped
-    (SIGTERM) on leaving, and its log printed, which pytest shows when the test fails."""
+def serving(
+    env: dict[str, str], log: Path, *serve_options: str, global_options: Sequence[str] = ()
+) -> Iterator[Served]:
+    """A real `usermgr [global_options] serve --port PORT [serve_options]` on a free loopback
+    port, healthy, logging to `log`; stopped (SIGTERM) on leaving, and its log printed, which
+    pytest shows when the test fails."""
     port = free_port()
+    command = [str(USERMGR), *global_options, "serve", "--port", str(port), *serve_options]
     with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [str(USERMGR), "serve", "--port", str(port)], env=process_env(env), stdout=sink, stderr=subprocess.STDOUT
-        )
+        process = subprocess.Popen(command, env=process_env(env), stdout=sink, stderr=subprocess.STDOUT)
     served = Served(process, port, f"http://127.0.0.1:{port}", log)
     try:
         _wait_until_healthy(served)

@@ -31,6 +31,7 @@ from contextlib import asynccontextmanager
 from importlib.resources import files
 from typing import Annotated, Any, Literal
 
+from anyio import to_thread
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -43,7 +44,6 @@ from secure import CacheControl, ReferrerPolicy, Secure, XContentTypeOptions, XF
 from secure.middleware import SecureASGIMiddleware
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -70,6 +70,13 @@ _STATE_KEY = "usermgr"
 MAX_BODY_BYTES = 1024 * 1024
 """The largest request body accepted (1 MiB): a signup or a PATCH needs a few hundred bytes."""
 BODY_TOO_LARGE = f"request body too large: send at most {MAX_BODY_BYTES} bytes"
+
+API_THREADS = 16
+"""Threads for blocking work (a route or dependency that is a plain `def`: the database, a
+password hash) in each server process, and so its database connections: with one pool
+connection per thread none waits for one, and `--workers N` opens at most N x 16 on
+PostgreSQL (its default max_connections is 100). Above two cores' worth, more threads
+only queue on the GIL and on argon2's CPU."""
 SERVER_ERROR = "internal server error: the server's log has the details"
 DOCS_ASSETS_PATH = "/docs-assets"
 """Where the app serves Swagger UI's and ReDoc's own files (scripts, style sheet, icon)."""
@@ -118,7 +125,7 @@ class _Runtime:
         if self._database is None:
             with self._lock:
                 if self._database is None:
-                    self._database = database.Database(self.settings.database_url)
+                    self._database = database.Database(self.settings.database_url, pool_size=API_THREADS)
         return self._database
 
 
@@ -198,24 +205,35 @@ def warm_up(app: FastAPI) -> None:
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl=TOKEN_URL, auto_error=False)
 
 
-def get_settings(runtime: Annotated[_Runtime, Depends(_runtime)]) -> Settings:
-    return runtime.settings
+# What each request pays for (GET /users/me is the hot path): FastAPI runs a plain `def`
+# dependency in its threadpool, a hop that costs more than a quick dependency's own work, and
+# a generator dependency takes two; every dependency also costs its solving. So the quick
+# ones are `async def` and take the `Request` itself, and the token's holder is checked in
+# one `def` dependency with a session of its own (`_holder`): one hop in all.
 
 
-def get_db(runtime: Annotated[_Runtime, Depends(_runtime)]) -> Iterator[Session]:
+async def get_settings(request: Request) -> Settings:
+    return _runtime(request).settings
+
+
+def get_db(request: Request) -> Iterator[Session]:
     """One session per request, closed after it; the service opens the transactions."""
-    db = runtime.database.SessionLocal()
+    db = _runtime(request).database.SessionLocal()
     try:
         yield db
     finally:
         db.close()
 
 
-def bearer_token(token: Annotated[str | None, Depends(oauth2_scheme)]) -> str:
-    """The request's bearer token, unchecked; 401 when there is none."""
+def _bearer(token: str | None) -> str:
     if not token:
         raise errors.TokenInvalid(f"not authenticated: send `Authorization: Bearer <token>` (get one at {TOKEN_URL})")
     return token
+
+
+async def bearer_token(token: Annotated[str | None, Depends(oauth2_scheme)]) -> str:
+    """The request's bearer token, unchecked; 401 when there is none."""
+    return _bearer(token)
 
 
 def token_claims(
@@ -225,17 +243,17 @@ def token_claims(
     return tokens.decode_token(token, settings, tokens.verification_keys(settings))
 
 
-def _holder(db: Session, settings: Settings, token: str, role: str | None = None) -> User:
-    return service.holder_of_token(db, settings, token, tokens.verification_keys(settings), required_role=role)[1]
+def _holder(runtime: _Runtime, token: str, role: str | None = None) -> User:
+    """The holder check in a session of its own, closed before the route runs: one trip to
+    the threadpool for the whole check, where `get_db` (a generator dependency) takes two."""
+    settings = runtime.settings
+    with runtime.database.SessionLocal() as db:
+        return service.holder_of_token(db, settings, token, tokens.verification_keys(settings), required_role=role)[1]
 
 
-def current_user(
-    token: Annotated[str, Depends(bearer_token)],
-    settings: Annotated[Settings, Depends(get_settings)],
-    db: Annotated[Session, Depends(get_db)],
-) -> User:
+def current_user(request: Request, token: Annotated[str | None, Depends(oauth2_scheme)]) -> User:
     """The token's holder, if it still exists, is enabled, is not locked or expired and has not revoked the token."""
-    return _holder(db, settings, token)
+    return _holder(_runtime(request), _bearer(token))
 
 
 def require_role(name: str) -> Callable[..., User]:
@@ -243,12 +261,8 @@ def require_role(name: str) -> Callable[..., User]:
     just in the token's claims); 403 without it."""
     role = validate_role_name(name)
 
-    def holder_with_role(
-        token: Annotated[str, Depends(bearer_token)],
-        settings: Annotated[Settings, Depends(get_settings)],
-        db: Annotated[Session, Depends(get_db)],
-    ) -> User:
-        return _holder(db, settings, token, role)
+    def holder_with_role(request: Request, token: Annotated[str | None, Depends(oauth2_scheme)]) -> User:
+        return _holder(_runtime(request), _bearer(token), role)
 
     holder_with_role.__name__ = f"require_role_{role}"
     return holder_with_role
@@ -375,8 +389,8 @@ users_router = APIRouter(prefix="/users", tags=["users"], max_body_size=MAX_BODY
 @users_router.get(
     "/me", response_model=UserResponse, responses=_responses(*_AUTHENTICATED), summary="The token's holder"
 )
-def read_me(user: Annotated[User, Depends(current_user)]) -> User:
-    return user
+async def read_me(user: Annotated[User, Depends(current_user)]) -> User:
+    return user  # async: nothing left to block on, so no second trip to the threadpool
 
 
 @users_router.get(
@@ -551,11 +565,16 @@ class _DeclaredBodyLimit:
 
     @staticmethod
     def _declared_length(scope: Scope) -> int:
-        """The Content-Length, or 0 without one (the server itself refuses a malformed one)."""
-        try:
-            return int(Headers(scope=scope).get("content-length", "0"))
-        except ValueError:
-            return 0
+        """The Content-Length, or 0 without one (the server itself refuses a malformed one).
+        Read off the raw header list: ASGI servers give the names lowercased, and a
+        `Headers` lookup that misses (every GET) costs a raised KeyError."""
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    return int(value)
+                except ValueError:
+                    return 0
+        return 0
 
 
 def _documented_methods(app: FastAPI, path: str) -> set[str]:
@@ -598,6 +617,7 @@ def _add_http_edge(app: FastAPI) -> None:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    to_thread.current_default_thread_limiter().total_tokens = API_THREADS  # as many as the pool's connections
     await run_in_threadpool(warm_up, app)
     yield
 

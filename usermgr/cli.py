@@ -1063,13 +1063,37 @@ def export(app: App, with_hashes: bool, no_csv_guard: bool, fmt: str) -> None:
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port to listen on.")
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Server processes (uvicorn's workers). They share every rule through the database: use PostgreSQL.",
+)
+@click.option(
+    "--proxy-headers/--no-proxy-headers",
+    default=True,
+    show_default=True,
+    help="Take the client's address and scheme from X-Forwarded-For/-Proto sent by --forwarded-allow-ips.",
+)
+@click.option(
+    "--forwarded-allow-ips",
+    metavar="IPS",
+    help="Comma-separated proxy addresses (or *) trusted for X-Forwarded-*."
+    " [default: $FORWARDED_ALLOW_IPS, else 127.0.0.1]",
+)
 @pass_app
-def serve(app: App, host: str, port: int) -> None:
+def serve(app: App, host: str, port: int, workers: int, proxy_headers: bool, forwarded_allow_ips: str | None) -> None:
     """Run the HTTP API with uvicorn (needs the `api` extra).
+
+    With --workers N, N processes answer on one port; a lockout, the last admin and a
+    revoked token hold across them, as across hosts, because they live in the database.
+    On SQLite they work too, but every write waits for the one before it.
 
     \b
     Example:
       usermgr --db users.db serve --port 8000
+      usermgr --db postgresql://app@db/app serve --host 0.0.0.0 --workers 4 --forwarded-allow-ips 10.0.0.2
     """
     try:
         import uvicorn
@@ -1081,7 +1105,30 @@ def serve(app: App, host: str, port: int) -> None:
     tokens.signing_key(app.settings)  # so does a missing key: a container without its secret exits 2 at once
     base_url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     note(f"serving on {base_url} (docs: {base_url}/docs)")
-    uvicorn.run(create_app(app.settings), host=host, port=port)
+    if workers == 1:
+        target: Any = create_app(app.settings)
+    else:
+        # Each worker is a new process that builds its own app from the USERMGR_* variables:
+        # hand it the settings this command was given as options.
+        os.environ.update(_settings_environment(app.settings))
+        target = "usermgr.api:create_app"
+    uvicorn.run(
+        target,
+        factory=workers > 1,
+        workers=workers,
+        host=host,
+        port=port,
+        proxy_headers=proxy_headers,
+        forwarded_allow_ips=forwarded_allow_ips,
+    )
+
+
+def _settings_environment(settings: Settings) -> dict[str, str]:
+    """The USERMGR_* variables that give a new process the settings of the global options."""
+    variables = {"USERMGR_DATABASE_URL": settings.database_url, "USERMGR_DEBUG": "1" if settings.debug else ""}
+    if settings.key_file is not None:
+        variables["USERMGR_KEY_FILE"] = str(settings.key_file)
+    return variables
 
 
 if __name__ == "__main__":

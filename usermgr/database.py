@@ -81,14 +81,19 @@ def _on_sqlite_begin(connection: Connection) -> None:
     connection.exec_driver_sql(f"BEGIN {mode}")
 
 
-def make_engine(url: str | URL) -> Engine:
-    """A new engine for `url`, with SQLite's pragmas and write locking wired in."""
+def make_engine(url: str | URL, *, pool_size: int | None = None) -> Engine:
+    """A new engine for `url`, with SQLite's pragmas and write locking wired in. `pool_size`:
+    at most that many connections, kept open once made (a server with that many threads: none
+    waits for a connection); None: SQLAlchemy's pool (5, and 10 more while busy)."""
+    pool = {} if pool_size is None else {"pool_size": pool_size, "max_overflow": 0}
     if make_url(url).get_backend_name() == "sqlite":
-        engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, hide_parameters=True)
+        engine = create_engine(
+            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, hide_parameters=True, **pool
+        )
         event.listen(engine, "connect", _on_sqlite_connect)
         event.listen(engine, "begin", _on_sqlite_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True, hide_parameters=True)
+    return create_engine(url, pool_pre_ping=True, hide_parameters=True, **pool)
 
 
 def masked(url: URL) -> str:
@@ -163,11 +168,11 @@ class Database:
     every command that opens a database means to keep what it does.
     """
 
-    def __init__(self, url: str, *, must_exist: bool = True) -> None:
+    def __init__(self, url: str, *, must_exist: bool = True, pool_size: int | None = None) -> None:
         parsed = check_url(url)
         _check_sqlite_file(parsed, must_exist)
         try:
-            self.engine = make_engine(parsed)
+            self.engine = make_engine(parsed, pool_size=pool_size)
         except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as error:
             raise ConfigurationError(
                 f"cannot use database URL {masked(parsed)}: {_scrub(_first_line(error), parsed)}"

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import bindparam, case, null, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from usermgr.config import Settings
 from usermgr.database import UtcDateTime, utcnow
@@ -164,6 +164,11 @@ def login(
     )
 
 
+_HOLDER = select(User).where(User.uid == bindparam("uid")).options(joinedload(User.roles))
+"""A token's holder with their roles joined in: one read per authenticated request, where the
+relationship's own (selectin) loading takes two. Built once: no request builds it or its cache key again."""
+
+
 def check_token_holder(db: Session, claims: dict[str, Any], required_role: str | None = None) -> User:
     """The token's user, if it still exists, is enabled, is not locked, has not expired, has
     not revoked the token and (when asked) still holds the role.
@@ -175,7 +180,7 @@ def check_token_holder(db: Session, claims: dict[str, Any], required_role: str |
 
     subject = claims.get("sub")
     with reading(db):
-        user = db.scalars(select(User).where(User.uid == subject)).first() if _is_uid(subject) else None
+        user = db.scalars(_HOLDER, {"uid": subject}).unique().first() if _is_uid(subject) else None
     if user is None:
         raise TokenInvalid("token invalid: the user no longer exists")
     if not user.is_active:
