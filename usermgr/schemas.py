@@ -25,9 +25,12 @@ from pydantic import (
     model_validator,
 )
 
+# The role-name rule lives in contract.py (no pydantic there); api.py imports it from here.
+from usermgr.contract import ROLE_NAME as ROLE_NAME
+from usermgr.contract import validate_role_name
+
 PASSWORD_MIN_LENGTH = 8
 PASSWORD_MAX_LENGTH = 1024
-ROLE_NAME = re.compile(r"[a-z0-9_-]{1,64}")
 USERNAME = re.compile(r"[A-Za-z0-9_.@+-]{1,150}")
 FULL_NAME_MAX_LENGTH = 300
 # Hash formats `import` stores as they are: argon2 (PHC) and bcrypt (modular crypt).
@@ -74,12 +77,6 @@ def validate_password(password: str) -> str:
     if len(normalized) > PASSWORD_MAX_LENGTH:
         raise ValueError(f"password too long: use at most {PASSWORD_MAX_LENGTH} characters")
     return normalized
-
-
-def validate_role_name(name: str) -> str:
-    if not isinstance(name, str) or not ROLE_NAME.fullmatch(name):
-        raise ValueError(f"invalid role name {name!r}: use 1 to 64 of a-z, 0-9, _ and -")
-    return name
 
 
 def _check_username(value: str) -> str:

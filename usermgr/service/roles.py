@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from usermgr.contract import ADMIN_ROLE
+from usermgr.contract import ADMIN_ROLE, validate_role_name
 from usermgr.errors import Conflict
 from usermgr.models import Role, User, user_roles
 
@@ -20,8 +20,6 @@ from usermgr.service.revocation import revoking_tokens_on_change
 
 
 def validated_role(name: str) -> str:
-    from usermgr.schemas import validate_role_name
-
     return checked(validate_role_name, name)
 
 
