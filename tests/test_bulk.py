@@ -172,6 +172,18 @@ def test_plaintext_passwords_are_hashed_with_an_estimate(run: Runner) -> None:
     assert logged_in.exit_code == 0, logged_in.stderr
 
 
+@pytest.mark.parametrize("conflicting", ["old@example.com", "first@example.com"], ids=["existing", "repeated"])
+def test_a_conflict_is_found_before_any_password_is_hashed(run: Runner, conflicting: str) -> None:
+    assert run("create", "--email", "old@example.com", "--no-password").exit_code == 0
+    rows = [{"email": "first@example.com", "password": "correct horse"}]
+    rows += [{"email": f"u{n}@example.com"} for n in range(3)] + [{"email": conflicting}]
+    result = run("import", "-", "--format", "jsonl", input=jsonl(*rows))
+    assert result.exit_code == 5, result.stderr
+    assert "line 5" in result.stderr
+    assert "hashing" not in result.stderr  # announced before the first hash: none was made
+    assert emails(run) == ["old@example.com"]
+
+
 def test_imported_bcrypt_hash_logs_in_and_is_upgraded(run: Runner, db, settings) -> None:
     hashed = bcrypt.hashpw(b"legacy-password", bcrypt.gensalt(rounds=4)).decode()
     result = run("import", "-", "--format", "jsonl", input=jsonl({"email": "b@example.com", "hashed_password": hashed}))

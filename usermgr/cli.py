@@ -764,6 +764,7 @@ def import_users(app: App, source: str, fmt: str | None, on_conflict: str, dry_r
     try:
         with app.session() as db:
             if plan.passwords and not dry_run:
+                service.check_import(db, plan, on_conflict=on_conflict)  # a conflict before the first hash
                 _hash_with_progress(plan, app.settings)
             result = _write_with_progress(db, plan, on_conflict, dry_run)
     finally:
