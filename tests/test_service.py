@@ -260,6 +260,25 @@ def test_list_records_have_the_contract_fields_and_no_hash(db: Session, people: 
     assert all(record["hashed_password"].startswith("$argon2") for record in with_hashes)
 
 
+def test_iso_times_are_the_timestamps_isoformat(db: Session, settings: Settings) -> None:
+    from datetime import UTC, datetime
+
+    whole_second = add(db, settings, "whole@example.com", password=None)
+    fraction = add(db, settings, "fraction@example.com", password=None)
+    with db.begin():
+        db.get(User, whole_second.id).created_at = datetime(2026, 1, 2, 9, 0, 0, tzinfo=UTC)
+        user = db.get(User, fraction.id)
+        user.created_at = datetime(2026, 1, 2, 9, 0, 0, 120, tzinfo=UTC)
+        user.last_login_at = datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+        user.locked_until = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+    times = ("created_at", "last_login_at", "locked_until")
+    as_datetimes = list(service.iter_user_records(db))
+    expected = [{**r, **{name: r[name] and r[name].isoformat() for name in times}} for r in as_datetimes]
+    assert list(service.iter_user_records(db, iso_times=True)) == expected
+    assert expected[0]["created_at"] == "2026-01-02T09:00:00+00:00"
+    assert expected[1]["created_at"] == "2026-01-02T09:00:00.000120+00:00"
+
+
 @pytest.mark.parametrize(
     ("filters", "expected"),
     [

@@ -389,7 +389,7 @@ def list_users(
         role=role, admin=admin, active=active, locked=locked, search=search, limit=limit, offset=offset
     )
     with app.session() as db:
-        output.write_records(service.iter_user_records(db, filters), fmt, USER_FIELDS)
+        output.write_records(service.iter_user_records(db, filters, iso_times=True), fmt, USER_FIELDS)
 
 
 @cli.command()
@@ -853,7 +853,7 @@ def export(app: App, with_hashes: bool, no_csv_guard: bool, fmt: str) -> None:
     """
     fields = (*USER_FIELDS, "hashed_password") if with_hashes else USER_FIELDS
     with app.session() as db:
-        records = service.iter_user_records(db, with_hashes=with_hashes)
+        records = service.iter_user_records(db, with_hashes=with_hashes, iso_times=True)
         count = output.write_records(records, fmt, fields, csv_guard=not no_csv_guard)
     note(f"exported {count} user{'s' if count != 1 else ''}")
 

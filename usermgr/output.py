@@ -16,8 +16,8 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import islice
 from datetime import datetime
+from itertools import islice
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 from usermgr.errors import InvalidInput
