@@ -20,6 +20,7 @@ def validate_role_name(name: str) -> str:
         raise ValueError(f"invalid role name {name!r}: use 1 to 64 of a-z, 0-9, _ and -")
     return name
 
+
 USER_FIELDS = (
     "id",
     "uid",

@@ -73,9 +73,7 @@ _BEYOND_PRINTABLE_ASCII = re.compile("[^\x20-\x7e]")
 
 
 def _has_invisible_or_control(text: str) -> bool:
-    return any(
-        unicodedata.category(char) in UNPRINTABLE_CATEGORIES for char in _BEYOND_PRINTABLE_ASCII.findall(text)
-    )
+    return any(unicodedata.category(char) in UNPRINTABLE_CATEGORIES for char in _BEYOND_PRINTABLE_ASCII.findall(text))
 
 
 def validate_password(password: str) -> str:
