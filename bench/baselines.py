@@ -1,6 +1,7 @@
 """Baselines that bench/run.py times as subprocesses: the same work without usermgr around it.
 
 python bench/baselines.py validate FILE.csv                ImportRow.model_validate on every row
+python bench/baselines.py plain-validate FILE.csv          a plain pydantic model with an EmailStr field
 python bench/baselines.py hash FILE.csv sequential|threads argon2-cffi PasswordHasher() on the passwords
 python bench/baselines.py decode KEY_FILE < TOKENS          PyJWT decode, one JSON line out per token
 python bench/baselines.py sqlite-json DB SQL               the sqlite3 CLI's job, with python's sqlite3
@@ -28,6 +29,24 @@ def validate(path: str) -> None:
             if "roles" in fields:
                 fields["roles"] = fields["roles"].split(";")
             ImportRow.model_validate(fields)
+
+
+def plain_validate(path: str) -> None:
+    """The same rows through a plain pydantic model with an email field, not usermgr's schema."""
+    from pydantic import BaseModel, EmailStr
+
+    class Row(BaseModel):
+        email: EmailStr
+        username: str | None = None
+        full_name: str | None = None
+        roles: list[str] = []
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            fields = {name: value for name, value in row.items() if value != ""}
+            if "roles" in fields:
+                fields["roles"] = fields["roles"].split(";")
+            Row.model_validate(fields)
 
 
 def hash_passwords(path: str, mode: str) -> None:
@@ -72,6 +91,7 @@ def sqlite_json(database: str, query: str) -> None:
 
 COMMANDS: dict[str, Callable[..., None]] = {
     "validate": validate,
+    "plain-validate": plain_validate,
     "hash": hash_passwords,
     "decode": decode,
     "sqlite-json": sqlite_json,

@@ -172,6 +172,18 @@ def test_plaintext_passwords_are_hashed_with_an_estimate(run: Runner) -> None:
     assert logged_in.exit_code == 0, logged_in.stderr
 
 
+@pytest.mark.parametrize("conflicting", ["old@example.com", "first@example.com"], ids=["existing", "repeated"])
+def test_a_conflict_is_found_before_any_password_is_hashed(run: Runner, conflicting: str) -> None:
+    assert run("create", "--email", "old@example.com", "--no-password").exit_code == 0
+    rows = [{"email": "first@example.com", "password": "correct horse"}]
+    rows += [{"email": f"u{n}@example.com"} for n in range(3)] + [{"email": conflicting}]
+    result = run("import", "-", "--format", "jsonl", input=jsonl(*rows))
+    assert result.exit_code == 5, result.stderr
+    assert "line 5" in result.stderr
+    assert "hashing" not in result.stderr  # announced before the first hash: none was made
+    assert emails(run) == ["old@example.com"]
+
+
 def test_imported_bcrypt_hash_logs_in_and_is_upgraded(run: Runner, db, settings) -> None:
     hashed = bcrypt.hashpw(b"legacy-password", bcrypt.gensalt(rounds=4)).decode()
     result = run("import", "-", "--format", "jsonl", input=jsonl({"email": "b@example.com", "hashed_password": hashed}))
@@ -312,3 +324,20 @@ def test_an_import_plan_counts_its_rows() -> None:
         assert plan.rows == 3
     finally:
         plan.close()
+
+
+def test_the_domain_cache_keeps_email_validators_rules() -> None:
+    from usermgr import schemas
+    from usermgr.errors import InvalidInput
+
+    hits_before = schemas.checked_domains.cache_info().hits
+    emails_in = ["a@cache.example.com", "b@exa_mple.com", "c@cache.example.com", "d@exa_mple.com", "e@-bad.example"]
+    rows = [InputRow(line, {"email": email}) for line, email in enumerate(emails_in, start=1)]
+    with pytest.raises(InvalidInput) as refused:
+        service.plan_import(rows)
+    lines = [line.split(":")[0] for line in str(refused.value).splitlines()[:-1]]
+    assert lines == ["line 2", "line 4", "line 5"]  # an invalid domain after a valid one, and again: refused
+    assert schemas.checked_domains.cache_info().hits > hits_before  # the valid domain was checked once
+    plan = service.plan_import(rows[:1] + rows[2:3])
+    plan.close()
+    assert plan.rows == 2

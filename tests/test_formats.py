@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -105,3 +106,59 @@ def test_import_text_reads_buffered_and_unbuffered_streams_alike(tmp_path: Path,
     with open(path, "rb") as buffered, open(path, "rb", buffering=0) as raw:
         assert not hasattr(raw, "read1")
         assert output.open_import_text(raw).read() == output.open_import_text(buffered).read() == text
+
+
+def _user(n: int, email: str | None = None) -> dict:
+    return {
+        "id": n,
+        "uid": f"00000000-0000-4000-8000-{n:012d}",
+        "email": email or f"user{n:07d}@example.com",
+        "username": None,
+        "full_name": "Ada Lovelace" if n % 2 else "Li Wei",
+        "is_active": True,
+        "roles": ["staff"] if n % 3 else [],
+        "created_at": datetime(2026, 1, 2, 9, 0, n % 60, tzinfo=UTC),
+        "last_login_at": None,
+        "locked_until": None,
+    }
+
+
+def test_a_table_past_its_first_window_looks_as_tabulate_makes_it() -> None:
+    from tabulate import tabulate
+
+    rows = [_user(n) for n in range(1, output.TABLE_WINDOW + 51)]
+    cells = [[output._cell(row[field], ", ") for field in FIELDS] for row in rows]
+    assert _written(rows, "table") == tabulate(cells, headers=list(FIELDS), disable_numparse=True) + "\n"
+
+
+def test_a_longer_value_after_the_first_window_widens_only_its_own_line() -> None:
+    from tabulate import tabulate
+
+    long_email = "a-much-longer-address-than-any-in-the-first-window@example.com"
+    rows = [_user(n) for n in range(1, output.TABLE_WINDOW + 3)]
+    rows.insert(output.TABLE_WINDOW, _user(output.TABLE_WINDOW + 5, long_email))
+    lines = _written(rows, "table").splitlines()
+    assert len(lines) == 2 + len(rows)
+    header, window, long_line, after = lines[0], lines[2 : 2 + output.TABLE_WINDOW], lines[-3], lines[-2:]
+    first = [[output._cell(row[field], ", ") for field in FIELDS] for row in rows[: output.TABLE_WINDOW]]
+    assert lines[: 2 + output.TABLE_WINDOW] == tabulate(first, headers=list(FIELDS), disable_numparse=True).splitlines()
+    email_at, name_at = header.index("email"), header.index("full_name")
+    assert long_line.split()[2] == long_email  # in full, in its column's place
+    assert long_line.index(long_email) == email_at
+    assert long_line.index("Ada Lovelace" if (output.TABLE_WINDOW + 5) % 2 else "Li Wei") > name_at
+    for line in [*window, *after]:  # every other row keeps the window's columns
+        assert line.index("@example.com") < name_at and line[name_at - 2 : name_at] == "  "
+        assert line[name_at] != " "
+
+
+def test_a_table_is_written_before_its_last_row_is_read() -> None:
+    out = io.StringIO()
+    seen_before_the_end: list[str] = []
+
+    def rows() -> Iterator[dict]:
+        yield from (_user(n) for n in range(1, output.TABLE_WINDOW + 2))
+        seen_before_the_end.append(out.getvalue())
+        yield _user(output.TABLE_WINDOW + 2)
+
+    assert output.write_records(rows(), "table", FIELDS, out) == output.TABLE_WINDOW + 2
+    assert seen_before_the_end[0].count("\n") == 2 + output.TABLE_WINDOW + 1  # header, rule, rows so far

@@ -147,3 +147,26 @@ def test_the_service_modules_import_downward_only() -> None:
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("usermgr.service.")
         }
         assert siblings <= set(SERVICE_ORDER[:position]), (name, siblings)
+
+
+@pytest.mark.parametrize(("role", "exit_code"), [("beta", 0), ("Not A Role!", 3)])
+def test_list_by_role_checks_the_name_without_pydantic(tmp_path: Path, role: str, exit_code: int) -> None:
+    db = tmp_path / "users.db"
+    env = {"USERMGR_KEY_FILE": str(tmp_path / "usermgr.key")}
+    subprocess.run(
+        [sys.executable, "-m", "usermgr", "--db", str(db), "init"],
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+        timeout=HANG_TIMEOUT,
+    )
+    code = f"""
+from usermgr.cli import main
+try:
+    main(["--db", {str(db)!r}, "list", "--role", {role!r}, "-o", "id"])
+except SystemExit as exit:
+    code = exit.code
+"""
+    report = loaded_after(code, {"sqlalchemy", "pydantic"}, env)
+    assert report["code"] == exit_code
+    assert report["loaded"] == ["sqlalchemy"]

@@ -260,6 +260,25 @@ def test_list_records_have_the_contract_fields_and_no_hash(db: Session, people: 
     assert all(record["hashed_password"].startswith("$argon2") for record in with_hashes)
 
 
+def test_iso_times_are_the_timestamps_isoformat(db: Session, settings: Settings) -> None:
+    from datetime import UTC, datetime
+
+    whole_second = add(db, settings, "whole@example.com", password=None)
+    fraction = add(db, settings, "fraction@example.com", password=None)
+    with db.begin():
+        db.get(User, whole_second.id).created_at = datetime(2026, 1, 2, 9, 0, 0, tzinfo=UTC)
+        user = db.get(User, fraction.id)
+        user.created_at = datetime(2026, 1, 2, 9, 0, 0, 120, tzinfo=UTC)
+        user.last_login_at = datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+        user.locked_until = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+    times = ("created_at", "last_login_at", "locked_until")
+    as_datetimes = list(service.iter_user_records(db))
+    expected = [{**r, **{name: r[name] and r[name].isoformat() for name in times}} for r in as_datetimes]
+    assert list(service.iter_user_records(db, iso_times=True)) == expected
+    assert expected[0]["created_at"] == "2026-01-02T09:00:00+00:00"
+    assert expected[1]["created_at"] == "2026-01-02T09:00:00.000120+00:00"
+
+
 @pytest.mark.parametrize(
     ("filters", "expected"),
     [
@@ -837,3 +856,45 @@ def test_a_login_checked_against_a_hash_replaced_meanwhile_is_not_taken(db: Sess
         stored = db.scalar(select(User.hashed_password).where(User.id == user.id))
     assert stored != checked and not stored.endswith("aGFzaGhhc2hoYXNo")  # the new password stands
     assert service.authenticate(db, settings, "race@example.com", "new password 2").id == user.id
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda db: service.set_active(db, ["b@example.com"], False),
+        lambda db: service.delete_users(db, ["b@example.com"]),
+        lambda db: service.revoke_role(db, ["a@example.com"], "admin"),
+        lambda db: list(service.iter_user_records(db, UserFilter(role="staff"))),
+        lambda db: list(service.iter_user_records(db, UserFilter(admin=True))),
+    ],
+    ids=["disable", "delete", "revoke-admin", "list --role", "list --admin"],
+)
+def test_the_last_admin_rule_and_role_filters_never_scan_every_user(
+    db: Session, settings: Settings, backend: str, change: Callable[[Session], Any]
+) -> None:
+    """Through the role index, so that a change to one user costs the same at a million users:
+    SQLite's plan for every statement run finds users by key, never by reading them all."""
+    if backend != "sqlite":
+        pytest.skip("SQLite's EXPLAIN QUERY PLAN is what this reads")
+    add(db, settings, "a@example.com", admin=True, password=None)
+    add(db, settings, "b@example.com", roles=["staff"], password=None)
+    add(db, settings, "c@example.com", admin=True, password=None)
+    statements: list[tuple[str, Any]] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            statements.append((statement, parameters))
+
+    engine = db.get_bind()
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        change(db)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert statements
+    with engine.connect() as connection:
+        plans = [
+            " / ".join(row[-1] for row in connection.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params))
+            for sql, params in statements
+        ]
+    assert [plan for plan in plans if "SCAN users" in plan] == []

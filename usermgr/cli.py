@@ -416,7 +416,7 @@ def list_users(
         offset=offset,
     )
     with app.session() as db:
-        output.write_records(service.iter_user_records(db, filters), fmt, USER_FIELDS)
+        output.write_records(service.iter_user_records(db, filters, iso_times=True), fmt, USER_FIELDS)
 
 
 @cli.command()
@@ -967,6 +967,7 @@ def import_users(app: App, source: str, fmt: str | None, on_conflict: str, dry_r
     try:
         with app.session() as db:
             if plan.passwords and not dry_run:
+                service.check_import(db, plan, on_conflict=on_conflict)  # a conflict before the first hash
                 _hash_with_progress(plan, app.settings)
             result = _write_with_progress(db, plan, on_conflict, dry_run)
     finally:
@@ -1055,7 +1056,7 @@ def export(app: App, with_hashes: bool, no_csv_guard: bool, fmt: str) -> None:
     """
     fields = (*USER_FIELDS, "hashed_password") if with_hashes else USER_FIELDS
     with app.session() as db:
-        records = service.iter_user_records(db, with_hashes=with_hashes)
+        records = service.iter_user_records(db, with_hashes=with_hashes, iso_times=True)
         count = output.write_records(records, fmt, fields, csv_guard=not no_csv_guard)
     note(f"exported {count} user{'s' if count != 1 else ''}")
 

@@ -10,9 +10,21 @@ list, export, the API's user) and import carry it from there.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
 ADMIN_ROLE = "admin"
+
+ROLE_NAME = re.compile(r"[a-z0-9_-]{1,64}")
+"""What a role may be called. Checked here, without pydantic, so that `usermgr list --role R`
+and `revoke-role` do not load it; schemas.RoleName and the API use the same rule."""
+
+
+def validate_role_name(name: str) -> str:
+    if not isinstance(name, str) or not ROLE_NAME.fullmatch(name):
+        raise ValueError(f"invalid role name {name!r}: use 1 to 64 of a-z, 0-9, _ and -")
+    return name
+
 
 USER_RECORD: dict[str, object] = {
     "id": int,

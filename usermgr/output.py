@@ -1,8 +1,8 @@
 """Every format usermgr writes (table, json, jsonl, csv, one value a line) and reads back
 (csv, jsonl for `import`), so that each encoding rule lives in one place.
 
-Data goes to standard output, streamed row by row except for `table`, which must see
-every row to size its columns. Stdlib and usermgr.errors only at import time; tabulate
+Data goes to standard output, streamed row by row; `table` sizes its columns from the
+first TABLE_WINDOW rows. Stdlib and usermgr.errors only at import time; tabulate
 loads on use.
 """
 
@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import islice
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 from usermgr.errors import InvalidInput
@@ -142,13 +143,28 @@ def _write_csv(records: Iterable[dict[str, Any]], fields: Sequence[str], out: Te
     )
 
 
+TABLE_WINDOW = 1000
+"""`table` sizes its columns from the first this many rows and streams the rest (README, Output)."""
+
+
 def _write_table(records: Iterable[dict[str, Any]], fields: Sequence[str], out: TextIO) -> int:
+    """tabulate's plain table of the first TABLE_WINDOW rows, then the rest streamed in the
+    same columns, so memory stays flat at a million rows; a longer value further down widens
+    only its own line."""
     from tabulate import tabulate
 
-    rows = [[_cell(record.get(field), ", ") for field in fields] for record in records]
-    if rows:
-        out.write(tabulate(rows, headers=list(fields), disable_numparse=True) + "\n")
-    return len(rows)
+    rows = ([_cell(record.get(field), ", ") for field in fields] for record in records)
+    window = list(islice(rows, TABLE_WINDOW))
+    if not window:
+        return 0
+    text = tabulate(window, headers=list(fields), disable_numparse=True)
+    out.write(text + "\n")
+    widths = [len(rule) for rule in text.splitlines()[1].split("  ")]  # the ---- line under the headers
+    count = len(window)
+    for row in rows:
+        out.write("  ".join(cell.strip().ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n")
+        count += 1
+    return count
 
 
 def _one_value(field: str) -> Callable[[Iterable[dict[str, Any]], Sequence[str], TextIO], int]:

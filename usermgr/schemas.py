@@ -5,10 +5,12 @@ Every normalisation rule (email lowercased, NFKC, the password policy) lives her
 
 from __future__ import annotations
 
+import importlib
 import re
 import unicodedata
 import uuid
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Annotated, Any
 
 from pydantic import (
@@ -26,11 +28,12 @@ from pydantic import (
     model_validator,
 )
 
-from usermgr.contract import IMPORTED_FIELDS, USER_RECORD
+# The role-name rule lives in contract.py (no pydantic there); api.py imports it from here.
+from usermgr.contract import IMPORTED_FIELDS, USER_RECORD, validate_role_name
+from usermgr.contract import ROLE_NAME as ROLE_NAME
 
 PASSWORD_MIN_LENGTH = 8
 PASSWORD_MAX_LENGTH = 1024
-ROLE_NAME = re.compile(r"[a-z0-9_-]{1,64}")
 USERNAME = re.compile(r"[A-Za-z0-9_.@+-]{1,150}")
 FULL_NAME_MAX_LENGTH = 300
 # Hash formats `import` stores as they are: argon2 (PHC) and bcrypt (modular crypt).
@@ -41,6 +44,9 @@ HASH_FORMAT = re.compile(
 )
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")  # exactly Unicode's category Cs
+
+
 def reject_surrogates(text: str, what: str = "text") -> str:
     """`text` unless it holds a surrogate code point (U+D800 to U+DFFF, category Cs).
 
@@ -48,7 +54,7 @@ def reject_surrogates(text: str, what: str = "text") -> str:
     argument (0xff becomes U+DCFF) and JSON lets `"\\udcff"` through; no database, hash or
     JSON encoder downstream can store or write them. The message never quotes the text.
     """
-    if any(unicodedata.category(char) == "Cs" for char in text):
+    if _SURROGATE.search(text):
         raise ValueError(f"{what} is not valid Unicode: it holds a surrogate code point (U+D800 to U+DFFF)")
     return text
 
@@ -63,8 +69,13 @@ def _nfkc_stripped(value: Any) -> Any:
 UNPRINTABLE_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")
 
 
+# Printable ASCII (space to ~) is in none of those categories: only the other characters
+# of a text need their category looked up, so a name costs one regex scan, not a call a character.
+_BEYOND_PRINTABLE_ASCII = re.compile("[^\x20-\x7e]")
+
+
 def _has_invisible_or_control(text: str) -> bool:
-    return any(unicodedata.category(char) in UNPRINTABLE_CATEGORIES for char in text)
+    return any(unicodedata.category(char) in UNPRINTABLE_CATEGORIES for char in _BEYOND_PRINTABLE_ASCII.findall(text))
 
 
 def validate_password(password: str) -> str:
@@ -78,12 +89,6 @@ def validate_password(password: str) -> str:
     if len(normalized) > PASSWORD_MAX_LENGTH:
         raise ValueError(f"password too long: use at most {PASSWORD_MAX_LENGTH} characters")
     return normalized
-
-
-def validate_role_name(name: str) -> str:
-    if not isinstance(name, str) or not ROLE_NAME.fullmatch(name):
-        raise ValueError(f"invalid role name {name!r}: use 1 to 64 of a-z, 0-9, _ and -")
-    return name
 
 
 def _check_username(value: str) -> str:
@@ -120,6 +125,24 @@ def _check_hash(value: str) -> str:
         raise ValueError("unsupported hashed_password: give an argon2 ($argon2id$...) or bcrypt ($2b$...) hash")
     return value
 
+
+def _cache_domain_checks() -> Any:
+    """Put functools.lru_cache in front of email-validator's domain check, which EmailStr runs
+    for every address and which is most of its time (IDNA and UTS #46, character by
+    character); an import's rows share a few domains. The same function on the same
+    arguments, so the same rules: a refused domain raises, is never cached, and is refused
+    again. Returns the cached function (for its cache_info), or None if email-validator's
+    layout is not the one known here: then every address is checked in full, as before."""
+    module = importlib.import_module("email_validator.validate_email")
+    check = getattr(module, "validate_email_domain_name", None)
+    if check is None:
+        return None
+    if not hasattr(check, "cache_info"):  # once per process, however often this module is reloaded
+        setattr(module, "validate_email_domain_name", lru_cache(maxsize=4096)(check))  # noqa: B010
+    return getattr(module, "validate_email_domain_name")  # noqa: B009
+
+
+checked_domains = _cache_domain_checks()
 
 Email = Annotated[EmailStr, BeforeValidator(_nfkc_stripped), AfterValidator(str.lower)]
 Username = Annotated[str, BeforeValidator(_nfkc_stripped), AfterValidator(_check_username)]

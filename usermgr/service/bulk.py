@@ -225,6 +225,13 @@ def apply_import(
     return result
 
 
+def check_import(db: Session, plan: ImportPlan, *, on_conflict: str = "error") -> None:
+    """Raise now what `apply_import` would raise (a conflicting email or uid, a lookalike,
+    the last admin), writing nothing: call it before `hash_passwords`, so that a bad row
+    costs a dry run, not an argon2 hash for every password before it."""
+    apply_import(db, plan, on_conflict=on_conflict, dry_run=True)
+
+
 def _import_chunk(
     db: Session,
     plan: ImportPlan,

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import String, func, or_, select, type_coerce
 from sqlalchemy.orm import Session
 
 from usermgr.contract import ADMIN_ROLE, USER_FIELDS
-from usermgr.database import utcnow
+from usermgr.database import UtcDateTime, utcnow
 from usermgr.errors import InvalidInput
 from usermgr.models import Role, User, user_roles
 
@@ -94,10 +94,33 @@ def _check_search(text: str) -> None:
         raise InvalidInput("search text must not contain a NUL character or bytes that are not UTF-8")
 
 
+def _iso_from_stored(text: str | None) -> str | None:
+    """A timestamp as SQLite stores it (UTC, `2026-01-02 09:00:00.000000`) in the form the
+    record shows it (`2026-01-02T09:00:00+00:00`, datetime.isoformat's), by slicing: no
+    datetime is made. Text in any other layout goes through datetime."""
+    if text is None:
+        return None
+    if len(text) != _STORED_LENGTH or text[10] != " " or text[19] != ".":
+        return datetime.fromisoformat(text).replace(tzinfo=UTC).isoformat()
+    fraction = "" if text.endswith(".000000") else text[19:]
+    return f"{text[:10]}T{text[11:19]}{fraction}+00:00"
+
+
+_STORED_LENGTH = len("2026-01-02 09:00:00.000000")
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
 def iter_user_records(
-    db: Session, filters: UserFilter = UserFilter(), *, with_hashes: bool = False
+    db: Session, filters: UserFilter = UserFilter(), *, with_hashes: bool = False, iso_times: bool = False
 ) -> Iterator[dict[str, Any]]:
-    """Users oldest first (in the order they were added), streamed with Core rows."""
+    """Users oldest first (in the order they were added), streamed with Core rows.
+
+    With `iso_times`, timestamps come as the ISO 8601 text the formats write: on SQLite read
+    as stored and reformatted by slicing, which makes `list`/`export` of a million users
+    several seconds faster than a datetime a value."""
     if (filters.limit is not None and filters.limit < 0) or filters.offset < 0:
         raise InvalidInput("limit and offset must not be negative")
     if filters.role is not None:
@@ -109,6 +132,14 @@ def iter_user_records(
     columns = [_roles_column() if name == "roles" else getattr(User, name) for name in USER_FIELDS]
     if with_hashes:
         columns.append(User.hashed_password)
+    times = [at for at, column in enumerate(columns) if isinstance(column.type, UtcDateTime)] if iso_times else []
+    as_stored = bool(times) and db.get_bind().dialect.name == "sqlite"
+    to_text = _iso_from_stored if as_stored else _iso
+    if as_stored:
+        columns = [
+            type_coerce(column, String).label(column.key) if at in times else column
+            for at, column in enumerate(columns)
+        ]
     statement = _filtered(select(*columns).order_by(User.id), filters)
     names = [column.key for column in columns]
     roles_at = names.index("roles")
@@ -116,6 +147,8 @@ def iter_user_records(
         for row in db.execute(statement.execution_options(yield_per=_STREAM_CHUNK)):
             values = list(row)
             values[roles_at] = sorted(values[roles_at].split(",")) if values[roles_at] else []
+            for at in times:
+                values[at] = to_text(values[at])
             yield dict(zip(names, values, strict=True))
 
 
