@@ -109,7 +109,8 @@ def test_import_text_reads_buffered_and_unbuffered_streams_alike(tmp_path: Path,
 
 
 def _user(n: int, email: str | None = None) -> dict:
-    return {
+    """A record of every contract field (None unless set here), as the service streams them."""
+    return dict.fromkeys(FIELDS) | {
         "id": n,
         "uid": f"00000000-0000-4000-8000-{n:012d}",
         "email": email or f"user{n:07d}@example.com",
@@ -118,8 +119,6 @@ def _user(n: int, email: str | None = None) -> dict:
         "is_active": True,
         "roles": ["staff"] if n % 3 else [],
         "created_at": datetime(2026, 1, 2, 9, 0, n % 60, tzinfo=UTC),
-        "last_login_at": None,
-        "locked_until": None,
     }
 
 
