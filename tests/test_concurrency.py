@@ -172,3 +172,16 @@ def test_two_admins_revoking_each_other_at_once(env: dict[str, str], db: Session
         (loser,) = [outcome for outcome in outcomes if outcome.returncode == 5]
         assert "last active admin" in loser.stderr
         assert _active_admins(db) == [loser.args[-1]]
+
+
+def test_granting_a_new_role_to_twelve_users_at_once(env: dict[str, str], db: Session, settings: Settings) -> None:
+    """Each racer finds no role `beta` and creates it: one insert wins, the others must take
+    the winner's row, not fail on the unique name (`make loadtest` saw a 409 here)."""
+    wanted = [f"member{number:02}@example.com" for number in range(RACERS)]
+    for email in wanted:
+        service.create_user(db, settings, service.new_user(email=email))
+    outcomes = race([["grant-role", email, "beta"] for email in wanted], env, first_table="roles")
+    assert [outcome.returncode for outcome in outcomes] == [0] * RACERS, outcomes
+    assert_clean_stderr(outcomes)
+    members = [record["email"] for record in service.iter_user_records(db, UserFilter(role="beta"))]
+    assert members == wanted

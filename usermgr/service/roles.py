@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from usermgr.contract import ADMIN_ROLE, validate_role_name
 from usermgr.errors import Conflict
 from usermgr.models import Role, User, user_roles
-
-if TYPE_CHECKING:
-    pass
 from usermgr.service.core import checked, resolve_many, writing
 from usermgr.service.revocation import revoking_tokens_on_change
 
@@ -28,11 +26,22 @@ def named_role(db: Session, name: str) -> Role | None:
 
 
 def ensured_role(db: Session, name: str) -> Role:
-    """The role called `name`, created now if there is none yet."""
+    """The role called `name`, created now if there is none yet.
+
+    The insert runs in a savepoint: when a concurrent transaction creates the same role
+    first (PostgreSQL; SQLite's writers queue), the unique name refuses ours, and the
+    winner's row, committed by then, is the role."""
     role = named_role(db, name)
-    if role is None:
-        role = Role(name=name)
-        db.add(role)
+    if role is not None:
+        return role
+    try:
+        with db.begin_nested():
+            role = Role(name=name)
+            db.add(role)
+    except IntegrityError:
+        role = named_role(db, name)
+        if role is None:
+            raise
     return role
 
 
