@@ -26,6 +26,7 @@ import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response, status
@@ -195,9 +196,11 @@ def get_settings(runtime: Annotated[_Runtime, Depends(_runtime)]) -> Settings:
     return runtime.settings
 
 
-def get_db(runtime: Annotated[_Runtime, Depends(_runtime)]) -> Iterator[Session]:
-    """One session per request, closed after it; the service opens the transactions."""
+def get_db(runtime: Annotated[_Runtime, Depends(_runtime)], request: Request) -> Iterator[Session]:
+    """One session per request, closed after it; the service opens the transactions. Its
+    audit events name the caller's address, and the token's holder once one is checked."""
     db = runtime.database.SessionLocal()
+    service.act_as(db, service.Actor(service.ANONYMOUS, address=request.client.host if request.client else None))
     try:
         yield db
     finally:
@@ -221,7 +224,9 @@ def token_claims(
 
 def _holder(db: Session, settings: Settings, token: str, role: str | None = None) -> User:
     key, algorithm = tokens.verification_key(settings)
-    return service.holder_of_token(db, settings, token, key, algorithm, required_role=role)[1]
+    holder = service.holder_of_token(db, settings, token, key, algorithm, required_role=role)[1]
+    service.acting_user(db, holder.uid)
+    return holder
 
 
 def current_user(
@@ -450,6 +455,58 @@ def revoke_role(user_id: UserId, role: RoleName, _admin: Admin, db: DB) -> User:
     return service.revoke_role(db, [str(user_id)], role)[0]
 
 
+# ---- /audit ------------------------------------------------------------------------------------
+
+audit_router = APIRouter(prefix="/audit", tags=["audit"], max_body_size=MAX_BODY_BYTES)
+
+
+class AuditEventResponse(BaseModel):
+    """One event of the audit trail (never a password, a hash of one, or a token)."""
+
+    id: int
+    occurred_at: datetime
+    actor: str
+    on_behalf_of: str | None
+    client_address: str | None
+    action: str
+    target_uid: str | None
+    target_email: str | None
+    changes: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+@audit_router.get(
+    "",
+    response_model=list[AuditEventResponse],
+    responses=_responses(*_ADMIN, errors.NotFound, errors.InvalidInput),
+    summary="The audit trail (admin)",
+)
+def read_audit(
+    _admin: Admin,
+    db: DB,
+    user: Annotated[str | None, Query(description="Only events about this user (id, email, username or uid).")] = None,
+    actor: Annotated[str | None, Query(description="Only events by this actor, or on behalf of it.")] = None,
+    action: Annotated[str | None, Query(description="Only events of this action, such as `user.create`.")] = None,
+    since: Annotated[datetime | None, Query(description="Only events at or after this time (ISO 8601).")] = None,
+    until: Annotated[datetime | None, Query(description="Only events before this time (ISO 8601).")] = None,
+    limit: Annotated[
+        int, Query(ge=0, le=LIST_LIMIT_MAX, description=f"At most this many events (at most {LIST_LIMIT_MAX}).")
+    ] = LIST_LIMIT_DEFAULT,
+    offset: Annotated[int, Query(ge=0, le=service.MAX_ROW_COUNT, description="Skip this many events first.")] = 0,
+) -> list[dict[str, Any]]:
+    """Events oldest first, one page at a time: `limit` defaults to 100 and is at most 1000.
+    A time without a zone is UTC."""
+    filters = service.AuditFilter(
+        user=user, actor=actor, action=action, since=_utc(since), until=_utc(until), limit=limit, offset=offset
+    )
+    return list(service.iter_events(db, filters))
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
+
+
 # ---- health and the app ------------------------------------------------------------------------
 
 
@@ -551,6 +608,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _add_http_edge(app)
     app.include_router(auth_router)
     app.include_router(users_router)
+    app.include_router(audit_router)
     app.add_api_route(
         "/healthz", healthz, methods=["GET"], response_model=HealthResponse, responses=_responses(), tags=["health"]
     )

@@ -47,6 +47,10 @@ class Forbidden(UsermgrError):
     """A valid token without the required role."""
 
 
+class IntegrityCheckFailed(UsermgrError):
+    """The audit trail's hash chain is broken: an event was edited, inserted or deleted."""
+
+
 # error -> (CLI exit code, HTTP status). Exit codes are the command-line contract's (README, Exit codes);
 # 1 stays "unexpected failure", which is also where an unusable database lands.
 ERROR_TABLE: dict[type[UsermgrError], tuple[int, int]] = {
@@ -58,6 +62,9 @@ ERROR_TABLE: dict[type[UsermgrError], tuple[int, int]] = {
     AuthenticationFailed: (6, 401),
     TokenInvalid: (7, 401),
     Forbidden: (8, 403),
+    # 500, not 409: a broken chain is damage to the server's own data that no request can
+    # resolve (409 tells a client to change its request and retry).
+    IntegrityCheckFailed: (9, 500),
 }
 
 UNEXPECTED_EXIT_CODE = 1

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import Column, ForeignKey, Integer, String, Table, UniqueConstraint
+from sqlalchemy import JSON, Column, ForeignKey, Integer, String, Table, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from usermgr.contract import ADMIN_ROLE
@@ -62,3 +63,24 @@ class User(Base):
     @property
     def is_admin(self) -> bool:
         return ADMIN_ROLE in self.role_names
+
+
+class AuditEvent(Base):
+    """One entry of the audit trail: who did what to whom, when, and the hash that chains it
+    to the entry before it (service/audit.py). Never holds a password, a hash or a token."""
+
+    __tablename__ = "audit_events"
+    # AUTOINCREMENT: a pruned event's id is never handed out again.
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    actor: Mapped[str] = mapped_column(String(400), index=True)  # "os:alice@host", "uid:<uuid>", "anonymous"
+    on_behalf_of: Mapped[str | None] = mapped_column(String(400), index=True)  # USERMGR_ACTOR, beside the actor
+    client_address: Mapped[str | None] = mapped_column(String(64))  # the API's caller as the server sees it
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    target_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH), index=True)
+    target_email: Mapped[str | None] = mapped_column(String(320), index=True)  # the email at the time
+    changes: Mapped[dict[str, Any]] = mapped_column(JSON)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
