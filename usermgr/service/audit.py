@@ -253,13 +253,14 @@ def _head(db: Session) -> str:
     return db.scalar(select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)) or GENESIS
 
 
-def record_events(db: Session, events: Sequence[Event]) -> None:
-    """Chain `events` after the newest one and insert them, in one statement."""
+def record_events(db: Session, events: Sequence[Event], *, head: str | None = None) -> None:
+    """Chain `events` after the newest one (or `head`, read earlier under the chain's lock)
+    and insert them, in one statement."""
     if not events:
         return
     actor = actor_of(db)
     _lock_chain(db)
-    previous = _head(db)
+    previous = head if head is not None else _head(db)
     now = utcnow()
     rows = []
     for event in events:
@@ -300,7 +301,7 @@ def parse_time(value: str, what: str) -> datetime:
     except ValueError:
         try:
             return utcnow() - timedelta(seconds=parse_duration(value, what=what))
-        except ConfigurationError:
+        except InvalidInput:
             raise InvalidInput(f"{what} must be an ISO 8601 date or time, or a duration ago such as 7d") from None
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
@@ -422,6 +423,7 @@ def prune(db: Session, before: datetime) -> int:
     verify_chain(db)
     with writing(db):
         _lock_chain(db)
+        head = _head(db)  # a prune removes only the oldest events: the head stays, or was the last removed
         first_kept = db.scalar(select(func.min(AuditEvent.id)).where(AuditEvent.occurred_at >= before))
         doomed = AuditEvent.id < first_kept if first_kept is not None else AuditEvent.id.is_not(None)
         last = db.execute(
@@ -435,5 +437,6 @@ def prune(db: Session, before: datetime) -> int:
         record_events(
             db,
             [Event("audit.prune", changes={"before": jsonable(before), "removed": removed, "checkpoint": checkpoint})],
+            head=head,
         )
     return removed
