@@ -25,6 +25,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import audit_figures
 import data
 from harness import (
     Figure,
@@ -289,6 +290,8 @@ FIGURES: list[tuple[str, str, Callable[[Workspace], list[Figure]]]] = [
     ("7", "verify - of 10,000 tokens", verify_stream),
     ("8", "disable - of 1,000 users", batch_disable),
     ("9", "login timing: unknown email vs wrong password", login_timing),
+    ("12", "import of 100,000 rows, audited vs not", audit_figures.audited_import),
+    ("12", "audit --user among 1,000,000 events", audit_figures.audit_by_user),
 ]
 
 

@@ -615,6 +615,8 @@ def test_audit_filters_and_formats(run: Runner, engine: Engine, people: None) ->
     [
         (("audit", "--action", "user.explode"), 3),
         (("audit", "--since", "yesterday-ish"), 3),
+        (("audit", "--until", "0001-01-01T00:00:00+01:00"), 3),
+        (("audit", "--since", "2999-01-01T10:00"), 0),
         (("audit", "--user", "nobody@example"), 0),
         (("audit", "--user", "nobody"), 4),
         (("audit", "--user", BOB, "verify"), 2),

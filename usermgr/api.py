@@ -26,7 +26,7 @@ import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response, status
@@ -488,23 +488,29 @@ def read_audit(
     user: Annotated[str | None, Query(description="Only events about this user (id, email, username or uid).")] = None,
     actor: Annotated[str | None, Query(description="Only events by this actor, or on behalf of it.")] = None,
     action: Annotated[str | None, Query(description="Only events of this action, such as `user.create`.")] = None,
-    since: Annotated[datetime | None, Query(description="Only events at or after this time (ISO 8601).")] = None,
-    until: Annotated[datetime | None, Query(description="Only events before this time (ISO 8601).")] = None,
+    since: Annotated[
+        str | None, Query(description="Only events at or after this time: ISO 8601, or a duration ago (`7d`).")
+    ] = None,
+    until: Annotated[
+        str | None, Query(description="Only events before this time: ISO 8601, or a duration ago.")
+    ] = None,
     limit: Annotated[
         int, Query(ge=0, le=LIST_LIMIT_MAX, description=f"At most this many events (at most {LIST_LIMIT_MAX}).")
     ] = LIST_LIMIT_DEFAULT,
     offset: Annotated[int, Query(ge=0, le=service.MAX_ROW_COUNT, description="Skip this many events first.")] = 0,
 ) -> list[dict[str, Any]]:
     """Events oldest first, one page at a time: `limit` defaults to 100 and is at most 1000.
-    A time without a zone is UTC."""
+    Times as `usermgr audit` takes them: a time without a zone is UTC."""
     filters = service.AuditFilter(
-        user=user, actor=actor, action=action, since=_utc(since), until=_utc(until), limit=limit, offset=offset
+        user=user,
+        actor=actor,
+        action=action,
+        since=service.parse_time(since, "since") if since is not None else None,
+        until=service.parse_time(until, "until") if until is not None else None,
+        limit=limit,
+        offset=offset,
     )
     return list(service.iter_events(db, filters))
-
-
-def _utc(moment: datetime | None) -> datetime | None:
-    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
 
 
 # ---- health and the app ------------------------------------------------------------------------

@@ -303,7 +303,10 @@ def parse_time(value: str, what: str) -> datetime:
             return utcnow() - timedelta(seconds=parse_duration(value, what=what))
         except InvalidInput:
             raise InvalidInput(f"{what} must be an ISO 8601 date or time, or a duration ago such as 7d") from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    try:
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:  # a zone that takes the first or last day of year 1 or 9999 out of range
+        raise InvalidInput(f"{what} is out of range: give a time between the years 1 and 9999") from None
 
 
 def _target_condition(db: Session, ref: str) -> Any:

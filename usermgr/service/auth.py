@@ -61,7 +61,7 @@ def authenticate(db: Session, settings: Settings, ref: str, password: str, *, em
     ok, new_hash = security.verify_password(candidate, hashed, settings.hash_profile)
     if not ok:
         _refuse(db, user, "wrong password" if hashed else "no password set")  # already counted by the reservation
-    return _take_success(db, user, hashed, my_lock, new_hash)
+    return _take_success(db, user.id, hashed, my_lock, new_hash)
 
 
 def _refuse(db: Session, user: User | None, reason: str) -> NoReturn:
@@ -108,7 +108,9 @@ def _reserve_guess(
     return None if row is None else (row.hashed_password, row.locked_until)
 
 
-def _take_success(db: Session, user: User, checked: str | None, my_lock: datetime | None, new_hash: str | None) -> User:
+def _take_success(
+    db: Session, user_id: int, checked: str | None, my_lock: datetime | None, new_hash: str | None
+) -> User:
     """Record a right password, atomically: only for an active user that is unlocked, or
     locked by this guess's own reservation, and whose hash is still the one `checked` (a
     password set meanwhile wins, and a rehash never overwrites it); else AuthenticationFailed.
@@ -121,20 +123,20 @@ def _take_success(db: Session, user: User, checked: str | None, my_lock: datetim
     with writing(db):
         taken = db.scalars(
             update(User)
-            .where(User.id == user.id, User.is_active.is_(True), User.hashed_password == checked, may_enter)
+            .where(User.id == user_id, User.is_active.is_(True), User.hashed_password == checked, may_enter)
             .values(**values)
             .returning(User.id)
             .execution_options(synchronize_session=False)
         ).first()
         if taken is not None:
-            entered = db.scalars(select(User).where(User.id == user.id).execution_options(populate_existing=True)).one()
+            entered = db.scalars(select(User).where(User.id == user_id).execution_options(populate_existing=True)).one()
             record(db, "login.success", entered, {"password": "rehashed"} if new_hash is not None else None)
             return entered
-        now_is = db.execute(select(User.is_active, User.hashed_password).where(User.id == user.id)).first()
-    _refuse(db, user, _refusal(now_is, checked))
+        now_is = db.scalars(select(User).where(User.id == user_id).execution_options(populate_existing=True)).first()
+    _refuse(db, now_is, _refusal(now_is, checked))
 
 
-def _refusal(now_is: Any, checked: str | None) -> str:
+def _refusal(now_is: User | None, checked: str | None) -> str:
     """Why a right password was not taken, for the audit trail only."""
     if now_is is None:
         return "deleted meanwhile"
