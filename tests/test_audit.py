@@ -37,7 +37,7 @@ from tests.conftest import (
 )
 from usermgr.database import utcnow
 from usermgr.models import AuditEvent, User
-from usermgr.service.audit import GENESIS, event_hash
+from usermgr.service.audit import GENESIS, canonical_changes, event_hash
 
 BOB = "bob@example.com"
 CAROL = "carol@example.com"
@@ -57,7 +57,12 @@ def all_events(engine: Engine, after: int = 0) -> list[dict[str, Any]]:
     """The stored events after id `after`, read straight from the table."""
     with engine.connect() as connection:
         rows = connection.execute(select(EVENTS).where(EVENTS.c.id > after).order_by(EVENTS.c.id))
-        return [row._asdict() for row in rows]
+        return [{**row._asdict(), "changes": json.loads(row.changes)} for row in rows]
+
+
+def as_stored(event: dict[str, Any]) -> dict[str, Any]:
+    """An event as its row holds it: `changes` as canonical JSON text."""
+    return {**event, "changes": canonical_changes(event["changes"])}
 
 
 def last_id(engine: Engine) -> int:
@@ -410,7 +415,7 @@ def test_verify_names_an_edited_event(run: Runner, engine: Engine) -> None:
 def test_verify_names_an_edited_and_rehashed_event(run: Runner, engine: Engine) -> None:
     some_events(run)
     third = all_events(engine)[2]
-    forged = {**third, "actor": "os:someone-else@host"}
+    forged = as_stored({**third, "actor": "os:someone-else@host"})
     with engine.begin() as connection:
         connection.execute(
             update(EVENTS).where(EVENTS.c.id == 3).values(actor=forged["actor"], hash=event_hash(forged))
@@ -443,13 +448,15 @@ def test_verify_names_an_inserted_event(run: Runner, engine: Engine, well_formed
     third = all_events(engine)[2]
     with engine.begin() as connection:
         connection.execute(text("UPDATE audit_events SET id = id + 100 WHERE id > 3"))
-        forged = {
-            **third,
-            "id": 4,
-            "action": "role.grant",
-            "prev_hash": third["hash"],
-            "changes": {"roles": [[], ["admin"]]},
-        }
+        forged = as_stored(
+            {
+                **third,
+                "id": 4,
+                "action": "role.grant",
+                "prev_hash": third["hash"],
+                "changes": {"roles": [[], ["admin"]]},
+            }
+        )
         forged["hash"] = event_hash(forged) if well_formed else "f" * 64
         connection.execute(insert(EVENTS).values(forged))
     line = error_line(verify(run), 9)
@@ -462,7 +469,7 @@ def test_verify_names_an_event_inserted_first_with_a_made_up_link(run: Runner, e
     second = all_events(engine)[1]
     with engine.begin() as connection:
         connection.execute(text("UPDATE audit_events SET id = id + 100 WHERE id > 1"))
-        forged = {**second, "id": 2, "prev_hash": "e" * 64}
+        forged = as_stored({**second, "id": 2, "prev_hash": "e" * 64})
         forged["hash"] = event_hash(forged)
         connection.execute(insert(EVENTS).values(forged))
     line = error_line(verify(run), 9)

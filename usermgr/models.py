@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
 
-from sqlalchemy import JSON, Column, ForeignKey, Integer, String, Table, UniqueConstraint
+from sqlalchemy import Column, ForeignKey, Integer, String, Table, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from usermgr.contract import ADMIN_ROLE
@@ -81,6 +80,6 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(32), index=True)
     target_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH), index=True)
     target_email: Mapped[str | None] = mapped_column(String(320), index=True)  # the email at the time
-    changes: Mapped[dict[str, Any]] = mapped_column(JSON)
+    changes: Mapped[str] = mapped_column(Text)  # canonical JSON text: the hash covers these very bytes
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))

@@ -22,8 +22,17 @@ from usermgr.models import Role, User, new_uid, user_roles
 
 if TYPE_CHECKING:
     from usermgr.schemas import ImportRow
-from usermgr.service.audit import COLUMN_FIELDS, TRACKED_FIELDS, Event, State, diff, jsonable, record, record_events
-from usermgr.service.audit import state_from as audit_state_from
+from usermgr.service.audit import (
+    COLUMN_FIELDS,
+    TRACKED_FIELDS,
+    Event,
+    State,
+    created_changes,
+    diff,
+    jsonable,
+    record,
+    record_events,
+)
 from usermgr.service.core import writing
 from usermgr.service.revocation import Access, revokes_tokens
 from usermgr.service.roles import keeping_an_admin
@@ -318,7 +327,7 @@ def _insert_rows(
     # SQLAlchemy insert row by row on SQLite, which cannot promise that order.
     db.execute(insert(USERS), values)
     events.extend(
-        Event("user.create", value["uid"], value["email"], diff(None, _created_state(value, row["roles"])))
+        Event("user.create", value["uid"], value["email"], created_changes(value, row["roles"]))
         for value, row in zip(values, rows, strict=True)
     )
     emails = [row["email"] for row in rows]
@@ -332,10 +341,6 @@ def _insert_rows(
     if links:
         db.execute(insert(user_roles), links)
     return inserted
-
-
-def _created_state(values: dict[str, Any], roles: list[str]) -> State:
-    return audit_state_from(values, roles, hashed_password=values["hashed_password"])
 
 
 def _update_from_row(

@@ -32,7 +32,7 @@ def upgrade() -> None:
         sa.Column("action", sa.String(32), nullable=False),
         sa.Column("target_uid", sa.String(36), nullable=True),
         sa.Column("target_email", sa.String(320), nullable=True),
-        sa.Column("changes", sa.JSON(), nullable=False),
+        sa.Column("changes", sa.Text(), nullable=False),
         sa.Column("prev_hash", sa.String(64), nullable=False),
         sa.Column("hash", sa.String(64), nullable=False),
         sqlite_autoincrement=True,
