@@ -278,6 +278,13 @@ def test_without_usermgr_actor_the_os_user_alone_is_recorded(run: Runner, engine
     assert (event["actor"], event["on_behalf_of"]) == (CLI_ACTOR, None)
 
 
+def test_an_unusable_usermgr_actor_is_refused_before_any_change(run: Runner, engine: Engine, people: None) -> None:
+    mark = last_id(engine)
+    error_line(run("disable", BOB, env={"USERMGR_ACTOR": "x" * 401}), 2)
+    assert all_events(engine, mark) == []
+    assert ok(run("show", BOB, "-o", "json")).stdout.count('"is_active": true') == 1
+
+
 def test_audit_prune_is_itself_an_event(run: Runner, engine: Engine, people: None) -> None:
     mark = last_id(engine)
     ok(run("audit", "prune", "--before", "2000-01-01", env={"USERMGR_ACTOR": ON_BEHALF}))
