@@ -79,7 +79,9 @@ class AuditEvent(Base):
     client_address: Mapped[str | None] = mapped_column(String(64))  # the API's caller as the server sees it
     action: Mapped[str] = mapped_column(String(32), index=True)
     target_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH), index=True)
-    target_email: Mapped[str | None] = mapped_column(String(320), index=True)  # the email at the time
+    # The email at the time; not indexed: each index costs every import row, and only a
+    # deleted user is looked up by it (their uid is the indexed way).
+    target_email: Mapped[str | None] = mapped_column(String(320))
     changes: Mapped[str] = mapped_column(Text)  # canonical JSON text: the hash covers these very bytes
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))

@@ -1,7 +1,7 @@
 """The audit trail: `audit_events`, one hash-chained row per change, login and prune.
 
-Indexes on every column `usermgr audit` and `GET /audit` filter by (the time, the actor,
-the action, the target), so that reading stays fast on a million events.
+Indexes on the columns `usermgr audit` and `GET /audit` filter by (the time, the actor and
+on-behalf-of, the action, the target's uid), so that reading stays fast on a million events.
 
 Revision ID: 0004
 Revises: 0002
@@ -18,7 +18,7 @@ down_revision = "0002"
 branch_labels = None
 depends_on = None
 
-_INDEXED = ("occurred_at", "actor", "on_behalf_of", "action", "target_uid", "target_email")
+_INDEXED = ("occurred_at", "actor", "on_behalf_of", "action", "target_uid")
 
 
 def upgrade() -> None:
