@@ -25,6 +25,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import audit_figures
 import data
 import keys_figures
 import perfapi_figures
@@ -302,6 +303,8 @@ FIGURES: list[tuple[str, str, Callable[[Workspace], list[Figure]]]] = [
     ("13", "export of 1,000,000 users", perfcli_figures.export_1m),
     ("13", "memory of every format at 1,000,000 users", perfcli_figures.memory_1m),
     ("13", "import of passwords with a conflicting row", perfcli_figures.conflicting_import),
+    ("12", "import of 100,000 rows, audited vs not", audit_figures.audited_import),
+    ("12", "audit --user among 1,000,000 events", audit_figures.audit_by_user),
 ]
 
 

@@ -619,6 +619,7 @@ def test_openapi_describes_every_route_with_the_bearer_scheme(client: TestClient
         ("DELETE", "/users/{user_id}/roles/{role}"),
         ("GET", "/healthz"),
         ("GET", "/.well-known/jwks.json"),
+        ("GET", "/audit"),
     }
     schemes = document["components"]["securitySchemes"]
     assert schemes == {

@@ -131,7 +131,7 @@ def test_the_static_check_sees_the_faces_imports() -> None:
     assert len(MODULES) > len(FACES)
 
 
-SERVICE_ORDER = ["core", "revocation", "roles", "records", "users", "auth", "bulk"]
+SERVICE_ORDER = ["core", "audit", "revocation", "roles", "records", "users", "auth", "bulk"]
 
 
 def test_the_service_modules_import_downward_only() -> None:

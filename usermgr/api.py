@@ -28,6 +28,7 @@ import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from importlib.resources import files
 from typing import Annotated, Any, Literal
 
@@ -216,13 +217,22 @@ async def get_settings(request: Request) -> Settings:
     return _runtime(request).settings
 
 
-def get_db(request: Request) -> Iterator[Session]:
-    """One session per request, closed after it; the service opens the transactions."""
+def _session(request: Request, holder: User | None) -> Iterator[Session]:
+    """One session per request, closed after it; the service opens the transactions. Its
+    audit events name the caller's address, and the token's holder when one was checked."""
     db = _runtime(request).database.SessionLocal()
+    service.act_as(db, service.Actor(service.ANONYMOUS, address=request.client.host if request.client else None))
+    if holder is not None:
+        service.acting_user(db, holder.uid)
     try:
         yield db
     finally:
         db.close()
+
+
+def get_db(request: Request) -> Iterator[Session]:
+    """A session for a request that needs no token (signup, login, healthz): acts as anonymous."""
+    yield from _session(request, None)
 
 
 def _bearer(token: str | None) -> str:
@@ -268,8 +278,17 @@ def require_role(name: str) -> Callable[..., User]:
     return holder_with_role
 
 
+require_admin = require_role(ADMIN_ROLE)
+
+
+def admin_db(request: Request, admin: Annotated[User, Depends(require_admin)]) -> Iterator[Session]:
+    """A session for an admin's request: the token's holder holds the admin role now, and
+    the audit events the request writes name them."""
+    yield from _session(request, admin)
+
+
 DB = Annotated[Session, Depends(get_db)]
-Admin = Annotated[User, Depends(require_role(ADMIN_ROLE))]
+AdminDB = Annotated[Session, Depends(admin_db)]
 UserId = Annotated[int, Path(ge=1, le=service.MAX_USER_ID, description="The user's numeric id.")]
 RoleName = Annotated[
     str, Path(pattern=f"^{ROLE_NAME.pattern}$", description="A role name: 1 to 64 of a-z, 0-9, _ and -.")
@@ -400,8 +419,7 @@ async def read_me(user: Annotated[User, Depends(current_user)]) -> User:
     summary="List users (admin)",
 )
 def list_users(
-    _admin: Admin,
-    db: DB,
+    db: AdminDB,
     role: Annotated[str | None, Query(description="Only users with this role.")] = None,
     active: Annotated[bool | None, Query(description="Only enabled (true) or disabled (false) users.")] = None,
     search: Annotated[str | None, Query(description="Text in the email, username or full name.")] = None,
@@ -421,7 +439,7 @@ def list_users(
     responses=_responses(*_ADMIN, errors.NotFound, errors.InvalidInput),
     summary="One user (admin)",
 )
-def read_user(user_id: UserId, _admin: Admin, db: DB) -> User:
+def read_user(user_id: UserId, db: AdminDB) -> User:
     return service.get_user(db, str(user_id))
 
 
@@ -431,7 +449,7 @@ def read_user(user_id: UserId, _admin: Admin, db: DB) -> User:
     responses=_responses(*_ADMIN, errors.NotFound, errors.Conflict, errors.InvalidInput, parses_body=True),
     summary="Change profile fields (admin)",
 )
-def update_user(user_id: UserId, body: UserUpdate, _admin: Admin, db: DB) -> User:
+def update_user(user_id: UserId, body: UserUpdate, db: AdminDB) -> User:
     """Only the fields given (and not null) change, as with `usermgr update`; `expires_at`
     null clears the expiry (signup never takes one: nobody sets their own)."""
     changes = service.user_changes(**body.model_dump(exclude_unset=True))
@@ -445,7 +463,7 @@ def update_user(user_id: UserId, body: UserUpdate, _admin: Admin, db: DB) -> Use
     responses=_responses(*_ADMIN, errors.NotFound, errors.Conflict, errors.InvalidInput),
     summary="Delete a user (admin; never the last active admin)",
 )
-def delete_user(user_id: UserId, _admin: Admin, db: DB) -> Response:
+def delete_user(user_id: UserId, db: AdminDB) -> Response:
     service.delete_users(db, [str(user_id)])
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -456,7 +474,7 @@ def delete_user(user_id: UserId, _admin: Admin, db: DB) -> Response:
     responses=_responses(*_ADMIN, errors.NotFound, errors.InvalidInput),
     summary="Grant a role (admin)",
 )
-def grant_role(user_id: UserId, role: RoleName, _admin: Admin, db: DB) -> User:
+def grant_role(user_id: UserId, role: RoleName, db: AdminDB) -> User:
     return service.grant_role(db, [str(user_id)], role)[0]
 
 
@@ -466,8 +484,65 @@ def grant_role(user_id: UserId, role: RoleName, _admin: Admin, db: DB) -> User:
     responses=_responses(*_ADMIN, errors.NotFound, errors.Conflict, errors.InvalidInput),
     summary="Revoke a role (admin; never from the last active admin)",
 )
-def revoke_role(user_id: UserId, role: RoleName, _admin: Admin, db: DB) -> User:
+def revoke_role(user_id: UserId, role: RoleName, db: AdminDB) -> User:
     return service.revoke_role(db, [str(user_id)], role)[0]
+
+
+# ---- /audit ------------------------------------------------------------------------------------
+
+audit_router = APIRouter(prefix="/audit", tags=["audit"], max_body_size=MAX_BODY_BYTES)
+
+
+class AuditEventResponse(BaseModel):
+    """One event of the audit trail (never a password, a hash of one, or a token)."""
+
+    id: int
+    occurred_at: datetime
+    actor: str
+    on_behalf_of: str | None
+    client_address: str | None
+    action: str
+    target_uid: str | None
+    target_email: str | None
+    changes: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+@audit_router.get(
+    "",
+    response_model=list[AuditEventResponse],
+    responses=_responses(*_ADMIN, errors.NotFound, errors.InvalidInput),
+    summary="The audit trail (admin)",
+)
+def read_audit(
+    db: AdminDB,
+    user: Annotated[str | None, Query(description="Only events about this user (id, email, username or uid).")] = None,
+    actor: Annotated[str | None, Query(description="Only events by this actor, or on behalf of it.")] = None,
+    action: Annotated[str | None, Query(description="Only events of this action, such as `user.create`.")] = None,
+    since: Annotated[
+        str | None, Query(description="Only events at or after this time: ISO 8601, or a duration ago (`7d`).")
+    ] = None,
+    until: Annotated[
+        str | None, Query(description="Only events before this time: ISO 8601, or a duration ago.")
+    ] = None,
+    limit: Annotated[
+        int, Query(ge=0, le=LIST_LIMIT_MAX, description=f"At most this many events (at most {LIST_LIMIT_MAX}).")
+    ] = LIST_LIMIT_DEFAULT,
+    offset: Annotated[int, Query(ge=0, le=service.MAX_ROW_COUNT, description="Skip this many events first.")] = 0,
+) -> list[dict[str, Any]]:
+    """Events oldest first, one page at a time: `limit` defaults to 100 and is at most 1000.
+    Times as `usermgr audit` takes them: a time without a zone is UTC."""
+    filters = service.AuditFilter(
+        user=user,
+        actor=actor,
+        action=action,
+        since=service.parse_time(since, "since") if since is not None else None,
+        until=service.parse_time(until, "until") if until is not None else None,
+        limit=limit,
+        offset=offset,
+    )
+    return list(service.iter_events(db, filters))
 
 
 # ---- health and the app ------------------------------------------------------------------------
@@ -636,6 +711,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _add_http_edge(app)
     app.include_router(auth_router)
     app.include_router(users_router)
+    app.include_router(audit_router)
     app.add_api_route(
         "/healthz", healthz, methods=["GET"], response_model=HealthResponse, responses=_responses(), tags=["health"]
     )

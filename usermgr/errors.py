@@ -49,6 +49,10 @@ class Forbidden(UsermgrError):
     """A valid token without the required role."""
 
 
+class IntegrityCheckFailed(UsermgrError):
+    """The audit trail's hash chain is broken: an event was edited, inserted or deleted."""
+
+
 class Codes(NamedTuple):
     exit_code: int
     http_status: int
@@ -66,6 +70,9 @@ ERROR_TABLE: dict[type[UsermgrError], Codes] = {
     AuthenticationFailed: Codes(6, 401, "authentication failed"),
     TokenInvalid: Codes(7, 401, "token invalid"),
     Forbidden: Codes(8, 403, "forbidden"),
+    # 500, not 409: a broken chain is damage to the server's own data that no request can
+    # resolve (409 tells a client to change its request and retry).
+    IntegrityCheckFailed: Codes(9, 500, "integrity check failed"),
 }
 
 UNEXPECTED_EXIT_CODE = 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import Column, ForeignKey, Integer, String, Table, UniqueConstraint
+from sqlalchemy import Column, ForeignKey, Integer, String, Table, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from usermgr.contract import ADMIN_ROLE
@@ -63,3 +63,26 @@ class User(Base):
     @property
     def is_admin(self) -> bool:
         return ADMIN_ROLE in self.role_names
+
+
+class AuditEvent(Base):
+    """One entry of the audit trail: who did what to whom, when, and the hash that chains it
+    to the entry before it (service/audit.py). Never holds a password, a hash or a token."""
+
+    __tablename__ = "audit_events"
+    # AUTOINCREMENT: a pruned event's id is never handed out again.
+    __table_args__ = ({"sqlite_autoincrement": True},)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    actor: Mapped[str] = mapped_column(String(400), index=True)  # "os:alice@host", "uid:<uuid>", "anonymous"
+    on_behalf_of: Mapped[str | None] = mapped_column(String(400), index=True)  # USERMGR_ACTOR, beside the actor
+    client_address: Mapped[str | None] = mapped_column(String(64))  # the API's caller as the server sees it
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    target_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH), index=True)
+    # The email at the time; not indexed: each index costs every import row, and only a
+    # deleted user is looked up by it (their uid is the indexed way).
+    target_email: Mapped[str | None] = mapped_column(String(320))
+    changes: Mapped[str] = mapped_column(Text)  # canonical JSON text: the hash covers these very bytes
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))

@@ -4,6 +4,7 @@ Both faces (cli.py, api.py) call `service.<name>` and add no rule of their own. 
 live by concern, imports flowing one way:
 
     core        transactions, and finding the users a USER names
+    audit       the audit trail: events recorded with each change, the hash chain, prune
     revocation  which changes end a user's tokens (one rule for every path)
     roles       roles, and the guard that keeps an active admin
     records     the contract's record; filtered lists, streamed
@@ -15,6 +16,20 @@ passlib, PyJWT and pydantic are imported inside the functions that use them, so 
 `usermgr show` and `usermgr list` never pay for loading them.
 """
 
+from usermgr.service.audit import (
+    ACTIONS,
+    ANONYMOUS,
+    EVENT_FIELDS,
+    Actor,
+    AuditFilter,
+    ChainReport,
+    act_as,
+    acting_user,
+    iter_events,
+    parse_time,
+    prune,
+    verify_chain,
+)
 from usermgr.service.auth import authenticate, check_token_holder, holder_of_token, login
 from usermgr.service.bulk import (
     ON_CONFLICT,
@@ -44,14 +59,22 @@ from usermgr.service.users import (
 )
 
 __all__ = [
+    "ACTIONS",
+    "ANONYMOUS",
+    "EVENT_FIELDS",
     "MAX_ROW_COUNT",
     "MAX_USER_ID",
     "ON_CONFLICT",
     "Access",
+    "Actor",
+    "AuditFilter",
+    "ChainReport",
     "ImportPlan",
     "ImportResult",
     "UserFilter",
     "access_of",
+    "act_as",
+    "acting_user",
     "apply_import",
     "authenticate",
     "check_import",
@@ -64,12 +87,15 @@ __all__ = [
     "grant_role",
     "hash_passwords",
     "holder_of_token",
+    "iter_events",
     "iter_user_records",
     "list_roles",
     "login",
     "new_user",
+    "parse_time",
     "ping",
     "plan_import",
+    "prune",
     "revoke_role",
     "revoke_tokens",
     "revokes_tokens",
@@ -80,4 +106,5 @@ __all__ = [
     "update_user",
     "user_changes",
     "user_record",
+    "verify_chain",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import unicodedata
 import uuid
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sqlalchemy import bindparam, case, null, or_, select, update
 from sqlalchemy.orm import Session, joinedload
@@ -17,6 +17,7 @@ from usermgr.models import UID_LENGTH, User
 
 if TYPE_CHECKING:
     pass
+from usermgr.service.audit import jsonable, record
 from usermgr.service.core import find_user, reading, writing
 
 
@@ -58,18 +59,26 @@ def authenticate(db: Session, settings: Settings, ref: str, password: str, *, em
     candidate = _login_password(password)
     if user is None:
         security.verify_dummy(candidate, settings.hash_profile)
-        raise AuthenticationFailed()
+        _refuse(db, None, "unknown user")
     hashed, my_lock = user.hashed_password, None
     if settings.lockout_threshold:
-        reservation = _reserve_guess(db, settings, user.id, utcnow())
+        reservation = _reserve_guess(db, settings, user, utcnow())
         if reservation is None:  # locked: the guess is never checked
             security.verify_dummy(candidate, settings.hash_profile)
-            raise AuthenticationFailed()
+            _refuse(db, user, "locked")
         hashed, my_lock = reservation
     ok, new_hash = security.verify_password(candidate, hashed, settings.hash_profile)
     if not ok:
-        raise AuthenticationFailed()  # already counted by the reservation
+        _refuse(db, user, "wrong password" if hashed else "no password set")  # already counted by the reservation
     return _take_success(db, user.id, hashed, my_lock, new_hash)
+
+
+def _refuse(db: Session, user: User | None, reason: str) -> NoReturn:
+    """Record a failed login with the reason the caller is never told (one insert, its own
+    transaction: the password check ran outside any), then fail with the one message for all."""
+    with writing(db):
+        record(db, "login.failure", user, {"reason": reason})
+    raise AuthenticationFailed()
 
 
 def _login_password(password: str) -> str:
@@ -79,7 +88,7 @@ def _login_password(password: str) -> str:
 
 
 def _reserve_guess(
-    db: Session, settings: Settings, user_id: int, now: datetime
+    db: Session, settings: Settings, user: User, now: datetime
 ) -> tuple[str | None, datetime | None] | None:
     """Count one guess before it is checked, in one atomic write; None if the account is locked.
 
@@ -95,7 +104,7 @@ def _reserve_guess(
     with writing(db):
         row = db.execute(
             update(User)
-            .where(User.id == user_id, _unlocked(now))
+            .where(User.id == user.id, _unlocked(now))
             .values(
                 failed_logins=case((reaches, 0), else_=User.failed_logins + 1),
                 locked_until=case((reaches, lock_end), else_=null()),
@@ -103,6 +112,8 @@ def _reserve_guess(
             .returning(User.hashed_password, User.locked_until)
             .execution_options(synchronize_session=False)
         ).first()
+        if row is not None and row.locked_until is not None:  # this guess locked the account
+            record(db, "login.locked", user, {"locked_until": [None, jsonable(row.locked_until)]})
     return None if row is None else (row.hashed_password, row.locked_until)
 
 
@@ -133,9 +144,21 @@ def _take_success(
             .returning(User.id)
             .execution_options(synchronize_session=False)
         ).first()
-        if taken is None:
-            raise AuthenticationFailed()
-        return db.scalars(select(User).where(User.id == user_id).execution_options(populate_existing=True)).one()
+        if taken is not None:
+            entered = db.scalars(select(User).where(User.id == user_id).execution_options(populate_existing=True)).one()
+            record(db, "login.success", entered, {"password": "rehashed"} if new_hash is not None else None)
+            return entered
+        now_is = db.scalars(select(User).where(User.id == user_id).execution_options(populate_existing=True)).first()
+    _refuse(db, now_is, _refusal(now_is, checked))
+
+
+def _refusal(now_is: User | None, checked: str | None) -> str:
+    """Why a right password was not taken, for the audit trail only."""
+    if now_is is None:
+        return "deleted meanwhile"
+    if not now_is.is_active:
+        return "disabled"
+    return "password changed meanwhile" if now_is.hashed_password != checked else "locked"
 
 
 def login(

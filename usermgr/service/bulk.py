@@ -23,6 +23,17 @@ from usermgr.models import Role, User, new_uid, user_roles
 
 if TYPE_CHECKING:
     from usermgr.schemas import ImportRow
+from usermgr.service.audit import (
+    COLUMN_FIELDS,
+    TRACKED_FIELDS,
+    Event,
+    State,
+    created_changes,
+    diff,
+    jsonable,
+    record,
+    record_events,
+)
 from usermgr.service.core import writing
 from usermgr.service.revocation import Access, revokes_tokens
 from usermgr.service.roles import keeping_an_admin
@@ -222,6 +233,12 @@ def apply_import(
             _import_chunk(db, plan, chunk, role_ids, on_conflict, result)
             if progress is not None:
                 progress(len(chunk))
+        record(
+            db,
+            "import.summary",
+            None,
+            {"created": result.created, "updated": result.updated, "skipped": result.skipped},
+        )
     return result
 
 
@@ -246,10 +263,11 @@ def _import_chunk(
     }
     _check_uids(db, chunk)
     pending: dict[str, SpooledRow] = {}  # to be inserted, by email; a later row with that email meets it
+    events: list[Event] = []  # one per user changed, written with the chunk
 
     def insert_pending() -> None:
         rows = list(pending.values())
-        for row, user_id in zip(rows, _insert_rows(db, plan, rows, role_ids), strict=True):
+        for row, user_id in zip(rows, _insert_rows(db, plan, rows, role_ids, events), strict=True):
             existing[row["email"]] = user_id
         result.created += len(rows)
         pending.clear()
@@ -267,10 +285,11 @@ def _import_chunk(
         else:
             if email in pending:
                 insert_pending()
-            _update_from_row(db, plan, existing[email], row, role_ids)
+            _update_from_row(db, plan, existing[email], row, role_ids, events)
             result.updated += 1
     if pending:
         insert_pending()
+    record_events(db, events)
 
 
 def _check_uids(db: Session, chunk: list[SpooledRow]) -> None:
@@ -303,7 +322,9 @@ def _column_value(name: str, value: Any) -> Any:
     return datetime.fromisoformat(value) if name in _TIMES and value is not None else value
 
 
-def _insert_rows(db: Session, plan: ImportPlan, rows: list[SpooledRow], role_ids: _RoleIds) -> list[int]:
+def _insert_rows(
+    db: Session, plan: ImportPlan, rows: list[SpooledRow], role_ids: _RoleIds, events: list[Event]
+) -> list[int]:
     now = utcnow()
     values = [
         {
@@ -319,6 +340,10 @@ def _insert_rows(db: Session, plan: ImportPlan, rows: list[SpooledRow], role_ids
     # One executemany, then the ids by email: RETURNING in parameter order would make
     # SQLAlchemy insert row by row on SQLite, which cannot promise that order.
     db.execute(insert(USERS), values)
+    events.extend(
+        Event("user.create", value["uid"], value["email"], created_changes(value, row["roles"]))
+        for value, row in zip(values, rows, strict=True)
+    )
     emails = [row["email"] for row in rows]
     ids = dict(db.execute(select(User.email, User.id).where(User.email.in_(emails))).all())
     inserted = [ids[email] for email in emails]
@@ -332,7 +357,9 @@ def _insert_rows(db: Session, plan: ImportPlan, rows: list[SpooledRow], role_ids
     return inserted
 
 
-def _update_from_row(db: Session, plan: ImportPlan, user_id: int, row: SpooledRow, role_ids: _RoleIds) -> None:
+def _update_from_row(
+    db: Session, plan: ImportPlan, user_id: int, row: SpooledRow, role_ids: _RoleIds, events: list[Event]
+) -> None:
     """Make an existing user match the row (a row naming another uid is a Conflict), revoking the
     user's tokens where the change calls for it, exactly as the single-user commands do."""
     uid = db.scalar(select(User.uid).where(User.id == user_id))
@@ -343,18 +370,46 @@ def _update_from_row(db: Session, plan: ImportPlan, user_id: int, row: SpooledRo
         del values["hashed_password"]  # a row without a secret keeps the user's password
     values.pop("created_at", None)
     before = _access_of_row(db, user_id)
+    audited_before = _audit_state(db, user_id, before)
     after = Access(
         email=values["email"],
         hashed_password=values.get("hashed_password", before.hashed_password),
         is_active=values["is_active"],
         roles=frozenset(row["roles"]),
     )
-    if revokes_tokens(before, after):
+    revokes = revokes_tokens(before, after)
+    if revokes:
         values["token_version"] = USERS.c.token_version + 1
+    audited_after = State(
+        {
+            name: sorted(row["roles"]) if name == "roles" else jsonable(values.get(name, audited_before.fields[name]))
+            for name in TRACKED_FIELDS
+        },
+        after.hashed_password,
+        audited_before.token_version + revokes,
+        audited_before.failed_logins,
+    )
+    changes = diff(audited_before, audited_after)
+    if changes:
+        events.append(Event("user.update", uid, after.email, changes))
     db.execute(update(USERS).where(USERS.c.id == user_id).values(updated_at=utcnow(), **values))
     db.execute(delete(user_roles).where(user_roles.c.user_id == user_id))
     if row["roles"]:
         db.execute(insert(user_roles), [{"user_id": user_id, "role_id": role_ids(name)} for name in row["roles"]])
+
+
+def _audit_state(db: Session, user_id: int, access: Access) -> State:
+    """The user as the audit trail compares it, read with Core (the import writes with Core)."""
+    row = db.execute(
+        select(*(getattr(User, name) for name in COLUMN_FIELDS), User.token_version, User.failed_logins).where(
+            User.id == user_id
+        )
+    ).one()
+    fields = {name: jsonable(getattr(row, name)) for name in COLUMN_FIELDS}
+    fields["roles"] = sorted(access.roles)
+    return State(
+        {name: fields[name] for name in TRACKED_FIELDS}, access.hashed_password, row.token_version, row.failed_logins
+    )
 
 
 def _access_of_row(db: Session, user_id: int) -> Access:

@@ -13,6 +13,7 @@ from usermgr.models import User
 
 if TYPE_CHECKING:
     pass
+from usermgr.service.audit import audited
 from usermgr.service.core import resolve_many, writing
 
 
@@ -63,6 +64,7 @@ def revoke_tokens(db: Session, refs: Sequence[str | None], origin: str = "argume
     """End every token issued to these users so far."""
     with writing(db):
         users = resolve_many(db, refs, origin)
-        for user in users:
-            user.token_version += 1
+        with audited(db, users, "tokens.revoke"):
+            for user in users:
+                user.token_version += 1
     return users

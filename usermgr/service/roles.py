@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from usermgr.contract import ADMIN_ROLE, validate_role_name
 from usermgr.errors import Conflict
 from usermgr.models import Role, User, user_roles
+from usermgr.service.audit import audited
 from usermgr.service.core import checked, resolve_many, writing
 from usermgr.service.revocation import revoking_tokens_on_change
 
@@ -85,9 +86,10 @@ def grant_role(db: Session, refs: Sequence[str | None], role_name: str, origin: 
         users = resolve_many(db, refs, origin)
         if users:  # a role comes into being with its first member
             role = ensured_role(db, name)
-            for user in users:
-                if role not in user.roles:
-                    user.roles.append(role)
+            with audited(db, users, "role.grant"):
+                for user in users:
+                    if role not in user.roles:
+                        user.roles.append(role)
     return users
 
 
@@ -97,7 +99,7 @@ def revoke_role(db: Session, refs: Sequence[str | None], role_name: str, origin:
     with writing(db), keeping_an_admin(db):
         users = resolve_many(db, refs, origin)
         role = named_role(db, name)
-        with revoking_tokens_on_change(users):
+        with audited(db, users, "role.revoke"), revoking_tokens_on_change(users):
             for user in users:
                 if role is not None and role in user.roles:
                     user.roles.remove(role)

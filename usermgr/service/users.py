@@ -17,6 +17,7 @@ from usermgr.models import User
 
 if TYPE_CHECKING:
     from usermgr.schemas import UserCreate, UserUpdate
+from usermgr.service.audit import audited, diff, event_for, record, record_events, state_of
 from usermgr.service.core import checked, reading, resolve_many, storable, user_named, validated, writing
 from usermgr.service.revocation import revoking_tokens_on_change
 from usermgr.service.roles import ensured_role, granted_role_names, keeping_an_admin
@@ -125,6 +126,7 @@ def create_user(
         user.roles = [ensured_role(db, name) for name in role_names]
         db.add(user)
         db.flush()
+        record(db, "user.create", user, diff(None, state_of(user)))
     return user
 
 
@@ -159,7 +161,7 @@ def update_user(db: Session, ref: str, changes: UserUpdate) -> User:
         user = user_named(db, ref)
         values = changes.model_dump(include=changes.model_fields_set)
         _ensure_unique(db, values.get("email"), values.get("username"), except_id=user.id)
-        with revoking_tokens_on_change([user]):
+        with audited(db, [user], "user.update"), revoking_tokens_on_change([user]):
             for name, value in values.items():
                 setattr(user, name, value)
         db.flush()
@@ -174,7 +176,7 @@ def set_password(db: Session, settings: Settings, ref: str, password: str) -> Us
     hashed = security.hash_password(checked(validate_password, password), settings.hash_profile)
     with writing(db):
         user = user_named(db, ref)
-        with revoking_tokens_on_change([user]):
+        with audited(db, [user], "user.password"), revoking_tokens_on_change([user]):
             user.hashed_password = hashed
     return user
 
@@ -183,7 +185,8 @@ def set_active(db: Session, refs: Sequence[str | None], active: bool, origin: st
     """Enable or disable users; disabling ends their tokens. A lock is left as it is."""
     with writing(db), keeping_an_admin(db):
         users = resolve_many(db, refs, origin)
-        with revoking_tokens_on_change(users):
+        action = "user.enable" if active else "user.disable"
+        with audited(db, users, action), revoking_tokens_on_change(users):
             for user in users:
                 user.is_active = active
     return users
@@ -192,15 +195,17 @@ def set_active(db: Session, refs: Sequence[str | None], active: bool, origin: st
 def unlock(db: Session, refs: Sequence[str | None], origin: str = "argument") -> list[User]:
     with writing(db):
         users = resolve_many(db, refs, origin)
-        for user in users:
-            user.failed_logins = 0
-            user.locked_until = None
+        with audited(db, users, "user.unlock"):
+            for user in users:
+                user.failed_logins = 0
+                user.locked_until = None
     return users
 
 
 def delete_users(db: Session, refs: Sequence[str | None], origin: str = "argument") -> list[User]:
     with writing(db), keeping_an_admin(db):
         users = resolve_many(db, refs, origin)
+        record_events(db, [event_for("user.delete", user, diff(state_of(user), None)) for user in users])
         for user in users:
             db.delete(user)
     return users

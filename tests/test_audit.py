@@ -1,0 +1,679 @@
+"""The audit trail: every change leaves exactly its events, in its own transaction; the hash
+chain holds under concurrent writers and shows an edited, inserted or deleted event; prune
+keeps it verifiable; no secret ever lands in it. Both backends, real CLI and API."""
+
+from __future__ import annotations
+
+import getpass
+import itertools
+import json
+import socket
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from unittest.mock import ANY
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, create_engine, insert, select, text, update
+
+from tests.conftest import (
+    ADMIN,
+    ADMIN_PASSWORD,
+    PASSWORD,
+    Runner,
+    api_login,
+    bearer,
+    create_user,
+    error_line,
+    login,
+    ok,
+    run_usermgr,
+    token_of,
+    uid_of,
+)
+from usermgr.database import utcnow
+from usermgr.models import AuditEvent, User
+from usermgr.service.audit import GENESIS, canonical_changes, event_hash
+
+BOB = "bob@example.com"
+CAROL = "carol@example.com"
+ON_BEHALF = "ticket-4711"
+CLI_ACTOR = f"os:{getpass.getuser()}@{socket.gethostname()}"
+EVENTS = AuditEvent.__table__
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = create_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+def all_events(engine: Engine, after: int = 0) -> list[dict[str, Any]]:
+    """The stored events after id `after`, read straight from the table."""
+    with engine.connect() as connection:
+        rows = connection.execute(select(EVENTS).where(EVENTS.c.id > after).order_by(EVENTS.c.id))
+        return [{**row._asdict(), "changes": json.loads(row.changes)} for row in rows]
+
+
+def as_stored(event: dict[str, Any]) -> dict[str, Any]:
+    """An event as its row holds it: `changes` as canonical JSON text."""
+    return {**event, "changes": canonical_changes(event["changes"])}
+
+
+def last_id(engine: Engine) -> int:
+    events = all_events(engine)
+    return events[-1]["id"] if events else 0
+
+
+def summary(events: list[dict[str, Any]]) -> list[tuple[str, str | None, dict[str, Any]]]:
+    return [(event["action"], event["target_email"], event["changes"]) for event in events]
+
+
+@pytest.fixture
+def people(run: Runner) -> None:
+    """An admin, and Bob with a password and the role beta."""
+    create_user(run, ADMIN, "--admin", password=ADMIN_PASSWORD)
+    create_user(run, BOB, "--role", "beta")
+
+
+def lock(engine: Engine, email: str) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            update(User.__table__)
+            .where(User.__table__.c.email == email)
+            .values(failed_logins=2, locked_until=utcnow() + timedelta(hours=1))
+        )
+
+
+# ---- the table: every command that changes something, and exactly the events it leaves --------
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    args: tuple[str, ...]
+    expected: list[tuple[str, str | None, dict[str, Any]]]
+    input: str | None = None
+    setup: tuple[tuple[str, ...], ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    prepare: Callable[[Engine], None] | None = None
+    code: int = 0
+
+
+ROLES = "roles"
+REVOKED = {"tokens": "revoked"}
+CASES = [
+    Case(
+        "create",
+        ("create", "--email", CAROL, "--full-name", "Carol", "--role", "staff", "--password-stdin", "-o", "id"),
+        [
+            (
+                "user.create",
+                CAROL,
+                {
+                    "email": [None, CAROL],
+                    "full_name": [None, "Carol"],
+                    "is_active": [None, True],
+                    ROLES: [None, ["staff"]],
+                    "password": "set",
+                },
+            )
+        ],
+        input=f"{PASSWORD}\n",
+    ),
+    Case(
+        "update",
+        ("update", BOB, "--full-name", "Bob B", "--username", "bob", "-o", "id"),
+        [("user.update", BOB, {"full_name": [None, "Bob B"], "username": [None, "bob"]})],
+    ),
+    Case(
+        "update-email",
+        ("update", BOB, "--email", "robert@example.com", "-o", "id"),
+        [("user.update", "robert@example.com", {"email": [BOB, "robert@example.com"], **REVOKED})],
+    ),
+    Case(
+        "update-unchanged",
+        ("update", BOB, "--email", BOB, "-o", "id"),
+        [],
+    ),
+    Case(
+        "set-password",
+        ("set-password", BOB, "--password-stdin"),
+        [("user.password", BOB, {"password": "changed", **REVOKED})],
+        input="another password 2\n",
+    ),
+    Case("disable", ("disable", BOB), [("user.disable", BOB, {"is_active": [True, False], **REVOKED})]),
+    Case(
+        "disable-two",
+        ("disable", BOB, CAROL),
+        [
+            ("user.disable", BOB, {"is_active": [True, False], **REVOKED}),
+            ("user.disable", CAROL, {"is_active": [True, False], **REVOKED}),
+        ],
+        setup=(("create", "--email", CAROL, "--no-password", "-o", "id"),),
+    ),
+    Case("enable", ("enable", BOB), [("user.enable", BOB, {"is_active": [False, True]})], setup=(("disable", BOB),)),
+    Case("enable-already", ("enable", BOB), []),
+    Case(
+        "unlock",
+        ("unlock", BOB),
+        [("user.unlock", BOB, {"locked_until": [ANY, None], "failed_logins": [2, 0]})],
+        prepare=lambda engine: lock(engine, BOB),
+    ),
+    Case(
+        "delete",
+        ("delete", BOB, "--yes"),
+        [("user.delete", BOB, {"email": [BOB, None], "is_active": [True, None], ROLES: [["beta"], None]})],
+    ),
+    Case("grant-admin", ("grant-admin", BOB), [("role.grant", BOB, {ROLES: [["beta"], ["admin", "beta"]]})]),
+    Case(
+        "revoke-admin",
+        ("revoke-admin", BOB),
+        [("role.revoke", BOB, {ROLES: [["admin", "beta"], ["beta"]], **REVOKED})],
+        setup=(("grant-admin", BOB),),
+    ),
+    Case("grant-role", ("grant-role", BOB, "staff"), [("role.grant", BOB, {ROLES: [["beta"], ["beta", "staff"]]})]),
+    Case("grant-role-held", ("grant-role", BOB, "beta"), []),
+    Case("revoke-role", ("revoke-role", BOB, "beta"), [("role.revoke", BOB, {ROLES: [["beta"], []], **REVOKED})]),
+    Case("revoke-tokens", ("revoke-tokens", BOB), [("tokens.revoke", BOB, REVOKED)]),
+    Case("login", ("login", BOB, "--password-stdin"), [("login.success", BOB, {})], input=f"{PASSWORD}\n"),
+    Case(
+        "login-wrong",
+        ("login", BOB, "--password-stdin"),
+        [("login.failure", BOB, {"reason": "wrong password"})],
+        input="not the password\n",
+        code=6,
+    ),
+    Case(
+        "login-unknown",
+        ("login", "nobody@example.com", "--password-stdin"),
+        [("login.failure", None, {"reason": "unknown user"})],
+        input=f"{PASSWORD}\n",
+        code=6,
+    ),
+    Case(
+        "login-disabled",
+        ("login", BOB, "--password-stdin"),
+        [("login.failure", BOB, {"reason": "disabled"})],
+        input=f"{PASSWORD}\n",
+        setup=(("disable", BOB),),
+        code=6,
+    ),
+    Case(
+        "login-locks",
+        ("login", BOB, "--password-stdin"),
+        [
+            ("login.locked", BOB, {"locked_until": [None, ANY]}),
+            ("login.failure", BOB, {"reason": "wrong password"}),
+        ],
+        input="not the password\n",
+        env={"USERMGR_LOCKOUT_THRESHOLD": "1"},
+        code=6,
+    ),
+    Case(
+        "login-locked",
+        ("login", BOB, "--password-stdin"),
+        [("login.failure", BOB, {"reason": "locked"})],
+        input=f"{PASSWORD}\n",
+        prepare=lambda engine: lock(engine, BOB),
+        code=6,
+    ),
+    Case(
+        "import",
+        ("import", "-", "--format", "jsonl", "--on-conflict", "update"),
+        [
+            ("user.update", BOB, {"full_name": [None, "Bob"], ROLES: [["beta"], []], **REVOKED}),
+            (  # new users are written after the chunk's updates, in one statement
+                "user.create",
+                CAROL,
+                {"email": [None, CAROL], "is_active": [None, True], ROLES: [None, ["staff"]], "password": "set"},
+            ),
+            ("import.summary", None, {"created": 1, "updated": 1, "skipped": 0}),
+        ],
+        input=(
+            json.dumps({"email": CAROL, "roles": ["staff"], "password": "carols password"})
+            + "\n"
+            + json.dumps({"email": BOB, "full_name": "Bob"})
+            + "\n"
+        ),
+    ),
+    Case(
+        "import-unchanged",
+        ("import", "-", "--format", "jsonl", "--on-conflict", "update"),
+        [("import.summary", None, {"created": 0, "updated": 1, "skipped": 0})],
+        input=json.dumps({"email": BOB, "roles": ["beta"]}) + "\n",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)
+def test_each_command_leaves_exactly_its_events(run: Runner, engine: Engine, people: None, case: Case) -> None:
+    for args in case.setup:
+        ok(run(*args))
+    if case.prepare is not None:
+        case.prepare(engine)
+    mark = last_id(engine)
+
+    result = run(*case.args, input=case.input, env={"USERMGR_ACTOR": ON_BEHALF, **case.env})
+
+    assert result.exit_code == case.code, (result.stdout, result.stderr)
+    events = all_events(engine, mark)
+    assert summary(events) == case.expected
+    for event in events:
+        assert (event["actor"], event["on_behalf_of"], event["client_address"]) == (CLI_ACTOR, ON_BEHALF, None)
+    targets = {event["target_email"]: event["target_uid"] for event in events if event["target_email"]}
+    if BOB in targets and case.name != "delete":
+        assert targets[BOB] == uid_of(run, BOB)
+
+
+def test_without_usermgr_actor_the_os_user_alone_is_recorded(run: Runner, engine: Engine, people: None) -> None:
+    mark = last_id(engine)
+    ok(run("disable", BOB))
+    [event] = all_events(engine, mark)
+    assert (event["actor"], event["on_behalf_of"]) == (CLI_ACTOR, None)
+
+
+def test_an_unusable_usermgr_actor_is_refused_before_any_change(run: Runner, engine: Engine, people: None) -> None:
+    mark = last_id(engine)
+    error_line(run("disable", BOB, env={"USERMGR_ACTOR": "x" * 401}), 2)
+    assert all_events(engine, mark) == []
+    assert ok(run("show", BOB, "-o", "json")).stdout.count('"is_active": true') == 1
+
+
+def test_audit_prune_is_itself_an_event(run: Runner, engine: Engine, people: None) -> None:
+    mark = last_id(engine)
+    ok(run("audit", "prune", "--before", "2000-01-01", env={"USERMGR_ACTOR": ON_BEHALF}))
+    [event] = all_events(engine, mark)
+    assert event["action"] == "audit.prune"
+    assert event["changes"] == {"before": "2000-01-01T00:00:00+00:00", "removed": 0, "checkpoint": GENESIS}
+    assert (event["actor"], event["on_behalf_of"]) == (CLI_ACTOR, ON_BEHALF)
+
+
+# ---- the API's routes ---------------------------------------------------------------------------
+
+
+def api_cases(bob: int) -> list[tuple[str, str, str, dict[str, Any], list[tuple[str, str | None, dict[str, Any]]]]]:
+    return [
+        ("patch", "PATCH", f"/users/{bob}", {"json": {"full_name": "Bob B"}}, [
+            ("user.update", BOB, {"full_name": [None, "Bob B"]}),
+        ]),
+        ("delete", "DELETE", f"/users/{bob}", {}, [
+            ("user.delete", BOB, {"email": [BOB, None], "is_active": [True, None], ROLES: [["beta"], None]}),
+        ]),
+        ("grant", "PUT", f"/users/{bob}/roles/staff", {}, [
+            ("role.grant", BOB, {ROLES: [["beta"], ["beta", "staff"]]}),
+        ]),
+        ("revoke", "DELETE", f"/users/{bob}/roles/beta", {}, [
+            ("role.revoke", BOB, {ROLES: [["beta"], []], **REVOKED}),
+        ]),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["patch", "delete", "grant", "revoke"])
+def test_each_admin_route_leaves_exactly_its_events(
+    run: Runner, engine: Engine, people: None, client: TestClient, name: str
+) -> None:
+    bob = int(ok(run("show", BOB, "-o", "id")).stdout)
+    [(_, method, path, options, expected)] = [case for case in api_cases(bob) if case[0] == name]
+    headers = bearer(token_of(run, ADMIN, ADMIN_PASSWORD))
+    mark = last_id(engine)
+
+    response = client.request(method, path, headers=headers, **options)
+
+    assert response.status_code in (200, 204), response.text
+    events = all_events(engine, mark)
+    assert summary(events) == expected
+    assert {(event["actor"], event["on_behalf_of"], event["client_address"]) for event in events} == {
+        (f"uid:{uid_of(run, ADMIN)}", None, "testclient")
+    }
+
+
+def test_signup_and_logins_on_the_api_are_anonymous_with_the_address(
+    run: Runner, engine: Engine, people: None, client: TestClient
+) -> None:
+    mark = last_id(engine)
+    assert client.post("/auth/signup", json={"email": CAROL, "password": PASSWORD}).status_code == 201
+    assert api_login(client, CAROL).status_code == 200
+    assert api_login(client, CAROL, "not the password").status_code == 401
+    assert api_login(client, "nobody@example.com").status_code == 401
+    events = all_events(engine, mark)
+    assert summary(events) == [
+        ("user.create", CAROL, {"email": [None, CAROL], "is_active": [None, True], "password": "set"}),
+        ("login.success", CAROL, {}),
+        ("login.failure", CAROL, {"reason": "wrong password"}),
+        ("login.failure", None, {"reason": "unknown user"}),
+    ]
+    assert {(event["actor"], event["client_address"]) for event in events} == {("anonymous", "testclient")}
+
+
+# ---- a failed change, a dry run: no event --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "stdin"),
+    [
+        (("grant-role", BOB, "nobody@example.com", "staff"), 4, None),  # Bob would change: the batch fails
+        (("revoke-admin", ADMIN), 5, None),  # the last admin
+        (("disable", ADMIN, BOB), 5, None),
+        (("create", "--email", BOB, "--no-password"), 5, None),
+        (("update", BOB, "--email", ADMIN), 5, None),
+        (("import", "-", "--format", "jsonl"), 5, json.dumps({"email": CAROL}) + "\n" + json.dumps({"email": BOB})),
+        (("import", "-", "--format", "jsonl", "--dry-run"), 0, json.dumps({"email": CAROL}) + "\n"),
+        (("import", "-", "--format", "jsonl", "--dry-run", "--on-conflict", "update"), 0, json.dumps({"email": BOB})),
+    ],
+    ids=["unknown-in-batch", "last-admin", "last-admin-batch", "duplicate", "taken-email", "import-conflict",
+         "import-dry-run", "import-dry-run-update"],
+)  # fmt: skip
+def test_a_failed_or_dry_run_change_leaves_no_event(
+    run: Runner, engine: Engine, people: None, args: tuple[str, ...], code: int, stdin: str | None
+) -> None:
+    mark = last_id(engine)
+    result = run(*args, input=stdin)
+    assert result.exit_code == code, result.stderr
+    assert all_events(engine, mark) == []
+
+
+def test_a_refused_api_change_leaves_no_event(run: Runner, engine: Engine, people: None, client: TestClient) -> None:
+    headers = bearer(token_of(run, ADMIN, ADMIN_PASSWORD))
+    admin = int(ok(run("show", ADMIN, "-o", "id")).stdout)
+    mark = last_id(engine)
+    assert client.delete(f"/users/{admin}/roles/admin", headers=headers).status_code == 409
+    assert client.patch(f"/users/{admin}", json={"email": BOB}, headers=headers).status_code == 409
+    assert client.post("/auth/signup", json={"email": BOB, "password": PASSWORD}).status_code == 409
+    assert all_events(engine, mark) == []
+
+
+# ---- the hash chain ------------------------------------------------------------------------------
+
+
+def some_events(run: Runner) -> None:
+    create_user(run, ADMIN, "--admin", password=ADMIN_PASSWORD)
+    create_user(run, BOB)
+    ok(run("grant-role", BOB, "beta"))
+    ok(run("disable", BOB))
+    ok(run("enable", BOB))  # events 1 to 5
+
+
+def verify(run: Runner) -> Any:
+    return run("audit", "verify")
+
+
+def test_an_untouched_chain_is_intact(run: Runner, engine: Engine) -> None:
+    some_events(run)
+    result = ok(verify(run))
+    head = all_events(engine)[-1]["hash"]
+    assert result.stderr == f"usermgr: audit trail intact: 5 events, head {head}\n"
+    assert all_events(engine)[0]["prev_hash"] == GENESIS
+
+
+def test_verify_names_an_edited_event(run: Runner, engine: Engine) -> None:
+    some_events(run)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE audit_events SET target_email = 'mallory@example.com' WHERE id = 3"))
+    line = error_line(verify(run), 9)
+    assert line == "usermgr: error: audit chain broken at event 3: it does not match its hash (it was edited)"
+
+
+def test_verify_names_an_edited_and_rehashed_event(run: Runner, engine: Engine) -> None:
+    some_events(run)
+    third = all_events(engine)[2]
+    forged = as_stored({**third, "actor": "os:someone-else@host"})
+    with engine.begin() as connection:
+        connection.execute(
+            update(EVENTS).where(EVENTS.c.id == 3).values(actor=forged["actor"], hash=event_hash(forged))
+        )
+    line = error_line(verify(run), 9)
+    assert line.startswith("usermgr: error: audit chain broken at event 4: it does not follow event 3"), line
+
+
+def test_verify_names_the_event_after_a_deleted_one(run: Runner, engine: Engine) -> None:
+    some_events(run)
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM audit_events WHERE id = 3"))
+    line = error_line(verify(run), 9)
+    assert line.startswith("usermgr: error: audit chain broken at event 4: it does not follow event 2"), line
+
+
+def test_verify_sees_the_oldest_event_deleted(run: Runner, engine: Engine) -> None:
+    some_events(run)
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM audit_events WHERE id = 1"))
+    line = error_line(verify(run), 9)
+    assert line.startswith("usermgr: error: audit chain broken at event 2: it does not follow the start"), line
+
+
+@pytest.mark.parametrize("well_formed", [True, False], ids=["rehashed", "made-up-hash"])
+def test_verify_names_an_inserted_event(run: Runner, engine: Engine, well_formed: bool) -> None:
+    """A forged event slipped between events 3 and 4 (the later ids moved up to make room),
+    whose own hash and link to event 3 are right: the link of the event after it breaks."""
+    some_events(run)
+    third = all_events(engine)[2]
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE audit_events SET id = id + 100 WHERE id > 3"))
+        forged = as_stored(
+            {
+                **third,
+                "id": 4,
+                "action": "role.grant",
+                "prev_hash": third["hash"],
+                "changes": {"roles": [[], ["admin"]]},
+            }
+        )
+        forged["hash"] = event_hash(forged) if well_formed else "f" * 64
+        connection.execute(insert(EVENTS).values(forged))
+    line = error_line(verify(run), 9)
+    expected = "it was inserted into the chain" if well_formed else "it does not match its hash"
+    assert line.startswith(f"usermgr: error: audit chain broken at event 4: {expected}"), line
+
+
+def test_verify_names_an_event_inserted_first_with_a_made_up_link(run: Runner, engine: Engine) -> None:
+    some_events(run)
+    second = all_events(engine)[1]
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE audit_events SET id = id + 100 WHERE id > 1"))
+        forged = as_stored({**second, "id": 2, "prev_hash": "e" * 64})
+        forged["hash"] = event_hash(forged)
+        connection.execute(insert(EVENTS).values(forged))
+    line = error_line(verify(run), 9)
+    assert line.startswith("usermgr: error: audit chain broken at event 2: it was inserted into the chain"), line
+
+
+def test_concurrent_writers_leave_an_unbroken_chain(run: Runner, engine: Engine, env: dict[str, str]) -> None:
+    create_user(run, ADMIN, "--admin", password=ADMIN_PASSWORD)
+    jobs: list[tuple[tuple[str, ...], str | None]] = [
+        (("create", "--email", f"user{n}@example.com", "--password-stdin", "-o", "id"), f"{PASSWORD}\n")
+        for n in range(4)
+    ]
+    jobs += [(("login", ADMIN, "--password-stdin"), f"{password}\n") for password in (ADMIN_PASSWORD, "wrong pw 1")]
+    jobs += [(("grant-role", ADMIN, f"role{n}"), None) for n in range(2)]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        results = list(pool.map(lambda job: run_usermgr(*job[0], env=env, input=job[1]), jobs))
+    assert [result.returncode for result in results] == [0] * 5 + [6] + [0] * 2, [r.stderr for r in results]
+    events = all_events(engine)
+    assert len(events) == 1 + len(jobs)
+    assert all(later["prev_hash"] == earlier["hash"] for earlier, later in itertools.pairwise(events))
+    ok(verify(run))
+
+
+# ---- prune ---------------------------------------------------------------------------------------
+
+
+def test_prune_keeps_the_chain_verifiable(run: Runner, engine: Engine) -> None:
+    some_events(run)
+    events = all_events(engine)
+    cut = events[2]["occurred_at"].isoformat()  # keep events 3, 4, 5
+
+    result = ok(run("audit", "prune", "--before", cut))
+
+    assert result.stderr.startswith("usermgr: pruned 2 audit events older than"), result.stderr
+    kept = all_events(engine)
+    assert [event["id"] for event in kept] == [3, 4, 5, 6]
+    assert kept[-1]["action"] == "audit.prune"
+    assert kept[-1]["changes"] == {"before": cut, "removed": 2, "checkpoint": events[1]["hash"]}
+    ok(verify(run))
+    ok(run("disable", BOB))
+    ok(run("audit", "prune", "--before", "2000-01-01"))  # removes none
+    ok(run("audit", "prune", "--before", kept[-1]["occurred_at"].isoformat()))  # 3 to 5
+    assert all_events(engine)[0]["action"] == "audit.prune"
+    ok(verify(run))
+
+
+def test_prune_of_everything_keeps_the_chain_verifiable(run: Runner, engine: Engine) -> None:
+    some_events(run)
+    head = all_events(engine)[-1]["hash"]
+    ok(run("audit", "prune", "--before", (utcnow() + timedelta(days=1)).isoformat()))
+    [event] = all_events(engine)
+    assert event["changes"]["checkpoint"] == head == event["prev_hash"]
+    ok(verify(run))
+
+
+def test_after_a_prune_deleting_the_oldest_kept_event_is_seen(run: Runner, engine: Engine) -> None:
+    some_events(run)
+    ok(run("audit", "prune", "--before", all_events(engine)[2]["occurred_at"].isoformat()))
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM audit_events WHERE id = 3"))
+    line = error_line(verify(run), 9)
+    assert line.startswith("usermgr: error: audit chain broken at event 4: it does not follow the start"), line
+
+
+def test_prune_refuses_a_broken_chain(run: Runner, engine: Engine) -> None:
+    some_events(run)
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM audit_events WHERE id = 2"))
+    error_line(run("audit", "prune", "--before", "2000-01-01"), 9)
+    assert len(all_events(engine)) == 4  # nothing removed, no prune event
+
+
+# ---- no secret in the trail ----------------------------------------------------------------------
+
+
+def test_no_password_hash_or_token_is_ever_recorded(run: Runner, engine: Engine, client: TestClient) -> None:
+    create_user(run, ADMIN, "--admin", password=ADMIN_PASSWORD)
+    tokens = [token_of(run, ADMIN, ADMIN_PASSWORD)]
+    create_user(run, BOB)
+    ok(run("set-password", BOB, "--password-stdin", input="second secret 2\n"))
+    login(run, BOB, "third secret 3")
+    rows = [{"email": CAROL, "password": "fourth secret 4"}, {"email": BOB, "password": "fifth secret 5"}]
+    ok(
+        run(
+            "import",
+            "-",
+            "--format",
+            "jsonl",
+            "--on-conflict",
+            "update",
+            input="".join(json.dumps(r) + "\n" for r in rows),
+        )
+    )
+    assert (
+        client.post("/auth/signup", json={"email": "dan@example.com", "password": "sixth secret 6"}).status_code == 201
+    )
+    tokens.append(api_login(client, "dan@example.com", "sixth secret 6").json()["access_token"])
+    with engine.connect() as connection:
+        hashes = list(connection.execute(select(User.__table__.c.hashed_password)).scalars())
+        dump = "\n".join(str(tuple(row)) for row in connection.execute(text("SELECT * FROM audit_events")))
+    secrets = [
+        PASSWORD,
+        ADMIN_PASSWORD,
+        "second secret",
+        "third secret",
+        "fourth secret",
+        "fifth secret",
+        "sixth secret",
+    ]
+    for secret in [*secrets, *hashes, *(h[-12:] for h in hashes), *tokens]:
+        assert secret not in dump
+    assert "password" in dump  # the check reads the events: "set", "changed" are there
+
+
+# ---- reading -------------------------------------------------------------------------------------
+
+
+def test_audit_filters_and_formats(run: Runner, engine: Engine, people: None) -> None:
+    ok(run("grant-role", BOB, "staff", env={"USERMGR_ACTOR": ON_BEHALF}))
+    login(run, BOB, "wrong password!")
+    jsonl = [json.loads(line) for line in ok(run("audit", "-o", "jsonl")).stdout.splitlines()]
+    assert [event["id"] for event in jsonl] == [event["id"] for event in all_events(engine)]
+
+    def ids(*filters: str) -> list[int]:
+        return [json.loads(line)["id"] for line in ok(run("audit", *filters, "-o", "jsonl")).stdout.splitlines()]
+
+    bob_ids = [event["id"] for event in jsonl if event["target_email"] == BOB]
+    assert ids("--user", BOB) == bob_ids == ids("--user", uid_of(run, BOB))
+    assert ids("--action", "role.grant") == [jsonl[2]["id"]]
+    assert ids("--actor", ON_BEHALF) == [jsonl[2]["id"]]
+    assert ids("--actor", CLI_ACTOR) == [event["id"] for event in jsonl]
+    assert ids("--limit", "2") == [jsonl[0]["id"], jsonl[1]["id"]]
+    middle = jsonl[2]["occurred_at"]
+    assert ids("--since", middle) == [event["id"] for event in jsonl[2:]]
+    assert ids("--until", middle) == [event["id"] for event in jsonl[:2]]
+    assert ids("--since", "1h") == ids()
+    ok(run("delete", BOB, "--yes"))
+    assert ids("--user", BOB) == [*bob_ids, jsonl[-1]["id"] + 1]  # a deleted user, by their email then
+    csv_lines = ok(run("audit", "--action", "role.grant", "-o", "csv")).stdout.splitlines()
+    assert csv_lines[0] == ",".join(["id", "occurred_at", "actor", "on_behalf_of", "client_address", "action",
+                                      "target_uid", "target_email", "changes", "prev_hash", "hash"])  # fmt: skip
+    assert '"{""roles"": [[""beta""], [""beta"", ""staff""]]}"' in csv_lines[1]
+    table = ok(run("audit", "--action", "role.grant")).stdout
+    assert "role.grant" in table and ON_BEHALF in table
+    assert json.loads(ok(run("audit", "-o", "json", "--limit", "1")).stdout)[0]["action"] == "user.create"
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        (("audit", "--action", "user.explode"), 3),
+        (("audit", "--since", "yesterday-ish"), 3),
+        (("audit", "--until", "0001-01-01T00:00:00+01:00"), 3),
+        (("audit", "--since", "2999-01-01T10:00"), 0),
+        (("audit", "--user", "nobody@example"), 0),
+        (("audit", "--user", "nobody"), 4),
+        (("audit", "--user", BOB, "verify"), 2),
+        (("audit", "prune"), 2),
+        (("audit", "prune", "--before", "soon"), 3),
+    ],
+)
+def test_audit_refuses_bad_input(run: Runner, people: None, args: tuple[str, ...], code: int) -> None:
+    result = run(*args)
+    if code:
+        error_line(result, code)
+    else:
+        assert result.exit_code == 0 and result.stdout == "", result.stderr
+
+
+def test_get_audit_is_admin_only_paginated_and_filtered(
+    run: Runner, people: None, client: TestClient, engine: Engine
+) -> None:
+    admin = bearer(token_of(run, ADMIN, ADMIN_PASSWORD))
+    bob = bearer(token_of(run, BOB))
+    assert client.get("/audit").status_code == 401
+    assert client.get("/audit", headers=bob).status_code == 403
+    everything = all_events(engine)
+    page = client.get("/audit", params={"limit": 2, "offset": 1}, headers=admin)
+    assert page.status_code == 200, page.text
+    assert [event["id"] for event in page.json()] == [event["id"] for event in everything[1:3]]
+    logins = client.get("/audit", params={"action": "login.success", "user": BOB}, headers=admin).json()
+    assert [(event["action"], event["target_email"]) for event in logins] == [("login.success", BOB)]
+    since = everything[2]["occurred_at"].isoformat()
+    later = client.get("/audit", params={"since": since}, headers=admin).json()
+    assert [event["id"] for event in later] == [event["id"] for event in everything[2:]]
+    assert client.get("/audit", params={"action": "nope"}, headers=admin).status_code == 422
+    assert client.get("/audit", params={"limit": 1001}, headers=admin).status_code == 422
+    assert set(client.app.openapi()["paths"]["/audit"]["get"]["responses"]) >= {"200", "401", "403", "422"}
+
+
+def test_reading_the_trail_writes_nothing(run: Runner, engine: Engine, people: None) -> None:
+    before = all_events(engine)
+    ok(run("audit"))
+    ok(verify(run))
+    assert all_events(engine) == before
+
+
+def test_export_does_not_carry_the_trail(run: Runner, people: None, tmp_path: Path) -> None:
+    exported = ok(run("export")).stdout
+    assert "user.create" not in exported and "prev_hash" not in exported

@@ -1,0 +1,482 @@
+"""The audit trail: who did what to whom, and when; hash-chained so that tampering shows.
+
+Every rule that changes a user or a role records its events here, through `record` or
+`audited`, in the same transaction as the change: a rolled-back change (a conflict, a
+dry run) leaves no event, and no event stands without its change.
+
+Each event's hash is SHA-256 over a canonical serialisation of its content and the hash
+of the event before it. Appends are serialised (on PostgreSQL by a transaction-level
+advisory lock taken just before the insert; SQLite's write transactions already begin
+IMMEDIATE, one writer at a time), so concurrent writers leave one unbroken chain.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import socket
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, delete, func, insert, or_, select, text
+from sqlalchemy.orm import Session
+
+from usermgr.config import parse_duration
+from usermgr.contract import USER_FIELDS
+from usermgr.database import utcnow
+from usermgr.errors import ConfigurationError, IntegrityCheckFailed, InvalidInput, NotFound
+from usermgr.models import AuditEvent, User
+from usermgr.service.core import MAX_ROW_COUNT, find_user, reading, storable, writing
+
+EVENTS = AuditEvent.metadata.tables[AuditEvent.__tablename__]  # the Core table, for batched inserts
+
+ACTIONS = (
+    "user.create",
+    "user.update",
+    "user.delete",
+    "user.disable",
+    "user.enable",
+    "user.unlock",
+    "user.password",
+    "role.grant",
+    "role.revoke",
+    "tokens.revoke",
+    "login.success",
+    "login.failure",
+    "login.locked",
+    "import.summary",
+    "audit.prune",
+)
+"""The fixed vocabulary of actions (`key.*` is kept for the key ring)."""
+
+EVENT_FIELDS = (
+    "id",
+    "occurred_at",
+    "actor",
+    "on_behalf_of",
+    "client_address",
+    "action",
+    "target_uid",
+    "target_email",
+    "changes",
+    "prev_hash",
+    "hash",
+)
+"""An event as `usermgr audit` and `GET /audit` show it, in this order."""
+
+GENESIS = "0" * 64
+"""The `prev_hash` of the first event ever recorded."""
+
+TRACKED_FIELDS = tuple(name for name in USER_FIELDS if name not in ("id", "uid", "created_at", "last_login_at"))
+"""The contract's fields whose changes an event lists as `field: [old, new]` (the identity is
+the event's target; times of creation and login are the events themselves)."""
+
+COLUMN_FIELDS = tuple(name for name in TRACKED_FIELDS if name != "roles")
+
+_CHAIN_LOCK = 0x7573_6D67_7261_7564  # "usmgraud": the PostgreSQL advisory lock that orders appends
+_STREAM_CHUNK = 2000
+MAX_ACTOR_LENGTH = 400
+ANONYMOUS = "anonymous"
+
+
+# ---- the actor ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who acts: `os:user@host` on the CLI, `uid:<uuid>` for an API token's holder, else
+    `anonymous`; beside it, never instead, who an automated run acts for (USERMGR_ACTOR),
+    and the API caller's address as the server sees it."""
+
+    name: str
+    on_behalf_of: str | None = None
+    address: str | None = None
+
+
+_ACTOR_KEY = "usermgr_actor"
+
+
+def os_actor() -> Actor:
+    """The CLI's actor: the operating-system user and host, and USERMGR_ACTOR beside them."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a bare container): its number
+        user = str(os.getuid())
+    on_behalf_of = os.environ.get("USERMGR_ACTOR") or None
+    if on_behalf_of is not None and (len(on_behalf_of) > MAX_ACTOR_LENGTH or not storable(on_behalf_of)):
+        raise ConfigurationError(f"USERMGR_ACTOR must be at most {MAX_ACTOR_LENGTH} characters of text")
+    return Actor(f"os:{user}@{socket.gethostname()}", on_behalf_of)
+
+
+def act_as(db: Session, actor: Actor) -> None:
+    """Record `actor` on every event this session writes from now on."""
+    db.info[_ACTOR_KEY] = actor
+
+
+def acting_user(db: Session, uid: str) -> None:
+    """The API's actor once a token is checked: its holder, at the caller's address."""
+    act_as(db, replace(actor_of(db), name=f"uid:{uid}"))
+
+
+def actor_of(db: Session) -> Actor:
+    """The session's actor; one that was never told (the CLI, a script) is the OS user."""
+    actor = db.info.get(_ACTOR_KEY)
+    if actor is None:
+        actor = os_actor()
+        act_as(db, actor)
+    return actor
+
+
+# ---- what changed --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class State:
+    """A user as an event compares it: the contract's fields (JSON-ready), and what may only
+    be told as "changed" (the password hash, the token version)."""
+
+    fields: dict[str, Any]
+    hashed_password: str | None = field(default=None, repr=False)
+    token_version: int = 0
+    failed_logins: int = 0
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    return value
+
+
+def state_of(user: User) -> State:
+    fields = {name: user.role_names if name == "roles" else jsonable(getattr(user, name)) for name in TRACKED_FIELDS}
+    return State(fields, user.hashed_password, user.token_version or 0, user.failed_logins or 0)
+
+
+def created_changes(values: Mapping[str, Any], roles: Sequence[str]) -> dict[str, Any]:
+    """What `diff(None, state)` says of a new user, straight from its column values: the
+    import's path, where this runs once a row."""
+    changes: dict[str, Any] = {
+        name: [None, jsonable(values.get(name))] for name in COLUMN_FIELDS if values.get(name) is not None
+    }
+    if roles:
+        changes["roles"] = [None, sorted(roles)]
+    if values.get("hashed_password") is not None:
+        changes["password"] = "set"
+    return changes
+
+
+def diff(before: State | None, after: State | None) -> dict[str, Any]:
+    """`field: [old, new]` for each contract field that differs; a password only as "set" or
+    "changed", token revocation as "revoked". Never a hash."""
+    old = before.fields if before is not None else {}
+    new = after.fields if after is not None else {}
+    changes: dict[str, Any] = {
+        name: [old.get(name), new.get(name)]
+        for name in TRACKED_FIELDS
+        if old.get(name) != new.get(name) and not (_empty(old.get(name)) and _empty(new.get(name)))
+    }
+    if before is not None and after is not None:
+        if before.hashed_password != after.hashed_password:
+            changes["password"] = "changed"
+        if after.token_version > before.token_version:
+            changes["tokens"] = "revoked"
+        if before.failed_logins != after.failed_logins:
+            changes["failed_logins"] = [before.failed_logins, after.failed_logins]
+    elif before is None and after is not None and after.hashed_password is not None:
+        changes["password"] = "set"
+    return changes
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value == []
+
+
+# ---- recording -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Event:
+    action: str
+    target_uid: str | None = None
+    target_email: str | None = None
+    changes: dict[str, Any] = field(default_factory=dict)
+
+
+def event_for(action: str, user: User | None = None, changes: dict[str, Any] | None = None) -> Event:
+    return Event(action, user.uid if user else None, user.email if user else None, changes or {})
+
+
+def record(db: Session, action: str, user: User | None = None, changes: dict[str, Any] | None = None) -> None:
+    """Append one event, in the caller's open write transaction."""
+    record_events(db, [event_for(action, user, changes)])
+
+
+@contextmanager
+def audited(db: Session, users: Sequence[User], action: str) -> Iterator[None]:
+    """Record `action` for each of `users` that the block changed, with what changed."""
+    before = {id(user): state_of(user) for user in users}
+    yield
+    events = []
+    for user in users:
+        changes = diff(before[id(user)], state_of(user))
+        if changes:
+            events.append(event_for(action, user, changes))
+    record_events(db, events)
+
+
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+"""The one serialisation of `changes`, stored as this text so that the hash covers exactly the
+stored bytes (and an import serialises each event once)."""
+_FLAT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+def canonical_changes(changes: dict[str, Any]) -> str:
+    return _CANONICAL.encode(changes)
+
+
+def event_hash(row: Mapping[str, Any]) -> str:
+    """SHA-256 over the event's content (its `changes` as stored, canonical JSON text) and the
+    hash of the event before it, serialised as one JSON array."""
+    return _digest(row, jsonable(row["occurred_at"]))
+
+
+def _digest(row: Mapping[str, Any], when: str) -> str:
+    content = [
+        row["prev_hash"],
+        when,
+        row["actor"],
+        row["on_behalf_of"],
+        row["client_address"],
+        row["action"],
+        row["target_uid"],
+        row["target_email"],
+        row["changes"],
+    ]
+    return hashlib.sha256(_FLAT.encode(content).encode()).hexdigest()
+
+
+def _lock_chain(db: Session) -> None:
+    """Take the chain's lock until the transaction ends: on PostgreSQL a transaction-level
+    advisory lock; SQLite's write transaction (BEGIN IMMEDIATE) already holds its one."""
+    if db.get_bind().dialect.name == "postgresql":
+        db.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _CHAIN_LOCK})
+
+
+def _head(db: Session) -> str:
+    return db.scalar(select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1)) or GENESIS
+
+
+def record_events(db: Session, events: Sequence[Event], *, head: str | None = None) -> None:
+    """Chain `events` after the newest one (or `head`, read earlier under the chain's lock)
+    and insert them, in one statement."""
+    if not events:
+        return
+    actor = actor_of(db)
+    _lock_chain(db)
+    previous = head if head is not None else _head(db)
+    now = utcnow()
+    when = jsonable(now)
+    rows = []
+    for event in events:
+        row = {
+            "occurred_at": now,
+            "actor": actor.name,
+            "on_behalf_of": actor.on_behalf_of,
+            "client_address": actor.address,
+            "action": event.action,
+            "target_uid": event.target_uid,
+            "target_email": event.target_email,
+            "changes": canonical_changes(event.changes),
+            "prev_hash": previous,
+        }
+        row["hash"] = previous = _digest(row, when)
+        rows.append(row)
+    _insert(db, rows)
+
+
+def _insert(db: Session, rows: list[dict[str, Any]]) -> None:
+    """One executemany straight to the driver: the time is bound once for the batch (by its
+    column type, as SQLAlchemy would), not once a row, which keeps an import's audit cheap."""
+    connection = db.connection()
+    compiled = insert(EVENTS).compile(dialect=connection.dialect, column_keys=list(rows[0]))
+    bind = EVENTS.c.occurred_at.type.bind_processor(connection.dialect)
+    stored = bind(rows[0]["occurred_at"]) if bind is not None else rows[0]["occurred_at"]
+    for row in rows:
+        row["occurred_at"] = stored
+    if compiled.positiontup is not None:
+        order = compiled.positiontup
+        connection.exec_driver_sql(compiled.string, [tuple(row[key] for key in order) for row in rows])
+    else:
+        connection.exec_driver_sql(compiled.string, rows)
+
+
+# ---- reading -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    user: str | None = None
+    actor: str | None = None
+    action: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int | None = None
+    offset: int = 0
+
+
+def parse_time(value: str, what: str) -> datetime:
+    """An ISO 8601 date or time (UTC unless it names a zone), or a duration ago (`7d`)."""
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        try:
+            return utcnow() - timedelta(seconds=parse_duration(value, what=what))
+        except InvalidInput:
+            raise InvalidInput(f"{what} must be an ISO 8601 date or time, or a duration ago such as 7d") from None
+    try:
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:  # a zone that takes the first or last day of year 1 or 9999 out of range
+        raise InvalidInput(f"{what} is out of range: give a time between the years 1 and 9999") from None
+
+
+def _target_condition(db: Session, ref: str) -> Any:
+    """The events about USER: by their uid while they exist; a deleted user by uid or email."""
+    user = find_user(db, ref)
+    if user is not None:
+        return AuditEvent.target_uid == user.uid
+    text_ref = ref.strip()
+    if "@" in text_ref:
+        return AuditEvent.target_email == text_ref.lower()
+    if len(text_ref) == 36 and storable(text_ref):
+        return AuditEvent.target_uid == text_ref
+    raise NotFound(f"no user matches {text_ref!r}: give an email, a username, an id or a deleted user's uid or email")
+
+
+def _filtered(db: Session, filters: AuditFilter) -> Any:
+    if (filters.limit is not None and filters.limit < 0) or filters.offset < 0:
+        raise InvalidInput("limit and offset must not be negative")
+    if filters.offset > MAX_ROW_COUNT or (filters.limit or 0) > MAX_ROW_COUNT:
+        raise InvalidInput(f"limit and offset must be at most {MAX_ROW_COUNT}")
+    if filters.action is not None and filters.action not in ACTIONS:
+        raise InvalidInput(f"unknown action {filters.action!r}: one of {', '.join(ACTIONS)}")
+    statement = select(*(getattr(AuditEvent, name) for name in EVENT_FIELDS)).order_by(AuditEvent.id)
+    if filters.user is not None:
+        statement = statement.where(_target_condition(db, filters.user))
+    if filters.actor is not None:
+        if not storable(filters.actor):
+            raise InvalidInput("--actor must not contain a NUL character or bytes that are not UTF-8")
+        statement = statement.where(or_(AuditEvent.actor == filters.actor, AuditEvent.on_behalf_of == filters.actor))
+    if filters.action is not None:
+        statement = statement.where(AuditEvent.action == filters.action)
+    if filters.since is not None:
+        statement = statement.where(AuditEvent.occurred_at >= filters.since)
+    if filters.until is not None:
+        statement = statement.where(AuditEvent.occurred_at < filters.until)
+    if filters.offset:
+        statement = statement.offset(filters.offset)
+    if filters.limit is not None:
+        statement = statement.limit(filters.limit)
+    return statement
+
+
+def iter_events(db: Session, filters: AuditFilter = AuditFilter()) -> Iterator[dict[str, Any]]:
+    """Events oldest first, streamed."""
+    with reading(db):
+        statement = _filtered(db, filters)
+        for row in db.execute(statement.execution_options(yield_per=_STREAM_CHUNK)):
+            event = row._asdict()
+            event["changes"] = json.loads(event["changes"])
+            yield event
+
+
+# ---- verifying and pruning -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    events: int
+    head: str
+
+
+def _anchor(db: Session) -> str:
+    """What the oldest kept event must follow: the last prune's checkpoint, or the genesis."""
+    changes = db.scalar(
+        select(AuditEvent.changes).where(AuditEvent.action == "audit.prune").order_by(AuditEvent.id.desc()).limit(1)
+    )
+    return json.loads(changes)["checkpoint"] if changes else GENESIS
+
+
+def verify_chain(db: Session) -> ChainReport:
+    """Walk the chain oldest first (streamed); IntegrityCheckFailed naming the first event
+    that was edited, inserted or that follows deleted ones."""
+    with reading(db):
+        expected = _anchor(db)
+        rows = db.execute(select(*(getattr(AuditEvent, name) for name in EVENT_FIELDS)).order_by(AuditEvent.id))
+        events = iter(row._asdict() for row in rows.yield_per(_STREAM_CHUNK))
+        count, before_previous, previous_id = 0, None, None
+        row = next(events, None)
+        while row is not None:
+            following = next(events, None)
+            if event_hash(row) != row["hash"]:
+                raise IntegrityCheckFailed(
+                    f"audit chain broken at event {row['id']}: it does not match its hash (it was edited)"
+                )
+            if row["prev_hash"] != expected:
+                _broken_link(row, following, before_previous, previous_id, expected)
+            before_previous, expected, previous_id = expected, row["hash"], row["id"]
+            count += 1
+            row = following
+        return ChainReport(count, expected)
+
+
+def _broken_link(
+    row: dict[str, Any],
+    following: dict[str, Any] | None,
+    before_previous: str | None,
+    previous_id: int | None,
+    expected: str,
+) -> None:
+    """Say which event a broken link points at: the previous one if this one follows the event
+    before it (the previous was inserted), this one if the next follows the previous (this one
+    was inserted), else this one follows deleted events."""
+    if previous_id is not None and row["prev_hash"] == before_previous:
+        raise IntegrityCheckFailed(f"audit chain broken at event {previous_id}: it was inserted into the chain")
+    if following is not None and following["prev_hash"] == expected:
+        raise IntegrityCheckFailed(f"audit chain broken at event {row['id']}: it was inserted into the chain")
+    after = f"event {previous_id}" if previous_id is not None else "the start of the trail"
+    raise IntegrityCheckFailed(
+        f"audit chain broken at event {row['id']}: it does not follow {after}"
+        " (events between them were deleted, or the one before was edited)"
+    )
+
+
+def prune(db: Session, before: datetime) -> int:
+    """Delete the events older than `before` (the oldest ones, up to the first that is not),
+    keeping the chain verifiable: the prune is itself an event, carrying the last removed
+    event's hash as the checkpoint the oldest kept event follows. A broken chain is refused
+    (exit 9): a prune must not wash away the evidence of tampering."""
+    verify_chain(db)
+    with writing(db):
+        _lock_chain(db)
+        head = _head(db)  # a prune removes only the oldest events: the head stays, or was the last removed
+        first_kept = db.scalar(select(func.min(AuditEvent.id)).where(AuditEvent.occurred_at >= before))
+        doomed = AuditEvent.id < first_kept if first_kept is not None else AuditEvent.id.is_not(None)
+        last = db.execute(
+            select(AuditEvent.id, AuditEvent.hash).where(doomed).order_by(AuditEvent.id.desc()).limit(1)
+        ).first()
+        if last is None:
+            checkpoint, removed = _anchor(db), 0
+        else:
+            checkpoint = last.hash
+            removed = cast("CursorResult[Any]", db.execute(delete(AuditEvent).where(AuditEvent.id <= last.id))).rowcount
+        record_events(
+            db,
+            [Event("audit.prune", changes={"before": jsonable(before), "removed": removed, "checkpoint": checkpoint})],
+            head=head,
+        )
+    return removed
