@@ -659,7 +659,7 @@ def test_every_response_conforms_to_the_openapi_document(
     """
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 11
+    assert len(operations) == 12
 
     if mode is GenerationMode.NEGATIVE:  # nothing to get wrong in GET /users/me and GET /healthz
         operations = [operation for operation in operations if operation.body or any(operation.iter_parameters())]
