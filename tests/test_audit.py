@@ -677,3 +677,39 @@ def test_reading_the_trail_writes_nothing(run: Runner, engine: Engine, people: N
 def test_export_does_not_carry_the_trail(run: Runner, people: None, tmp_path: Path) -> None:
     exported = ok(run("export")).stdout
     assert "user.create" not in exported and "prev_hash" not in exported
+
+
+# ---- the key ring --------------------------------------------------------------------------------
+
+
+def test_each_key_change_leaves_its_event_and_a_refused_one_none(run: Runner, engine: Engine, tmp_path: Path) -> None:
+    ring = {"USERMGR_KEY_FILE": str(tmp_path / "ring.key"), "USERMGR_ACTOR": ON_BEHALF}
+    ok(run("init", env=ring))
+    [old] = json.loads(ok(run("keys", "list", "-o", "json", env=ring)).stdout)
+    mark = last_id(engine)
+    new = ok(run("keys", "rotate", "--alg", "ES256", env=ring)).stdout.strip()
+    ok(run("keys", "retire", "--", old["kid"], env=ring))
+    error_line(run("keys", "retire", "--", new, env=ring), 5)  # the active key: refused, no event
+    events = all_events(engine, mark)
+    assert [(event["action"], event["changes"]) for event in events] == [
+        ("key.add", {"kid": new, "alg": "ES256"}),
+        ("key.activate", {"kid": new, "alg": "ES256"}),
+        ("key.deactivate", {"kid": old["kid"], "alg": old["alg"]}),
+        ("key.retire", {"kid": old["kid"], "alg": old["alg"]}),
+    ]
+    assert {(event["actor"], event["on_behalf_of"], event["target_uid"]) for event in events} == {
+        (CLI_ACTOR, ON_BEHALF, None)
+    }
+    assert ok(run("audit", "verify")).exit_code == 0
+
+
+def test_a_key_change_without_a_database_to_record_it_is_refused(tmp_path: Path) -> None:
+    """No change without its event: with no database the ring is left as it was."""
+    key_file = tmp_path / "ring.key"
+    env = {"USERMGR_DATABASE_URL": f"sqlite:///{tmp_path / 'users.db'}", "USERMGR_KEY_FILE": str(key_file)}
+    ok(run_usermgr("init", env=env))
+    (tmp_path / "users.db").unlink()
+    before = key_file.read_bytes()
+    result = run_usermgr("keys", "add", env=env)
+    assert result.returncode == 1 and "init" in result.stderr, result
+    assert key_file.read_bytes() == before

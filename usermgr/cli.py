@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, cast
 
@@ -811,9 +812,11 @@ def keys() -> None:
 
 def _change_keys(app: App, edit: Any) -> list[Any]:
     """Apply a change to the key ring file and report each key that changed: the one place
-    that knows "a key changed: action, kid, alg" (an audit trail records it here)."""
+    that knows "a key changed: action, kid, alg", recorded in the audit trail as it is written."""
     settings = app.settings
-    changes = keyring.change_ring(settings.key_file, settings.secret_key, edit)
+    write_ring = partial(keyring.change_ring, settings.key_file, settings.secret_key, edit)
+    with app.session() as db:
+        changes = service.change_keys_audited(db, write_ring)
     for change in changes:
         note(f"key {change.kid} ({change.alg}): {KEY_ACTIONS[change.action]}")
     return changes

@@ -17,11 +17,11 @@ import hashlib
 import json
 import os
 import socket
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import CursorResult, delete, func, insert, or_, select, text
 from sqlalchemy.orm import Session
@@ -51,8 +51,12 @@ ACTIONS = (
     "login.locked",
     "import.summary",
     "audit.prune",
+    "key.add",
+    "key.activate",
+    "key.deactivate",
+    "key.retire",
 )
-"""The fixed vocabulary of actions (`key.*` is kept for the key ring)."""
+"""The fixed vocabulary of actions."""
 
 EVENT_FIELDS = (
     "id",
@@ -214,6 +218,32 @@ def event_for(action: str, user: User | None = None, changes: dict[str, Any] | N
 def record(db: Session, action: str, user: User | None = None, changes: dict[str, Any] | None = None) -> None:
     """Append one event, in the caller's open write transaction."""
     record_events(db, [event_for(action, user, changes)])
+
+
+class KeyChangeLike(Protocol):
+    """keyring.KeyChange, as the service sees it (the service does not import the key ring)."""
+
+    @property
+    def action(self) -> str: ...
+    @property
+    def kid(self) -> str: ...
+    @property
+    def alg(self) -> str: ...
+
+
+KeyChanges = TypeVar("KeyChanges", bound=Sequence[KeyChangeLike])
+
+
+def change_keys_audited(db: Session, change: Callable[[], KeyChanges]) -> KeyChanges:
+    """Change the key ring (a file, written by `change`) inside a write transaction that then
+    records a `key.<action>` event for each key changed: the ring is touched only once the
+    database has taken the write lock, and a change that fails leaves no event. A file cannot
+    roll back, so a commit that fails after the ring was written (rare: the lock is held)
+    leaves the change unrecorded, and the command fails saying so."""
+    with writing(db):
+        changes = change()
+        record_events(db, [Event(f"key.{item.action}", changes={"kid": item.kid, "alg": item.alg}) for item in changes])
+    return changes
 
 
 @contextmanager
