@@ -814,6 +814,7 @@ def _change_keys(app: App, edit: Any) -> list[Any]:
     """Apply a change to the key ring file and report each key that changed: the one place
     that knows "a key changed: action, kid, alg", recorded in the audit trail as it is written."""
     settings = app.settings
+    keyring.changeable_ring(settings.key_file, settings.secret_key)  # a setting's error before the database's
     write_ring = partial(keyring.change_ring, settings.key_file, settings.secret_key, edit)
     with app.session() as db:
         changes = service.change_keys_audited(db, write_ring)

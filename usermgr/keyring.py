@@ -455,11 +455,8 @@ def _exclusive(directory: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def change_ring(
-    key_file: Path | None, secret: str | None, edit: Callable[[Ring], tuple[Ring, list[KeyChange]]]
-) -> list[KeyChange]:
-    """Read the ring, apply `edit`, and write the result in one step (a pre-ring key file
-    becomes a ring file here); the changes made. Nothing is written when nothing changed."""
+def changeable_ring(key_file: Path | None, secret: str | None) -> Path:
+    """The key file the `keys` commands may change; a setting that rules it out is exit 2."""
     if secret:
         raise ConfigurationError(
             "USERMGR_SECRET_KEY is set: it is a fixed one-key ring that `keys` cannot change;"
@@ -467,6 +464,15 @@ def change_ring(
         )
     if key_file is None:
         raise ConfigurationError("no key file: give --key-file (USERMGR_KEY_FILE)")
+    return key_file
+
+
+def change_ring(
+    key_file: Path | None, secret: str | None, edit: Callable[[Ring], tuple[Ring, list[KeyChange]]]
+) -> list[KeyChange]:
+    """Read the ring, apply `edit`, and write the result in one step (a pre-ring key file
+    becomes a ring file here); the changes made. Nothing is written when nothing changed."""
+    key_file = changeable_ring(key_file, secret)
     with _exclusive(key_file.parent):
         material, status = read_private_file(key_file)
         ring = parse_ring(material, f"key file {key_file}", created=_iso(status.st_mtime))
