@@ -10,6 +10,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,10 +58,15 @@ class Terminal:
         os.write(self.fd, keys.encode())
 
     def finish(self) -> int:
-        """Read what is left, and return the exit code."""
+        """Read what is left, and return the exit code; fail, not hang, if the process is still
+        running HANG_TIMEOUT after it last wrote."""
         while self._read():
             pass
-        _, status = os.waitpid(self.pid, 0)
+        deadline = time.monotonic() + HANG_TIMEOUT
+        while not (ended := os.waitpid(self.pid, os.WNOHANG))[0]:
+            assert time.monotonic() < deadline, f"usermgr never ended; the terminal showed {self.transcript!r}"
+            time.sleep(0.05)
+        status = ended[1]
         self.pid = 0
         os.close(self.fd)
         return os.waitstatus_to_exitcode(status)
@@ -83,6 +89,11 @@ def on_terminal(*args: str, env: dict[str, str]) -> Iterator[Terminal]:
     pid, fd = pty.fork()
     if pid == 0:  # the child: the pseudo-terminal is its stdin, stdout, stderr and /dev/tty
         try:
+            # Ctrl-C and Ctrl-\ reach usermgr as they do from an interactive shell, also when this
+            # test run was started in the background, which starts with both signals ignored
+            # (a program inherits that, and Python then raises no KeyboardInterrupt).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGQUIT, signal.SIG_DFL)
             os.execve(str(USERMGR), [str(USERMGR), *args], full_env)
         finally:
             os._exit(127)
