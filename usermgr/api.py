@@ -28,7 +28,6 @@ import re
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from datetime import datetime
 from importlib.resources import files
 from typing import Annotated, Any, Literal
 
@@ -56,6 +55,7 @@ from usermgr.schemas import (
     PASSWORD_MAX_LENGTH,
     PASSWORD_MIN_LENGTH,
     ROLE_NAME,
+    AuditEventResponse,
     Password,
     UserCreate,
     UserResponse,
@@ -289,6 +289,8 @@ def admin_db(request: Request, admin: Annotated[User, Depends(require_admin)]) -
 
 DB = Annotated[Session, Depends(get_db)]
 AdminDB = Annotated[Session, Depends(admin_db)]
+PageLimit = Annotated[int, Query(ge=0, le=LIST_LIMIT_MAX, description=f"At most this many (at most {LIST_LIMIT_MAX}).")]
+PageOffset = Annotated[int, Query(ge=0, le=service.MAX_ROW_COUNT, description="Skip this many first.")]
 UserId = Annotated[int, Path(ge=1, le=service.MAX_USER_ID, description="The user's numeric id.")]
 RoleName = Annotated[
     str, Path(pattern=f"^{ROLE_NAME.pattern}$", description="A role name: 1 to 64 of a-z, 0-9, _ and -.")
@@ -423,10 +425,8 @@ def list_users(
     role: Annotated[str | None, Query(description="Only users with this role.")] = None,
     active: Annotated[bool | None, Query(description="Only enabled (true) or disabled (false) users.")] = None,
     search: Annotated[str | None, Query(description="Text in the email, username or full name.")] = None,
-    limit: Annotated[
-        int, Query(ge=0, le=LIST_LIMIT_MAX, description=f"At most this many users (at most {LIST_LIMIT_MAX}).")
-    ] = LIST_LIMIT_DEFAULT,
-    offset: Annotated[int, Query(ge=0, le=service.MAX_ROW_COUNT, description="Skip this many users first.")] = 0,
+    limit: PageLimit = LIST_LIMIT_DEFAULT,
+    offset: PageOffset = 0,
 ) -> list[dict[str, Any]]:
     """Users oldest first, one page at a time: `limit` defaults to 100 and is at most 1000."""
     filters = service.UserFilter(role=role, active=active, search=search, limit=limit, offset=offset)
@@ -493,22 +493,6 @@ def revoke_role(user_id: UserId, role: RoleName, db: AdminDB) -> User:
 audit_router = APIRouter(prefix="/audit", tags=["audit"], max_body_size=MAX_BODY_BYTES)
 
 
-class AuditEventResponse(BaseModel):
-    """One event of the audit trail (never a password, a hash of one, or a token)."""
-
-    id: int
-    occurred_at: datetime
-    actor: str
-    on_behalf_of: str | None
-    client_address: str | None
-    action: str
-    target_uid: str | None
-    target_email: str | None
-    changes: dict[str, Any]
-    prev_hash: str
-    hash: str
-
-
 @audit_router.get(
     "",
     response_model=list[AuditEventResponse],
@@ -526,22 +510,12 @@ def read_audit(
     until: Annotated[
         str | None, Query(description="Only events before this time: ISO 8601, or a duration ago.")
     ] = None,
-    limit: Annotated[
-        int, Query(ge=0, le=LIST_LIMIT_MAX, description=f"At most this many events (at most {LIST_LIMIT_MAX}).")
-    ] = LIST_LIMIT_DEFAULT,
-    offset: Annotated[int, Query(ge=0, le=service.MAX_ROW_COUNT, description="Skip this many events first.")] = 0,
+    limit: PageLimit = LIST_LIMIT_DEFAULT,
+    offset: PageOffset = 0,
 ) -> list[dict[str, Any]]:
     """Events oldest first, one page at a time: `limit` defaults to 100 and is at most 1000.
     Times as `usermgr audit` takes them: a time without a zone is UTC."""
-    filters = service.AuditFilter(
-        user=user,
-        actor=actor,
-        action=action,
-        since=service.parse_time(since, "since") if since is not None else None,
-        until=service.parse_time(until, "until") if until is not None else None,
-        limit=limit,
-        offset=offset,
-    )
+    filters = service.audit_filter(user, actor, action, since, until, limit, offset)
     return list(service.iter_events(db, filters))
 
 

@@ -19,7 +19,7 @@ import click
 
 from usermgr import __version__, errors, output
 from usermgr.config import KEY_ALGORITHMS, Settings, env_flag, load_settings, parse_duration
-from usermgr.contract import ADMIN_ROLE, USER_FIELDS
+from usermgr.contract import ADMIN_ROLE, EVENT_FIELDS, USER_FIELDS
 from usermgr.lazy import lazy_module
 
 # The one place the heavy modules are loaded: each on its first use, so that `usermgr
@@ -1067,16 +1067,7 @@ def export(app: App, with_hashes: bool, no_csv_guard: bool, fmt: str) -> None:
 
 # ---- the audit trail -------------------------------------------------------------------------
 
-TABLE_EVENT_FIELDS = (
-    "id",
-    "occurred_at",
-    "actor",
-    "on_behalf_of",
-    "client_address",
-    "action",
-    "target_email",
-    "changes",
-)
+TABLE_EVENT_FIELDS = tuple(name for name in EVENT_FIELDS if name not in ("target_uid", "prev_hash", "hash"))
 """`audit`'s table leaves out the uid and the two hashes: too wide to read; -o jsonl has them."""
 
 
@@ -1126,15 +1117,8 @@ def audit(
             raise click.UsageError(f"the filters apply to `usermgr audit` alone, not to `{ctx.invoked_subcommand}`")
         return
     app = cast(App, ctx.obj)
-    filters = service.AuditFilter(
-        user=user,
-        actor=actor,
-        action=action,
-        since=service.parse_time(since, "--since") if since is not None else None,
-        until=service.parse_time(until, "--until") if until is not None else None,
-        limit=limit,
-    )
-    fields = TABLE_EVENT_FIELDS if fmt == "table" else service.EVENT_FIELDS
+    filters = service.audit_filter(user, actor, action, since, until, limit, time_option="--{}")
+    fields = TABLE_EVENT_FIELDS if fmt == "table" else EVENT_FIELDS
     with app.session() as db:
         output.write_records(_event_rows(service.iter_events(db, filters), fmt), fmt, fields)
 

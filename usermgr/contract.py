@@ -50,3 +50,21 @@ the database's own answer to failed logins."""
 
 IMPORTED_FIELDS = tuple(name for name in USER_FIELDS if name not in NOT_IMPORTED)
 """The record fields `import` takes back (schemas.ImportRow validates exactly these)."""
+
+EVENT_RECORD: dict[str, object] = {
+    "id": int,
+    "occurred_at": datetime,
+    "actor": str,
+    "on_behalf_of": str | None,
+    "client_address": str | None,
+    "action": str,
+    "target_uid": str | None,
+    "target_email": str | None,
+    "changes": dict[str, object],
+    "prev_hash": str,
+    "hash": str,
+}
+"""An audit event as `usermgr audit` and `GET /audit` show it: each field, in this order, with
+the type it holds (never a password, a hash of one, or a token)."""
+
+EVENT_FIELDS = tuple(EVENT_RECORD)

@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 # The role-name rule lives in contract.py (no pydantic there); api.py imports it from here.
-from usermgr.contract import IMPORTED_FIELDS, USER_RECORD, validate_role_name
+from usermgr.contract import EVENT_RECORD, IMPORTED_FIELDS, USER_RECORD, validate_role_name
 from usermgr.contract import ROLE_NAME as ROLE_NAME
 
 PASSWORD_MIN_LENGTH = 8
@@ -264,6 +264,14 @@ UserResponse = create_model(
     __doc__="A user as shown to anyone: the contract's record (contract.USER_RECORD), never the password hash.",
     __module__=__name__,
     **{name: (kind, ...) for name, kind in USER_RECORD.items()},  # type: ignore[call-overload]
+)
+
+
+AuditEventResponse = create_model(
+    "AuditEventResponse",
+    __doc__="One event of the audit trail: the contract's event (contract.EVENT_RECORD).",
+    __module__=__name__,
+    **{name: (kind, ...) for name, kind in EVENT_RECORD.items()},  # type: ignore[call-overload]
 )
 
 

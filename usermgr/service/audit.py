@@ -27,7 +27,7 @@ from sqlalchemy import CursorResult, delete, func, insert, or_, select, text
 from sqlalchemy.orm import Session
 
 from usermgr.config import parse_duration
-from usermgr.contract import USER_FIELDS
+from usermgr.contract import EVENT_FIELDS, USER_FIELDS
 from usermgr.database import utcnow
 from usermgr.errors import ConfigurationError, IntegrityCheckFailed, InvalidInput, NotFound
 from usermgr.models import AuditEvent, User
@@ -58,20 +58,6 @@ ACTIONS = (
 )
 """The fixed vocabulary of actions."""
 
-EVENT_FIELDS = (
-    "id",
-    "occurred_at",
-    "actor",
-    "on_behalf_of",
-    "client_address",
-    "action",
-    "target_uid",
-    "target_email",
-    "changes",
-    "prev_hash",
-    "hash",
-)
-"""An event as `usermgr audit` and `GET /audit` show it, in this order."""
 
 GENESIS = "0" * 64
 """The `prev_hash` of the first event ever recorded."""
@@ -357,6 +343,26 @@ class AuditFilter:
     until: datetime | None = None
     limit: int | None = None
     offset: int = 0
+
+
+def audit_filter(
+    user: str | None = None,
+    actor: str | None = None,
+    action: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+    *,
+    time_option: str = "{}",
+) -> AuditFilter:
+    """The filters as a face takes them, times as text (see parse_time); `time_option` names
+    the time options in a message (`--{}` on the CLI, the query parameter's name on the API)."""
+
+    def moment(text: str | None, name: str) -> datetime | None:
+        return None if text is None else parse_time(text, time_option.format(name))
+
+    return AuditFilter(user, actor, action, moment(since, "since"), moment(until, "until"), limit, offset)
 
 
 def parse_time(value: str, what: str) -> datetime:
