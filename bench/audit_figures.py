@@ -18,7 +18,7 @@ import data
 from harness import Figure, Goal, Proc, alternate, progress, run, versus
 
 if TYPE_CHECKING:
-    from run import Workspace
+    from workspace import Workspace
 
 PYTHON = sys.executable
 RUNS = 3

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness import Figure, Goal, alternate, run, versus
+from workspace import USERMGR
 
 if TYPE_CHECKING:
-    from run import Workspace
+    from workspace import Workspace
 
 COUNT = 10_000
 RING_SIZE = 5
@@ -58,8 +59,6 @@ def _mint(path: Path, ring: Path, keys: list[object]) -> Path:
 
 
 def keys_verify(ws: Workspace) -> list[Figure]:
-    from run import USERMGR
-
     root = ws.root / "keys"
     root.mkdir(exist_ok=True)
     one, five = root / "one.key", root / "five.key"

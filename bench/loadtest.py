@@ -49,7 +49,7 @@ sys.path.insert(0, str(BENCH.parent))  # tests.pg_server, the suite's PostgreSQL
 
 import perfapi_figures as figures  # noqa: E402
 from harness import machine, progress  # noqa: E402
-from run import commit  # noqa: E402
+from workspace import commit  # noqa: E402
 
 from tests.pg_server import PostgresServer  # noqa: E402
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import data
 from harness import Figure, Goal, Proc, alternate, peak_rss, run, versus
+from workspace import sqlite_json_command
 
 PYTHON = sys.executable
 USERMGR = str(Path(sys.executable).parent / "usermgr")
@@ -86,8 +87,6 @@ def list_by_role(ws: Any) -> list[Figure]:
 
 def export_1m(ws: Any) -> list[Figure]:
     """`export` (JSON lines) of a million users against sqlite3 writing the same lines."""
-    from run import sqlite_json_command
-
     db = users_db(ws, SIZES[-1])
     baseline, baseline_what = sqlite_json_command(db)
     exports, baselines = alternate(1, _each_run(lambda _i: ws.usermgr(db, "export")), _each_run(lambda _i: baseline))
@@ -99,8 +98,6 @@ def export_1m(ws: Any) -> list[Figure]:
 
 def memory_1m(ws: Any) -> list[Figure]:
     """Peak RSS of `list` at a million users in every format but jsonl (figure 5b-rss has it)."""
-    from run import sqlite_json_command
-
     db = users_db(ws, SIZES[-1])
     baseline, _ = sqlite_json_command(db)
     sqlite_rss = run(baseline).peak_rss_mib
