@@ -214,6 +214,15 @@ def test_hostile_token_is_refused(offline: Runner, key_file: Path, case: str) ->
     assert_token_invalid(offline("verify", token, "-o", "json"), reason)
 
 
+def test_the_leeway_setting_forgives_clock_skew_and_no_more(offline: Runner, key_file: Path) -> None:
+    """A token expired a minute ago passes with a two-minute leeway and fails without one
+    (margins of a minute, so a slow machine cannot tip either answer)."""
+    now = int(time.time())
+    token = signed(secret_of(key_file), now, iat=now - 3600, exp=now - 60)
+    assert offline("verify", token, env={"USERMGR_TOKEN_LEEWAY": "120"}).exit_code == 0
+    assert_token_invalid(offline("verify", token, env={"USERMGR_TOKEN_LEEWAY": "0"}), "expired")
+
+
 @pytest.mark.parametrize(
     "aud, reason",
     [("other-app", "wrong audience"), (["other-app", "third"], "wrong audience"), (None, "missing claim 'aud'")],
