@@ -49,6 +49,21 @@ from usermgr.config import Settings, load_settings  # noqa: E402
 from usermgr.models import User  # noqa: E402
 
 BACKENDS = ["sqlite", "postgres"]
+# ../shared/spec/api.md, the table: every route of the contract, as (method, path).
+CONTRACT_ROUTES = {
+    ("POST", "/auth/signup"),
+    ("POST", "/auth/login"),
+    ("GET", "/users/me"),
+    ("GET", "/users"),
+    ("GET", "/users/{user_id}"),
+    ("PATCH", "/users/{user_id}"),
+    ("DELETE", "/users/{user_id}"),
+    ("PUT", "/users/{user_id}/roles/{role}"),
+    ("DELETE", "/users/{user_id}/roles/{role}"),
+    ("GET", "/healthz"),
+    ("GET", "/.well-known/jwks.json"),
+    ("GET", "/audit"),
+}
 # ../shared/spec/cli.md, Output: written out here, so that a field dropped from the one
 # declaration (usermgr/contract.py) fails the tests instead of vanishing everywhere at once.
 CONTRACT_USER_FIELDS = (

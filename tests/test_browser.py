@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import HANG_TIMEOUT, PASSWORD, Runner, Served, create_user, serving
+from tests.conftest import CONTRACT_ROUTES, HANG_TIMEOUT, PASSWORD, Runner, Served, create_user, serving
 from usermgr import api
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -31,24 +31,9 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 EMAIL = "swagger@example.com"
 
-# The contract's routes (../shared/spec/api.md, the table), written out here as conftest writes
-# out the record's fields. The page must list every route of the running app's OpenAPI
-# document (the expected list is read from it, so a new route is checked without an edit
-# here) and the OpenAPI document must hold every contract route that exists today.
-CONTRACT_ROUTES = {
-    ("POST", "/auth/signup"),
-    ("POST", "/auth/login"),
-    ("GET", "/users/me"),
-    ("GET", "/users"),
-    ("GET", "/users/{user_id}"),
-    ("PATCH", "/users/{user_id}"),
-    ("DELETE", "/users/{user_id}"),
-    ("PUT", "/users/{user_id}/roles/{role}"),
-    ("DELETE", "/users/{user_id}/roles/{role}"),
-    ("GET", "/healthz"),
-    ("GET", "/.well-known/jwks.json"),
-    ("GET", "/audit"),
-}
+# The page must list every route of the running app's OpenAPI document (the expected list is
+# read from it, so a new route is checked without an edit here), and that document must hold
+# every route of the contract (conftest.CONTRACT_ROUTES).
 
 pytestmark = [
     pytest.mark.browser,
