@@ -19,18 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
-def validate(path: str) -> None:
-    """Each row as `usermgr import` hands it to pydantic: empty cells absent, roles split on `;`."""
-    from usermgr.schemas import ImportRow
-
-    with open(path, newline="", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle):
-            fields = {name: value for name, value in row.items() if value != ""}
-            if "roles" in fields:
-                fields["roles"] = fields["roles"].split(";")
-            ImportRow.model_validate(fields)
-
-
 def plain_validate(path: str) -> None:
     """The same rows through a plain pydantic model with an email field, not usermgr's schema."""
     from pydantic import BaseModel, EmailStr
@@ -90,7 +78,6 @@ def sqlite_json(database: str, query: str) -> None:
 
 
 COMMANDS: dict[str, Callable[..., None]] = {
-    "validate": validate,
     "plain-validate": plain_validate,
     "hash": hash_passwords,
     "decode": decode,
