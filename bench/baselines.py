@@ -1,6 +1,5 @@
 """Baselines that bench/run.py times as subprocesses: the same work without usermgr around it.
 
-python bench/baselines.py validate FILE.csv                ImportRow.model_validate on every row
 python bench/baselines.py plain-validate FILE.csv          a plain pydantic model with an EmailStr field
 python bench/baselines.py hash FILE.csv sequential|threads argon2-cffi PasswordHasher() on the passwords
 python bench/baselines.py decode KEY_FILE < TOKENS          PyJWT decode, one JSON line out per token
