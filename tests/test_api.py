@@ -346,6 +346,15 @@ def test_expired_foreign_and_stale_tokens_are_401(client: TestClient, run: Runne
     assert_unauthorized(client.get("/users/me", headers=bearer(valid)), "token invalid: the user no longer exists")
 
 
+def test_a_token_of_a_user_locked_since_is_401(client: TestClient, run: Runner, settings: Settings) -> None:
+    create_user(run, "ada@example.com")
+    token = api_token(client, "ada@example.com")
+    assert client.get("/users/me", headers=bearer(token)).status_code == 200
+    for _ in range(settings.lockout_threshold):
+        assert api_login(client, "ada@example.com", "wrong-password").status_code == 401
+    assert_unauthorized(client.get("/users/me", headers=bearer(token)), "token invalid: the user is locked")
+
+
 # ---- admin routes: who may call them -------------------------------------------------------------
 
 ADMIN_ROUTES = [
