@@ -3,9 +3,10 @@
 The same work as usermgr's route, written the plain way and nothing else: read the bearer
 token, `jwt.decode` it with the key parsed once at start-up (the same checks: signature,
 expiry, issuer, required claims), one SELECT of the user and their roles by the token's
-`sub` (the unique `uid` index), the same holder checks (exists, enabled, not locked, token
-version), and the same JSON fields. No middleware, no dependencies, no ORM: SQLAlchemy Core
-on a plain engine, and a `def` route, which FastAPI runs in its threadpool as its docs advise
+`sub` (the unique `uid` index), the same holder checks (exists, enabled, not locked, not
+expired, token version), and the same JSON fields (the contract's record, `expires_at`
+included). No middleware, no dependencies, no ORM: SQLAlchemy Core on a plain engine, and a
+`def` route, which FastAPI runs in its threadpool as its docs advise
 for blocking database calls.
 
 It reads the database and key file of a `usermgr init`-made database from the same
@@ -37,7 +38,7 @@ REQUIRED_CLAIMS = ["exp", "iat", "iss", "sub"]
 
 USER_WITH_ROLES = text(
     "SELECT u.id, u.uid, u.email, u.username, u.full_name, u.is_active, u.created_at, u.last_login_at,"
-    " u.locked_until, u.token_version, r.name AS role"
+    " u.locked_until, u.expires_at, u.token_version, r.name AS role"
     " FROM users u LEFT JOIN user_roles ur ON ur.user_id = u.id LEFT JOIN roles r ON r.id = ur.role_id"
     " WHERE u.uid = :uid ORDER BY r.name"
 ).columns(
@@ -50,6 +51,7 @@ USER_WITH_ROLES = text(
     created_at=DateTime(),
     last_login_at=DateTime(),
     locked_until=DateTime(),
+    expires_at=DateTime(),
     token_version=Integer(),
     role=String(),
 )
@@ -82,9 +84,11 @@ def users_me(request: Request) -> dict[str, Any]:
     if not rows:
         raise HTTPException(401, "token invalid: the user no longer exists")
     user = rows[0]
-    locked_until = _utc(user.locked_until)
-    if not user.is_active or (locked_until is not None and locked_until > datetime.now(UTC)):
+    locked_until, expires_at, now = _utc(user.locked_until), _utc(user.expires_at), datetime.now(UTC)
+    if not user.is_active or (locked_until is not None and locked_until > now):
         raise HTTPException(401, "token invalid: the user is disabled or locked")
+    if expires_at is not None and expires_at <= now:
+        raise HTTPException(401, "token invalid: the user's account expired")
     if claims.get("ver", 0) != user.token_version:
         raise HTTPException(401, "token invalid: revoked")
     return {
@@ -98,6 +102,7 @@ def users_me(request: Request) -> dict[str, Any]:
         "created_at": _utc(user.created_at),
         "last_login_at": _utc(user.last_login_at),
         "locked_until": locked_until,
+        "expires_at": expires_at,
     }
 
 

@@ -18,13 +18,11 @@ import http.client
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +32,10 @@ from typing import Any
 from harness import Figure, Goal, progress
 
 BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH.parent))  # tests.server_process, shared with the suite
+
+from tests.server_process import running  # noqa: E402
+
 BARE_API = str(BENCH / "bare_api.py")
 CONNECTIONS = 8
 ROUNDS = 5
@@ -41,13 +43,6 @@ ROUND_SECONDS = 6.0
 WARMUP_SECONDS = 2.0
 START_TIMEOUT = 120.0  # a guard against a hang, not a budget
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # ---- servers ----------------------------------------------------------------------------
@@ -73,42 +68,10 @@ class Server:
 
 @contextmanager
 def serving(name: str, cmd: Sequence[str], env: dict[str, str], log: Path) -> Iterator[Server]:
-    """`cmd` started with `{port}` filled in, answering /healthz; stopped (SIGTERM) on leaving."""
-    port = free_port()
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [part.format(port=port) for part in cmd], env=env, stdout=sink, stderr=subprocess.STDOUT
-        )
-    server = Server(name, process, port, log)
-    try:
-        _wait_healthy(server)
-        yield server
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=START_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _wait_healthy(server: Server) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"{server.name} exited {server.process.returncode}: {_tail(server.log)}")
-        try:
-            with urllib.request.urlopen(f"{server.base_url}/healthz", timeout=START_TIMEOUT) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{server.name} never answered /healthz: {_tail(server.log)}")
-
-
-def _tail(log: Path) -> str:
-    lines = log.read_text(errors="replace").strip().splitlines()
-    return " / ".join(lines[-3:]) or "(no output)"
+    """`cmd` started with `{port}` filled in, answering /healthz; stopped (SIGTERM) on leaving.
+    The suite's `serving` does the same through the same module, tests/server_process.py."""
+    with running(name, cmd, env, log, START_TIMEOUT) as (process, port):
+        yield Server(name, process, port, log)
 
 
 def _tree(pid: int) -> list[int]:

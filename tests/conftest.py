@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import unicodedata
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -42,7 +41,8 @@ os.environ["USERMGR_HASH_PROFILE"] = "test"
 hypothesis_settings.register_profile("usermgr", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 hypothesis_settings.load_profile("usermgr")
 
-from tests.pg_server import PostgresServer, find_pg_bin, free_port  # noqa: E402
+from tests.pg_server import PostgresServer, find_pg_bin  # noqa: E402
+from tests.server_process import running  # noqa: E402
 from usermgr import api, database, migrations, tokens  # noqa: E402
 from usermgr.cli import cli  # noqa: E402
 from usermgr.config import Settings, load_settings  # noqa: E402
@@ -354,43 +354,19 @@ class Served:
         return httpx.Client(base_url=self.base_url, timeout=HANG_TIMEOUT, **options)
 
 
-def _wait_until_healthy(served: Served) -> None:
-    """Poll /healthz until it answers; fail with the server's log if the server exits first
-    (or, as a guard against a hang only, if it has not answered after HANG_TIMEOUT)."""
-    deadline = time.monotonic() + HANG_TIMEOUT
-    while time.monotonic() < deadline:
-        if served.process.poll() is not None:
-            pytest.fail(f"usermgr serve exited with {served.process.returncode}:\n{served.log.read_text()}")
-        try:
-            if httpx.get(f"{served.base_url}/healthz", timeout=HANG_TIMEOUT).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.1)  # not listening yet
-    pytest.fail(f"usermgr serve never answered /healthz:\n{served.log.read_text()}")
-
-
 @contextmanager
 def serving(
     env: dict[str, str], log: Path, *serve_options: str, global_options: Sequence[str] = ()
 ) -> Iterator[Served]:
     """A real `usermgr [global_options] serve --port PORT [serve_options]` on a free loopback
-    port, healthy, logging to `log`; stopped (SIGTERM) on leaving, and its log printed, which
+    port, healthy, logging to `log` (tests/server_process.py: ServerFailed with the log's end
+    if it exits or never answers); stopped (SIGTERM) on leaving, and its log printed, which
     pytest shows when the test fails."""
-    port = free_port()
-    command = [str(USERMGR), *global_options, "serve", "--port", str(port), *serve_options]
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, env=process_env(env), stdout=sink, stderr=subprocess.STDOUT)
-    served = Served(process, port, f"http://127.0.0.1:{port}", log)
+    command = [str(USERMGR), *global_options, "serve", "--port", "{port}", *serve_options]
     try:
-        _wait_until_healthy(served)
-        yield served
+        with running("usermgr serve", command, process_env(env), log, HANG_TIMEOUT) as (process, port):
+            yield Served(process, port, f"http://127.0.0.1:{port}", log)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=HANG_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
         print(log.read_text())
 
 

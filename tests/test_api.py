@@ -297,6 +297,18 @@ def test_me_returns_the_tokens_holder(client: TestClient, run: Runner) -> None:
     assert "hashed_password" not in body
 
 
+def test_me_answers_the_same_record_as_the_admin_read(client: TestClient, run: Runner, admin: dict[str, str]) -> None:
+    """/users/me encodes its record itself: byte for byte what UserResponse gives elsewhere,
+    roles sorted, every time in the same form."""
+    ada = create_user(run, "ada@example.com", "--role", "zeta", "--role", "alpha", "--expires", "2099-01-02T03:04:05Z")
+    assert run("grant-role", "ada@example.com", "beta").exit_code == 0
+    me = client.get("/users/me", headers=bearer(api_token(client, "ada@example.com")))
+    assert me.status_code == 200
+    assert me.headers["content-type"] == "application/json"
+    assert me.json()["roles"] == ["alpha", "beta", "zeta"]
+    assert me.content == client.get(f"/users/{ada}", headers=admin).content
+
+
 def test_a_cli_token_works_on_the_api_until_revoked(client: TestClient, run: Runner) -> None:
     create_user(run, "ada@example.com")
     from_cli = login(run, "ada@example.com")
@@ -344,6 +356,15 @@ def test_expired_foreign_and_stale_tokens_are_401(client: TestClient, run: Runne
     valid = api_token(client, "ada@example.com")
     assert run("delete", "ada@example.com", "--yes").exit_code == 0
     assert_unauthorized(client.get("/users/me", headers=bearer(valid)), "token invalid: the user no longer exists")
+
+
+def test_a_token_of_a_user_locked_since_is_401(client: TestClient, run: Runner, settings: Settings) -> None:
+    create_user(run, "ada@example.com")
+    token = api_token(client, "ada@example.com")
+    assert client.get("/users/me", headers=bearer(token)).status_code == 200
+    for _ in range(settings.lockout_threshold):
+        assert api_login(client, "ada@example.com", "wrong-password").status_code == 401
+    assert_unauthorized(client.get("/users/me", headers=bearer(token)), "token invalid: the user is locked")
 
 
 # ---- admin routes: who may call them -------------------------------------------------------------

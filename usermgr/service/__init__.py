@@ -31,7 +31,7 @@ from usermgr.service.audit import (
     prune,
     verify_chain,
 )
-from usermgr.service.auth import authenticate, check_token_holder, holder_of_token, login
+from usermgr.service.auth import authenticate, check_token_holder, holder_of_token, holder_record, login
 from usermgr.service.bulk import (
     ON_CONFLICT,
     ImportPlan,
@@ -89,6 +89,7 @@ __all__ = [
     "grant_role",
     "hash_passwords",
     "holder_of_token",
+    "holder_record",
     "iter_events",
     "iter_user_records",
     "list_roles",

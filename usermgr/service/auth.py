@@ -5,18 +5,17 @@ from __future__ import annotations
 import unicodedata
 import uuid
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
 from sqlalchemy import bindparam, case, null, or_, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, joinedload
 
 from usermgr.config import Settings
+from usermgr.contract import USER_FIELDS
 from usermgr.database import UtcDateTime, utcnow
 from usermgr.errors import AuthenticationFailed, Forbidden, InvalidInput, TokenInvalid
-from usermgr.models import UID_LENGTH, User
-
-if TYPE_CHECKING:
-    pass
+from usermgr.models import UID_LENGTH, Role, User, user_roles
 from usermgr.service.audit import jsonable, record
 from usermgr.service.core import find_user, reading, writing
 
@@ -191,6 +190,20 @@ _HOLDER = select(User).where(User.uid == bindparam("uid")).options(joinedload(Us
 """A token's holder with their roles joined in: one read per authenticated request, where the
 relationship's own (selectin) loading takes two. Built once: no request builds it or its cache key again."""
 
+_HOLDER_ROWS = (
+    select(
+        *(getattr(User, name) for name in USER_FIELDS if name != "roles"), User.token_version, Role.name.label("role")
+    )
+    .outerjoin(user_roles, user_roles.c.user_id == User.id)
+    .outerjoin(Role, Role.id == user_roles.c.role_id)
+    .where(User.uid == bindparam("uid"))
+)
+"""The same read in Core for `holder_record`: the record's fields and the token version, one
+row a role (one row with no role name for a user without roles). Built once."""
+
+
+_GONE = "token invalid: the user no longer exists"
+
 
 def check_token_holder(db: Session, claims: dict[str, Any], required_role: str | None = None) -> User:
     """The token's user, if it still exists, is enabled, is not locked, has not expired, has
@@ -199,25 +212,50 @@ def check_token_holder(db: Session, claims: dict[str, Any], required_role: str |
     The holder is found by `sub`, the user's `uid`: never reused, so a deleted user's token
     can never pass as whoever is created next, here or in another database.
     """
-    from usermgr.tokens import VERSION_CLAIM
-
     subject = claims.get("sub")
     with reading(db):
         user = db.scalars(_HOLDER, {"uid": subject}).unique().first() if _is_uid(subject) else None
     if user is None:
-        raise TokenInvalid("token invalid: the user no longer exists")
-    if not user.is_active:
+        raise TokenInvalid(_GONE)
+    _check_holder(user, user.role_names, claims, required_role)
+    return user
+
+
+def holder_record(
+    connection: Connection, settings: Settings, token: str, keys: Any, *, required_role: str | None = None
+) -> dict[str, Any]:
+    """A token's holder as the contract's record (contract.USER_FIELDS), both checked as
+    `holder_of_token` checks them, with one Core SELECT of the user and their roles on
+    `connection`: no ORM session or object, at a third of the cost of loading a `User`.
+    What `GET /users/me` answers. One statement reads one consistent state on either backend."""
+    from usermgr.tokens import decode_token
+
+    claims = decode_token(token, settings, keys)
+    subject = claims.get("sub")
+    rows = connection.execute(_HOLDER_ROWS, {"uid": subject}).all() if _is_uid(subject) else []
+    if not rows:
+        raise TokenInvalid(_GONE)
+    holder, roles = rows[0], sorted(row.role for row in rows if row.role is not None)
+    _check_holder(holder, roles, claims, required_role)
+    return {name: roles if name == "roles" else getattr(holder, name) for name in USER_FIELDS}
+
+
+def _check_holder(holder: Any, roles: list[str], claims: dict[str, Any], required_role: str | None) -> None:
+    """The holder rules on a `User` or a row with its fields: enabled, not locked, not
+    expired, the token not revoked, and (when asked) the role held now."""
+    from usermgr.tokens import VERSION_CLAIM
+
+    if not holder.is_active:
         raise TokenInvalid("token invalid: the user is disabled")
     now = utcnow()
-    if _is_locked(user, now):
+    if _is_locked(holder, now):
         raise TokenInvalid("token invalid: the user is locked")
-    if _is_expired(user, now):
+    if _is_expired(holder, now):
         raise TokenInvalid("token invalid: the user's account expired")
-    if claims.get(VERSION_CLAIM, 0) != user.token_version:
+    if claims.get(VERSION_CLAIM, 0) != holder.token_version:
         raise TokenInvalid("token invalid: revoked")
-    if required_role is not None and required_role not in user.role_names:
+    if required_role is not None and required_role not in roles:
         raise Forbidden(f"forbidden: the user does not have the role {required_role!r}")
-    return user
 
 
 def _is_uid(value: Any) -> bool:
