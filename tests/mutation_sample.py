@@ -10,6 +10,7 @@ which tests) is the [mutmut] section of setup.cfg. Run from the project's root.
 from __future__ import annotations
 
 import argparse
+import configparser
 import json
 import os
 import random
@@ -25,6 +26,16 @@ from mutmut.mutation.data import SourceFileMutationData
 from mutmut.mutation.trampoline import set_mutant_under_test
 from mutmut.stats import status_by_exit_code
 from mutmut.utils.file_utils import copy_also_copy_files, copy_src_dir, setup_source_paths, walk_mutatable_files
+
+
+def _mutmut_pytest_args() -> list[str]:
+    """pytest's arguments for a mutant's run, as setup.cfg gives them to mutmut (one a line)."""
+    config = configparser.ConfigParser()
+    config.read("setup.cfg")
+    return config["mutmut"]["pytest_add_cli_args"].strip().splitlines()
+
+
+MUTMUT_PYTEST_ARGS = _mutmut_pytest_args()
 
 # Statuses that count for the test suite; "no tests" and "survived" count against it.
 KILLED = {"killed", "timeout", "caught by type check"}
@@ -71,8 +82,7 @@ def recheck(name: str) -> str:
     tests = tests_for(name)
     if not tests:
         return "no tests"
-    command = [sys.executable, "-m", "pytest", "--rootdir=.", "-x", "-q", "-p", "no:cacheprovider", *tests]
-    command += ["-m", "not postgres and not e2e"]
+    command = [sys.executable, "-m", "pytest", "--rootdir=.", "-x", "-q", *MUTMUT_PYTEST_ARGS, *tests]
     env = {**os.environ, "MUTANT_UNDER_TEST": name}
     done = subprocess.run(command, cwd="mutants", env=env, capture_output=True, timeout=1800)
     if done.returncode == 0:

@@ -42,6 +42,10 @@ from tests.pg_server import free_port
 from usermgr import api, tokens
 from usermgr.config import Settings
 
+# Every test here reads the repository's release files or builds from them, so none runs in
+# `make mutate`'s copy of the project (which holds usermgr/ and tests/ only).
+pytestmark = pytest.mark.release
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 KEY_IN_CONTAINER = "/run/secrets/usermgr_key"
@@ -474,7 +478,6 @@ def _check_the_wheel_alone_runs_init_create_login_verify_and_serve(release: Rele
     assert location.stdout.startswith(str(release.venv)), location
 
 
-@pytest.mark.release
 def test_the_release_builds_and_runs_as_the_image_would(postgres: PostgresAdmin) -> None:
     """One test, so that the build and the venv (the costly part) happen once however the
     suite is spread over workers; each check below names what failed."""
