@@ -417,7 +417,7 @@ def list_users(
         offset=offset,
     )
     with app.session() as db:
-        output.write_records(service.iter_user_records(db, filters, iso_times=True), fmt, USER_FIELDS)
+        output.write_rows(service.iter_user_rows(db, filters, iso_times=True), fmt, USER_FIELDS)
 
 
 @cli.command()
@@ -1060,8 +1060,8 @@ def export(app: App, with_hashes: bool, no_csv_guard: bool, fmt: str) -> None:
     """
     fields = (*USER_FIELDS, "hashed_password") if with_hashes else USER_FIELDS
     with app.session() as db:
-        records = service.iter_user_records(db, with_hashes=with_hashes, iso_times=True)
-        count = output.write_records(records, fmt, fields, csv_guard=not no_csv_guard)
+        rows = service.iter_user_rows(db, with_hashes=with_hashes, iso_times=True)
+        count = output.write_rows(rows, fmt, fields, csv_guard=not no_csv_guard)
     note(f"exported {count} user{'s' if count != 1 else ''}")
 
 

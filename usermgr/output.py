@@ -120,6 +120,68 @@ def _write_json(records: Iterable[dict[str, Any]], fields: Sequence[str], out: T
     return count
 
 
+_ROW_CHUNK = 1000
+"""Rows encoded before one write: large writes, bounded memory."""
+
+
+def _json_value(value: Any) -> str:
+    """A value that is not None, str, int or bool as _JSON writes it: an empty list directly
+    (most users have no role), the rest (roles, datetimes...) through _JSON itself."""
+    return "[]" if value.__class__ is list and not value else _JSON.encode(value)
+
+
+def _row_encoder(fields: Sequence[str]) -> Callable[[Sequence[Any]], str]:
+    """A row of values in `fields`' order as the JSON object `_json_line` writes for the
+    same record, byte for byte, at a third of its cost: one f-string made for these fields
+    (as collections.namedtuple makes its class), with each key encoded once, None, str,
+    int and bool (most values) encoded inline, the rest by `_json_value`. The generated source holds only
+    variable names; keys and values are never part of it."""
+    keys = {f"k{at}": ("{" if at == 0 else ", ") + _JSON.encode(field) + ": " for at, field in enumerate(fields)}
+    names = [f"v{at}" for at in range(len(fields))]
+    body = "".join(
+        f"{{k{at}}}{{text({name}) if {name}.__class__ is str else 'null' if {name} is None"
+        f" else number({name}) if {name}.__class__ is int else ('true' if {name} else 'false')"
+        f" if {name}.__class__ is bool else other({name})}}"
+        for at, name in enumerate(names)
+    )
+    source = f'def encode(row):\n    {", ".join(names)}, = row\n    return f"{body}}}}}"\n'
+    namespace: dict[str, Any] = {
+        **keys,
+        "text": json.encoder.encode_basestring,
+        "number": int.__repr__,
+        "other": _json_value,
+    }
+    exec(source, namespace)  # the source holds indices only (see above)
+    return namespace["encode"]
+
+
+def write_rows(
+    rows: Iterable[Sequence[Any]],
+    fmt: str,
+    fields: Sequence[str],
+    out: TextIO | None = None,
+    *,
+    csv_guard: bool = True,
+) -> int:
+    """`write_records` for rows given as tuples in `fields`' order: `json` and `jsonl`
+    encode them without a dict a row and write a chunk of lines at a time (a million users
+    in seconds); every format writes exactly what `write_records` writes for the same records."""
+    out = out or sys.stdout
+    if fmt not in ("json", "jsonl"):
+        return write_records(
+            (dict(zip(fields, row, strict=True)) for row in rows), fmt, fields, out, csv_guard=csv_guard
+        )
+    encode = _row_encoder(fields)
+    first, between, last = ("", "\n", "\n") if fmt == "jsonl" else ("[\n  ", ",\n  ", "\n]\n")
+    count = 0
+    rows = iter(rows)
+    while chunk := list(islice(rows, _ROW_CHUNK)):
+        out.write((first if count == 0 else between) + between.join([encode(row) for row in chunk]))
+        count += len(chunk)
+    out.write(last if count else ("" if fmt == "jsonl" else "[]\n"))
+    return count
+
+
 def guard_cell(cell: str) -> str:
     """A CSV cell a spreadsheet shows as text: CSV_GUARD before a formula start or a CSV_GUARD."""
     return CSV_GUARD + cell if cell.startswith(_GUARDED_STARTS) else cell

@@ -43,7 +43,7 @@ from usermgr.service.bulk import (
     seconds_to_hash,
 )
 from usermgr.service.core import MAX_ROW_COUNT, MAX_USER_ID, get_user, ping
-from usermgr.service.records import UserFilter, iter_user_records, list_roles, user_record
+from usermgr.service.records import UserFilter, iter_user_records, iter_user_rows, list_roles, user_record
 from usermgr.service.revocation import Access, access_of, revoke_tokens, revokes_tokens
 from usermgr.service.roles import grant_role, revoke_role
 from usermgr.service.users import (
@@ -92,6 +92,7 @@ __all__ = [
     "holder_record",
     "iter_events",
     "iter_user_records",
+    "iter_user_rows",
     "list_roles",
     "login",
     "new_user",
