@@ -27,10 +27,10 @@ from tests.conftest import (
     PostgresAdmin,
     Runner,
     create_user,
-    free_port,
     login_process,
     run_usermgr,
 )
+from tests.pg_server import free_port
 from usermgr import api
 from usermgr.config import Settings
 
