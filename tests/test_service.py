@@ -24,7 +24,7 @@ from usermgr import service
 from usermgr.config import Settings, sqlite_path
 from usermgr.errors import AuthenticationFailed, Conflict, InvalidInput, NotFound, TokenInvalid
 from usermgr.models import Role, User, user_roles
-from usermgr.service import UserFilter
+from usermgr.service import MAX_ROW_COUNT, UserFilter
 
 # ---- helpers ------------------------------------------------------------------------------
 
@@ -340,8 +340,28 @@ def test_list_rejects_bad_filters(db: Session, people: list[str], filters: UserF
         list(service.iter_user_records(db, filters))
 
 
+def test_list_takes_the_largest_limit_and_offset_and_refuses_one_more(db: Session, people: list[str]) -> None:
+    """The bound is the databases' own (2**63 - 1): that exact value is a valid limit or offset."""
+    assert listed(db, UserFilter(limit=MAX_ROW_COUNT)) == people
+    assert listed(db, UserFilter(offset=MAX_ROW_COUNT)) == []
+    for filters in (UserFilter(limit=MAX_ROW_COUNT + 1), UserFilter(offset=MAX_ROW_COUNT + 1)):
+        with pytest.raises(InvalidInput) as refused:
+            list(service.iter_user_records(db, filters))
+        assert str(refused.value) == "limit and offset must be at most 9223372036854775807"
+
+
 def test_list_of_an_empty_database_is_empty(db: Session) -> None:
     assert listed(db) == []
+
+
+def test_authenticate_takes_any_user_reference_unless_email_only(db: Session, settings: Settings) -> None:
+    """The CLI's login names a user by email, username or id; the API's (`email_only`) by email alone."""
+    user = add(db, settings, "ada@example.com", username="ada")
+    for ref in ("ada", str(user.id), "ada@example.com"):
+        assert service.authenticate(db, settings, ref, PASSWORD).id == user.id
+    with pytest.raises(AuthenticationFailed):
+        service.authenticate(db, settings, "ada", PASSWORD, email_only=True)
+    assert service.authenticate(db, settings, "ada@example.com", PASSWORD, email_only=True).id == user.id
 
 
 # ---- update -------------------------------------------------------------------------------
