@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, insert, select
 from sqlalchemy.orm import Session
 
 from tests.conftest import CONTRACT_USER_FIELDS, HANG_TIMEOUT, PASSWORD, USERMGR, process_env
@@ -25,6 +25,7 @@ from usermgr.config import Settings, sqlite_path
 from usermgr.errors import AuthenticationFailed, Conflict, InvalidInput, NotFound, TokenInvalid
 from usermgr.models import Role, User, user_roles
 from usermgr.service import MAX_ROW_COUNT, UserFilter
+from usermgr.service.core import writing
 
 # ---- helpers ------------------------------------------------------------------------------
 
@@ -108,6 +109,16 @@ def test_create_duplicate_email_in_any_case_is_conflict(db: Session, settings: S
     with pytest.raises(Conflict, match=re.escape("ada@example.com")):
         add(db, settings, again, username="other", roles=["brand-new"])
     assert stored(settings.database_url) == before  # no user, and no role created on the way
+
+
+def test_a_uid_taken_meanwhile_is_a_conflict_that_names_the_uid(db: Session, settings: Settings) -> None:
+    """What the loser of two writers creating the same uid at once gets (an import names uids):
+    the unique index refuses the row inside `writing`, which says which value was taken."""
+    taken = add(db, settings, "ada@example.com").uid
+    with pytest.raises(Conflict) as refused, writing(db):
+        db.execute(insert(User).values(email="bob@example.com", uid=taken))
+    assert str(refused.value) == "already exists: a user with that uid"
+    assert list(stored(settings.database_url)["users"]) == ["ada@example.com"]
 
 
 def test_create_duplicate_username_is_conflict(db: Session, settings: Settings) -> None:
