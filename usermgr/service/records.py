@@ -155,11 +155,6 @@ def iter_user_records(
 def list_roles(db: Session) -> list[dict[str, Any]]:
     """Every role with its member count, by name."""
     members = func.count(user_roles.c.user_id)
-    statement = (
-        select(Role.name, members.label("members"))
-        .outerjoin(user_roles)
-        .group_by(Role.id)
-        .order_by(Role.name)
-    )
+    statement = select(Role.name, members.label("members")).outerjoin(user_roles).group_by(Role.id).order_by(Role.name)
     with reading(db):
         return [row._asdict() for row in db.execute(statement)]
