@@ -280,9 +280,17 @@ def test_without_usermgr_actor_the_os_user_alone_is_recorded(run: Runner, engine
 
 def test_an_unusable_usermgr_actor_is_refused_before_any_change(run: Runner, engine: Engine, people: None) -> None:
     mark = last_id(engine)
-    error_line(run("disable", BOB, env={"USERMGR_ACTOR": "x" * 401}), 2)
+    line = error_line(run("disable", BOB, env={"USERMGR_ACTOR": "x" * 401}), 2)
+    assert line == "usermgr: error: USERMGR_ACTOR must be at most 400 characters of text"
     assert all_events(engine, mark) == []
     assert ok(run("show", BOB, "-o", "json")).stdout.count('"is_active": true') == 1
+
+
+def test_a_usermgr_actor_of_400_characters_is_recorded_whole(run: Runner, engine: Engine, people: None) -> None:
+    mark = last_id(engine)
+    ok(run("disable", BOB, env={"USERMGR_ACTOR": "x" * 400}))
+    [event] = all_events(engine, mark)
+    assert (event["actor"], event["on_behalf_of"]) == (CLI_ACTOR, "x" * 400)
 
 
 def test_audit_prune_is_itself_an_event(run: Runner, engine: Engine, people: None) -> None:
@@ -411,6 +419,9 @@ def test_an_untouched_chain_is_intact(run: Runner, engine: Engine) -> None:
     assert all_events(engine)[0]["prev_hash"] == GENESIS
 
 
+BETWEEN = " (events between them were deleted, or the one before was edited)"
+
+
 def test_verify_names_an_edited_event(run: Runner, engine: Engine) -> None:
     some_events(run)
     with engine.begin() as connection:
@@ -428,7 +439,7 @@ def test_verify_names_an_edited_and_rehashed_event(run: Runner, engine: Engine) 
             update(EVENTS).where(EVENTS.c.id == 3).values(actor=forged["actor"], hash=event_hash(forged))
         )
     line = error_line(verify(run), 9)
-    assert line.startswith("usermgr: error: audit chain broken at event 4: it does not follow event 3"), line
+    assert line == "usermgr: error: audit chain broken at event 4: it does not follow event 3" + BETWEEN
 
 
 def test_verify_names_the_event_after_a_deleted_one(run: Runner, engine: Engine) -> None:
@@ -436,7 +447,7 @@ def test_verify_names_the_event_after_a_deleted_one(run: Runner, engine: Engine)
     with engine.begin() as connection:
         connection.execute(text("DELETE FROM audit_events WHERE id = 3"))
     line = error_line(verify(run), 9)
-    assert line.startswith("usermgr: error: audit chain broken at event 4: it does not follow event 2"), line
+    assert line == "usermgr: error: audit chain broken at event 4: it does not follow event 2" + BETWEEN
 
 
 def test_verify_sees_the_oldest_event_deleted(run: Runner, engine: Engine) -> None:
@@ -444,7 +455,7 @@ def test_verify_sees_the_oldest_event_deleted(run: Runner, engine: Engine) -> No
     with engine.begin() as connection:
         connection.execute(text("DELETE FROM audit_events WHERE id = 1"))
     line = error_line(verify(run), 9)
-    assert line.startswith("usermgr: error: audit chain broken at event 2: it does not follow the start"), line
+    assert line == "usermgr: error: audit chain broken at event 2: it does not follow the start of the trail" + BETWEEN
 
 
 @pytest.mark.parametrize("well_formed", [True, False], ids=["rehashed", "made-up-hash"])
@@ -467,8 +478,8 @@ def test_verify_names_an_inserted_event(run: Runner, engine: Engine, well_formed
         forged["hash"] = event_hash(forged) if well_formed else "f" * 64
         connection.execute(insert(EVENTS).values(forged))
     line = error_line(verify(run), 9)
-    expected = "it was inserted into the chain" if well_formed else "it does not match its hash"
-    assert line.startswith(f"usermgr: error: audit chain broken at event 4: {expected}"), line
+    expected = "it was inserted into the chain" if well_formed else "it does not match its hash (it was edited)"
+    assert line == f"usermgr: error: audit chain broken at event 4: {expected}"
 
 
 def test_verify_names_an_event_inserted_first_with_a_made_up_link(run: Runner, engine: Engine) -> None:
@@ -480,7 +491,7 @@ def test_verify_names_an_event_inserted_first_with_a_made_up_link(run: Runner, e
         forged["hash"] = event_hash(forged)
         connection.execute(insert(EVENTS).values(forged))
     line = error_line(verify(run), 9)
-    assert line.startswith("usermgr: error: audit chain broken at event 2: it was inserted into the chain"), line
+    assert line == "usermgr: error: audit chain broken at event 2: it was inserted into the chain"
 
 
 def test_concurrent_writers_leave_an_unbroken_chain(run: Runner, engine: Engine, env: dict[str, str]) -> None:
@@ -538,7 +549,7 @@ def test_after_a_prune_deleting_the_oldest_kept_event_is_seen(run: Runner, engin
     with engine.begin() as connection:
         connection.execute(text("DELETE FROM audit_events WHERE id = 3"))
     line = error_line(verify(run), 9)
-    assert line.startswith("usermgr: error: audit chain broken at event 4: it does not follow the start"), line
+    assert line == "usermgr: error: audit chain broken at event 4: it does not follow the start of the trail" + BETWEEN
 
 
 def test_prune_refuses_a_broken_chain(run: Runner, engine: Engine) -> None:
@@ -624,26 +635,46 @@ def test_audit_filters_and_formats(run: Runner, engine: Engine, people: None) ->
     assert json.loads(ok(run("audit", "-o", "json", "--limit", "1")).stdout)[0]["action"] == "user.create"
 
 
+ALL_ACTIONS = "user.create, user.update, user.delete, user.disable, user.enable, user.unlock, user.password, role.grant, role.revoke, tokens.revoke, login.success, login.failure, login.locked, import.summary, audit.prune, key.add, key.activate, key.deactivate, key.retire"  # noqa: E501
+ISO_OR_AGO = "must be an ISO 8601 date or time, or a duration ago such as 7d"
+
+
 @pytest.mark.parametrize(
-    ("args", "code"),
+    ("args", "code", "message"),
     [
-        (("audit", "--action", "user.explode"), 3),
-        (("audit", "--since", "yesterday-ish"), 3),
-        (("audit", "--until", "0001-01-01T00:00:00+01:00"), 3),
-        (("audit", "--since", "2999-01-01T10:00"), 0),
-        (("audit", "--user", "nobody@example"), 0),
-        (("audit", "--user", "nobody"), 4),
-        (("audit", "--user", BOB, "verify"), 2),
-        (("audit", "prune"), 2),
-        (("audit", "prune", "--before", "soon"), 3),
+        (("audit", "--action", "user.explode"), 3, f"unknown action 'user.explode': one of {ALL_ACTIONS}"),
+        (("audit", "--since", "yesterday-ish"), 3, f"--since {ISO_OR_AGO}"),
+        (
+            ("audit", "--until", "0001-01-01T00:00:00+01:00"),
+            3,
+            "--until is out of range: give a time between the years 1 and 9999",
+        ),
+        (("audit", "--since", "2999-01-01T10:00"), 0, ""),
+        (("audit", "--user", "nobody@example"), 0, ""),
+        (
+            ("audit", "--user", "nobody"),
+            4,
+            "no user matches 'nobody': give an email, a username, an id or a deleted user's uid or email",
+        ),
+        (("audit", "--user", BOB, "verify"), 2, "the filters apply to `usermgr audit` alone, not to `verify`"),
+        (("audit", "prune"), 2, "Missing option '--before'."),
+        (("audit", "prune", "--before", "soon"), 3, f"--before {ISO_OR_AGO}"),
+        (("audit", "--limit", str(2**63)), 3, "limit and offset must be at most 9223372036854775807"),
     ],
 )
-def test_audit_refuses_bad_input(run: Runner, people: None, args: tuple[str, ...], code: int) -> None:
+def test_audit_refuses_bad_input(run: Runner, people: None, args: tuple[str, ...], code: int, message: str) -> None:
     result = run(*args)
     if code:
-        error_line(result, code)
+        line = error_line(result, code).split(" (see `")[0]  # a usage error's pointer names the program as run
+        assert line == f"usermgr: error: {message}"
     else:
         assert result.exit_code == 0 and result.stdout == "", result.stderr
+
+
+def test_audit_takes_the_largest_limit(run: Runner, people: None) -> None:
+    assert ok(run("audit", "--limit", str(2**63 - 1), "-o", "jsonl")).stdout.count("\n") == len(
+        ok(run("audit", "-o", "jsonl")).stdout.splitlines()
+    )
 
 
 def test_get_audit_is_admin_only_paginated_and_filtered(

@@ -163,6 +163,21 @@ def test_create_with_a_hostile_field(run: Runner, field: str, case: Case) -> Non
     assert len(snapshot(run)[0]) == 1
 
 
+@pytest.mark.parametrize(
+    ("full_name", "message"),
+    [
+        ("n" * 301, "full_name: full name too long: use at most 300 characters"),
+        ("Ada\u200bKing", "full_name: full name must not contain control or invisible formatting characters"),
+        ("Ada\tKing", "full_name: full name must not contain control or invisible formatting characters"),
+    ],
+    ids=["301-characters", "zero-width-space", "tab"],
+)
+def test_a_refused_full_name_says_why(run: Runner, full_name: str, message: str) -> None:
+    """The reason, not only the field: a person must be able to fix the name they typed."""
+    result = run("create", "--email", "new@example.com", "--full-name", full_name, "--no-password")
+    assert error_line(result, 3) == f"usermgr: error: {message}"
+
+
 @pytest.mark.parametrize(("field", "case"), PROFILE, ids=lambda value: str(value))
 def test_update_with_a_hostile_field(run: Runner, existing: dict[str, Any], field: str, case: Case) -> None:
     before = snapshot(run)

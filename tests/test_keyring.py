@@ -36,7 +36,7 @@ from tests.conftest import (
 )
 from usermgr import api, keyring, tokens
 from usermgr.config import load_settings
-from usermgr.errors import TokenInvalid
+from usermgr.errors import ConfigurationError, TokenInvalid
 
 ALGORITHMS = ["HS256", "EdDSA", "ES256", "RS256"]
 ASYMMETRIC = ["EdDSA", "ES256", "RS256"]
@@ -432,3 +432,105 @@ def test_a_lookup_by_kid_never_tries_another_key(tmp_path: Path) -> None:
     settings = load_settings(key_file=str(key_file))
     with pytest.raises(TokenInvalid, match="bad signature"):
         tokens.decode_token(forged, settings, ring.key_set)
+
+
+# ---- every refusal of a ring file, exactly (in process: the mutation run skips e2e tests) -------
+
+
+def _ring_with(tmp_path: Path, *entries: dict[str, Any]) -> Path:
+    """A ring file with one good ES256 key first (the active one), then `entries`."""
+    path = tmp_path / "ring.key"
+    assert tokens.create_key_file(path, "ES256")
+    ring = json.loads(path.read_text())
+    ring["keys"].extend(entries)
+    path.write_text(json.dumps(ring))
+    return path
+
+
+def _first_key(tmp_path: Path) -> dict[str, Any]:
+    tmp_path.mkdir()
+    key: dict[str, Any] = json.loads(_ring_with(tmp_path).read_text())["keys"][0]
+    return key
+
+
+RING_REFUSALS: dict[str, tuple[Any, str]] = {
+    "cut-short": (
+        lambda path: path.write_text('{"keys": ['),
+        "{path} is not a valid key ring: not JSON (line 1, column 11), perhaps cut short; restore it from a backup",
+    ),
+    "no-keys-member": (
+        lambda path: path.write_text('{"key": []}'),
+        '{path} is not a valid key ring: it needs a non-empty "keys" list',
+    ),
+    "keys-empty": (
+        lambda path: path.write_text('{"keys": []}'),
+        '{path} is not a valid key ring: it needs a non-empty "keys" list',
+    ),
+    "keys-not-a-list": (
+        lambda path: path.write_text('{"keys": {"a": 1}}'),
+        '{path} is not a valid key ring: it needs a non-empty "keys" list',
+    ),
+    "key-not-an-object": (lambda path: path.write_text('{"keys": [1]}'), "{path}: key number 1 is not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", RING_REFUSALS)
+def test_each_unreadable_ring_file_says_why(tmp_path: Path, case: str) -> None:
+    path = _ring_with(tmp_path)
+    damage, message = RING_REFUSALS[case]
+    damage(path)
+    with pytest.raises(ConfigurationError) as refused:
+        keyring.load_ring(path, None)
+    assert str(refused.value) == message.format(path=f"key file {path}")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"kid": None}, "key number 2 has no usable kid"),
+        ({"kid": ""}, "key number 2 has no usable kid"),
+        ({"kid": 7}, "key number 2 has no usable kid"),
+        ({"kid": "k" * 257}, "key number 2 has no usable kid"),
+        (
+            {"kid": "second", "alg": "none"},
+            "key 'second' has alg 'none': use one of ('HS256', 'EdDSA', 'ES256', 'RS256')",
+        ),
+        (
+            {"kid": "second", "state": "sleeping"},
+            "key 'second' has state 'sleeping': use one of ('next', 'active', 'retiring')",
+        ),
+        ({"kid": "second", "state": "active"}, "a key ring needs exactly one active key, this one has 2"),
+        ({"kid": "SAME"}, "two keys share the kid"),
+    ],
+    ids=["no-kid", "empty-kid", "kid-not-text", "kid-of-257", "alg-none", "unknown-state", "two-active", "same-kid"],
+)
+def test_each_unusable_ring_entry_is_named(tmp_path: Path, change: dict[str, Any], message: str) -> None:
+    second = {**_first_key(tmp_path / "a"), "state": "next", **change}
+    path = _ring_with(tmp_path)
+    ring = json.loads(path.read_text())
+    if second["kid"] == "SAME":
+        second["kid"] = ring["keys"][0]["kid"]
+    ring["keys"].append(second)
+    path.write_text(json.dumps(ring))
+    with pytest.raises(ConfigurationError) as refused:
+        keyring.load_ring(path, None)
+    assert str(refused.value).startswith(f"key file {path}: {message}"), str(refused.value)
+
+
+def test_a_kid_of_256_characters_and_a_retired_key_are_taken(tmp_path: Path) -> None:
+    first = _first_key(tmp_path / "a")
+    long_kid = {**first, "kid": "k" * 256, "state": "retiring"}
+    retired = {"kid": "gone", "alg": "ES256", "state": "retired"}  # kept only to say so: no key material needed
+    path = _ring_with(tmp_path, long_kid, retired)
+    ring = keyring.load_ring(path, None)
+    assert [(key.kid, key.state) for key in ring.keys][1:] == [("k" * 256, "retiring")]
+
+
+def test_a_ring_whose_only_active_key_is_retired_has_none_active(tmp_path: Path) -> None:
+    path = _ring_with(tmp_path)
+    ring = json.loads(path.read_text())
+    ring["keys"][0]["state"] = "retired"
+    path.write_text(json.dumps(ring))
+    with pytest.raises(ConfigurationError) as refused:
+        keyring.load_ring(path, None)
+    assert str(refused.value) == f"key file {path}: a key ring needs exactly one active key, this one has 0 (none)"

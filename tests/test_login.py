@@ -576,6 +576,19 @@ def test_long_password_against_bcrypt(run: Runner, db: Session, imported: Callab
     assert_refused(login(run, "old@example.com", first_72 + "something-else"))
 
 
+@pytest.mark.parametrize("variant", ["$2a$", "$2b$", "$2y$"])
+def test_long_password_against_each_bcrypt_variant(
+    run: Runner, db: Session, imported: Callable[[str], None], variant: str
+) -> None:
+    """Other systems write bcrypt as $2a$ (older libraries) or $2y$ (PHP): the same
+    algorithm, so each is checked on a long password's first 72 bytes like $2b$."""
+    password = "p" * 80
+    hashed = bcrypt.hashpw(password.encode()[:72], bcrypt.gensalt(rounds=4)).decode()
+    imported(variant + hashed.removeprefix("$2b$"))
+    assert login(run, "old@example.com", password).exit_code == 0
+    assert stored(db, "old@example.com").hashed_password.startswith("$argon2id$")
+
+
 def test_password_of_exactly_72_bytes_against_bcrypt(run: Runner, db: Session, imported: Callable[[str], None]) -> None:
     password = "x" * 72
     imported(bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode())

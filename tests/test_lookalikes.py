@@ -7,7 +7,7 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import PASSWORD, Runner, create_user, emails
+from tests.conftest import PASSWORD, Runner, create_user, emails, error_line
 
 CYRILLIC_A = "\u0430"
 LOOKALIKES = [f"{CYRILLIC_A}da@example.com", f"ada@ex{CYRILLIC_A}mple.com", "\u0391DA@example.com"]  # Greek Alpha
@@ -19,6 +19,18 @@ def test_create_refuses_a_lookalike_of_an_existing_email(run: Runner, email: str
     result = run("create", "--email", email, "--no-password")
     assert result.exit_code == 5
     assert "looks like the existing user 'ada@example.com'" in result.stderr
+    assert emails(run) == ["ada@example.com"]
+
+
+def test_the_refusal_names_both_emails_and_what_to_do(run: Runner) -> None:
+    """The exact line, for one email (no line number) and for an import's row (its line)."""
+    create_user(run, "ada@example.com", password=None)
+    reason = f"'{LOOKALIKES[0]}' looks like the existing user 'ada@example.com' (letters from another script)"
+    created = run("create", "--email", LOOKALIKES[0], "--no-password")
+    assert error_line(created, 5) == f"usermgr: error: {reason}; use a different email"
+    rows = json.dumps({"email": "cy@example.com"}) + "\n" + json.dumps({"email": LOOKALIKES[0]}) + "\n"
+    imported = run("import", "-", "--format", "jsonl", input=rows)
+    assert error_line(imported, 5) == f"usermgr: error: line 2: {reason}; use a different email"
     assert emails(run) == ["ada@example.com"]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, event, select
+from sqlalchemy import create_engine, event, insert, select
 from sqlalchemy.orm import Session
 
 from tests.conftest import CONTRACT_USER_FIELDS, HANG_TIMEOUT, PASSWORD, USERMGR, process_env
@@ -24,7 +24,8 @@ from usermgr import service
 from usermgr.config import Settings, sqlite_path
 from usermgr.errors import AuthenticationFailed, Conflict, InvalidInput, NotFound, TokenInvalid
 from usermgr.models import Role, User, user_roles
-from usermgr.service import UserFilter
+from usermgr.service import MAX_ROW_COUNT, UserFilter
+from usermgr.service.core import writing
 
 # ---- helpers ------------------------------------------------------------------------------
 
@@ -108,6 +109,16 @@ def test_create_duplicate_email_in_any_case_is_conflict(db: Session, settings: S
     with pytest.raises(Conflict, match=re.escape("ada@example.com")):
         add(db, settings, again, username="other", roles=["brand-new"])
     assert stored(settings.database_url) == before  # no user, and no role created on the way
+
+
+def test_a_uid_taken_meanwhile_is_a_conflict_that_names_the_uid(db: Session, settings: Settings) -> None:
+    """What the loser of two writers creating the same uid at once gets (an import names uids):
+    the unique index refuses the row inside `writing`, which says which value was taken."""
+    taken = add(db, settings, "ada@example.com").uid
+    with pytest.raises(Conflict) as refused, writing(db):
+        db.execute(insert(User).values(email="bob@example.com", uid=taken))
+    assert str(refused.value) == "already exists: a user with that uid"
+    assert list(stored(settings.database_url)["users"]) == ["ada@example.com"]
 
 
 def test_create_duplicate_username_is_conflict(db: Session, settings: Settings) -> None:
@@ -340,8 +351,28 @@ def test_list_rejects_bad_filters(db: Session, people: list[str], filters: UserF
         list(service.iter_user_records(db, filters))
 
 
+def test_list_takes_the_largest_limit_and_offset_and_refuses_one_more(db: Session, people: list[str]) -> None:
+    """The bound is the databases' own (2**63 - 1): that exact value is a valid limit or offset."""
+    assert listed(db, UserFilter(limit=MAX_ROW_COUNT)) == people
+    assert listed(db, UserFilter(offset=MAX_ROW_COUNT)) == []
+    for filters in (UserFilter(limit=MAX_ROW_COUNT + 1), UserFilter(offset=MAX_ROW_COUNT + 1)):
+        with pytest.raises(InvalidInput) as refused:
+            list(service.iter_user_records(db, filters))
+        assert str(refused.value) == "limit and offset must be at most 9223372036854775807"
+
+
 def test_list_of_an_empty_database_is_empty(db: Session) -> None:
     assert listed(db) == []
+
+
+def test_authenticate_takes_any_user_reference_unless_email_only(db: Session, settings: Settings) -> None:
+    """The CLI's login names a user by email, username or id; the API's (`email_only`) by email alone."""
+    user = add(db, settings, "ada@example.com", username="ada")
+    for ref in ("ada", str(user.id), "ada@example.com"):
+        assert service.authenticate(db, settings, ref, PASSWORD).id == user.id
+    with pytest.raises(AuthenticationFailed):
+        service.authenticate(db, settings, "ada", PASSWORD, email_only=True)
+    assert service.authenticate(db, settings, "ada@example.com", PASSWORD, email_only=True).id == user.id
 
 
 # ---- update -------------------------------------------------------------------------------

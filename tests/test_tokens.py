@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import stat
 import subprocess
 import time
@@ -43,6 +44,7 @@ from tests.conftest import (
 )
 from usermgr import keyring, tokens
 from usermgr.config import Settings, load_settings
+from usermgr.errors import ConfigurationError
 
 ISSUER = "usermgr"
 CLAIM_KEYS = {"sub", "email", "roles", "iss", "iat", "exp", "jti", "ver"}
@@ -113,6 +115,12 @@ def flipped_signature_byte(secret: bytes, now: int) -> str:
 
 def payload_not_an_object(secret: bytes, _now: int) -> str:
     return jwt.api_jws.PyJWS().encode(b"[1, 2, 3]", secret, algorithm="HS256")
+
+
+def payload_not_utf8(secret: bytes, now: int) -> str:
+    """A lone surrogate where the payload goes: what Python makes of a non-UTF-8 argument."""
+    header, _payload, signature = signed(secret, now).split(".")
+    return f"{header}.\udcff.{signature}"
 
 
 def assert_token_invalid(result: Result, reason: str) -> None:
@@ -190,6 +198,7 @@ HOSTILE: dict[str, tuple[Mint, str]] = {
     "version-not-a-number": (lambda s, now: signed(s, now, ver="0"), "malformed"),
     "sub-not-a-string": (lambda s, now: signed(s, now, sub=1), "malformed"),
     "payload-not-an-object": (payload_not_an_object, "malformed"),
+    "payload-not-utf-8": (payload_not_utf8, "malformed"),
     "100kb-signed": (lambda s, now: signed(s, now, padding="x" * 100_000), "malformed"),
     "100kb-garbage": (lambda s, now: "a" * 100_000, "malformed"),
     "empty-string": (lambda s, now: "", "malformed"),
@@ -446,6 +455,13 @@ def test_valid_token_prints_its_claims(offline: Runner, hs_settings: Settings) -
     assert "ada@example.com" in table.stdout and "admin, beta" in table.stdout
 
 
+def test_a_token_names_its_key_and_type(hs_settings: Settings) -> None:
+    """The header says which key of the ring signed (`kid`, so a ring of several verifies it) and
+    that it is a JWT, as RFC 7519 has it for verifiers that check `typ`."""
+    kid = tokens.key_ring(hs_settings).active.kid
+    assert jwt.get_unverified_header(issue(hs_settings)) == {"alg": "HS256", "kid": kid, "typ": "JWT"}
+
+
 def test_each_token_gets_a_new_jti(hs_settings: Settings) -> None:
     first, second = (jwt.decode(issue(hs_settings), options={"verify_signature": False}) for _ in range(2))
     assert first["jti"] != second["jti"]
@@ -555,6 +571,7 @@ def test_init_creates_the_key_file_with_mode_0600(run: Runner, tmp_path: Path) -
     assert f"created key file {path} (mode 0600)" in result.stderr
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     secret = secret_of(path)
+    assert re.fullmatch(rb"[A-Za-z0-9_-]{43}", secret), secret  # 32 bytes in base64url, unpadded (as JWK's k)
     assert len(b64url_decode(secret.decode())) == 32
     again = run("init", env={"USERMGR_KEY_FILE": str(path)})
     assert again.exit_code == 0, again.stderr
@@ -726,6 +743,14 @@ def test_eddsa_token_is_refused_by_a_ring_without_its_key(eddsa: tuple[Runner, P
     runner, _path = eddsa
     create_user(runner, "ada@example.com")
     assert_token_invalid(run("verify", token_of(runner, "ada@example.com")), "unknown key")
+
+
+def test_unreadable_public_key_says_why(tmp_path: Path) -> None:
+    """`verify --public-key` has click check that the file exists; one it then cannot read (a mode
+    that root ignores, so a directory stands in for it here) is a configuration error (exit 2)."""
+    with pytest.raises(ConfigurationError) as refused:
+        keyring.pem_key_set(tmp_path)
+    assert str(refused.value) == f"cannot read public key {tmp_path}: Is a directory"
 
 
 def test_public_key_that_is_not_a_public_key_is_refused(offline: Runner, key_file: Path) -> None:

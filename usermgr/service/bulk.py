@@ -330,8 +330,6 @@ def _insert_rows(
         {
             "created_at": now,
             "updated_at": now,
-            "failed_logins": 0,
-            "token_version": 0,
             "uid": row["uid"] or new_uid(),
             **_user_values(plan, row),
         }
@@ -416,7 +414,5 @@ def _access_of_row(db: Session, user_id: int) -> Access:
     email, hashed, active = db.execute(
         select(User.email, User.hashed_password, User.is_active).where(User.id == user_id)
     ).one()
-    names = db.scalars(
-        select(Role.name).join(user_roles, user_roles.c.role_id == Role.id).where(user_roles.c.user_id == user_id)
-    )
+    names = db.scalars(select(Role.name).join(user_roles).where(user_roles.c.user_id == user_id))
     return Access(email=email, hashed_password=hashed, is_active=active, roles=frozenset(names))

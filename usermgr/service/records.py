@@ -47,7 +47,7 @@ class UserFilter:
 def _roles_column() -> Any:
     return (
         select(func.aggregate_strings(Role.name, ","))
-        .select_from(user_roles.join(Role, Role.id == user_roles.c.role_id))
+        .select_from(user_roles.join(Role))
         .where(user_roles.c.user_id == User.id)
         .scalar_subquery()
         .label("roles")
@@ -169,11 +169,6 @@ def iter_user_rows(
 def list_roles(db: Session) -> list[dict[str, Any]]:
     """Every role with its member count, by name."""
     members = func.count(user_roles.c.user_id)
-    statement = (
-        select(Role.name, members.label("members"))
-        .outerjoin(user_roles, user_roles.c.role_id == Role.id)
-        .group_by(Role.id, Role.name)
-        .order_by(Role.name)
-    )
+    statement = select(Role.name, members.label("members")).outerjoin(user_roles).group_by(Role.id).order_by(Role.name)
     with reading(db):
         return [row._asdict() for row in db.execute(statement)]

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 from usermgr.service.audit import audited, diff, event_for, record, record_events, state_of
 from usermgr.service.core import checked, reading, resolve_many, storable, user_named, validated, writing
 from usermgr.service.revocation import revoking_tokens_on_change
-from usermgr.service.roles import ensured_role, granted_role_names, keeping_an_admin
+from usermgr.service.roles import ensured_role, granted_role_names, keeping_an_admin, validated_role
 
 
 def _ensure_unique(db: Session, email: str | None, username: str | None, except_id: int | None = None) -> None:
@@ -92,7 +92,8 @@ def check_new_user(
 ) -> None:
     """Fail now if `create_user` would fail on these fields, so that a face can say so
     before it asks a person for a password. `create_user` checks again, in its transaction."""
-    granted_role_names(roles, admin=False)
+    for name in roles:
+        validated_role(name)
     _check_ahead(expires_at)
     with reading(db):
         _ensure_unique(db, data.email, data.username)
