@@ -744,3 +744,50 @@ def test_a_key_change_without_a_database_to_record_it_is_refused(tmp_path: Path)
     result = run_usermgr("keys", "add", env=env)
     assert result.returncode == 1 and "init" in result.stderr, result
     assert key_file.read_bytes() == before
+
+
+IMPORTED_USERS = [
+    {"email": "plain@example.com"},
+    {"email": "named@example.com", "username": "named", "full_name": 'Zoë "Q" Ångström \\ 李', "roles": ["beta"]},
+    {"email": "roles@example.com", "roles": ["staff", "beta", "staff"], "is_active": False},
+    {"email": "secret@example.com", "password": PASSWORD, "expires_at": "2031-02-03T04:05:06+02:00"},
+    {
+        "email": "hashed@example.com",
+        "hashed_password": "$2b$12$" + "a" * 53,
+        "created_at": "2020-01-02T03:04:05Z",
+        "last_login_at": "2021-01-02",
+        "uid": "123e4567-e89b-42d3-a456-426614174000",
+    },
+    {"email": "mé@example.com", "full_name": "Mé"},
+]
+
+
+def test_the_import_writes_the_events_the_generic_path_computes(run: Runner, engine: Engine) -> None:
+    """The import builds its `user.create` events without Event, diff or the ORM: each must equal,
+    field for field and hash for hash, what service.audit computes for the same user."""
+    from sqlalchemy.orm import Session
+
+    from usermgr.service.audit import diff, state_of
+
+    before = last_id(engine)
+    lines = "".join(json.dumps(row) + "\n" for row in IMPORTED_USERS)
+    ok(run("import", "-", "--format", "jsonl", input=lines, env={"USERMGR_ACTOR": ON_BEHALF}))
+    with engine.connect() as connection:
+        stored = [row._asdict() for row in connection.execute(select(EVENTS).where(EVENTS.c.id > before))]
+    created = [event for event in stored if event["action"] == "user.create"]
+    assert [event["target_email"] for event in created] == [row["email"] for row in IMPORTED_USERS]
+    with Session(engine) as db:
+        for event in created:
+            user = db.scalars(select(User).where(User.uid == event["target_uid"])).one()
+            generic = {
+                **event,
+                "actor": CLI_ACTOR,
+                "on_behalf_of": ON_BEHALF,
+                "client_address": None,
+                "target_email": user.email,
+                "changes": canonical_changes(diff(None, state_of(user))),
+            }
+            generic["hash"] = event_hash(generic)
+            assert event == generic
+    assert [event["prev_hash"] for event in stored[1:]] == [event["hash"] for event in stored[:-1]]
+    assert "audit trail intact" in ok(run("audit", "verify")).stderr

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import marshal
 import os
+import pickle
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import IO, TYPE_CHECKING, Any
 
 from sqlalchemy import delete, insert, select, update
@@ -17,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from usermgr.config import Settings
 from usermgr.contract import IMPORTED_FIELDS
-from usermgr.database import UtcDateTime, utcnow
+from usermgr.database import utcnow
 from usermgr.errors import Conflict, InvalidInput
 from usermgr.models import Role, User, new_uid, user_roles
 
@@ -26,13 +25,15 @@ if TYPE_CHECKING:
 from usermgr.service.audit import (
     COLUMN_FIELDS,
     TRACKED_FIELDS,
-    Event,
     State,
-    created_changes,
+    StoredEvent,
+    canonical_changes,
+    created_changes_texts,
     diff,
+    insert_many,
     jsonable,
     record,
-    record_events,
+    record_stored,
 )
 from usermgr.service.core import writing
 from usermgr.service.revocation import Access, revokes_tokens
@@ -64,17 +65,26 @@ class ImportPlan:
     _chunks: int = 0
     _pending: list[SpooledRow] = field(default_factory=list, repr=False)
 
-    def add(self, row: SpooledRow) -> None:
-        self._pending.append(row)
+    def add(self, line: int, row: ImportRow) -> None:
+        """Spool a valid row: its fields as validated (the model's own dict, copied, times as
+        datetimes), its roles sorted and once each, never its plaintext password."""
+        spooled = row.__dict__.copy()
+        password = spooled.pop("password")
+        if password is not None:
+            self.passwords[line] = password
+        spooled["line"] = line
+        if spooled["roles"]:
+            spooled["roles"] = sorted(set(spooled["roles"]))
+        self._pending.append(spooled)
         self.rows += 1
         if len(self._pending) == _IMPORT_CHUNK:
             self._spool_pending()
 
     def _spool_pending(self) -> None:
-        # A chunk a record, behind its length: marshal.load on a file reads field by field,
-        # marshal.loads of one read is a single call per thousand rows.
+        # A chunk a record, behind its length, pickled: one C call a thousand rows, and it
+        # takes datetimes as they are. The spool is this process's own unlinked file.
         if self._pending:
-            record = marshal.dumps(self._pending)
+            record = pickle.dumps(self._pending, protocol=pickle.HIGHEST_PROTOCOL)
             self.spool.write(len(record).to_bytes(8, "big") + record)
             self._chunks += 1
             self._pending = []
@@ -85,7 +95,7 @@ class ImportPlan:
         self.spool.seek(0)
         for _ in range(self._chunks):
             size = int.from_bytes(self.spool.read(8), "big")
-            yield marshal.loads(self.spool.read(size))
+            yield pickle.loads(self.spool.read(size))
 
     def close(self) -> None:
         self.spool.close()
@@ -99,22 +109,8 @@ class ImportResult:
     skipped: int = 0
 
 
-_SPOOLED = (*IMPORTED_FIELDS, "hashed_password")
 _WRITTEN = tuple(name for name in IMPORTED_FIELDS if name not in ("uid", "roles"))
 """The users columns a row sets as they are (the uid and the roles have rules of their own)."""
-_TIMES = frozenset(column.name for column in USERS.columns if isinstance(column.type, UtcDateTime))
-
-
-def _plain(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) else value
-
-
-def _spooled_row(line: int, row: ImportRow) -> dict[str, Any]:
-    """A valid row as it waits in the spool: plain values that marshal can write (times as ISO text)."""
-    spooled = {name: _plain(getattr(row, name)) for name in _SPOOLED}
-    spooled["line"] = line
-    spooled["roles"] = sorted(set(row.roles))
-    return spooled
 
 
 def plan_import(rows: Iterable[Any]) -> ImportPlan:
@@ -153,9 +149,7 @@ def _validate_into(plan: ImportPlan, rows: Iterable[Any]) -> None:
             continue
         if bad:
             continue  # only counting now: nothing of this input will be written
-        if valid.password is not None:
-            plan.passwords[row.line] = valid.password
-        plan.add(_spooled_row(row.line, valid))
+        plan.add(row.line, valid)
     if bad:
         more = f" (the first {MAX_REPORTED_ROW_ERRORS} shown)" if bad > MAX_REPORTED_ROW_ERRORS else ""
         raise InvalidInput(
@@ -263,7 +257,7 @@ def _import_chunk(
     }
     _check_uids(db, chunk)
     pending: dict[str, SpooledRow] = {}  # to be inserted, by email; a later row with that email meets it
-    events: list[Event] = []  # one per user changed, written with the chunk
+    events: list[StoredEvent] = []  # one per user changed, written with the chunk
 
     def insert_pending() -> None:
         rows = list(pending.values())
@@ -289,7 +283,7 @@ def _import_chunk(
             result.updated += 1
     if pending:
         insert_pending()
-    record_events(db, events)
+    record_stored(db, events)
 
 
 def _check_uids(db: Session, chunk: list[SpooledRow]) -> None:
@@ -310,53 +304,67 @@ def _check_uids(db: Session, chunk: list[SpooledRow]) -> None:
 
 
 def _user_values(plan: ImportPlan, row: SpooledRow) -> dict[str, Any]:
-    values = {name: _column_value(name, row[name]) for name in _WRITTEN}
+    values = {name: row[name] for name in _WRITTEN}
     values["hashed_password"] = plan.hashes.get(row["line"], row["hashed_password"])
     if values["created_at"] is None:
         del values["created_at"]  # a new user's is now, and an existing user keeps theirs
     return values
 
 
-def _column_value(name: str, value: Any) -> Any:
-    """A spooled value as its column takes it: times back from ISO text."""
-    return datetime.fromisoformat(value) if name in _TIMES and value is not None else value
+_SET_ONCE = {"failed_logins": 0, "token_version": 0}
+"""Columns with a default that a new user's row starts from (an executemany to the driver applies none)."""
+
+
+def _bound(dialect: Any, name: str, values: list[Any]) -> list[Any]:
+    """A column's values as the driver takes them (its type's bind processing, as SQLAlchemy
+    applies it), each distinct value processed once."""
+    process = USERS.c[name].type.bind_processor(dialect)
+    if process is None:
+        return values
+    bound: dict[Any, Any] = {None: None}
+    return [bound[value] if value in bound else bound.setdefault(value, process(value)) for value in values]
 
 
 def _insert_rows(
-    db: Session, plan: ImportPlan, rows: list[SpooledRow], role_ids: _RoleIds, events: list[Event]
+    db: Session, plan: ImportPlan, rows: list[SpooledRow], role_ids: _RoleIds, events: list[StoredEvent]
 ) -> list[int]:
+    """Insert new users with their roles and their `user.create` events, one executemany each,
+    the values gathered and bound a column at a time (most columns hold one or two values)."""
+    dialect = db.get_bind().dialect
+    count = len(rows)
     now = utcnow()
-    values = [
-        {
-            "created_at": now,
-            "updated_at": now,
-            "uid": row["uid"] or new_uid(),
-            **_user_values(plan, row),
-        }
-        for row in rows
-    ]
+    columns: dict[str, list[Any]] = {name: [row[name] for row in rows] for name in _WRITTEN}
+    columns["uid"] = [row["uid"] or new_uid() for row in rows]
+    columns["hashed_password"] = [plan.hashes.get(row["line"], row["hashed_password"]) for row in rows]
+    columns["created_at"] = [now if created is None else created for created in columns["created_at"]]
+    columns["updated_at"] = [now] * count
+    roles = [row["roles"] for row in rows]
+    events.extend(
+        zip(
+            ["user.create"] * count,
+            columns["uid"],
+            columns["email"],
+            created_changes_texts(columns, roles),
+            strict=True,
+        )
+    )
+    for name, value in _SET_ONCE.items():
+        columns[name] = [value] * count
+    keys = [column.name for column in USERS.columns if column.name in columns]  # the table's order
     # One executemany, then the ids by email: RETURNING in parameter order would make
     # SQLAlchemy insert row by row on SQLite, which cannot promise that order.
-    db.execute(insert(USERS), values)
-    events.extend(
-        Event("user.create", value["uid"], value["email"], created_changes(value, row["roles"]))
-        for value, row in zip(values, rows, strict=True)
-    )
+    insert_many(db, USERS, keys, list(zip(*(_bound(dialect, name, columns[name]) for name in keys), strict=True)))
     emails = [row["email"] for row in rows]
-    ids = dict(db.execute(select(User.email, User.id).where(User.email.in_(emails))).all())
+    ids = dict(db.execute(select(USERS.c.email, USERS.c.id).where(USERS.c.email.in_(emails))).all())
     inserted = [ids[email] for email in emails]
-    links = [
-        {"user_id": user_id, "role_id": role_ids(name)}
-        for user_id, row in zip(inserted, rows, strict=True)
-        for name in row["roles"]
-    ]
+    links = [(user_id, role_ids(name)) for user_id, row in zip(inserted, rows, strict=True) for name in row["roles"]]
     if links:
-        db.execute(insert(user_roles), links)
+        insert_many(db, user_roles, ("user_id", "role_id"), links)
     return inserted
 
 
 def _update_from_row(
-    db: Session, plan: ImportPlan, user_id: int, row: SpooledRow, role_ids: _RoleIds, events: list[Event]
+    db: Session, plan: ImportPlan, user_id: int, row: SpooledRow, role_ids: _RoleIds, events: list[StoredEvent]
 ) -> None:
     """Make an existing user match the row (a row naming another uid is a Conflict), revoking the
     user's tokens where the change calls for it, exactly as the single-user commands do."""
@@ -389,7 +397,7 @@ def _update_from_row(
     )
     changes = diff(audited_before, audited_after)
     if changes:
-        events.append(Event("user.update", uid, after.email, changes))
+        events.append(("user.update", uid, after.email, canonical_changes(changes)))
     db.execute(update(USERS).where(USERS.c.id == user_id).values(updated_at=utcnow(), **values))
     db.execute(delete(user_roles).where(user_roles.c.user_id == user_id))
     if row["roles"]:
@@ -414,5 +422,7 @@ def _access_of_row(db: Session, user_id: int) -> Access:
     email, hashed, active = db.execute(
         select(User.email, User.hashed_password, User.is_active).where(User.id == user_id)
     ).one()
-    names = db.scalars(select(Role.name).join(user_roles).where(user_roles.c.user_id == user_id))
+    names = db.scalars(
+        select(Role.name).join(user_roles, user_roles.c.role_id == Role.id).where(user_roles.c.user_id == user_id)
+    )
     return Access(email=email, hashed_password=hashed, is_active=active, roles=frozenset(names))
