@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import time
 import uuid
@@ -36,7 +37,7 @@ from tests.conftest import (
 )
 from usermgr import api, keyring, tokens
 from usermgr.config import load_settings
-from usermgr.errors import ConfigurationError, TokenInvalid
+from usermgr.errors import ConfigurationError, Conflict, InvalidInput, NotFound, TokenInvalid
 
 ALGORITHMS = ["HS256", "EdDSA", "ES256", "RS256"]
 ASYMMETRIC = ["EdDSA", "ES256", "RS256"]
@@ -534,3 +535,198 @@ def test_a_ring_whose_only_active_key_is_retired_has_none_active(tmp_path: Path)
     with pytest.raises(ConfigurationError) as refused:
         keyring.load_ring(path, None)
     assert str(refused.value) == f"key file {path}: a key ring needs exactly one active key, this one has 0 (none)"
+
+
+# ---- the ring's changes, exactly, in process (what the mutation run can see) ----------------------------
+
+ISO_SECOND = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+
+
+def _states(path: Path) -> list[tuple[str, str, str]]:
+    """Each key of the ring file as (kid, alg, state), in the file's order."""
+    return [(key["kid"], key["alg"], key["state"]) for key in json.loads(path.read_text())["keys"]]
+
+
+def test_add_activate_retire_move_each_key_through_its_states_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "ring.key"
+    assert tokens.create_key_file(path, "ES256")
+    old = keyring.load_ring(path, None).active.kid
+    source = f"key file {path}"
+
+    added = keyring.change_ring(path, None, keyring.add_key("HS256"))
+    new = added[0].kid
+    assert added == [keyring.KeyChange("add", new, "HS256")]
+    assert _states(path) == [(old, "ES256", "active"), (new, "HS256", "next")]
+    stored = json.loads(path.read_text())["keys"][1]
+    assert set(stored) == {"kty", "k", "kid", "alg", "use", "state", "created"}
+    assert (stored["use"], stored["kid"]) == ("sig", keyring.thumbprint(stored))
+    assert re.fullmatch(ISO_SECOND, stored["created"]), stored["created"]
+    ring = keyring.load_ring(path, None)
+    assert ring.source == source
+    assert ring.get(new).record() == {
+        "kid": new,
+        "alg": "HS256",
+        "state": "next",
+        "created": stored["created"],
+        "fingerprint": "",
+    }
+    assert ring.get(old).record()["fingerprint"].startswith("SHA256:")
+
+    with pytest.raises(NotFound) as missing:
+        keyring.change_ring(path, None, keyring.activate_key("nope"))
+    assert str(missing.value) == f"no key with kid 'nope' in {source}: `usermgr keys list` shows them"
+
+    assert keyring.change_ring(path, None, keyring.activate_key(new)) == [
+        keyring.KeyChange("activate", new, "HS256"),
+        keyring.KeyChange("deactivate", old, "ES256"),
+    ]
+    assert _states(path) == [(old, "ES256", "retiring"), (new, "HS256", "active")]
+    before = path.read_bytes()
+    assert keyring.change_ring(path, None, keyring.activate_key(new)) == []  # already active: nothing written
+    assert path.read_bytes() == before
+
+    with pytest.raises(Conflict) as active:
+        keyring.change_ring(path, None, keyring.retire_key(new))
+    assert str(active.value) == (
+        f"key {new!r} is the active key: activate another one first"
+        " (`usermgr keys rotate`, or `usermgr keys activate KID`)"
+    )
+    assert path.read_bytes() == before
+    with pytest.raises(NotFound) as missing:
+        keyring.change_ring(path, None, keyring.retire_key("gone"))
+    assert str(missing.value) == f"no key with kid 'gone' in {source}: `usermgr keys list` shows them"
+
+    assert keyring.change_ring(path, None, keyring.retire_key(old)) == [keyring.KeyChange("retire", old, "ES256")]
+    assert _states(path) == [(new, "HS256", "active")]
+
+    rotated = keyring.change_ring(path, None, keyring.rotate_key("EdDSA"))
+    newest = rotated[0].kid
+    assert rotated == [
+        keyring.KeyChange("add", newest, "EdDSA"),
+        keyring.KeyChange("activate", newest, "EdDSA"),
+        keyring.KeyChange("deactivate", new, "HS256"),
+    ]
+    assert _states(path) == [(new, "HS256", "retiring"), (newest, "EdDSA", "active")]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_next_key_stays_next_until_activated_and_a_retiring_one_can_sign_again(tmp_path: Path) -> None:
+    path = tmp_path / "ring.key"
+    assert tokens.create_key_file(path, "HS256")
+    first = keyring.load_ring(path, None).active.kid
+    second = keyring.change_ring(path, None, keyring.add_key("HS256"))[0].kid
+    third = keyring.change_ring(path, None, keyring.add_key("HS256", "next"))[0].kid
+    keyring.change_ring(path, None, keyring.activate_key(second))
+    assert _states(path) == [(first, "HS256", "retiring"), (second, "HS256", "active"), (third, "HS256", "next")]
+    keyring.change_ring(path, None, keyring.activate_key(first))
+    assert _states(path) == [(first, "HS256", "active"), (second, "HS256", "retiring"), (third, "HS256", "next")]
+    assert keyring.change_ring(path, None, keyring.retire_key(third)) == [keyring.KeyChange("retire", third, "HS256")]
+    assert keyring.load_ring(path, None).get(first).pre_ring  # the pre-ring key stays marked so
+    assert json.loads(path.read_text())["keys"][0]["pre_ring"] is True
+    assert "pre_ring" not in json.loads(path.read_text())["keys"][1]
+
+
+def test_the_settings_that_keys_cannot_change_are_refused_exactly(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError) as fixed:
+        keyring.change_ring(tmp_path / "ring.key", "s" * 40, keyring.add_key("HS256"))
+    assert str(fixed.value) == (
+        "USERMGR_SECRET_KEY is set: it is a fixed one-key ring that `keys` cannot change;"
+        " unset it to manage the key file"
+    )
+    with pytest.raises(ConfigurationError) as none:
+        keyring.change_ring(None, None, keyring.add_key("HS256"))
+    assert str(none.value) == "no key file: give --key-file (USERMGR_KEY_FILE)"
+    with pytest.raises(ConfigurationError) as unset:
+        keyring.load_ring(None, None)
+    assert str(unset.value) == "no signing key: set USERMGR_SECRET_KEY, or give --key-file (USERMGR_KEY_FILE)"
+    ring = keyring.load_ring(None, "s" * 40)
+    assert ring.source == "USERMGR_SECRET_KEY"
+    assert keyring.load_ring(None, "s" * 40) is ring
+    with pytest.raises(NotFound) as missing:
+        ring.get("x")
+    assert str(missing.value) == "no key with kid 'x' in USERMGR_SECRET_KEY: `usermgr keys list` shows them"
+    with pytest.raises(InvalidInput) as unknown:
+        keyring.new_jwk("HS512")
+    assert str(unknown.value) == "unknown algorithm 'HS512': use one of HS256, EdDSA, ES256, RS256"
+
+
+def _segment(header: Any) -> str:
+    return keyring._b64url(json.dumps(header).encode())
+
+
+def test_a_token_is_checked_only_against_the_key_its_kid_names(tmp_path: Path) -> None:
+    path = tmp_path / "ring.key"
+    assert tokens.create_key_file(path, "ES256")
+    keyring.change_ring(path, None, keyring.add_key("EdDSA"))
+    ring = keyring.load_ring(path, None)
+    first, second = ring.keys
+    keys = ring.key_set
+    for key in (first, second):
+        token = jwt.encode(claims(int(time.time())), key.signer, algorithm=key.alg, headers={"kid": key.kid})
+        chosen = keys.for_token(token)
+        assert (chosen.kid, chosen.alg) == (key.kid, key.alg)
+        assert keys.for_token(token) is chosen  # the second lookup of a header gives the same key
+    refusals = {
+        _segment({"alg": "ES256"}) + ".e30.x": "token invalid: unknown key",  # no kid: no pre-ring key here
+        _segment({"alg": "ES256", "kid": "other"}) + ".e30.x": "token invalid: unknown key",
+        _segment({"alg": "ES256", "kid": 7}) + ".e30.x": "token invalid: malformed",
+        _segment(["kid"]) + ".e30.x": "token invalid: malformed",
+        "!!!.e30.x": "token invalid: malformed",
+        keyring._b64url(b"{not json") + ".e30.x": "token invalid: malformed",
+    }
+    for token, message in refusals.items():
+        with pytest.raises(TokenInvalid) as refused:
+            keys.for_token(token)
+        assert str(refused.value) == message, token
+    shared = keyring.KeySet({}, None, frozenset({"twin"}))
+    with pytest.raises(TokenInvalid) as ambiguous:
+        shared.for_token(_segment({"alg": "ES256", "kid": "twin"}) + ".e30.x")
+    assert str(ambiguous.value) == "token invalid: ambiguous key (several keys of the JWK Set share its kid)"
+
+
+def test_a_kidless_token_verifies_only_against_the_pre_ring_key(tmp_path: Path) -> None:
+    path = tmp_path / "ring.key"
+    assert tokens.create_key_file(path, "HS256")
+    pre_ring = keyring.load_ring(path, None).active
+    kidless = jwt.encode(claims(int(time.time())), pre_ring.signer, algorithm="HS256")
+    assert keyring.load_ring(path, None).key_set.for_token(kidless).kid == pre_ring.kid
+    keyring.change_ring(path, None, keyring.rotate_key("HS256"))
+    assert keyring.load_ring(path, None).key_set.for_token(kidless).kid == pre_ring.kid  # still in the ring
+    keyring.change_ring(path, None, keyring.retire_key(pre_ring.kid))
+    with pytest.raises(TokenInvalid) as refused:
+        keyring.load_ring(path, None).key_set.for_token(kidless)
+    assert str(refused.value) == "token invalid: unknown key"
+
+
+def test_the_public_jwks_holds_the_public_half_of_each_asymmetric_key_only(tmp_path: Path) -> None:
+    path = tmp_path / "ring.key"
+    assert tokens.create_key_file(path, "ES256")
+    for alg in ("HS256", "EdDSA", "RS256"):
+        keyring.change_ring(path, None, keyring.add_key(alg))
+    ring = keyring.load_ring(path, None)
+    published = keyring.public_jwks(ring)
+    assert [(key["kid"], key["alg"], key["use"]) for key in published["keys"]] == [
+        (key.kid, key.alg, "sig") for key in ring.keys if key.alg != "HS256"
+    ]
+    assert [sorted(key) for key in published["keys"]] == [
+        ["alg", "crv", "kid", "kty", "use", "x", "y"],
+        ["alg", "crv", "kid", "kty", "use", "x"],
+        ["alg", "e", "kid", "kty", "n", "use"],
+    ]
+    assert not any(PRIVATE_MEMBERS & set(key) for key in published["keys"])
+    for key in published["keys"]:
+        assert key["kid"] == keyring.thumbprint(key)
+    secret = ring.keys[1]
+    with pytest.raises(InvalidInput) as refused:
+        secret.public_pem()
+    assert str(refused.value) == (
+        f"key {secret.kid!r} is HS256: a shared secret has no public form; give verifiers the key ring file instead"
+    )
+    assert ring.keys[2].public_pem().startswith("-----BEGIN PUBLIC KEY-----\n")
+
+
+def test_a_kid_is_shown_quoted_and_cut_at_60_characters() -> None:
+    assert keyring.shown_kid("k" * 60) == repr("k" * 60)
+    assert keyring.shown_kid("k" * 61) == repr("k" * 60 + "...")
+    assert keyring.shown_kid(None) == "'None'"
+    assert re.fullmatch(ISO_SECOND, keyring.utc_now())
