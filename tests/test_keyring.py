@@ -730,3 +730,22 @@ def test_a_kid_is_shown_quoted_and_cut_at_60_characters() -> None:
     assert keyring.shown_kid("k" * 61) == repr("k" * 60 + "...")
     assert keyring.shown_kid(None) == "'None'"
     assert re.fullmatch(ISO_SECOND, keyring.utc_now())
+
+
+def test_a_pre_ring_key_keeps_its_file_time_as_created_when_the_ring_is_first_written(tmp_path: Path) -> None:
+    path = tmp_path / "ring.key"
+    assert tokens.create_key_file(path, "HS256")
+    os.utime(path, (1_700_000_000, 1_700_000_000))
+    keyring.change_ring(path, None, keyring.add_key("HS256"))
+    assert json.loads(path.read_text())["keys"][0]["created"] == "2023-11-14T22:13:20Z"
+
+
+def test_a_new_key_is_dated_in_utc_whatever_the_local_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "UTC-12")
+    time.tzset()
+    try:
+        stamp = time.mktime(time.strptime(keyring.utc_now(), "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert abs(stamp - time.time()) < 3600  # twelve hours off if the local time were taken
