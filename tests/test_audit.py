@@ -5,13 +5,15 @@ keeps it verifiable; no secret ever lands in it. Both backends, real CLI and API
 from __future__ import annotations
 
 import getpass
+import hashlib
 import itertools
 import json
+import os
 import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from unittest.mock import ANY
@@ -36,8 +38,26 @@ from tests.conftest import (
     uid_of,
 )
 from usermgr.database import utcnow
-from usermgr.models import AuditEvent, User
-from usermgr.service.audit import GENESIS, canonical_changes, event_hash
+from usermgr.errors import ConfigurationError, InvalidInput
+from usermgr.models import AuditEvent, Role, User
+from usermgr.service.audit import (
+    COLUMN_FIELDS,
+    GENESIS,
+    TRACKED_FIELDS,
+    Actor,
+    AuditFilter,
+    State,
+    audit_filter,
+    canonical_changes,
+    created_changes,
+    created_changes_texts,
+    diff,
+    event_hash,
+    jsonable,
+    os_actor,
+    parse_time,
+    state_of,
+)
 
 BOB = "bob@example.com"
 CAROL = "carol@example.com"
@@ -791,3 +811,199 @@ def test_the_import_writes_the_events_the_generic_path_computes(run: Runner, eng
             assert event == generic
     assert [event["prev_hash"] for event in stored[1:]] == [event["hash"] for event in stored[:-1]]
     assert "audit trail intact" in ok(run("audit", "verify")).stderr
+
+
+# ---- what an event says, exactly, in process (what the mutation run can see) ----------------------
+
+ADA_UID = "00000000-0000-0000-0000-000000000001"
+PLUS_TWO = timezone(timedelta(hours=2))
+
+
+def state(password: str | None = "hash-1", version: int = 0, failures: int = 0, **fields: Any) -> State:
+    """A user as an event compares it: every tracked field empty unless given."""
+    base = {name: None for name in TRACKED_FIELDS} | {"roles": [], "email": BOB, "is_active": True}
+    return State({**base, **fields}, password, version, failures)
+
+
+def test_diff_lists_each_kind_of_change_exactly() -> None:
+    before = state(full_name="Bob", roles=["beta"])
+    assert diff(before, before) == {}
+    assert diff(before, state(full_name="Bob", roles=["beta"], username="bob")) == {"username": [None, "bob"]}
+    assert diff(before, state(full_name="Robert", roles=["beta"])) == {"full_name": ["Bob", "Robert"]}
+    assert diff(before, state(roles=["beta"])) == {"full_name": ["Bob", None]}
+    assert diff(before, state(full_name="Bob", roles=["alpha", "beta"])) == {"roles": [["beta"], ["alpha", "beta"]]}
+    assert diff(before, state(full_name="Bob")) == {"roles": [["beta"], []]}
+    assert diff(before, state(full_name="Bob", roles=["beta"], is_active=False)) == {"is_active": [True, False]}
+    assert diff(state(roles=None), state(roles=[])) == {}  # nothing and no roles are both empty
+    assert diff(before, state("hash-2", full_name="Bob", roles=["beta"])) == {"password": "changed"}
+    assert diff(before, state(None, full_name="Bob", roles=["beta"])) == {"password": "changed"}
+    assert diff(before, state(version=1, full_name="Bob", roles=["beta"])) == {"tokens": "revoked"}
+    assert diff(state(version=2), state(version=1)) == {}
+    assert diff(state(failures=1), state(failures=2)) == {"failed_logins": [1, 2]}
+    assert diff(state(failures=3), state(failures=0)) == {"failed_logins": [3, 0]}
+
+
+def test_diff_of_a_new_and_a_deleted_user_lists_every_field_that_is_set() -> None:
+    after = state(full_name="Bob", roles=["beta"], failures=2, version=3)
+    assert diff(None, after) == {
+        "email": [None, BOB],
+        "full_name": [None, "Bob"],
+        "is_active": [None, True],
+        "roles": [None, ["beta"]],
+        "password": "set",
+    }
+    assert diff(None, state(None)) == {"email": [None, BOB], "is_active": [None, True]}
+    assert diff(after, None) == {
+        "email": [BOB, None],
+        "full_name": ["Bob", None],
+        "is_active": [True, None],
+        "roles": [["beta"], None],
+    }
+    assert diff(None, None) == {}
+
+
+def test_created_changes_say_what_diff_says_of_a_new_user() -> None:
+    expires = datetime(2030, 1, 2, 5, 4, 5, tzinfo=PLUS_TWO)
+    values = {"email": BOB, "username": None, "full_name": "Bob", "is_active": False, "expires_at": expires}
+    changes = created_changes({**values, "hashed_password": "h"}, ["beta", "alpha"])
+    assert changes == {
+        "email": [None, BOB],
+        "full_name": [None, "Bob"],
+        "is_active": [None, False],
+        "expires_at": [None, "2030-01-02T03:04:05+00:00"],
+        "roles": [None, ["alpha", "beta"]],
+        "password": "set",
+    }
+    assert created_changes({"email": BOB, "hashed_password": None}, []) == {"email": [None, BOB]}
+    columns: dict[str, list[Any]] = {name: [None, None, None] for name in COLUMN_FIELDS}
+    columns.update(
+        email=[BOB, CAROL, "dan@example.com"],
+        full_name=["Bøb", None, None],
+        is_active=[True, False, True],
+        expires_at=[None, expires, None],
+        hashed_password=["h", None, None],
+    )
+    roles = [["beta", "alpha"], [], []]
+    texts = created_changes_texts(columns, roles)
+    rows = [{name: column[index] for name, column in columns.items()} for index in range(3)]
+    assert texts == [
+        canonical_changes(created_changes(row, row_roles)) for row, row_roles in zip(rows, roles, strict=True)
+    ]
+    assert texts[0] == (
+        '{"email":[null,"bob@example.com"],"full_name":[null,"Bøb"],"is_active":[null,true],'
+        '"password":"set","roles":[null,["alpha","beta"]]}'
+    )
+    assert texts[1] == (
+        '{"email":[null,"carol@example.com"],"expires_at":[null,"2030-01-02T03:04:05+00:00"],"is_active":[null,false]}'
+    )
+
+
+def test_state_of_takes_the_tracked_fields_json_ready_and_what_is_told_only_as_changed() -> None:
+    user = User(
+        uid=ADA_UID,
+        email=BOB,
+        username="bob",
+        full_name=None,
+        is_active=True,
+        hashed_password="hash-1",
+        expires_at=datetime(2030, 1, 2, 5, 4, 5, tzinfo=PLUS_TWO),
+        roles=[Role(name="beta"), Role(name="alpha")],
+    )
+    assert state_of(user) == State(
+        {
+            "email": BOB,
+            "username": "bob",
+            "full_name": None,
+            "is_active": True,
+            "roles": ["alpha", "beta"],
+            "locked_until": None,
+            "expires_at": "2030-01-02T03:04:05+00:00",
+        },
+        "hash-1",
+        0,
+        0,
+    )
+    user.token_version, user.failed_logins = 4, 2
+    assert (state_of(user).token_version, state_of(user).failed_logins) == (4, 2)
+    assert jsonable(datetime(2030, 1, 2, 5, 4, 5, tzinfo=PLUS_TWO)) == "2030-01-02T03:04:05+00:00"
+    assert jsonable("2030-01-02") == "2030-01-02"
+
+
+def test_a_known_event_hashes_to_a_known_value() -> None:
+    changes = canonical_changes({"full_name": ["Bob", "Bøb"]})
+    assert changes == '{"full_name":["Bob","Bøb"]}'
+    assert canonical_changes({"b": 1, "a": [None, True]}) == '{"a":[null,true],"b":1}'
+    row = {
+        "prev_hash": GENESIS,
+        "occurred_at": datetime(2026, 1, 2, 5, 4, 5, tzinfo=PLUS_TWO),
+        "actor": "os:ada@host",
+        "on_behalf_of": "ticket-4711",
+        "client_address": None,
+        "action": "user.update",
+        "target_uid": ADA_UID,
+        "target_email": BOB,
+        "changes": changes,
+    }
+    by_hand = (
+        f'["{GENESIS}","2026-01-02T03:04:05+00:00","os:ada@host","ticket-4711",null,"user.update",'
+        f'"{ADA_UID}","bob@example.com","{{\\"full_name\\":[\\"Bob\\",\\"Bøb\\"]}}"]'
+    )
+    golden = "e960f539bdd2523867b044108aea0b6d9e02ea4b8ed2552e5c2cc71478745097"
+    assert hashlib.sha256(by_hand.encode()).hexdigest() == golden
+    assert event_hash(row) == golden
+
+
+def test_the_cli_actor_is_the_os_user_at_the_host_with_usermgr_actor_beside_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("USERMGR_ACTOR", raising=False)
+    assert os_actor() == Actor(CLI_ACTOR, None)
+    monkeypatch.setenv("USERMGR_ACTOR", "")
+    assert os_actor() == Actor(CLI_ACTOR, None)
+    monkeypatch.setenv("USERMGR_ACTOR", ON_BEHALF)
+    assert os_actor() == Actor(CLI_ACTOR, ON_BEHALF)
+    monkeypatch.setenv("USERMGR_ACTOR", "x" * 400)
+    assert os_actor() == Actor(CLI_ACTOR, "x" * 400)
+    for unusable in ("x" * 401, "a\udcffb"):  # too long; not UTF-8 (os.environ holds no NUL)
+        monkeypatch.setenv("USERMGR_ACTOR", unusable)
+        with pytest.raises(ConfigurationError) as refused:
+            os_actor()
+        assert str(refused.value) == "USERMGR_ACTOR must be at most 400 characters of text"
+    monkeypatch.delenv("USERMGR_ACTOR")
+
+    def nameless() -> str:
+        raise KeyError("getpwuid(): uid not found")
+
+    monkeypatch.setattr(getpass, "getuser", nameless)
+    assert os_actor() == Actor(f"os:{os.getuid()}@{socket.gethostname()}", None)
+
+
+def test_times_and_filters_are_refused_exactly() -> None:
+    assert parse_time("2026-01-02T05:04:05+02:00", "--since") == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert parse_time(" 2026-01-02 ", "--since") == datetime(2026, 1, 2, tzinfo=UTC)
+    ago = parse_time("7d", "--since")
+    assert abs(utcnow() - timedelta(days=7) - ago) < timedelta(hours=1)
+    for text, message in [
+        ("yesterday", "--since must be an ISO 8601 date or time, or a duration ago such as 7d"),
+        ("0001-01-01T00:00:00+01:00", "--since is out of range: give a time between the years 1 and 9999"),
+    ]:
+        with pytest.raises(InvalidInput) as refused:
+            parse_time(text, "--since")
+        assert str(refused.value) == message
+    assert audit_filter(BOB, "os:x", "user.create", "2026-01-02", "2026-01-03T00:00:00Z", 5, 2) == AuditFilter(
+        BOB,
+        "os:x",
+        "user.create",
+        datetime(2026, 1, 2, tzinfo=UTC),
+        datetime(2026, 1, 3, tzinfo=UTC),
+        5,
+        2,
+    )
+    assert audit_filter() == AuditFilter()
+    for options, name in [({"since": "soon"}, "since"), ({"until": "later"}, "until")]:
+        with pytest.raises(InvalidInput) as refused:
+            audit_filter(**options, time_option="the query parameter {}")
+        assert str(refused.value) == (
+            f"the query parameter {name} must be an ISO 8601 date or time, or a duration ago such as 7d"
+        )
+        with pytest.raises(InvalidInput) as refused:
+            audit_filter(**options)
+        assert str(refused.value).startswith(f"{name} must be"), str(refused.value)
