@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -981,12 +982,12 @@ def test_times_and_filters_are_refused_exactly() -> None:
     assert parse_time(" 2026-01-02 ", "--since") == datetime(2026, 1, 2, tzinfo=UTC)
     ago = parse_time("7d", "--since")
     assert abs(utcnow() - timedelta(days=7) - ago) < timedelta(hours=1)
-    for text, message in [
+    for given, message in [
         ("yesterday", "--since must be an ISO 8601 date or time, or a duration ago such as 7d"),
         ("0001-01-01T00:00:00+01:00", "--since is out of range: give a time between the years 1 and 9999"),
     ]:
         with pytest.raises(InvalidInput) as refused:
-            parse_time(text, "--since")
+            parse_time(given, "--since")
         assert str(refused.value) == message
     assert audit_filter(BOB, "os:x", "user.create", "2026-01-02", "2026-01-03T00:00:00Z", 5, 2) == AuditFilter(
         BOB,
@@ -1007,3 +1008,27 @@ def test_times_and_filters_are_refused_exactly() -> None:
         with pytest.raises(InvalidInput) as refused:
             audit_filter(**options)
         assert str(refused.value).startswith(f"{name} must be"), str(refused.value)
+
+
+@pytest.fixture
+def far_zone(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time zone twelve hours east of UTC: what is written in UTC must not move."""
+    monkeypatch.setenv("TZ", "UTC-12")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_times_are_read_and_written_in_utc_whatever_the_local_zone(far_zone: None) -> None:
+    assert jsonable(datetime(2026, 1, 2, 5, 4, 5, tzinfo=PLUS_TWO)) == "2026-01-02T03:04:05+00:00"
+    assert parse_time("2026-01-02T03:04:05", "--since").isoformat() == "2026-01-02T03:04:05+00:00"
+    assert parse_time("2026-01-02T05:04:05+02:00", "--since").isoformat() == "2026-01-02T03:04:05+00:00"
+
+
+def test_a_batch_whose_roles_do_not_match_its_columns_is_refused() -> None:
+    columns: dict[str, list[Any]] = {name: [None] for name in COLUMN_FIELDS} | {"hashed_password": [None]}
+    columns["email"] = [BOB]
+    assert created_changes_texts(columns, [[]]) == ['{"email":[null,"bob@example.com"]}']
+    with pytest.raises(ValueError, match="zip"):
+        created_changes_texts(columns, [[], []])
