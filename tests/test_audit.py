@@ -22,6 +22,7 @@ from unittest.mock import ANY
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, insert, select, text, update
+from sqlalchemy.orm import Session
 
 from tests.conftest import (
     ADMIN,
@@ -39,7 +40,7 @@ from tests.conftest import (
     uid_of,
 )
 from usermgr.database import utcnow
-from usermgr.errors import ConfigurationError, InvalidInput
+from usermgr.errors import ConfigurationError, InvalidInput, NotFound
 from usermgr.models import AuditEvent, Role, User
 from usermgr.service.audit import (
     COLUMN_FIELDS,
@@ -47,6 +48,7 @@ from usermgr.service.audit import (
     TRACKED_FIELDS,
     Actor,
     AuditFilter,
+    ChainReport,
     State,
     audit_filter,
     canonical_changes,
@@ -54,11 +56,15 @@ from usermgr.service.audit import (
     created_changes_texts,
     diff,
     event_hash,
+    iter_events,
     jsonable,
     os_actor,
     parse_time,
+    prune,
     state_of,
+    verify_chain,
 )
+from usermgr.service.core import MAX_ROW_COUNT
 
 BOB = "bob@example.com"
 CAROL = "carol@example.com"
@@ -1032,3 +1038,91 @@ def test_a_batch_whose_roles_do_not_match_its_columns_is_refused() -> None:
     assert created_changes_texts(columns, [[]]) == ['{"email":[null,"bob@example.com"]}']
     with pytest.raises(ValueError, match="zip"):
         created_changes_texts(columns, [[], []])
+
+
+# ---- reading, verifying and pruning in process ---------------------------------------------------------
+
+
+def ids(db: Session, **filters: Any) -> list[int]:
+    return [event["id"] for event in iter_events(db, AuditFilter(**filters))]
+
+
+def test_each_filter_of_the_trail_selects_exactly_its_events(run: Runner, db: Session) -> None:
+    some_events(run)  # 1 create admin, 2 create bob, 3 grant beta to bob, 4 disable bob, 5 enable bob
+    ok(run("disable", BOB, env={"USERMGR_ACTOR": ON_BEHALF}))  # 6
+    events = list(iter_events(db))
+    assert [(event["id"], event["action"]) for event in events] == [
+        (1, "user.create"),
+        (2, "user.create"),
+        (3, "role.grant"),
+        (4, "user.disable"),
+        (5, "user.enable"),
+        (6, "user.disable"),
+    ]
+    assert events[2]["changes"] == {"roles": [[], ["beta"]]}
+    assert ids(db, action="user.disable") == [4, 6]
+    assert ids(db, user=BOB) == [2, 3, 4, 5, 6] == ids(db, user=f" {BOB.upper()} ")
+    assert ids(db, user=ADMIN) == [1]
+    assert ids(db, actor=CLI_ACTOR) == [1, 2, 3, 4, 5, 6]
+    assert ids(db, actor=ON_BEHALF) == [6]
+    assert ids(db, actor="os:nobody@nowhere") == []
+    assert ids(db, limit=2) == [1, 2]
+    assert ids(db, limit=0) == []
+    assert ids(db, offset=4) == [5, 6]
+    assert ids(db, limit=2, offset=1) == [2, 3]
+    assert ids(db, limit=MAX_ROW_COUNT, offset=5) == [6]
+    middle = events[2]["occurred_at"]
+    assert ids(db, since=middle) == [event["id"] for event in events if event["occurred_at"] >= middle]
+    assert ids(db, until=middle) == [event["id"] for event in events if event["occurred_at"] < middle]
+    assert 3 in ids(db, since=middle) and 3 not in ids(db, until=middle)
+    assert ids(db, since=middle, until=middle) == []
+
+    bob_uid = events[1]["target_uid"]
+    ok(run("delete", BOB, "--yes"))  # 7
+    assert ids(db, user=BOB) == [2, 3, 4, 5, 6, 7] == ids(db, user=bob_uid)
+    refusals = {
+        "limit=-1": ({"limit": -1}, "limit and offset must not be negative"),
+        "offset=-1": ({"offset": -1}, "limit and offset must not be negative"),
+        "limit-too-large": ({"limit": MAX_ROW_COUNT + 1}, f"limit and offset must be at most {MAX_ROW_COUNT}"),
+        "offset-too-large": ({"offset": MAX_ROW_COUNT + 1}, f"limit and offset must be at most {MAX_ROW_COUNT}"),
+        "action": ({"action": "user.explode"}, f"unknown action 'user.explode': one of {ALL_ACTIONS}"),
+        "actor": ({"actor": "a\x00b"}, "--actor must not contain a NUL character or bytes that are not UTF-8"),
+    }
+    for case, (filters, message) in refusals.items():
+        with pytest.raises(InvalidInput) as refused:
+            ids(db, **filters)
+        assert str(refused.value) == message, case
+    for ref in ("nobody", "x" * 35, f"{bob_uid}x"):
+        with pytest.raises(NotFound) as missing:
+            ids(db, user=ref)
+        assert str(missing.value) == (
+            f"no user matches {ref!r}: give an email, a username, an id or a deleted user's uid or email"
+        )
+
+
+def test_verify_reports_the_count_and_head_and_prune_leaves_its_checkpoint(run: Runner, db: Session) -> None:
+    assert verify_chain(db) == ChainReport(0, GENESIS)
+    some_events(run)
+    events = list(iter_events(db))
+    assert verify_chain(db) == ChainReport(5, events[-1]["hash"])
+    assert [event["prev_hash"] for event in events] == [GENESIS, *(event["hash"] for event in events[:-1])]
+
+    assert prune(db, datetime(2000, 1, 1, tzinfo=UTC)) == 0
+    cut = events[2]["occurred_at"]
+    assert prune(db, cut) == 2
+    kept = list(iter_events(db))
+    assert [event["id"] for event in kept] == [3, 4, 5, 6, 7]
+    assert kept[-2]["changes"] == {"before": "2000-01-01T00:00:00+00:00", "removed": 0, "checkpoint": GENESIS}
+    assert kept[-1]["changes"] == {"before": jsonable(cut), "removed": 2, "checkpoint": events[1]["hash"]}
+    assert (kept[-1]["action"], kept[-1]["target_uid"], kept[-1]["target_email"]) == ("audit.prune", None, None)
+    assert kept[-1]["prev_hash"] == kept[-2]["hash"]
+    assert verify_chain(db) == ChainReport(5, kept[-1]["hash"])
+
+    assert prune(db, datetime(2000, 1, 1, tzinfo=UTC)) == 0  # nothing older: the checkpoint stays the last one
+    assert list(iter_events(db))[-1]["changes"]["checkpoint"] == events[1]["hash"]
+    last = list(iter_events(db))[-1]
+    assert prune(db, last["occurred_at"] + timedelta(seconds=1)) == 6
+    [only] = list(iter_events(db))
+    assert only["changes"]["removed"] == 6
+    assert only["changes"]["checkpoint"] == last["hash"] == only["prev_hash"]
+    assert verify_chain(db) == ChainReport(1, only["hash"])
