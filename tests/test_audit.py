@@ -1063,6 +1063,7 @@ def test_each_filter_of_the_trail_selects_exactly_its_events(run: Runner, db: Se
     assert ids(db, action="user.disable") == [4, 6]
     assert ids(db, user=BOB) == [2, 3, 4, 5, 6] == ids(db, user=f" {BOB.upper()} ")
     assert ids(db, user=ADMIN) == [1]
+    assert ids(db, user="2") == [2, 3, 4, 5, 6]  # a user by their id: found, not read as a deleted user's
     assert ids(db, actor=CLI_ACTOR) == [1, 2, 3, 4, 5, 6]
     assert ids(db, actor=ON_BEHALF) == [6]
     assert ids(db, actor="os:nobody@nowhere") == []
@@ -1071,6 +1072,7 @@ def test_each_filter_of_the_trail_selects_exactly_its_events(run: Runner, db: Se
     assert ids(db, offset=4) == [5, 6]
     assert ids(db, limit=2, offset=1) == [2, 3]
     assert ids(db, limit=MAX_ROW_COUNT, offset=5) == [6]
+    assert ids(db, offset=MAX_ROW_COUNT) == []
     middle = events[2]["occurred_at"]
     assert ids(db, since=middle) == [event["id"] for event in events if event["occurred_at"] >= middle]
     assert ids(db, until=middle) == [event["id"] for event in events if event["occurred_at"] < middle]
