@@ -749,3 +749,49 @@ def test_a_new_key_is_dated_in_utc_whatever_the_local_zone(monkeypatch: pytest.M
         monkeypatch.undo()
         time.tzset()
     assert abs(stamp - time.time()) < 3600  # twelve hours off if the local time were taken
+
+
+def _rsa_jwk(bits: int) -> dict[str, Any]:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    jwk: dict[str, Any] = jwt.algorithms.RSAAlgorithm.to_jwk(private, as_dict=True)
+    return jwk
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (lambda es256: {**es256, "alg": "EdDSA"}, "{source}: key 'second' is not a EdDSA key"),
+        (lambda es256: {**es256, "alg": "HS256"}, "{source}: key 'second' is not a HS256 key"),
+        (lambda es256: {**es256, "alg": "RS256"}, "{source}: key 'second' is not a RS256 key"),
+        (lambda es256: {**es256, "crv": "P-384"}, "{source}: key 'second' is not a ES256 key"),
+        (lambda es256: {**es256, "x": "AAAA"}, "key 'second' is not a valid ES256 key"),
+        (
+            lambda es256: {"kty": "oct", "k": keyring._b64url(b"s" * 31), "alg": "HS256"},
+            "the HS256 secret is shorter than 32 bytes: use a longer one",
+        ),
+        (
+            lambda es256: {**_rsa_jwk(1024), "alg": "RS256"},
+            "{source}: key 'second' is a 1024-bit RSA key: RS256 needs 2048 bits or more",
+        ),
+    ],
+    ids=["ec-as-eddsa", "ec-as-hs256", "ec-as-rs256", "wrong-curve", "bad-point", "short-secret", "rsa-1024"],
+)
+def test_each_key_must_be_the_kind_and_size_its_alg_needs(tmp_path: Path, entry: Any, message: str) -> None:
+    second = {**entry(_first_key(tmp_path / "a")), "kid": "second", "state": "next"}
+    path = _ring_with(tmp_path, second)
+    with pytest.raises(ConfigurationError) as refused:
+        keyring.load_ring(path, None)
+    assert str(refused.value) == message.format(source=f"key file {path}")
+
+
+def test_the_smallest_keys_each_alg_takes_are_taken(tmp_path: Path) -> None:
+    secret = {"kty": "oct", "k": keyring._b64url(b"s" * 32), "alg": "HS256", "kid": "secret", "state": "next"}
+    rsa = {**_rsa_jwk(2048), "alg": "RS256", "kid": "rsa", "state": "retiring"}
+    ring = keyring.load_ring(_ring_with(tmp_path, secret, rsa), None)
+    assert [(key.kid, key.alg, key.state) for key in ring.keys][1:] == [
+        ("secret", "HS256", "next"),
+        ("rsa", "RS256", "retiring"),
+    ]
+    assert [sorted(key) for key in keyring.public_jwks(ring)["keys"]][1] == ["alg", "e", "kid", "kty", "n", "use"]
