@@ -795,3 +795,39 @@ def test_the_smallest_keys_each_alg_takes_are_taken(tmp_path: Path) -> None:
         ("rsa", "RS256", "retiring"),
     ]
     assert [sorted(key) for key in keyring.public_jwks(ring)["keys"]][1] == ["alg", "e", "kid", "kty", "n", "use"]
+
+
+def test_a_pre_ring_secret_or_pem_is_a_one_key_ring_named_by_its_source(tmp_path: Path) -> None:
+    secret = "s" * 40
+    ring = keyring.load_ring(None, secret)
+    [key] = ring.keys
+    expected_kid = keyring.thumbprint({"kty": "oct", "k": keyring._b64url(secret.encode())})
+    assert (ring.source, key.kid, key.alg, key.state, key.created, key.pre_ring) == (
+        "USERMGR_SECRET_KEY",
+        expected_kid,
+        "HS256",
+        "active",
+        "",
+        True,
+    )
+    assert key.stored()["kid"] == expected_kid and key.jwk["kid"] == expected_kid
+    path = tmp_path / "ed.key"
+    assert tokens.create_key_file(path, "EdDSA")
+    os.utime(path, (1_700_000_000, 1_700_000_000))
+    ring = keyring.load_ring(path, None)
+    assert (ring.source, ring.active.alg, ring.active.created, ring.active.pre_ring) == (
+        f"key file {path}",
+        "EdDSA",
+        "2023-11-14T22:13:20Z",
+        True,
+    )
+    assert ring.active.kid == keyring.thumbprint(ring.active.jwk)
+
+
+def test_a_ring_entry_keeps_its_created_text_and_a_retired_key_skips_only_itself(tmp_path: Path) -> None:
+    first = _first_key(tmp_path / "a")
+    undated = {key: value for key, value in first.items() if key != "created"} | {"kid": "undated", "state": "next"}
+    odd = {**first, "kid": "odd", "state": "next", "created": 7}
+    path = _ring_with(tmp_path, {"kid": "gone", "alg": "ES256", "state": "retired"}, undated, odd)
+    ring = keyring.load_ring(path, None)
+    assert [(key.kid, key.created) for key in ring.keys][1:] == [("undated", ""), ("odd", "")]
