@@ -5,13 +5,16 @@ keeps it verifiable; no secret ever lands in it. Both backends, real CLI and API
 from __future__ import annotations
 
 import getpass
+import hashlib
 import itertools
 import json
+import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from unittest.mock import ANY
@@ -19,6 +22,7 @@ from unittest.mock import ANY
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, insert, select, text, update
+from sqlalchemy.orm import Session
 
 from tests.conftest import (
     ADMIN,
@@ -36,8 +40,31 @@ from tests.conftest import (
     uid_of,
 )
 from usermgr.database import utcnow
-from usermgr.models import AuditEvent, User
-from usermgr.service.audit import GENESIS, canonical_changes, event_hash
+from usermgr.errors import ConfigurationError, InvalidInput, NotFound
+from usermgr.models import AuditEvent, Role, User
+from usermgr.service.audit import (
+    COLUMN_FIELDS,
+    GENESIS,
+    TRACKED_FIELDS,
+    Actor,
+    AuditFilter,
+    ChainReport,
+    State,
+    audit_filter,
+    canonical_changes,
+    created_changes,
+    created_changes_texts,
+    diff,
+    event_hash,
+    iter_events,
+    jsonable,
+    os_actor,
+    parse_time,
+    prune,
+    state_of,
+    verify_chain,
+)
+from usermgr.service.core import MAX_ROW_COUNT
 
 BOB = "bob@example.com"
 CAROL = "carol@example.com"
@@ -791,3 +818,313 @@ def test_the_import_writes_the_events_the_generic_path_computes(run: Runner, eng
             assert event == generic
     assert [event["prev_hash"] for event in stored[1:]] == [event["hash"] for event in stored[:-1]]
     assert "audit trail intact" in ok(run("audit", "verify")).stderr
+
+
+# ---- what an event says, exactly, in process (what the mutation run can see) ----------------------
+
+ADA_UID = "00000000-0000-0000-0000-000000000001"
+PLUS_TWO = timezone(timedelta(hours=2))
+
+
+def state(password: str | None = "hash-1", version: int = 0, failures: int = 0, **fields: Any) -> State:
+    """A user as an event compares it: every tracked field empty unless given."""
+    base = {name: None for name in TRACKED_FIELDS} | {"roles": [], "email": BOB, "is_active": True}
+    return State({**base, **fields}, password, version, failures)
+
+
+def test_diff_lists_each_kind_of_change_exactly() -> None:
+    before = state(full_name="Bob", roles=["beta"])
+    assert diff(before, before) == {}
+    assert diff(before, state(full_name="Bob", roles=["beta"], username="bob")) == {"username": [None, "bob"]}
+    assert diff(before, state(full_name="Robert", roles=["beta"])) == {"full_name": ["Bob", "Robert"]}
+    assert diff(before, state(roles=["beta"])) == {"full_name": ["Bob", None]}
+    assert diff(before, state(full_name="Bob", roles=["alpha", "beta"])) == {"roles": [["beta"], ["alpha", "beta"]]}
+    assert diff(before, state(full_name="Bob")) == {"roles": [["beta"], []]}
+    assert diff(before, state(full_name="Bob", roles=["beta"], is_active=False)) == {"is_active": [True, False]}
+    assert diff(state(roles=None), state(roles=[])) == {}  # nothing and no roles are both empty
+    assert diff(before, state("hash-2", full_name="Bob", roles=["beta"])) == {"password": "changed"}
+    assert diff(before, state(None, full_name="Bob", roles=["beta"])) == {"password": "changed"}
+    assert diff(before, state(version=1, full_name="Bob", roles=["beta"])) == {"tokens": "revoked"}
+    assert diff(state(version=2), state(version=1)) == {}
+    assert diff(state(failures=1), state(failures=2)) == {"failed_logins": [1, 2]}
+    assert diff(state(failures=3), state(failures=0)) == {"failed_logins": [3, 0]}
+
+
+def test_diff_of_a_new_and_a_deleted_user_lists_every_field_that_is_set() -> None:
+    after = state(full_name="Bob", roles=["beta"], failures=2, version=3)
+    assert diff(None, after) == {
+        "email": [None, BOB],
+        "full_name": [None, "Bob"],
+        "is_active": [None, True],
+        "roles": [None, ["beta"]],
+        "password": "set",
+    }
+    assert diff(None, state(None)) == {"email": [None, BOB], "is_active": [None, True]}
+    assert diff(after, None) == {
+        "email": [BOB, None],
+        "full_name": ["Bob", None],
+        "is_active": [True, None],
+        "roles": [["beta"], None],
+    }
+    assert diff(None, None) == {}
+
+
+def test_created_changes_say_what_diff_says_of_a_new_user() -> None:
+    expires = datetime(2030, 1, 2, 5, 4, 5, tzinfo=PLUS_TWO)
+    values = {"email": BOB, "username": None, "full_name": "Bob", "is_active": False, "expires_at": expires}
+    changes = created_changes({**values, "hashed_password": "h"}, ["beta", "alpha"])
+    assert changes == {
+        "email": [None, BOB],
+        "full_name": [None, "Bob"],
+        "is_active": [None, False],
+        "expires_at": [None, "2030-01-02T03:04:05+00:00"],
+        "roles": [None, ["alpha", "beta"]],
+        "password": "set",
+    }
+    assert created_changes({"email": BOB, "hashed_password": None}, []) == {"email": [None, BOB]}
+    columns: dict[str, list[Any]] = {name: [None, None, None] for name in COLUMN_FIELDS}
+    columns.update(
+        email=[BOB, CAROL, "dan@example.com"],
+        full_name=["Bøb", None, None],
+        is_active=[True, False, True],
+        expires_at=[None, expires, None],
+        hashed_password=["h", None, None],
+    )
+    roles = [["beta", "alpha"], [], []]
+    texts = created_changes_texts(columns, roles)
+    rows = [{name: column[index] for name, column in columns.items()} for index in range(3)]
+    assert texts == [
+        canonical_changes(created_changes(row, row_roles)) for row, row_roles in zip(rows, roles, strict=True)
+    ]
+    assert texts[0] == (
+        '{"email":[null,"bob@example.com"],"full_name":[null,"Bøb"],"is_active":[null,true],'
+        '"password":"set","roles":[null,["alpha","beta"]]}'
+    )
+    assert texts[1] == (
+        '{"email":[null,"carol@example.com"],"expires_at":[null,"2030-01-02T03:04:05+00:00"],"is_active":[null,false]}'
+    )
+
+
+def test_state_of_takes_the_tracked_fields_json_ready_and_what_is_told_only_as_changed() -> None:
+    user = User(
+        uid=ADA_UID,
+        email=BOB,
+        username="bob",
+        full_name=None,
+        is_active=True,
+        hashed_password="hash-1",
+        expires_at=datetime(2030, 1, 2, 5, 4, 5, tzinfo=PLUS_TWO),
+        roles=[Role(name="beta"), Role(name="alpha")],
+    )
+    assert state_of(user) == State(
+        {
+            "email": BOB,
+            "username": "bob",
+            "full_name": None,
+            "is_active": True,
+            "roles": ["alpha", "beta"],
+            "locked_until": None,
+            "expires_at": "2030-01-02T03:04:05+00:00",
+        },
+        "hash-1",
+        0,
+        0,
+    )
+    user.token_version, user.failed_logins = 4, 2
+    assert (state_of(user).token_version, state_of(user).failed_logins) == (4, 2)
+    assert jsonable(datetime(2030, 1, 2, 5, 4, 5, tzinfo=PLUS_TWO)) == "2030-01-02T03:04:05+00:00"
+    assert jsonable("2030-01-02") == "2030-01-02"
+
+
+def test_a_known_event_hashes_to_a_known_value() -> None:
+    changes = canonical_changes({"full_name": ["Bob", "Bøb"]})
+    assert changes == '{"full_name":["Bob","Bøb"]}'
+    assert canonical_changes({"b": 1, "a": [None, True]}) == '{"a":[null,true],"b":1}'
+    row = {
+        "prev_hash": GENESIS,
+        "occurred_at": datetime(2026, 1, 2, 5, 4, 5, tzinfo=PLUS_TWO),
+        "actor": "os:ada@host",
+        "on_behalf_of": "ticket-4711",
+        "client_address": None,
+        "action": "user.update",
+        "target_uid": ADA_UID,
+        "target_email": BOB,
+        "changes": changes,
+    }
+    by_hand = (
+        f'["{GENESIS}","2026-01-02T03:04:05+00:00","os:ada@host","ticket-4711",null,"user.update",'
+        f'"{ADA_UID}","bob@example.com","{{\\"full_name\\":[\\"Bob\\",\\"Bøb\\"]}}"]'
+    )
+    golden = "e960f539bdd2523867b044108aea0b6d9e02ea4b8ed2552e5c2cc71478745097"
+    assert hashlib.sha256(by_hand.encode()).hexdigest() == golden
+    assert event_hash(row) == golden
+
+
+def test_the_cli_actor_is_the_os_user_at_the_host_with_usermgr_actor_beside_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("USERMGR_ACTOR", raising=False)
+    assert os_actor() == Actor(CLI_ACTOR, None)
+    monkeypatch.setenv("USERMGR_ACTOR", "")
+    assert os_actor() == Actor(CLI_ACTOR, None)
+    monkeypatch.setenv("USERMGR_ACTOR", ON_BEHALF)
+    assert os_actor() == Actor(CLI_ACTOR, ON_BEHALF)
+    monkeypatch.setenv("USERMGR_ACTOR", "x" * 400)
+    assert os_actor() == Actor(CLI_ACTOR, "x" * 400)
+    for unusable in ("x" * 401, "a\udcffb"):  # too long; not UTF-8 (os.environ holds no NUL)
+        monkeypatch.setenv("USERMGR_ACTOR", unusable)
+        with pytest.raises(ConfigurationError) as refused:
+            os_actor()
+        assert str(refused.value) == "USERMGR_ACTOR must be at most 400 characters of text"
+    monkeypatch.delenv("USERMGR_ACTOR")
+
+    def nameless() -> str:
+        raise KeyError("getpwuid(): uid not found")
+
+    monkeypatch.setattr(getpass, "getuser", nameless)
+    assert os_actor() == Actor(f"os:{os.getuid()}@{socket.gethostname()}", None)
+
+
+def test_times_and_filters_are_refused_exactly() -> None:
+    assert parse_time("2026-01-02T05:04:05+02:00", "--since") == datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert parse_time(" 2026-01-02 ", "--since") == datetime(2026, 1, 2, tzinfo=UTC)
+    ago = parse_time("7d", "--since")
+    assert abs(utcnow() - timedelta(days=7) - ago) < timedelta(hours=1)
+    for given, message in [
+        ("yesterday", "--since must be an ISO 8601 date or time, or a duration ago such as 7d"),
+        ("0001-01-01T00:00:00+01:00", "--since is out of range: give a time between the years 1 and 9999"),
+    ]:
+        with pytest.raises(InvalidInput) as refused:
+            parse_time(given, "--since")
+        assert str(refused.value) == message
+    assert audit_filter(BOB, "os:x", "user.create", "2026-01-02", "2026-01-03T00:00:00Z", 5, 2) == AuditFilter(
+        BOB,
+        "os:x",
+        "user.create",
+        datetime(2026, 1, 2, tzinfo=UTC),
+        datetime(2026, 1, 3, tzinfo=UTC),
+        5,
+        2,
+    )
+    assert audit_filter() == AuditFilter()
+    for options, name in [({"since": "soon"}, "since"), ({"until": "later"}, "until")]:
+        with pytest.raises(InvalidInput) as refused:
+            audit_filter(**options, time_option="the query parameter {}")
+        assert str(refused.value) == (
+            f"the query parameter {name} must be an ISO 8601 date or time, or a duration ago such as 7d"
+        )
+        with pytest.raises(InvalidInput) as refused:
+            audit_filter(**options)
+        assert str(refused.value).startswith(f"{name} must be"), str(refused.value)
+
+
+@pytest.fixture
+def far_zone(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time zone twelve hours east of UTC: what is written in UTC must not move."""
+    monkeypatch.setenv("TZ", "UTC-12")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_times_are_read_and_written_in_utc_whatever_the_local_zone(far_zone: None) -> None:
+    assert jsonable(datetime(2026, 1, 2, 5, 4, 5, tzinfo=PLUS_TWO)) == "2026-01-02T03:04:05+00:00"
+    assert parse_time("2026-01-02T03:04:05", "--since").isoformat() == "2026-01-02T03:04:05+00:00"
+    assert parse_time("2026-01-02T05:04:05+02:00", "--since").isoformat() == "2026-01-02T03:04:05+00:00"
+
+
+def test_a_batch_whose_roles_do_not_match_its_columns_is_refused() -> None:
+    columns: dict[str, list[Any]] = {name: [None] for name in COLUMN_FIELDS} | {"hashed_password": [None]}
+    columns["email"] = [BOB]
+    assert created_changes_texts(columns, [[]]) == ['{"email":[null,"bob@example.com"]}']
+    with pytest.raises(ValueError, match="zip"):
+        created_changes_texts(columns, [[], []])
+
+
+# ---- reading, verifying and pruning in process ---------------------------------------------------------
+
+
+def ids(db: Session, **filters: Any) -> list[int]:
+    return [event["id"] for event in iter_events(db, AuditFilter(**filters))]
+
+
+def test_each_filter_of_the_trail_selects_exactly_its_events(run: Runner, db: Session) -> None:
+    some_events(run)  # 1 create admin, 2 create bob, 3 grant beta to bob, 4 disable bob, 5 enable bob
+    ok(run("disable", BOB, env={"USERMGR_ACTOR": ON_BEHALF}))  # 6
+    events = list(iter_events(db))
+    assert [(event["id"], event["action"]) for event in events] == [
+        (1, "user.create"),
+        (2, "user.create"),
+        (3, "role.grant"),
+        (4, "user.disable"),
+        (5, "user.enable"),
+        (6, "user.disable"),
+    ]
+    assert events[2]["changes"] == {"roles": [[], ["beta"]]}
+    assert ids(db, action="user.disable") == [4, 6]
+    assert ids(db, user=BOB) == [2, 3, 4, 5, 6] == ids(db, user=f" {BOB.upper()} ")
+    assert ids(db, user=ADMIN) == [1]
+    assert ids(db, user="2") == [2, 3, 4, 5, 6]  # a user by their id: found, not read as a deleted user's
+    assert ids(db, actor=CLI_ACTOR) == [1, 2, 3, 4, 5, 6]
+    assert ids(db, actor=ON_BEHALF) == [6]
+    assert ids(db, actor="os:nobody@nowhere") == []
+    assert ids(db, limit=2) == [1, 2]
+    assert ids(db, limit=0) == []
+    assert ids(db, offset=4) == [5, 6]
+    assert ids(db, limit=2, offset=1) == [2, 3]
+    assert ids(db, limit=MAX_ROW_COUNT, offset=5) == [6]
+    assert ids(db, offset=MAX_ROW_COUNT) == []
+    middle = events[2]["occurred_at"]
+    assert ids(db, since=middle) == [event["id"] for event in events if event["occurred_at"] >= middle]
+    assert ids(db, until=middle) == [event["id"] for event in events if event["occurred_at"] < middle]
+    assert 3 in ids(db, since=middle) and 3 not in ids(db, until=middle)
+    assert ids(db, since=middle, until=middle) == []
+
+    bob_uid = events[1]["target_uid"]
+    ok(run("delete", BOB, "--yes"))  # 7
+    assert ids(db, user=BOB) == [2, 3, 4, 5, 6, 7] == ids(db, user=bob_uid)
+    refusals = {
+        "limit=-1": ({"limit": -1}, "limit and offset must not be negative"),
+        "offset=-1": ({"offset": -1}, "limit and offset must not be negative"),
+        "limit-too-large": ({"limit": MAX_ROW_COUNT + 1}, f"limit and offset must be at most {MAX_ROW_COUNT}"),
+        "offset-too-large": ({"offset": MAX_ROW_COUNT + 1}, f"limit and offset must be at most {MAX_ROW_COUNT}"),
+        "action": ({"action": "user.explode"}, f"unknown action 'user.explode': one of {ALL_ACTIONS}"),
+        "actor": ({"actor": "a\x00b"}, "--actor must not contain a NUL character or bytes that are not UTF-8"),
+    }
+    for case, (filters, message) in refusals.items():
+        with pytest.raises(InvalidInput) as refused:
+            ids(db, **filters)
+        assert str(refused.value) == message, case
+    for ref in ("nobody", "x" * 35, f"{bob_uid}x"):
+        with pytest.raises(NotFound) as missing:
+            ids(db, user=ref)
+        assert str(missing.value) == (
+            f"no user matches {ref!r}: give an email, a username, an id or a deleted user's uid or email"
+        )
+
+
+def test_verify_reports_the_count_and_head_and_prune_leaves_its_checkpoint(run: Runner, db: Session) -> None:
+    assert verify_chain(db) == ChainReport(0, GENESIS)
+    some_events(run)
+    events = list(iter_events(db))
+    assert verify_chain(db) == ChainReport(5, events[-1]["hash"])
+    assert [event["prev_hash"] for event in events] == [GENESIS, *(event["hash"] for event in events[:-1])]
+
+    assert prune(db, datetime(2000, 1, 1, tzinfo=UTC)) == 0
+    cut = events[2]["occurred_at"]
+    assert prune(db, cut) == 2
+    kept = list(iter_events(db))
+    assert [event["id"] for event in kept] == [3, 4, 5, 6, 7]
+    assert kept[-2]["changes"] == {"before": "2000-01-01T00:00:00+00:00", "removed": 0, "checkpoint": GENESIS}
+    assert kept[-1]["changes"] == {"before": jsonable(cut), "removed": 2, "checkpoint": events[1]["hash"]}
+    assert (kept[-1]["action"], kept[-1]["target_uid"], kept[-1]["target_email"]) == ("audit.prune", None, None)
+    assert kept[-1]["prev_hash"] == kept[-2]["hash"]
+    assert verify_chain(db) == ChainReport(5, kept[-1]["hash"])
+
+    assert prune(db, datetime(2000, 1, 1, tzinfo=UTC)) == 0  # nothing older: the checkpoint stays the last one
+    assert list(iter_events(db))[-1]["changes"]["checkpoint"] == events[1]["hash"]
+    last = list(iter_events(db))[-1]
+    assert prune(db, last["occurred_at"] + timedelta(seconds=1)) == 6
+    [only] = list(iter_events(db))
+    assert only["changes"]["removed"] == 6
+    assert only["changes"]["checkpoint"] == last["hash"] == only["prev_hash"]
+    assert verify_chain(db) == ChainReport(1, only["hash"])

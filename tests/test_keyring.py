@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import time
 import uuid
@@ -36,7 +37,7 @@ from tests.conftest import (
 )
 from usermgr import api, keyring, tokens
 from usermgr.config import load_settings
-from usermgr.errors import ConfigurationError, TokenInvalid
+from usermgr.errors import ConfigurationError, Conflict, InvalidInput, NotFound, TokenInvalid
 
 ALGORITHMS = ["HS256", "EdDSA", "ES256", "RS256"]
 ASYMMETRIC = ["EdDSA", "ES256", "RS256"]
@@ -534,3 +535,299 @@ def test_a_ring_whose_only_active_key_is_retired_has_none_active(tmp_path: Path)
     with pytest.raises(ConfigurationError) as refused:
         keyring.load_ring(path, None)
     assert str(refused.value) == f"key file {path}: a key ring needs exactly one active key, this one has 0 (none)"
+
+
+# ---- the ring's changes, exactly, in process (what the mutation run can see) ----------------------------
+
+ISO_SECOND = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
+
+
+def _states(path: Path) -> list[tuple[str, str, str]]:
+    """Each key of the ring file as (kid, alg, state), in the file's order."""
+    return [(key["kid"], key["alg"], key["state"]) for key in json.loads(path.read_text())["keys"]]
+
+
+def test_add_activate_retire_move_each_key_through_its_states_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "ring.key"
+    assert tokens.create_key_file(path, "ES256")
+    old = keyring.load_ring(path, None).active.kid
+    source = f"key file {path}"
+
+    added = keyring.change_ring(path, None, keyring.add_key("HS256"))
+    new = added[0].kid
+    assert added == [keyring.KeyChange("add", new, "HS256")]
+    assert _states(path) == [(old, "ES256", "active"), (new, "HS256", "next")]
+    stored = json.loads(path.read_text())["keys"][1]
+    assert set(stored) == {"kty", "k", "kid", "alg", "use", "state", "created"}
+    assert (stored["use"], stored["kid"]) == ("sig", keyring.thumbprint(stored))
+    assert re.fullmatch(ISO_SECOND, stored["created"]), stored["created"]
+    ring = keyring.load_ring(path, None)
+    assert ring.source == source
+    assert ring.get(new).record() == {
+        "kid": new,
+        "alg": "HS256",
+        "state": "next",
+        "created": stored["created"],
+        "fingerprint": "",
+    }
+    assert ring.get(old).record()["fingerprint"].startswith("SHA256:")
+
+    with pytest.raises(NotFound) as missing:
+        keyring.change_ring(path, None, keyring.activate_key("nope"))
+    assert str(missing.value) == f"no key with kid 'nope' in {source}: `usermgr keys list` shows them"
+
+    assert keyring.change_ring(path, None, keyring.activate_key(new)) == [
+        keyring.KeyChange("activate", new, "HS256"),
+        keyring.KeyChange("deactivate", old, "ES256"),
+    ]
+    assert _states(path) == [(old, "ES256", "retiring"), (new, "HS256", "active")]
+    before = path.read_bytes()
+    assert keyring.change_ring(path, None, keyring.activate_key(new)) == []  # already active: nothing written
+    assert path.read_bytes() == before
+
+    with pytest.raises(Conflict) as active:
+        keyring.change_ring(path, None, keyring.retire_key(new))
+    assert str(active.value) == (
+        f"key {new!r} is the active key: activate another one first"
+        " (`usermgr keys rotate`, or `usermgr keys activate KID`)"
+    )
+    assert path.read_bytes() == before
+    with pytest.raises(NotFound) as missing:
+        keyring.change_ring(path, None, keyring.retire_key("gone"))
+    assert str(missing.value) == f"no key with kid 'gone' in {source}: `usermgr keys list` shows them"
+
+    assert keyring.change_ring(path, None, keyring.retire_key(old)) == [keyring.KeyChange("retire", old, "ES256")]
+    assert _states(path) == [(new, "HS256", "active")]
+
+    rotated = keyring.change_ring(path, None, keyring.rotate_key("EdDSA"))
+    newest = rotated[0].kid
+    assert rotated == [
+        keyring.KeyChange("add", newest, "EdDSA"),
+        keyring.KeyChange("activate", newest, "EdDSA"),
+        keyring.KeyChange("deactivate", new, "HS256"),
+    ]
+    assert _states(path) == [(new, "HS256", "retiring"), (newest, "EdDSA", "active")]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_next_key_stays_next_until_activated_and_a_retiring_one_can_sign_again(tmp_path: Path) -> None:
+    path = tmp_path / "ring.key"
+    assert tokens.create_key_file(path, "HS256")
+    first = keyring.load_ring(path, None).active.kid
+    second = keyring.change_ring(path, None, keyring.add_key("HS256"))[0].kid
+    third = keyring.change_ring(path, None, keyring.add_key("HS256", "next"))[0].kid
+    keyring.change_ring(path, None, keyring.activate_key(second))
+    assert _states(path) == [(first, "HS256", "retiring"), (second, "HS256", "active"), (third, "HS256", "next")]
+    keyring.change_ring(path, None, keyring.activate_key(first))
+    assert _states(path) == [(first, "HS256", "active"), (second, "HS256", "retiring"), (third, "HS256", "next")]
+    assert keyring.change_ring(path, None, keyring.retire_key(third)) == [keyring.KeyChange("retire", third, "HS256")]
+    assert keyring.load_ring(path, None).get(first).pre_ring  # the pre-ring key stays marked so
+    assert json.loads(path.read_text())["keys"][0]["pre_ring"] is True
+    assert "pre_ring" not in json.loads(path.read_text())["keys"][1]
+
+
+def test_the_settings_that_keys_cannot_change_are_refused_exactly(tmp_path: Path) -> None:
+    with pytest.raises(ConfigurationError) as fixed:
+        keyring.change_ring(tmp_path / "ring.key", "s" * 40, keyring.add_key("HS256"))
+    assert str(fixed.value) == (
+        "USERMGR_SECRET_KEY is set: it is a fixed one-key ring that `keys` cannot change;"
+        " unset it to manage the key file"
+    )
+    with pytest.raises(ConfigurationError) as none:
+        keyring.change_ring(None, None, keyring.add_key("HS256"))
+    assert str(none.value) == "no key file: give --key-file (USERMGR_KEY_FILE)"
+    with pytest.raises(ConfigurationError) as unset:
+        keyring.load_ring(None, None)
+    assert str(unset.value) == "no signing key: set USERMGR_SECRET_KEY, or give --key-file (USERMGR_KEY_FILE)"
+    ring = keyring.load_ring(None, "s" * 40)
+    assert ring.source == "USERMGR_SECRET_KEY"
+    assert keyring.load_ring(None, "s" * 40) is ring
+    with pytest.raises(NotFound) as missing:
+        ring.get("x")
+    assert str(missing.value) == "no key with kid 'x' in USERMGR_SECRET_KEY: `usermgr keys list` shows them"
+    with pytest.raises(InvalidInput) as unknown:
+        keyring.new_jwk("HS512")
+    assert str(unknown.value) == "unknown algorithm 'HS512': use one of HS256, EdDSA, ES256, RS256"
+
+
+def _segment(header: Any) -> str:
+    return keyring._b64url(json.dumps(header).encode())
+
+
+def test_a_token_is_checked_only_against_the_key_its_kid_names(tmp_path: Path) -> None:
+    path = tmp_path / "ring.key"
+    assert tokens.create_key_file(path, "ES256")
+    keyring.change_ring(path, None, keyring.add_key("EdDSA"))
+    ring = keyring.load_ring(path, None)
+    first, second = ring.keys
+    keys = ring.key_set
+    for key in (first, second):
+        token = jwt.encode(claims(int(time.time())), key.signer, algorithm=key.alg, headers={"kid": key.kid})
+        chosen = keys.for_token(token)
+        assert (chosen.kid, chosen.alg) == (key.kid, key.alg)
+        assert keys.for_token(token) is chosen  # the second lookup of a header gives the same key
+    refusals = {
+        _segment({"alg": "ES256"}) + ".e30.x": "token invalid: unknown key",  # no kid: no pre-ring key here
+        _segment({"alg": "ES256", "kid": "other"}) + ".e30.x": "token invalid: unknown key",
+        _segment({"alg": "ES256", "kid": 7}) + ".e30.x": "token invalid: malformed",
+        _segment(["kid"]) + ".e30.x": "token invalid: malformed",
+        "!!!.e30.x": "token invalid: malformed",
+        keyring._b64url(b"{not json") + ".e30.x": "token invalid: malformed",
+    }
+    for token, message in refusals.items():
+        with pytest.raises(TokenInvalid) as refused:
+            keys.for_token(token)
+        assert str(refused.value) == message, token
+    shared = keyring.KeySet({}, None, frozenset({"twin"}))
+    with pytest.raises(TokenInvalid) as ambiguous:
+        shared.for_token(_segment({"alg": "ES256", "kid": "twin"}) + ".e30.x")
+    assert str(ambiguous.value) == "token invalid: ambiguous key (several keys of the JWK Set share its kid)"
+
+
+def test_a_kidless_token_verifies_only_against_the_pre_ring_key(tmp_path: Path) -> None:
+    path = tmp_path / "ring.key"
+    assert tokens.create_key_file(path, "HS256")
+    pre_ring = keyring.load_ring(path, None).active
+    kidless = jwt.encode(claims(int(time.time())), pre_ring.signer, algorithm="HS256")
+    assert keyring.load_ring(path, None).key_set.for_token(kidless).kid == pre_ring.kid
+    keyring.change_ring(path, None, keyring.rotate_key("HS256"))
+    assert keyring.load_ring(path, None).key_set.for_token(kidless).kid == pre_ring.kid  # still in the ring
+    keyring.change_ring(path, None, keyring.retire_key(pre_ring.kid))
+    with pytest.raises(TokenInvalid) as refused:
+        keyring.load_ring(path, None).key_set.for_token(kidless)
+    assert str(refused.value) == "token invalid: unknown key"
+
+
+def test_the_public_jwks_holds_the_public_half_of_each_asymmetric_key_only(tmp_path: Path) -> None:
+    path = tmp_path / "ring.key"
+    assert tokens.create_key_file(path, "ES256")
+    for alg in ("HS256", "EdDSA", "RS256"):
+        keyring.change_ring(path, None, keyring.add_key(alg))
+    ring = keyring.load_ring(path, None)
+    published = keyring.public_jwks(ring)
+    assert [(key["kid"], key["alg"], key["use"]) for key in published["keys"]] == [
+        (key.kid, key.alg, "sig") for key in ring.keys if key.alg != "HS256"
+    ]
+    assert [sorted(key) for key in published["keys"]] == [
+        ["alg", "crv", "kid", "kty", "use", "x", "y"],
+        ["alg", "crv", "kid", "kty", "use", "x"],
+        ["alg", "e", "kid", "kty", "n", "use"],
+    ]
+    assert not any(PRIVATE_MEMBERS & set(key) for key in published["keys"])
+    for key in published["keys"]:
+        assert key["kid"] == keyring.thumbprint(key)
+    secret = ring.keys[1]
+    with pytest.raises(InvalidInput) as refused:
+        secret.public_pem()
+    assert str(refused.value) == (
+        f"key {secret.kid!r} is HS256: a shared secret has no public form; give verifiers the key ring file instead"
+    )
+    assert ring.keys[2].public_pem().startswith("-----BEGIN PUBLIC KEY-----\n")
+
+
+def test_a_kid_is_shown_quoted_and_cut_at_60_characters() -> None:
+    assert keyring.shown_kid("k" * 60) == repr("k" * 60)
+    assert keyring.shown_kid("k" * 61) == repr("k" * 60 + "...")
+    assert keyring.shown_kid(None) == "'None'"
+    assert re.fullmatch(ISO_SECOND, keyring.utc_now())
+
+
+def test_a_pre_ring_key_keeps_its_file_time_as_created_when_the_ring_is_first_written(tmp_path: Path) -> None:
+    path = tmp_path / "ring.key"
+    assert tokens.create_key_file(path, "HS256")
+    os.utime(path, (1_700_000_000, 1_700_000_000))
+    keyring.change_ring(path, None, keyring.add_key("HS256"))
+    assert json.loads(path.read_text())["keys"][0]["created"] == "2023-11-14T22:13:20Z"
+
+
+def test_a_new_key_is_dated_in_utc_whatever_the_local_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "UTC-12")
+    time.tzset()
+    try:
+        stamp = time.mktime(time.strptime(keyring.utc_now(), "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert abs(stamp - time.time()) < 3600  # twelve hours off if the local time were taken
+
+
+def _rsa_jwk(bits: int) -> dict[str, Any]:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    jwk: dict[str, Any] = jwt.algorithms.RSAAlgorithm.to_jwk(private, as_dict=True)
+    return jwk
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        (lambda es256: {**es256, "alg": "EdDSA"}, "{source}: key 'second' is not a EdDSA key"),
+        (lambda es256: {**es256, "alg": "HS256"}, "{source}: key 'second' is not a HS256 key"),
+        (lambda es256: {**es256, "alg": "RS256"}, "{source}: key 'second' is not a RS256 key"),
+        (lambda es256: {**es256, "crv": "P-384"}, "{source}: key 'second' is not a ES256 key"),
+        (lambda es256: {**es256, "x": "AAAA"}, "key 'second' is not a valid ES256 key"),
+        (
+            lambda es256: {"kty": "oct", "k": keyring._b64url(b"s" * 31), "alg": "HS256"},
+            "the HS256 secret is shorter than 32 bytes: use a longer one",
+        ),
+        (
+            lambda es256: {**_rsa_jwk(1024), "alg": "RS256"},
+            "{source}: key 'second' is a 1024-bit RSA key: RS256 needs 2048 bits or more",
+        ),
+    ],
+    ids=["ec-as-eddsa", "ec-as-hs256", "ec-as-rs256", "wrong-curve", "bad-point", "short-secret", "rsa-1024"],
+)
+def test_each_key_must_be_the_kind_and_size_its_alg_needs(tmp_path: Path, entry: Any, message: str) -> None:
+    second = {**entry(_first_key(tmp_path / "a")), "kid": "second", "state": "next"}
+    path = _ring_with(tmp_path, second)
+    with pytest.raises(ConfigurationError) as refused:
+        keyring.load_ring(path, None)
+    assert str(refused.value) == message.format(source=f"key file {path}")
+
+
+def test_the_smallest_keys_each_alg_takes_are_taken(tmp_path: Path) -> None:
+    secret = {"kty": "oct", "k": keyring._b64url(b"s" * 32), "alg": "HS256", "kid": "secret", "state": "next"}
+    rsa = {**_rsa_jwk(2048), "alg": "RS256", "kid": "rsa", "state": "retiring"}
+    ring = keyring.load_ring(_ring_with(tmp_path, secret, rsa), None)
+    assert [(key.kid, key.alg, key.state) for key in ring.keys][1:] == [
+        ("secret", "HS256", "next"),
+        ("rsa", "RS256", "retiring"),
+    ]
+    assert [sorted(key) for key in keyring.public_jwks(ring)["keys"]][1] == ["alg", "e", "kid", "kty", "n", "use"]
+
+
+def test_a_pre_ring_secret_or_pem_is_a_one_key_ring_named_by_its_source(tmp_path: Path) -> None:
+    secret = "s" * 40
+    ring = keyring.load_ring(None, secret)
+    [key] = ring.keys
+    expected_kid = keyring.thumbprint({"kty": "oct", "k": keyring._b64url(secret.encode())})
+    assert (ring.source, key.kid, key.alg, key.state, key.created, key.pre_ring) == (
+        "USERMGR_SECRET_KEY",
+        expected_kid,
+        "HS256",
+        "active",
+        "",
+        True,
+    )
+    assert key.stored()["kid"] == expected_kid and key.jwk["kid"] == expected_kid
+    path = tmp_path / "ed.key"
+    assert tokens.create_key_file(path, "EdDSA")
+    os.utime(path, (1_700_000_000, 1_700_000_000))
+    ring = keyring.load_ring(path, None)
+    assert (ring.source, ring.active.alg, ring.active.created, ring.active.pre_ring) == (
+        f"key file {path}",
+        "EdDSA",
+        "2023-11-14T22:13:20Z",
+        True,
+    )
+    assert ring.active.kid == keyring.thumbprint(ring.active.jwk)
+
+
+def test_a_ring_entry_keeps_its_created_text_and_a_retired_key_skips_only_itself(tmp_path: Path) -> None:
+    first = _first_key(tmp_path / "a")
+    undated = {key: value for key, value in first.items() if key != "created"} | {"kid": "undated", "state": "next"}
+    odd = {**first, "kid": "odd", "state": "next", "created": 7}
+    path = _ring_with(tmp_path, {"kid": "gone", "alg": "ES256", "state": "retired"}, undated, odd)
+    ring = keyring.load_ring(path, None)
+    assert [(key.kid, key.created) for key in ring.keys][1:] == [("undated", ""), ("odd", "")]
