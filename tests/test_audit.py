@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -1128,3 +1129,22 @@ def test_verify_reports_the_count_and_head_and_prune_leaves_its_checkpoint(run: 
     assert only["changes"]["removed"] == 6
     assert only["changes"]["checkpoint"] == last["hash"] == only["prev_hash"]
     assert verify_chain(db) == ChainReport(1, only["hash"])
+
+
+def test_imported_times_are_stored_as_every_other_write_stores_them(run: Runner, engine: Engine, backend: str) -> None:
+    """SQLite keeps times as text and compares them as text, so every writer must store one form.
+    The import binds its values for the driver itself; it once let sqlite3's own adapter write
+    `... 20:31:13.094867+00:00` where SQLAlchemy writes `... 20:31:13.094867`, and then
+    `audit --since T` left out an event at exactly T that `--until T` took in."""
+    if backend != "sqlite":
+        pytest.skip("PostgreSQL stores timestamptz, not text")
+    ok(run("create", "--email", "orm@example.com", "--no-password"))
+    lines = "".join(json.dumps(row) + "\n" for row in IMPORTED_USERS)
+    ok(run("import", "-", "--format", "jsonl", input=lines))
+    with engine.connect() as connection:
+        stored = connection.exec_driver_sql(
+            "SELECT created_at FROM users UNION ALL SELECT updated_at FROM users"
+            " UNION ALL SELECT occurred_at FROM audit_events"
+        ).scalars()
+        forms = {re.sub(r"\d", "9", value) for value in stored}
+    assert forms == {"9999-99-99 99:99:99.999999"}

@@ -384,7 +384,8 @@ def record_stored(db: Session, events: Sequence[StoredEvent], *, head: str | Non
 
 def _bound_time(db: Session, moment: datetime) -> Any:
     """`moment` as the driver takes it for an event's time (its column type's bind processor)."""
-    bind = EVENTS.c.occurred_at.type.bind_processor(db.connection().dialect)
+    dialect = db.connection().dialect
+    bind = EVENTS.c.occurred_at.type.dialect_impl(dialect).bind_processor(dialect)
     return bind(moment) if bind is not None else moment
 
 

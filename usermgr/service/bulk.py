@@ -318,7 +318,7 @@ _SET_ONCE = {"failed_logins": 0, "token_version": 0}
 def _bound(dialect: Any, name: str, values: list[Any]) -> list[Any]:
     """A column's values as the driver takes them (its type's bind processing, as SQLAlchemy
     applies it), each distinct value processed once."""
-    process = USERS.c[name].type.bind_processor(dialect)
+    process = USERS.c[name].type.dialect_impl(dialect).bind_processor(dialect)
     if process is None:
         return values
     bound: dict[Any, Any] = {None: None}
