@@ -131,11 +131,15 @@ def csv_records(text: str) -> list[dict[str, Any]]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
+# These two run a copy of the package in processes of their own (e2e): under `make mutate` the copy
+# would be of mutmut's trampolined package, outside the mutmut process that records what runs.
+@pytest.mark.e2e
 def test_the_copy_is_what_runs(with_phone: Path, empty_db_url: str, key_file: Path) -> None:
     found = Copy(with_phone, empty_db_url, key_file).python("-c", "import usermgr; print(usermgr.__file__)")
     assert Path(found.stdout.strip()).parent == with_phone / "usermgr"
 
 
+@pytest.mark.e2e
 def test_a_field_added_in_the_four_places_is_in_every_output(
     with_phone: Path, empty_db_url: str, key_file: Path, tmp_path: Path
 ) -> None:
