@@ -745,6 +745,18 @@ def test_eddsa_token_is_refused_by_a_ring_without_its_key(eddsa: tuple[Runner, P
     assert_token_invalid(run("verify", token_of(runner, "ada@example.com")), "unknown key")
 
 
+def test_a_public_key_verifies_the_tokens_that_name_it_in_process(eddsa: tuple[Runner, Path], offline: Runner) -> None:
+    """The token carries its key's kid, and the public key's set must find the key by that kid:
+    the subprocess test above cannot see a mutant of `pem_key_set`, this one runs in process."""
+    runner, path = eddsa
+    create_user(runner, "ada@example.com")
+    token = token_of(runner, "ada@example.com")
+    public = tokens.public_key_path(path)
+    assert jwt.get_unverified_header(token)["kid"] == keyring.pem_key_set(public).for_token(token).kid
+    result = offline("verify", "--public-key", str(public), token, "-o", "email")
+    assert (result.exit_code, result.stdout, result.stderr) == (0, "ada@example.com\n", "")
+
+
 def test_unreadable_public_key_says_why(tmp_path: Path) -> None:
     """`verify --public-key` has click check that the file exists; one it then cannot read (a mode
     that root ignores, so a directory stands in for it here) is a configuration error (exit 2)."""
