@@ -831,3 +831,62 @@ def test_a_ring_entry_keeps_its_created_text_and_a_retired_key_skips_only_itself
     path = _ring_with(tmp_path, {"kid": "gone", "alg": "ES256", "state": "retired"}, undated, odd)
     ring = keyring.load_ring(path, None)
     assert [(key.kid, key.created) for key in ring.keys][1:] == [("undated", ""), ("odd", "")]
+
+
+def _private_pem(kind: str) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    private: Any = {
+        "EdDSA": ed25519.Ed25519PrivateKey.generate,
+        "ES256": lambda: ec.generate_private_key(ec.SECP256R1()),
+        "RS256": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+    }[kind]()
+    return private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+@pytest.mark.parametrize("alg", ASYMMETRIC)
+def test_a_pre_ring_private_pem_of_each_kind_becomes_a_key_of_its_alg_that_signs(alg: str) -> None:
+    """A PEM key file from before the ring (any kind usermgr signs with) is read in process as
+    a one-key ring: its private JWK whole, its alg named exactly, and a token it signs verifies."""
+    ring = keyring.parse_ring(_private_pem(alg), "key file k.pem")
+    [key] = ring.keys
+    assert (key.alg, key.jwk["kty"], key.pre_ring) == (alg, {"EdDSA": "OKP", "ES256": "EC", "RS256": "RSA"}[alg], True)
+    assert "d" in key.jwk and key.kid == keyring.thumbprint(key.jwk)
+    token = jwt.encode({"sub": "1"}, key.signer.key, algorithm=alg, headers={"kid": key.kid})
+    assert jwt.decode(token, key.verifier.key, algorithms=[alg])["sub"] == "1"
+
+
+def test_the_ring_file_is_written_indented_for_the_admin_who_reads_it(tmp_path: Path) -> None:
+    path = tmp_path / "ring.key"
+    assert tokens.create_key_file(path, "ES256")
+    text = path.read_text()
+    assert text.startswith('{\n  "keys": [\n    {\n      "')
+    assert text == json.dumps(json.loads(text), indent=2) + "\n"
+
+
+@pytest.mark.parametrize("alg", ALGORITHMS)
+def test_inits_racing_for_one_key_file_leave_exactly_one_key_and_its_maker_alone_says_so(
+    tmp_path: Path, alg: str
+) -> None:
+    """Every racer passes the "exists?" check before any writes; only one may then create the
+    file and report it, and the file is that one racer's key, never overwritten by another."""
+    import threading
+
+    path = tmp_path / "ring.key"
+    start = threading.Barrier(8)
+    made: list[bool] = []
+
+    def racer() -> None:
+        start.wait()
+        made.append(tokens.create_key_file(path, alg))
+
+    threads = [threading.Thread(target=racer) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(made) == [False] * 7 + [True]
+    assert keyring.load_ring(path, None).active.alg == alg
