@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, event, insert, select
+from sqlalchemy import create_engine, event, insert, select, update
 from sqlalchemy.orm import Session
 
 from tests.conftest import CONTRACT_USER_FIELDS, HANG_TIMEOUT, PASSWORD, USERMGR, process_env
 from usermgr import service
 from usermgr.config import Settings, sqlite_path
 from usermgr.errors import AuthenticationFailed, Conflict, InvalidInput, NotFound, TokenInvalid
-from usermgr.models import Role, User, user_roles
+from usermgr.models import AuditEvent, Role, User, user_roles
 from usermgr.service import MAX_ROW_COUNT, UserFilter
 from usermgr.service.core import writing
 
@@ -345,10 +345,18 @@ def test_list_limit_and_offset_apply_after_the_filters(db: Session, people: list
     assert listed(db, UserFilter(active=True, limit=2, offset=1)) == ["bob_x@example.com", "bobbx@example.com"]
 
 
-@pytest.mark.parametrize("filters", [UserFilter(limit=-1), UserFilter(offset=-1), UserFilter(role="Bad Role")])
-def test_list_rejects_bad_filters(db: Session, people: list[str], filters: UserFilter) -> None:
-    with pytest.raises(InvalidInput):
+@pytest.mark.parametrize(
+    ("filters", "message"),
+    [
+        (UserFilter(limit=-1), "limit and offset must not be negative"),
+        (UserFilter(offset=-1), "limit and offset must not be negative"),
+        (UserFilter(role="Bad Role"), "invalid role name 'Bad Role': use 1 to 64 of a-z, 0-9, _ and -"),
+    ],
+)
+def test_list_rejects_bad_filters(db: Session, people: list[str], filters: UserFilter, message: str) -> None:
+    with pytest.raises(InvalidInput) as refused:
         list(service.iter_user_records(db, filters))
+    assert str(refused.value) == message
 
 
 def test_list_takes_the_largest_limit_and_offset_and_refuses_one_more(db: Session, people: list[str]) -> None:
@@ -886,7 +894,35 @@ def test_a_login_checked_against_a_hash_replaced_meanwhile_is_not_taken(db: Sess
     with db.begin():
         stored = db.scalar(select(User.hashed_password).where(User.id == user.id))
     assert stored != checked and not stored.endswith("aGFzaGhhc2hoYXNo")  # the new password stands
+    with db.begin():
+        refused = db.scalars(select(AuditEvent).order_by(AuditEvent.id.desc())).first()
+    assert (refused.action, refused.target_uid, refused.changes) == (
+        "login.failure",
+        user.uid,
+        '{"reason":"password changed meanwhile"}',
+    )
     assert service.authenticate(db, settings, "race@example.com", "new password 2").id == user.id
+
+
+def test_a_login_that_upgrades_an_old_hash_says_so_in_its_event_and_only_then(db: Session, settings: Settings) -> None:
+    """The success event of a login whose bcrypt hash was replaced by argon2id records
+    "password": "rehashed" (never the hash); the next login, with nothing to upgrade, records nothing."""
+    import bcrypt
+
+    user = add(db, settings, "old@example.com", password=None)
+    with writing(db):
+        db.execute(
+            update(User)
+            .where(User.id == user.id)
+            .values(hashed_password=bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode())
+        )
+    changes = []
+    for _ in range(2):
+        service.authenticate(db, settings, "old@example.com", PASSWORD)
+        with db.begin():
+            event_ = db.scalars(select(AuditEvent).order_by(AuditEvent.id.desc())).first()
+        changes.append((event_.action, event_.changes))
+    assert changes == [("login.success", '{"password":"rehashed"}'), ("login.success", "{}")]
 
 
 @pytest.mark.parametrize(
