@@ -13,6 +13,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from tests.conftest import (
     CONTRACT_USER_FIELDS,
@@ -324,6 +325,19 @@ def test_an_import_plan_counts_its_rows() -> None:
         assert plan.rows == 3
     finally:
         plan.close()
+
+
+def test_an_import_tells_its_progress_the_rows_of_each_chunk_written(db: Session) -> None:
+    """The progress callback hears each chunk's row count as it is written, adding up to the
+    plan's rows, so `import`'s progress line can count to the end."""
+    rows = 2_500
+    plan = service.plan_import(InputRow(line, {"email": f"p{line}@example.com"}) for line in range(1, rows + 1))
+    heard: list[int] = []
+    try:
+        result = service.apply_import(db, plan, progress=heard.append)
+    finally:
+        plan.close()
+    assert (heard, result.created) == ([1000, 1000, 500], rows)
 
 
 def test_the_domain_cache_keeps_email_validators_rules() -> None:
