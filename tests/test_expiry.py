@@ -141,6 +141,32 @@ def test_a_hostile_when_is_refused_and_changes_nothing(run: Runner, when: str) -
     assert users(run) == before
 
 
+NOT_A_DATE = "Input should be a valid datetime or date, invalid character in year"
+ADVICE = "use an ISO 8601 date or time (2027-01-31, 2027-01-31T17:00Z), a duration such as 90d"
+
+
+@pytest.mark.parametrize(
+    ("option", "when", "message"),
+    [
+        ("--expires", "2999-01-01\x00", f"invalid --expires '2999-01-01\\x00': {ADVICE}, or never"),
+        ("--expires-before", "2999-01-01\x00", f"invalid --expires-before '2999-01-01\\x00': {ADVICE}"),
+        ("--expires", "tomorrow", f"invalid --expires 'tomorrow': {NOT_A_DATE}; {ADVICE}, or never"),
+        ("--expires", "20270131", "invalid --expires '20270131': give a unit (90d) or a date (2027-01-31)"),
+        ("--expires", "36501d", "invalid --expires '36501d': too long, the most is 36500d (100 years)"),
+        (
+            "--expires-before",
+            "0d",
+            "invalid --expires-before '0d': use a positive number with s, m, h or d, such as 15m or 8h",
+        ),
+    ],
+)
+def test_a_refused_when_is_named_with_its_option_and_the_forms_to_use(
+    run: Runner, option: str, when: str, message: str
+) -> None:
+    args = ("list",) if option == "--expires-before" else ("create", "--email", "ada@example.com", "--no-password")
+    assert error_line(run(*args, option, when), 3) == f"usermgr: error: {message}"
+
+
 def test_when_that_is_not_utf8_is_refused(env: dict[str, str]) -> None:
     ok(run_usermgr("init", env=env))
     for args in (["create", "--email", "ada@example.com", "--no-password"], ["list"]):
