@@ -418,8 +418,7 @@ def read_me(request: Request, token: Annotated[str | None, Depends(oauth2_scheme
     a second time). The rules are `current_user`'s, in `service.holder_record`."""
     runtime = _runtime(request)
     settings = runtime.settings
-    with runtime.database.engine.connect() as connection:
-        record = service.holder_record(connection, settings, _bearer(token), tokens.verification_keys(settings))
+    record = service.holder_record(runtime.database, settings, _bearer(token), tokens.verification_keys(settings))
     return Response(to_json(record), media_type="application/json")
 
 

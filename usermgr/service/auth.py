@@ -8,12 +8,11 @@ from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
 from sqlalchemy import bindparam, case, null, or_, select, update
-from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session, joinedload
 
 from usermgr.config import Settings
 from usermgr.contract import USER_FIELDS
-from usermgr.database import UtcDateTime, utcnow
+from usermgr.database import Database, UtcDateTime, utcnow
 from usermgr.errors import AuthenticationFailed, Forbidden, InvalidInput, TokenInvalid
 from usermgr.models import UID_LENGTH, Role, User, user_roles
 from usermgr.service.audit import jsonable, record
@@ -222,17 +221,21 @@ def check_token_holder(db: Session, claims: dict[str, Any], required_role: str |
 
 
 def holder_record(
-    connection: Connection, settings: Settings, token: str, keys: Any, *, required_role: str | None = None
+    database: Database, settings: Settings, token: str, keys: Any, *, required_role: str | None = None
 ) -> dict[str, Any]:
     """A token's holder as the contract's record (contract.USER_FIELDS), both checked as
-    `holder_of_token` checks them, with one Core SELECT of the user and their roles on
-    `connection`: no ORM session or object, at a third of the cost of loading a `User`.
-    What `GET /users/me` answers. One statement reads one consistent state on either backend."""
+    `holder_of_token` checks them, with one Core SELECT of the user and their roles on a
+    pooled connection, taken only once the token checks out: no ORM session or object, at a
+    third of the cost of loading a `User`. What `GET /users/me` answers. One statement reads
+    one consistent state on either backend."""
     from usermgr.tokens import decode_token
 
     claims = decode_token(token, settings, keys)
     subject = claims.get("sub")
-    rows = connection.execute(_HOLDER_ROWS, {"uid": subject}).all() if _is_uid(subject) else []
+    if not _is_uid(subject):
+        raise TokenInvalid(_GONE)
+    with database.engine.connect() as connection:
+        rows = connection.execute(_HOLDER_ROWS, {"uid": subject}).all()
     if not rows:
         raise TokenInvalid(_GONE)
     holder, roles = rows[0], sorted(row.role for row in rows if row.role is not None)
