@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import audit_figures
+import auditidx_figures
 import data
 import keys_figures
 import perfapi_figures
@@ -245,6 +246,7 @@ FIGURES: list[tuple[str, str, Callable[[Workspace], list[Figure]]]] = [
     ("13", "import of passwords with a conflicting row", perfcli_figures.conflicting_import),
     ("12", "import of 100,000 rows, audited vs not", audit_figures.audited_import),
     ("12", "audit --user among 1,000,000 events", audit_figures.audit_by_user),
+    ("12", "audit --actor and --action among 1,000,000 events", auditidx_figures.audit_by_actor_and_action),
 ]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -22,6 +23,7 @@ from sqlalchemy import Boolean, DateTime, Engine, Integer, String, bindparam, cr
 
 from tests.conftest import Runner, run_usermgr
 from usermgr import database, migrations, service
+from usermgr.service import audit
 
 REVISIONS = migrations.revisions_oldest_first(create_engine("sqlite://"))
 HEAD = REVISIONS[-1]
@@ -168,6 +170,84 @@ def test_upgrade_from_every_revision_keeps_every_row(empty_db_url: str, engine: 
     assert sorted(record["email"] for record in records) == sorted(SEED_EMAILS)
     assert all(record["roles"] == [SEED_ROLE] for record in records)
     assert all(record["created_at"] == SEED_TIME for record in records)
+
+
+def index_shapes(engine: Engine, table: str) -> dict[str, tuple[list[str], str | None]]:
+    """Each index of `table` as the database has it: its columns and its WHERE (partial)."""
+    where = f"{engine.dialect.name}_where"
+    return {
+        index["name"]: (index["column_names"], _predicate(index.get("dialect_options", {}).get(where)))
+        for index in inspect(engine).get_indexes(table)
+    }
+
+
+def _predicate(clause: Any) -> str | None:
+    """A partial index's condition as comparable text (PostgreSQL wraps it in parentheses)."""
+    return None if clause is None else str(clause).strip("()").lower()
+
+
+def test_the_indexes_at_head_match_the_models(engine: Engine) -> None:
+    """compare_metadata sees an index's columns, not its WHERE: compare partial indexes here."""
+    migrations.upgrade(engine)
+    dialect = engine.dialect.name
+    for table in database.Base.metadata.sorted_tables:
+        modelled = {
+            index.name: ([column.name for column in index.columns], _predicate(index.dialect_options[dialect]["where"]))
+            for index in table.indexes
+        }
+        migrated = index_shapes(engine, table.name)
+        assert {name: migrated.get(name) for name in modelled} == modelled, f"{table.name}: indexes differ"
+
+
+def actor_plan(engine: Engine, url: str, actor: str) -> str:
+    """The query plan of `usermgr audit --actor ACTOR`'s statement, as text."""
+    with database.Database(url).SessionLocal() as db:
+        statement = audit._filtered(db, audit.AuditFilter(actor=actor))
+        compiled = statement.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True})
+    with engine.begin() as connection:
+        if engine.dialect.name == "sqlite":
+            return "\n".join(str(row[-1]) for row in connection.execute(text(f"EXPLAIN QUERY PLAN {compiled}")))
+        # Two rows: a scan would win. Leave the planner only bitmap scans, to see which indexes can serve.
+        connection.execute(text("SET LOCAL enable_seqscan = off"))
+        connection.execute(text("SET LOCAL enable_indexscan = off"))
+        return "\n".join(connection.execute(text(f"EXPLAIN {compiled}")).scalars())
+
+
+def test_0005_indexes_on_behalf_of_only_where_it_is_set(empty_db_url: str, engine: Engine) -> None:
+    migrations.upgrade(engine, "0004")
+    insert_row(
+        engine,
+        "audit_events",
+        {"actor": "os:ops@host", "on_behalf_of": "ci-bot", "action": "user.create", "changes": "{}"},
+    )
+    insert_row(
+        engine,
+        "audit_events",
+        {"actor": "os:ops@host", "on_behalf_of": None, "action": "user.update", "changes": "{}"},
+        1,
+    )
+    assert index_shapes(engine, "audit_events")["ix_audit_events_on_behalf_of"] == (["on_behalf_of"], None)
+
+    migrations.upgrade(engine, "0005")
+
+    shapes = index_shapes(engine, "audit_events")
+    assert shapes["ix_audit_events_on_behalf_of"] == (["on_behalf_of"], "on_behalf_of is not null")
+    assert {name: shape for name, shape in shapes.items() if name != "ix_audit_events_on_behalf_of"} == {
+        f"ix_audit_events_{column}": ([column], None) for column in ("occurred_at", "actor", "action", "target_uid")
+    }
+    assert "ix_audit_events_on_behalf_of" in actor_plan(engine, empty_db_url, "ci-bot")
+    assert "ix_audit_events_actor" in actor_plan(engine, empty_db_url, "ci-bot")
+    with database.Database(empty_db_url).SessionLocal() as db:
+        assert [event["action"] for event in audit.iter_events(db, audit.AuditFilter(actor="ci-bot"))] == [
+            "user.create"
+        ]
+        assert len(list(audit.iter_events(db, audit.AuditFilter(actor="os:ops@host")))) == 2
+
+    command.downgrade(migrations.alembic_config(engine), "0004")
+
+    assert migrations.current_revision(engine) == "0004"
+    assert index_shapes(engine, "audit_events")["ix_audit_events_on_behalf_of"] == (["on_behalf_of"], None)
+    assert scalar(engine, "SELECT count(*) FROM audit_events") == 2
 
 
 # ---- usermgr init ---------------------------------------------------------------------------------
