@@ -123,6 +123,8 @@ def test_other_formats_are_what_write_records_writes(tricky: Session, run: Any, 
     [
         (["--role", "beta"], UserFilter(role="beta")),
         (["--expired"], UserFilter(expired=True)),
+        (["--locked"], UserFilter(locked=True)),
+        (["--admin"], UserFilter(admin=True)),
         (["--search", "Ångström"], UserFilter(search="Ångström")),
         (["--active"], UserFilter(active=True)),
         (["--limit", "2", "--offset", "1"], UserFilter(limit=2, offset=1)),
