@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from usermgr.config import Settings
@@ -42,6 +42,9 @@ from usermgr.service.roles import keeping_an_admin
 from usermgr.service.users import refuse_lookalike
 
 USERS = User.metadata.tables[User.__tablename__]  # the Core table, for bulk statements
+_IDS_BY_EMAIL = select(USERS.c.email, USERS.c.id).where(USERS.c.email.in_(bindparam("emails", expanding=True)))
+"""A chunk's users by email: one statement, its list bound whole (an `in_(list)` coerces each
+of a thousand emails into a literal of its own, twice a chunk)."""
 MAX_REPORTED_ROW_ERRORS = 20
 
 
@@ -277,7 +280,7 @@ def _import_chunk(
 ) -> None:
     emails = [row["email"] for row in chunk]
     existing: dict[str, int] = {
-        email: user_id for email, user_id in db.execute(select(User.email, User.id).where(User.email.in_(emails)))
+        email: user_id for email, user_id in db.execute(_IDS_BY_EMAIL, {"emails": emails})
     }
     _check_uids(db, chunk)
     pending: dict[str, SpooledRow] = {}  # to be inserted, by email; a later row with that email meets it
@@ -379,7 +382,7 @@ def _insert_rows(
     # SQLAlchemy insert row by row on SQLite, which cannot promise that order.
     insert_many(db, USERS, keys, list(zip(*(_bound(dialect, name, columns[name]) for name in keys), strict=True)))
     emails = [row["email"] for row in rows]
-    ids = dict(db.execute(select(USERS.c.email, USERS.c.id).where(USERS.c.email.in_(emails))).all())
+    ids = dict(db.execute(_IDS_BY_EMAIL, {"emails": emails}).all())
     inserted = [ids[email] for email in emails]
     links = [(user_id, role_ids(name)) for user_id, row in zip(inserted, rows, strict=True) for name in row["roles"]]
     if links:
