@@ -279,9 +279,7 @@ def _import_chunk(
     result: ImportResult,
 ) -> None:
     emails = [row["email"] for row in chunk]
-    existing: dict[str, int] = {
-        email: user_id for email, user_id in db.execute(_IDS_BY_EMAIL, {"emails": emails})
-    }
+    existing: dict[str, int] = {email: user_id for email, user_id in db.execute(_IDS_BY_EMAIL, {"emails": emails})}
     _check_uids(db, chunk)
     pending: dict[str, SpooledRow] = {}  # to be inserted, by email; a later row with that email meets it
     events: list[StoredEvent] = []  # one per user changed, written with the chunk
