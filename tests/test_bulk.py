@@ -355,3 +355,26 @@ def test_the_domain_cache_keeps_email_validators_rules() -> None:
     plan = service.plan_import(rows[:1] + rows[2:3])
     plan.close()
     assert plan.rows == 2
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # a SQLite pragma: PostgreSQL has no page cache per connection
+def test_an_import_writes_with_a_large_page_cache_and_gives_the_connection_back_as_it_was(db) -> None:
+    """The import's transaction runs with a 32 MiB page cache (its index pages are read back
+    from the file less often), and the connection has its own cache size again afterwards."""
+    from usermgr.service.bulk import IMPORT_PAGE_CACHE_KIB
+
+    def cache_size() -> int:
+        return int(db.connection().exec_driver_sql("PRAGMA cache_size").scalar_one())
+
+    with db.begin():
+        before = cache_size()
+    during: list[int] = []
+    plan = service.plan_import(InputRow(line, {"email": f"u{line}@example.com"}) for line in range(1, 4))
+    try:
+        service.apply_import(db, plan, progress=lambda _rows: during.append(cache_size()))
+    finally:
+        plan.close()
+    with db.begin():
+        after = cache_size()
+    assert (during, after) == ([-IMPORT_PAGE_CACHE_KIB], before)
+    assert before != -IMPORT_PAGE_CACHE_KIB

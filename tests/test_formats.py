@@ -161,3 +161,31 @@ def test_a_table_is_written_before_its_last_row_is_read() -> None:
 
     assert output.write_records(rows(), "table", FIELDS, out) == output.TABLE_WINDOW + 2
     assert seen_before_the_end[0].count("\n") == 2 + output.TABLE_WINDOW + 1  # header, rule, rows so far
+
+
+def test_csv_reader_skips_empty_rows_reports_bad_ones_and_unguards_cells() -> None:
+    """What the CSV reader makes of each kind of row: blank lines and rows of empty cells
+    (of any width) are skipped, a row of the wrong width and a cell past the csv module's
+    field limit are reported by line, a guard is taken off only where `guard_cell` adds one."""
+    text = (
+        "email , roles,full_name\n"  # header names are stripped
+        "\n"
+        ",,\n"
+        ",\n"
+        "a@example.com,staff;beta,'=SUM(1)\n"
+        "b@example.com,,'quoted\n"
+        "c@example.com,staff\n"
+        "d@example.com,,\n"
+        f"e@example.com,,{'x' * 200_000}\n"
+        "f@example.com,,never read\n"
+    )
+    rows = [(row.line, row.fields, row.problem) for row in output.read_rows(io.StringIO(text, newline=""), "csv")]
+    assert rows == [
+        (5, {"email": "a@example.com", "roles": ["staff", "beta"], "full_name": "=SUM(1)"}, None),
+        (6, {"email": "b@example.com", "full_name": "'quoted"}, None),
+        (7, None, "2 cells where the header has 3"),
+        (8, {"email": "d@example.com"}, None),
+        (9, None, "unreadable CSV: field larger than field limit (131072)"),
+    ]
+    unguarded = next(output.read_rows(io.StringIO("full_name\n'=SUM(1)\n"), "csv", csv_guard=False))
+    assert unguarded.fields == {"full_name": "'=SUM(1)"}

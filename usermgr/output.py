@@ -385,25 +385,25 @@ def _read_csv(lines: Iterable[str], list_fields: Sequence[str], guard: bool) -> 
     if header is None:
         return
     names = [name.strip() for name in header]
-    while True:
-        try:
-            cells = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as error:
-            yield InputRow(reader.line_num, None, f"unreadable CSV: {error}")
-            return
-        if not any(cells):
-            continue
-        if len(cells) != len(names):
-            yield InputRow(reader.line_num, None, f"{len(cells)} cells where the header has {len(names)}")
-            continue
-        fields: dict[str, Any] = {
-            name: unguard_cell(cell) if guard and cell.startswith(CSV_GUARD) else cell
-            for name, cell in zip(names, cells, strict=True)
-            if cell != ""
-        }
-        for name in list_fields:
-            if name in fields:
-                fields[name] = fields[name].split(LIST_SEPARATOR)
-        yield InputRow(reader.line_num, fields)
+    width = len(names)
+    lists = [name for name in list_fields if name in names]
+    try:
+        for cells in reader:
+            if len(cells) != width:
+                if any(cells):
+                    yield InputRow(reader.line_num, None, f"{len(cells)} cells where the header has {width}")
+                continue
+            # A cell is "" (absent), or has a first character: the guard is looked for only there.
+            fields: dict[str, Any] = {
+                name: unguard_cell(cell) if guard and cell[0] == CSV_GUARD else cell
+                for name, cell in zip(names, cells, strict=True)
+                if cell
+            }
+            if not fields:
+                continue  # a row of empty cells, as a blank line
+            for name in lists:
+                if name in fields:
+                    fields[name] = fields[name].split(LIST_SEPARATOR)
+            yield InputRow(reader.line_num, fields)
+    except csv.Error as error:
+        yield InputRow(reader.line_num, None, f"unreadable CSV: {error}")

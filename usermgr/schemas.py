@@ -290,7 +290,7 @@ class ImportRow(BaseModel):
     email: Email
     username: Username | None = None
     full_name: FullName | None = None
-    roles: list[RoleName] = []
+    roles: list[RoleName] = Field(default_factory=list)  # a default [] is deep-copied for each row
     is_active: bool = True
     password: Password | None = Field(default=None, repr=False)
     hashed_password: HashedPassword | None = Field(default=None, repr=False)
