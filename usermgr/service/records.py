@@ -5,18 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Connection, func, or_, select
 from sqlalchemy.orm import Session
+
+if TYPE_CHECKING:
+    import sqlite3
 
 from usermgr.contract import ADMIN_ROLE, USER_FIELDS
 from usermgr.database import UtcDateTime, utcnow
 from usermgr.errors import InvalidInput
 from usermgr.models import Role, User, user_roles
-
-if TYPE_CHECKING:
-    pass
 from usermgr.service.core import MAX_ROW_COUNT, reading, storable
 from usermgr.service.roles import has_role, validated_role
 
@@ -169,8 +169,9 @@ def _stored_rows(connection: Connection, statement: Any, times: list[int]) -> It
     here is all the conversion the record needs: is_active (0/1) to bool, the roles, and the
     timestamps cut from their stored text (`_iso_from_stored`)."""
     result = connection.execute(statement)
+    rows = cast("sqlite3.Cursor", result.cursor)  # DBAPI's cursor type has no __iter__; sqlite3's, in C
     try:
-        for row in result.cursor:  # the DBAPI cursor: sqlite3 iterates it in C
+        for row in rows:
             values = list(row)
             values[_ROLES_AT] = _role_list(values[_ROLES_AT])
             values[_ACTIVE_AT] = bool(values[_ACTIVE_AT])
