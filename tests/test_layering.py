@@ -223,3 +223,31 @@ def test_every_name_of_the_service_is_the_one_its_module_defines() -> None:
         assert len(homes) == 1, name
         assert value is getattr(importlib.import_module(f"usermgr.service.{homes[0]}"), name)
     assert sorted(service.__all__) == sorted(name for names in service._EXPORTS.values() for name in names)
+
+
+@pytest.mark.parametrize(
+    "load",
+    ['lazy_module("usermgr.models").User', 'getattr(importlib.import_module("usermgr.service"), "get_user")'],
+)
+def test_a_lazy_import_freezes_what_it_made_and_leaves_the_collector_on(load: str) -> None:
+    """Lazy imports run with the collector paused (lazy.collector_paused); after them the
+    collector is on again, for the command's own work, and never rescans the modules."""
+    code = f"""
+import gc, importlib
+from usermgr.lazy import lazy_module
+before = gc.get_freeze_count()
+{load}
+code = [gc.isenabled(), gc.get_freeze_count() > before]
+"""
+    assert loaded_after(code, set())["code"] == [True, True]
+
+
+def test_a_collector_switched_off_stays_off_after_a_lazy_import() -> None:
+    code = """
+import gc
+from usermgr.lazy import lazy_module
+gc.disable()
+lazy_module("usermgr.models").User
+code = [gc.isenabled(), gc.get_freeze_count()]
+"""
+    assert loaded_after(code, set())["code"] == [False, 0]
