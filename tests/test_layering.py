@@ -251,3 +251,18 @@ lazy_module("usermgr.models").User
 code = [gc.isenabled(), gc.get_freeze_count()]
 """
     assert loaded_after(code, set())["code"] == [False, 0]
+
+
+def test_a_name_of_a_module_already_loaded_freezes_nothing_more() -> None:
+    """A server's first request for a name of an already loaded module must not freeze the
+    request's own objects."""
+    code = """
+import gc
+from usermgr import service
+service.get_user
+frozen = gc.get_freeze_count()
+request = [[] for _ in range(10)]  # the request's objects, that a freeze would keep from the collector
+service.MAX_ROW_COUNT
+code = gc.get_freeze_count() == frozen
+"""
+    assert loaded_after(code, set())["code"] is True

@@ -84,8 +84,11 @@ def lazy_exports(package: str, exports: Mapping[str, Sequence[str]]) -> Callable
     def __getattr__(name: str) -> Any:
         if name not in home:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        with collector_paused():
-            value = getattr(importlib.import_module(f"{package}.{home[name]}"), name)
+        module = sys.modules.get(f"{package}.{home[name]}")
+        if module is None:  # a server's first request may get here: freeze once a module, not once a name
+            with collector_paused():
+                module = importlib.import_module(f"{package}.{home[name]}")
+        value = getattr(module, name)
         setattr(sys.modules[package], name, value)  # read once: the next read is a plain attribute
         return value
 
