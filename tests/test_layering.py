@@ -8,6 +8,7 @@ does not count.
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 
 import usermgr
 from tests.conftest import HANG_TIMEOUT
-from usermgr import tokens
+from usermgr import service, tokens
 from usermgr.config import load_settings
 
 PACKAGE = Path(usermgr.__file__).parent
@@ -29,14 +30,14 @@ CORE = ["service", "models", "schemas", "database", "security", "tokens"]
 _REPORT = """
 import json, sys
 watched = {watched!r}
-loaded = sorted({{name.split(".")[0] for name in sys.modules}} & set(watched))
+loaded = sorted(w for w in watched if any(name == w or name.startswith(w + ".") for name in sys.modules))
 print(json.dumps({{"loaded": loaded, "code": code}}), file=sys.stderr)
 """
 
 
 def loaded_after(code: str, watched: set[str], env: dict[str, str] | None = None) -> dict:
-    """Run `code` in a fresh interpreter (it may set `code`); which of `watched` it loaded,
-    and its standard output."""
+    """Run `code` in a fresh interpreter (it may set `code`); which of `watched` (packages or
+    modules) it loaded, and its standard output."""
     script = f"code = None\n{code}\n{_REPORT.format(watched=sorted(watched))}"
     result = subprocess.run(
         [sys.executable, "-c", script],
@@ -170,3 +171,98 @@ except SystemExit as exit:
     report = loaded_after(code, {"sqlalchemy", "pydantic"}, env)
     assert report["code"] == exit_code
     assert report["loaded"] == ["sqlalchemy"]
+
+
+def _database_with_one_user(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    db = tmp_path / "users.db"
+    env = {"USERMGR_KEY_FILE": str(tmp_path / "usermgr.key")}
+    for args in (["init"], ["create", "--email", "ada@example.com", "--no-password", "-o", "id"]):
+        subprocess.run(
+            [sys.executable, "-m", "usermgr", "--db", str(db), *args],
+            env={**os.environ, **env},
+            check=True,
+            capture_output=True,
+            timeout=HANG_TIMEOUT,
+        )
+    return db, env
+
+
+SERVICE_MODULES = {f"usermgr.service.{name}" for name in SERVICE_ORDER}
+
+
+@pytest.mark.parametrize(
+    ("command", "needed"),
+    [
+        (["disable", "ada@example.com"], ["audit", "core", "revocation", "roles", "users"]),
+        (["show", "ada@example.com"], ["audit", "core", "records", "revocation", "roles"]),
+    ],
+)
+def test_a_command_loads_only_the_service_modules_it_calls(
+    tmp_path: Path, command: list[str], needed: list[str]
+) -> None:
+    """usermgr.service re-exports lazily: a one-user command does not pay for the import
+    machinery (bulk) or the logins (auth) at start-up."""
+    db, env = _database_with_one_user(tmp_path)
+    code = f"""
+from usermgr.cli import main
+try:
+    main(["--db", {str(db)!r}, *{command!r}])
+except SystemExit as exit:
+    code = exit.code
+"""
+    report = loaded_after(code, SERVICE_MODULES, env)
+    assert report["code"] == 0
+    assert report["loaded"] == [f"usermgr.service.{name}" for name in needed]
+
+
+def test_every_name_of_the_service_is_the_one_its_module_defines() -> None:
+    """The lazy re-exports of usermgr.service (its _EXPORTS) name each name's real home."""
+    for name in service.__all__:
+        value = getattr(service, name)
+        homes = [module for module, names in service._EXPORTS.items() if name in names]
+        assert len(homes) == 1, name
+        assert value is getattr(importlib.import_module(f"usermgr.service.{homes[0]}"), name)
+    assert sorted(service.__all__) == sorted(name for names in service._EXPORTS.values() for name in names)
+
+
+@pytest.mark.parametrize(
+    "load",
+    ['lazy_module("usermgr.models").User', 'getattr(importlib.import_module("usermgr.service"), "get_user")'],
+)
+def test_a_lazy_import_freezes_what_it_made_and_leaves_the_collector_on(load: str) -> None:
+    """Lazy imports run with the collector paused (lazy.collector_paused); after them the
+    collector is on again, for the command's own work, and never rescans the modules."""
+    code = f"""
+import gc, importlib
+from usermgr.lazy import lazy_module
+before = gc.get_freeze_count()
+{load}
+code = [gc.isenabled(), gc.get_freeze_count() > before]
+"""
+    assert loaded_after(code, set())["code"] == [True, True]
+
+
+def test_a_collector_switched_off_stays_off_after_a_lazy_import() -> None:
+    code = """
+import gc
+from usermgr.lazy import lazy_module
+gc.disable()
+lazy_module("usermgr.models").User
+code = [gc.isenabled(), gc.get_freeze_count()]
+"""
+    assert loaded_after(code, set())["code"] == [False, 0]
+
+
+def test_a_name_of_a_module_already_loaded_freezes_nothing_more() -> None:
+    """A server's first request for a name of an already loaded module must not freeze the
+    request's own objects."""
+    code = """
+import gc
+from usermgr import service
+service.get_user
+frozen = gc.get_freeze_count()
+request = [[] for _ in range(10)]  # the request's objects, that a freeze would keep from the collector
+service.MAX_ROW_COUNT
+code = gc.get_freeze_count() == frozen
+"""
+    assert loaded_after(code, set())["code"] is True

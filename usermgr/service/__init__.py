@@ -13,51 +13,104 @@ live by concern, imports flowing one way:
     bulk        import: validate all, hash on every core, one transaction
 
 passlib, PyJWT and pydantic are imported inside the functions that use them, so that
-`usermgr show` and `usermgr list` never pay for loading them.
+`usermgr show` and `usermgr list` never pay for loading them; and each name below is
+imported from its module when it is first read (lazy.lazy_exports), so that `usermgr
+disable` does not load the import machinery (bulk), nor `usermgr show` the logins (auth).
 """
 
-from usermgr.service.audit import (
-    ACTIONS,
-    ANONYMOUS,
-    Actor,
-    AuditFilter,
-    ChainReport,
-    act_as,
-    acting_user,
-    audit_filter,
-    change_keys_audited,
-    iter_events,
-    parse_time,
-    prune,
-    verify_chain,
-)
-from usermgr.service.auth import authenticate, check_token_holder, holder_of_token, holder_record, login
-from usermgr.service.bulk import (
-    ON_CONFLICT,
-    ImportPlan,
-    ImportResult,
-    apply_import,
-    check_import,
-    hash_passwords,
-    plan_import,
-    seconds_to_hash,
-)
-from usermgr.service.core import MAX_ROW_COUNT, MAX_USER_ID, get_user, ping
-from usermgr.service.records import UserFilter, iter_user_records, iter_user_rows, list_roles, user_record
-from usermgr.service.revocation import Access, access_of, revoke_tokens, revokes_tokens
-from usermgr.service.roles import grant_role, revoke_role
-from usermgr.service.users import (
-    check_new_user,
-    create_user,
-    delete_users,
-    expiry,
-    new_user,
-    set_active,
-    set_password,
-    unlock,
-    update_user,
-    user_changes,
-)
+from typing import TYPE_CHECKING
+
+from usermgr.lazy import lazy_exports
+
+if TYPE_CHECKING:  # the same names, for type checkers and readers
+    from usermgr.service.audit import (
+        ACTIONS,
+        ANONYMOUS,
+        Actor,
+        AuditFilter,
+        ChainReport,
+        act_as,
+        acting_user,
+        audit_filter,
+        change_keys_audited,
+        iter_events,
+        parse_time,
+        prune,
+        verify_chain,
+    )
+    from usermgr.service.auth import authenticate, check_token_holder, holder_of_token, holder_record, login
+    from usermgr.service.bulk import (
+        ON_CONFLICT,
+        ImportPlan,
+        ImportResult,
+        apply_import,
+        check_import,
+        hash_passwords,
+        plan_import,
+        seconds_to_hash,
+    )
+    from usermgr.service.core import MAX_ROW_COUNT, MAX_USER_ID, get_user, ping
+    from usermgr.service.records import UserFilter, iter_user_records, iter_user_rows, list_roles, user_record
+    from usermgr.service.revocation import Access, access_of, revoke_tokens, revokes_tokens
+    from usermgr.service.roles import grant_role, revoke_role
+    from usermgr.service.users import (
+        check_new_user,
+        create_user,
+        delete_users,
+        expiry,
+        new_user,
+        set_active,
+        set_password,
+        unlock,
+        update_user,
+        user_changes,
+    )
+
+_EXPORTS = {
+    "core": ("MAX_ROW_COUNT", "MAX_USER_ID", "get_user", "ping"),
+    "audit": (
+        "ACTIONS",
+        "ANONYMOUS",
+        "Actor",
+        "AuditFilter",
+        "ChainReport",
+        "act_as",
+        "acting_user",
+        "audit_filter",
+        "change_keys_audited",
+        "iter_events",
+        "parse_time",
+        "prune",
+        "verify_chain",
+    ),
+    "revocation": ("Access", "access_of", "revoke_tokens", "revokes_tokens"),
+    "roles": ("grant_role", "revoke_role"),
+    "records": ("UserFilter", "iter_user_records", "iter_user_rows", "list_roles", "user_record"),
+    "users": (
+        "check_new_user",
+        "create_user",
+        "delete_users",
+        "expiry",
+        "new_user",
+        "set_active",
+        "set_password",
+        "unlock",
+        "update_user",
+        "user_changes",
+    ),
+    "auth": ("authenticate", "check_token_holder", "holder_of_token", "holder_record", "login"),
+    "bulk": (
+        "ON_CONFLICT",
+        "ImportPlan",
+        "ImportResult",
+        "apply_import",
+        "check_import",
+        "hash_passwords",
+        "plan_import",
+        "seconds_to_hash",
+    ),
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "ACTIONS",
