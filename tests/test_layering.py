@@ -266,3 +266,38 @@ service.MAX_ROW_COUNT
 code = gc.get_freeze_count() == frozen
 """
     assert loaded_after(code, set())["code"] is True
+
+
+def test_threads_reading_service_names_at_once_all_get_them() -> None:
+    """A server's first requests arrive together: every thread that reads a name while another
+    thread is still importing its module must wait for that import, never meet the module half
+    made (AttributeError: partially initialized module, a 500 in `make test` once)."""
+    code = """
+import sys, threading
+from usermgr import service
+sys.setswitchinterval(1e-6)  # threads take turns as often as they can: the race shows every time
+names = ["login", "act_as", "apply_import", "iter_user_records", "create_user", "verify_chain"] * 4
+start = threading.Barrier(len(names))
+failed = []
+def read(name):
+    start.wait()
+    try:
+        getattr(service, name)
+    except AttributeError as error:
+        failed.append(str(error))
+threads = [threading.Thread(target=read, args=(name,)) for name in names]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+code = failed
+"""
+    for _ in range(3):
+        assert loaded_after(code, set())["code"] == []
+
+
+def test_an_api_app_loads_every_service_module_when_it_is_made() -> None:
+    """A server pays for its imports at start: no request waits for one, nor runs while the
+    collector is paused for one (and has its objects frozen with the module's)."""
+    modules = {f"usermgr.service.{module}" for module in service._EXPORTS}
+    assert loaded_after("from usermgr import api\napi.create_app()", modules)["loaded"] == sorted(modules)

@@ -681,6 +681,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The usermgr API as its own app; `settings=None` reads USERMGR_* variables at startup."""
+    service.load_all()
     app = FastAPI(
         docs_url=None,  # _add_docs serves /docs and /redoc itself, without a CDN
         redoc_url=None,

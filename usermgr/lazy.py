@@ -84,10 +84,13 @@ def lazy_exports(package: str, exports: Mapping[str, Sequence[str]]) -> Callable
     def __getattr__(name: str) -> Any:
         if name not in home:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        module = sys.modules.get(f"{package}.{home[name]}")
-        if module is None:  # a server's first request may get here: freeze once a module, not once a name
+        qualified = f"{package}.{home[name]}"
+        if qualified in sys.modules:  # freeze once a module, not once a name
+            # Perhaps still being imported by another thread: import_module waits for it to finish.
+            module = importlib.import_module(qualified)
+        else:
             with collector_paused():
-                module = importlib.import_module(f"{package}.{home[name]}")
+                module = importlib.import_module(qualified)
         value = getattr(module, name)
         setattr(sys.modules[package], name, value)  # read once: the next read is a plain attribute
         return value

@@ -18,9 +18,10 @@ imported from its module when it is first read (lazy.lazy_exports), so that `use
 disable` does not load the import machinery (bulk), nor `usermgr show` the logins (auth).
 """
 
+import importlib
 from typing import TYPE_CHECKING
 
-from usermgr.lazy import lazy_exports
+from usermgr.lazy import collector_paused, lazy_exports
 
 if TYPE_CHECKING:  # the same names, for type checkers and readers
     from usermgr.service.audit import (
@@ -111,6 +112,15 @@ _EXPORTS = {
     ),
 }
 __getattr__ = lazy_exports(__name__, _EXPORTS)
+
+
+def load_all() -> None:
+    """Import every module of the service now: a server does it once at start, so that no
+    request waits for an import, nor runs while the collector is paused for one."""
+    with collector_paused():
+        for module in _EXPORTS:
+            importlib.import_module(f"{__name__}.{module}")
+
 
 __all__ = [
     "ACTIONS",
