@@ -301,3 +301,18 @@ def test_an_api_app_loads_every_service_module_when_it_is_made() -> None:
     collector is paused for one (and has its objects frozen with the module's)."""
     modules = {f"usermgr.service.{module}" for module in service._EXPORTS}
     assert loaded_after("from usermgr import api\napi.create_app()", modules)["loaded"] == sorted(modules)
+
+
+def test_making_a_second_api_app_freezes_nothing_more() -> None:
+    """Only an import is worth pausing the collector for: a process that makes apps again (a
+    test suite, an app that mounts several) must not have its live objects frozen each time."""
+    code = """
+import gc
+from usermgr import api
+api.create_app()
+frozen = gc.get_freeze_count()
+live = [[] for _ in range(10)]  # a caller's objects, that a freeze would keep from the collector
+api.create_app()
+code = gc.get_freeze_count() <= frozen  # fewer when frozen objects were freed meanwhile
+"""
+    assert loaded_after(code, set())["code"] is True

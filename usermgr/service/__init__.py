@@ -19,6 +19,7 @@ disable` does not load the import machinery (bulk), nor `usermgr show` the login
 """
 
 import importlib
+import sys
 from typing import TYPE_CHECKING
 
 from usermgr.lazy import collector_paused, lazy_exports
@@ -117,9 +118,11 @@ __getattr__ = lazy_exports(__name__, _EXPORTS)
 def load_all() -> None:
     """Import every module of the service now: a server does it once at start, so that no
     request waits for an import, nor runs while the collector is paused for one."""
-    with collector_paused():
-        for module in _EXPORTS:
-            importlib.import_module(f"{__name__}.{module}")
+    missing = [f"{__name__}.{module}" for module in _EXPORTS if f"{__name__}.{module}" not in sys.modules]
+    if missing:  # else nothing to pause for: a freeze now would only keep the caller's objects
+        with collector_paused():
+            for module in missing:
+                importlib.import_module(module)
 
 
 __all__ = [
