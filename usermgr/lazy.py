@@ -76,6 +76,17 @@ def lazy_module(name: str) -> ModuleType:
     return module
 
 
+def import_once(name: str) -> ModuleType:
+    """`name` imported, with the collector paused (and what the import made frozen) only when
+    it was not loaded yet: a freeze once a module, never of a caller's objects. A module that
+    another thread is still importing is waited for (import_module takes its module lock),
+    never handed out half made."""
+    if name in sys.modules:
+        return importlib.import_module(name)
+    with collector_paused():
+        return importlib.import_module(name)
+
+
 def lazy_exports(package: str, exports: Mapping[str, Sequence[str]]) -> Callable[[str], Any]:
     """A module `__getattr__` (PEP 562) for `package`, which re-exports the names of
     `exports` (submodule: names): a name's submodule is imported when the name is first read."""
@@ -84,14 +95,7 @@ def lazy_exports(package: str, exports: Mapping[str, Sequence[str]]) -> Callable
     def __getattr__(name: str) -> Any:
         if name not in home:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        qualified = f"{package}.{home[name]}"
-        if qualified in sys.modules:  # freeze once a module, not once a name
-            # Perhaps still being imported by another thread: import_module waits for it to finish.
-            module = importlib.import_module(qualified)
-        else:
-            with collector_paused():
-                module = importlib.import_module(qualified)
-        value = getattr(module, name)
+        value = getattr(import_once(f"{package}.{home[name]}"), name)
         setattr(sys.modules[package], name, value)  # read once: the next read is a plain attribute
         return value
 

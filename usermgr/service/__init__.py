@@ -18,11 +18,9 @@ imported from its module when it is first read (lazy.lazy_exports), so that `use
 disable` does not load the import machinery (bulk), nor `usermgr show` the logins (auth).
 """
 
-import importlib
-import sys
 from typing import TYPE_CHECKING
 
-from usermgr.lazy import collector_paused, lazy_exports
+from usermgr.lazy import import_once, lazy_exports
 
 if TYPE_CHECKING:  # the same names, for type checkers and readers
     from usermgr.service.audit import (
@@ -118,11 +116,8 @@ __getattr__ = lazy_exports(__name__, _EXPORTS)
 def load_all() -> None:
     """Import every module of the service now: a server does it once at start, so that no
     request waits for an import, nor runs while the collector is paused for one."""
-    missing = [f"{__name__}.{module}" for module in _EXPORTS if f"{__name__}.{module}" not in sys.modules]
-    if missing:  # else nothing to pause for: a freeze now would only keep the caller's objects
-        with collector_paused():
-            for module in missing:
-                importlib.import_module(module)
+    for module in _EXPORTS:
+        import_once(f"{__name__}.{module}")
 
 
 __all__ = [
