@@ -344,14 +344,14 @@ def test_the_domain_cache_keeps_email_validators_rules() -> None:
     from usermgr import schemas
     from usermgr.errors import InvalidInput
 
-    hits_before = schemas.checked_domains.cache_info().hits
+    hits_before = schemas.checked_domain.cache_info().hits
     emails_in = ["a@cache.example.com", "b@exa_mple.com", "c@cache.example.com", "d@exa_mple.com", "e@-bad.example"]
     rows = [InputRow(line, {"email": email}) for line, email in enumerate(emails_in, start=1)]
     with pytest.raises(InvalidInput) as refused:
         service.plan_import(rows)
     lines = [line.split(":")[0] for line in str(refused.value).splitlines()[:-1]]
     assert lines == ["line 2", "line 4", "line 5"]  # an invalid domain after a valid one, and again: refused
-    assert schemas.checked_domains.cache_info().hits > hits_before  # the valid domain was checked once
+    assert schemas.checked_domain.cache_info().hits > hits_before  # the valid domain was checked once
     plan = service.plan_import(rows[:1] + rows[2:3])
     plan.close()
     assert plan.rows == 2

@@ -5,7 +5,6 @@ Every normalisation rule (email lowercased, NFKC, the password policy) lives her
 
 from __future__ import annotations
 
-import importlib
 import re
 import unicodedata
 import uuid
@@ -13,20 +12,24 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Annotated, Any
 
+from email_validator import EmailNotValidError
+from email_validator import validate_email as validate_email_address
+from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES, EMAIL_MAX_LENGTH
 from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
-    EmailStr,
     Field,
     TypeAdapter,
     ValidationError,
+    WithJsonSchema,
     create_model,
     field_validator,
     model_validator,
 )
+from pydantic.networks import validate_email as pydantic_validate_email
 
 # The role-name rule lives in contract.py (no pydantic there); api.py imports it from here.
 from usermgr.contract import EVENT_RECORD, IMPORTED_FIELDS, USER_RECORD, validate_role_name
@@ -132,25 +135,57 @@ def _check_hash(value: str) -> str:
     return value
 
 
-def _cache_domain_checks() -> Any:
-    """Put functools.lru_cache in front of email-validator's domain check, which EmailStr runs
-    for every address and which is most of its time (IDNA and UTS #46, character by
-    character); an import's rows share a few domains. The same function on the same
-    arguments, so the same rules: a refused domain raises, is never cached, and is refused
-    again. Returns the cached function (for its cache_info), or None if email-validator's
-    layout is not the one known here: then every address is checked in full, as before."""
-    module = importlib.import_module("email_validator.validate_email")
-    check = getattr(module, "validate_email_domain_name", None)
-    if check is None:
+# An address email-validator reads the plain way: a dot-atom of ASCII (its DOT_ATOM_TEXT), one
+# @, and a domain without white space, angle brackets or quotes (nothing for pydantic's EmailStr
+# to take off before email-validator sees it). For such an address email-validator's answer is
+# the local part as it is, "@", and the domain as its domain check normalises it (IDNA, case),
+# unless the address is too long or the local part is a mailbox name it lowercases (`postmaster`).
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
+_PLAIN_ADDRESS = re.compile(rf"([{_ATEXT}]+(?:\.[{_ATEXT}]+)*)@([^@\s<>\"]+)")
+_CASE_FOLDED_MAILBOXES = frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
+
+
+@lru_cache(maxsize=4096)
+def checked_domain(domain: str) -> tuple[str, int] | None:
+    """email-validator's normalised form of `domain`, and the most UTF-8 bytes
+    the domain's part of an address takes in any of the three forms whose length it checks
+    (as given, normalised, IDNA ASCII), "@" included; None for a domain it refuses. Checked
+    on an address with the shortest local part there is: the domain check reads the domain
+    alone. Bounded: a million distinct domains keep the last 4096."""
+    try:
+        checked = validate_email_address(f"a@{domain}", check_deliverability=False)
+    except EmailNotValidError:
         return None
-    if not hasattr(check, "cache_info"):  # once per process, however often this module is reloaded
-        setattr(module, "validate_email_domain_name", lru_cache(maxsize=4096)(check))  # noqa: B010
-    return getattr(module, "validate_email_domain_name")  # noqa: B009
+    forms = (domain, checked.domain, checked.ascii_domain)
+    return checked.domain, 1 + max(len(form.encode()) for form in forms)
 
 
-checked_domains = _cache_domain_checks()
+def valid_email(text: str) -> str:
+    """`text` as pydantic's EmailStr validates it (email-validator's normalised address), or
+    its PydanticCustomError; an import's rows share a few domains, so a plain address whose
+    domain email-validator already passed costs a regex and a cache look-up, not email-
+    validator's parse of the whole address. Anything else, including every address that
+    fails, goes through EmailStr's own validation, so the rules and messages are its own."""
+    plain = _PLAIN_ADDRESS.fullmatch(text)
+    if plain is not None:
+        local, domain = plain.groups()
+        checked = checked_domain(domain)
+        if (
+            checked is not None
+            and len(local) + checked[1] <= EMAIL_MAX_LENGTH
+            and local.lower() not in _CASE_FOLDED_MAILBOXES
+        ):
+            return f"{local}@{checked[0]}"
+    return pydantic_validate_email(text)[1]
 
-Email = Annotated[EmailStr, BeforeValidator(_nfkc_stripped), AfterValidator(str.lower)]
+
+Email = Annotated[
+    str,
+    AfterValidator(valid_email),  # first, as EmailStr was: the NFKC below runs before it, wrapping it
+    BeforeValidator(_nfkc_stripped),
+    AfterValidator(str.lower),
+    WithJsonSchema({"type": "string", "format": "email"}),
+]
 Username = Annotated[str, BeforeValidator(_nfkc_stripped), AfterValidator(_check_username)]
 FullName = Annotated[str, BeforeValidator(_nfkc_stripped), AfterValidator(_check_full_name)]
 Password = Annotated[str, AfterValidator(validate_password)]
