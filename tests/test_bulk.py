@@ -8,6 +8,7 @@ import json
 import signal
 import sqlite3
 import subprocess
+import uuid
 from pathlib import Path
 
 import bcrypt
@@ -29,7 +30,7 @@ from tests.conftest import (
 )
 from usermgr import service
 from usermgr.cli import LARGE_IMPORT_ROWS
-from usermgr.models import User
+from usermgr.models import User, new_uids
 from usermgr.output import InputRow
 
 
@@ -338,6 +339,42 @@ def test_an_import_tells_its_progress_the_rows_of_each_chunk_written(db: Session
     finally:
         plan.close()
     assert (heard, result.created) == ([1000, 1000, 500], rows)
+
+
+def test_new_uids_are_distinct_random_version_4_uuids_in_canonical_form() -> None:
+    """The bulk uids are uuid4's: version 4, variant RFC 4122, canonical text, and every
+    other hex digit random (across 2000 uids each takes all 16 values; the variant's 4)."""
+    uids = new_uids(2000)
+    assert len(set(uids)) == 2000
+    for uid in uids:
+        parsed = uuid.UUID(uid)
+        assert (str(parsed), parsed.version, parsed.variant) == (uid, 4, uuid.RFC_4122)
+    for position in range(36):
+        seen = {uid[position] for uid in uids}
+        if position in (8, 13, 18, 23):
+            assert seen == {"-"}
+        elif position == 14:
+            assert seen == {"4"}
+        elif position == 19:
+            assert seen == set("89ab")
+        else:
+            assert seen == set("0123456789abcdef"), position
+
+
+def test_an_import_gives_each_new_user_without_a_uid_its_own_and_keeps_a_given_one(db: Session) -> None:
+    given = "123e4567-e89b-42d3-a456-426614174000"
+    rows = [InputRow(1, {"email": "a@example.com"}), InputRow(2, {"email": "b@example.com", "uid": given})]
+    rows += [InputRow(3, {"email": "c@example.com"})]
+    plan = service.plan_import(rows)
+    try:
+        service.apply_import(db, plan)
+    finally:
+        plan.close()
+    uids = dict(db.execute(select(User.email, User.uid)).all())
+    assert uids["b@example.com"] == given
+    made = [uids["a@example.com"], uids["c@example.com"]]
+    assert made[0] != made[1]
+    assert all(uuid.UUID(uid).version == 4 and str(uuid.UUID(uid)) == uid for uid in made)
 
 
 def test_the_domain_cache_keeps_email_validators_rules() -> None:

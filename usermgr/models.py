@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from datetime import datetime
 
@@ -17,6 +18,21 @@ UID_LENGTH = 36  # a UUID's canonical text form
 def new_uid() -> str:
     """A user's stable identity: a random UUID, never reused, kept by export and import."""
     return str(uuid.uuid4())
+
+
+def new_uids(count: int) -> list[str]:
+    """`count` of new_uid's random version-4 UUIDs, from one os.urandom call (uuid4's source,
+    16 bytes each) with the version and variant bits set as uuid4 sets them: a bulk import's
+    uids at a third of uuid4's cost a UUID (no UUID object, no call for each)."""
+    raw = bytearray(os.urandom(16 * count))
+    raw[6::16] = bytes(byte & 0x0F | 0x40 for byte in raw[6::16])  # version 4
+    raw[8::16] = bytes(byte & 0x3F | 0x80 for byte in raw[8::16])  # variant RFC 4122
+    hexed = raw.hex()
+    return [
+        f"{hexed[at : at + 8]}-{hexed[at + 8 : at + 12]}-{hexed[at + 12 : at + 16]}-{hexed[at + 16 : at + 20]}-"
+        f"{hexed[at + 20 : at + 32]}"
+        for at in range(0, 32 * count, 32)
+    ]
 
 
 user_roles = Table(

@@ -19,7 +19,7 @@ from usermgr.config import Settings
 from usermgr.contract import IMPORTED_FIELDS
 from usermgr.database import utcnow
 from usermgr.errors import Conflict, InvalidInput
-from usermgr.models import Role, User, new_uid, user_roles
+from usermgr.models import Role, User, new_uids, user_roles
 
 if TYPE_CHECKING:
     from usermgr.schemas import ImportRow
@@ -359,7 +359,8 @@ def _insert_rows(
     count = len(rows)
     now = utcnow()
     columns: dict[str, list[Any]] = {name: [row[name] for row in rows] for name in _WRITTEN}
-    columns["uid"] = [row["uid"] or new_uid() for row in rows]
+    fresh = iter(new_uids(sum(row["uid"] is None for row in rows)))
+    columns["uid"] = [next(fresh) if row["uid"] is None else row["uid"] for row in rows]
     columns["hashed_password"] = [plan.hashes.get(row["line"], row["hashed_password"]) for row in rows]
     columns["created_at"] = [now if created is None else created for created in columns["created_at"]]
     columns["updated_at"] = [now] * count
