@@ -84,6 +84,11 @@ _BEYOND_PRINTABLE_ASCII = re.compile("[^\x20-\x7e]")
 
 
 def _has_invisible_or_control(text: str) -> bool:
+    """Whether a character of `text` is in UNPRINTABLE_CATEGORIES. str.isprintable is False for
+    every character in Unicode's C and Z categories but the space, so a text it passes (nearly
+    every name) has none, and is answered in one C call; only the others are scanned."""
+    if text.isprintable():
+        return False
     return any(unicodedata.category(char) in UNPRINTABLE_CATEGORIES for char in _BEYOND_PRINTABLE_ASCII.findall(text))
 
 
