@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from email_validator import EmailNotValidError
 from email_validator import validate_email as validate_email_address
-from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES, EMAIL_MAX_LENGTH
+from email_validator.rfc_constants import ATEXT, CASE_INSENSITIVE_MAILBOX_NAMES, EMAIL_MAX_LENGTH
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -140,13 +140,12 @@ def _check_hash(value: str) -> str:
     return value
 
 
-# An address email-validator reads the plain way: a dot-atom of ASCII (its DOT_ATOM_TEXT), one
+# An address email-validator reads the plain way: a dot-atom of ASCII (its ATEXT, as in its DOT_ATOM_TEXT), one
 # @, and a domain without white space, angle brackets or quotes (nothing for pydantic's EmailStr
 # to take off before email-validator sees it). For such an address email-validator's answer is
 # the local part as it is, "@", and the domain as its domain check normalises it (IDNA, case),
 # unless the address is too long or the local part is a mailbox name it lowercases (`postmaster`).
-_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
-_PLAIN_ADDRESS = re.compile(rf"([{_ATEXT}]+(?:\.[{_ATEXT}]+)*)@([^@\s<>\"]+)")
+_PLAIN_ADDRESS = re.compile(rf"([{ATEXT}]+(?:\.[{ATEXT}]+)*)@([^@\s<>\"]+)")
 _CASE_FOLDED_MAILBOXES = frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
 
 
