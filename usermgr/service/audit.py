@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
+from itertools import chain
 from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import CursorResult, delete, func, insert, or_, select, text
@@ -403,18 +404,38 @@ def _bound_time(db: Session, moment: datetime) -> Any:
 
 
 def insert_many(db: Session, table: Any, keys: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
-    """One executemany straight to the driver, of `rows` (tuples of `keys`, values already as
-    the driver takes them: see each column type's bind_processor). SQLAlchemy's executemany
+    """Insert `rows` (tuples of `keys`, values already as the driver takes them: see each
+    column type's bind_processor) straight through the driver. SQLAlchemy's executemany
     would run each value of each row through its type's processing; a batch binds its shared
-    values once. Columns left out get no Python-side default: give every column that has one."""
+    values once. Columns left out get no Python-side default: give every column that has one.
+
+    On SQLite many rows go in each statement (`INSERT ... VALUES (...), (...)`): an
+    executemany runs the statement once a row, and each run pays its own statement overhead
+    (for audit_events' AUTOINCREMENT, an update of sqlite_sequence), about a quarter of the
+    cost of writing an import's events (bench/RESULTS.md, figure 12a). Elsewhere, one
+    executemany (psycopg pipelines it)."""
     connection = db.connection()
     statement, order = _insert_statement(table, tuple(keys), connection.dialect)
     if order is None:
         connection.exec_driver_sql(statement, [dict(zip(keys, row, strict=True)) for row in rows])
-    else:
-        if order != tuple(range(len(keys))):  # give `keys` in the table's column order to skip this
-            rows = [tuple(row[index] for index in order) for row in rows]
+        return
+    if order != tuple(range(len(keys))):  # give `keys` in the table's column order to skip this
+        rows = [tuple(row[index] for index in order) for row in rows]
+    if connection.dialect.name != "sqlite":
         connection.exec_driver_sql(statement, rows)
+        return
+    import sqlite3  # the driver's own module, loaded already
+
+    limit = connection.connection.driver_connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    per = max(1, min(_ROWS_A_STATEMENT, limit // len(keys)))
+    head, values = statement.split(" VALUES ", 1)
+    for start in range(0, len(rows), per):
+        part = rows[start : start + per]
+        connection.exec_driver_sql(f"{head} VALUES {','.join([values] * len(part))}", tuple(chain.from_iterable(part)))
+
+
+_ROWS_A_STATEMENT = 500
+"""Rows in one multi-row INSERT on SQLite: past a few hundred a statement saves no more."""
 
 
 @lru_cache(maxsize=64)
