@@ -1182,3 +1182,24 @@ def test_an_import_of_several_chunks_chains_each_chunk_after_the_last(run: Runne
         event_hash({**event, "changes": canonical_changes(event["changes"])}) == event["hash"] for event in events
     )
     assert verify_chain(db) == ChainReport(len(events), events[-1]["hash"])
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # SQLite's limit on the variables one statement binds
+def test_insert_many_keeps_each_statement_within_sqlites_limit(db: Session) -> None:
+    """On SQLite insert_many writes many rows a statement, never binding more variables than the
+    connection allows, and every row lands whole, in order."""
+    import sqlite3
+
+    from usermgr.service.audit import _EVENT_COLUMNS, insert_many
+    from usermgr.service.core import writing
+
+    rows = [
+        ("2026-01-01 00:00:00.000000", "os:t@h", None, None, "user.create", None, None, f'{{"n":{n}}}', "p", f"h{n}")
+        for n in range(5)
+    ]
+    with writing(db):
+        driver = db.connection().connection.driver_connection
+        driver.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 25)  # two rows of ten columns a statement
+        insert_many(db, EVENTS, _EVENT_COLUMNS, rows)
+    stored = db.connection().exec_driver_sql(f"SELECT {', '.join(_EVENT_COLUMNS)} FROM audit_events ORDER BY id")
+    assert [tuple(row) for row in stored] == rows  # as stored, times as the driver was given them
