@@ -335,7 +335,7 @@ def _user_values(plan: ImportPlan, row: SpooledRow) -> dict[str, Any]:
 
 
 _SET_ONCE = {"failed_logins": 0, "token_version": 0}
-"""Columns with a default that a new user's row starts from (an executemany to the driver applies none)."""
+"""Columns with a default that a new user's row starts from (insert_many, straight to the driver, applies none)."""
 
 
 def _bound(dialect: Any, name: str, values: list[Any]) -> list[Any]:
@@ -351,7 +351,7 @@ def _bound(dialect: Any, name: str, values: list[Any]) -> list[Any]:
 def _insert_rows(
     db: Session, plan: ImportPlan, rows: list[SpooledRow], role_ids: _RoleIds, events: list[StoredEvent]
 ) -> list[int]:
-    """Insert new users with their roles and their `user.create` events, one executemany each,
+    """Insert new users with their roles and their `user.create` events, one insert_many each,
     the values gathered and bound a column at a time (most columns hold one or two values)."""
     dialect = db.get_bind().dialect
     count = len(rows)
@@ -374,7 +374,7 @@ def _insert_rows(
     for name, value in _SET_ONCE.items():
         columns[name] = [value] * count
     keys = [column.name for column in USERS.columns if column.name in columns]  # the table's order
-    # One executemany, then the ids by email: RETURNING in parameter order would make
+    # One insert_many, then the ids by email: RETURNING in parameter order would make
     # SQLAlchemy insert row by row on SQLite, which cannot promise that order.
     insert_many(db, USERS, keys, list(zip(*(_bound(dialect, name, columns[name]) for name in keys), strict=True)))
     emails = [row["email"] for row in rows]
