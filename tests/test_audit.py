@@ -1148,3 +1148,58 @@ def test_imported_times_are_stored_as_every_other_write_stores_them(run: Runner,
         ).scalars()
         forms = {re.sub(r"\d", "9", value) for value in stored}
     assert forms == {"9999-99-99 99:99:99.999999"}
+
+
+def test_an_import_of_several_chunks_chains_each_chunk_after_the_last(run: Runner, db: Session) -> None:
+    """An import appends its events a chunk at a time, each chunk chained after the previous
+    chunk's last event (handed on, not read back), the summary after the last chunk; with an
+    update among the new users, in the second chunk, and one event already in the trail."""
+    from usermgr import service
+    from usermgr.output import InputRow
+
+    ok(run("create", "--email", "existing@example.com", "--no-password"))
+    rows = [
+        InputRow(line, {"email": f"c{line}@example.com", "roles": ["staff"] if line % 7 else []})
+        for line in range(1, 2501)
+    ]
+    rows.insert(1500, InputRow(2501, {"email": "existing@example.com", "full_name": "Existing"}))
+    plan = service.plan_import(rows)
+    try:
+        result = service.apply_import(db, plan, on_conflict="update")
+    finally:
+        plan.close()
+    assert (result.created, result.updated) == (2500, 1)
+    events = list(iter_events(db))
+    assert [event["action"] for event in events] == [
+        "user.create",
+        *["user.create"] * 1000,
+        "user.update",  # a chunk's updates are written before its new users
+        *["user.create"] * 1500,
+        "import.summary",
+    ]
+    assert [event["prev_hash"] for event in events] == [GENESIS, *(event["hash"] for event in events[:-1])]
+    assert all(
+        event_hash({**event, "changes": canonical_changes(event["changes"])}) == event["hash"] for event in events
+    )
+    assert verify_chain(db) == ChainReport(len(events), events[-1]["hash"])
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # SQLite's limit on the variables one statement binds
+def test_insert_many_keeps_each_statement_within_sqlites_limit(db: Session) -> None:
+    """On SQLite insert_many writes many rows a statement, never binding more variables than the
+    connection allows, and every row lands whole, in order."""
+    import sqlite3
+
+    from usermgr.service.audit import _EVENT_COLUMNS, insert_many
+    from usermgr.service.core import writing
+
+    rows = [
+        ("2026-01-01 00:00:00.000000", "os:t@h", None, None, "user.create", None, None, f'{{"n":{n}}}', "p", f"h{n}")
+        for n in range(5)
+    ]
+    with writing(db):
+        driver = db.connection().connection.driver_connection
+        driver.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 25)  # two rows of ten columns a statement
+        insert_many(db, EVENTS, _EVENT_COLUMNS, rows)
+    stored = db.connection().exec_driver_sql(f"SELECT {', '.join(_EVENT_COLUMNS)} FROM audit_events ORDER BY id")
+    assert [tuple(row) for row in stored] == rows  # as stored, times as the driver was given them

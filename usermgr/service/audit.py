@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
+from itertools import chain
 from typing import Any, Protocol, TypeVar, cast
 
 from sqlalchemy import CursorResult, delete, func, insert, or_, select, text
@@ -259,24 +261,36 @@ def canonical_changes(changes: dict[str, Any]) -> str:
 
 
 def event_hash(row: Mapping[str, Any]) -> str:
-    """SHA-256 over the event's content (its `changes` as stored, canonical JSON text) and the
-    hash of the event before it, serialised as one JSON array."""
-    return _digest(row, jsonable(row["occurred_at"]))
-
-
-def _digest(row: Mapping[str, Any], when: str) -> str:
-    content = [
+    """The hash an event must carry (what `audit verify` checks): `chain_hash` of its content."""
+    return chain_hash(
         row["prev_hash"],
-        when,
-        row["actor"],
-        row["on_behalf_of"],
-        row["client_address"],
+        _who_and_when(jsonable(row["occurred_at"]), row["actor"], row["on_behalf_of"], row["client_address"]),
         row["action"],
         row["target_uid"],
         row["target_email"],
         row["changes"],
-    ]
-    return hashlib.sha256(_FLAT.encode(content).encode()).hexdigest()
+    )
+
+
+def _who_and_when(when: str, actor: str, on_behalf_of: str | None, address: str | None) -> str:
+    """The event's time and actor as they stand in the hashed array (`chain_hash`): the part
+    every event of one batch shares, so the writer encodes it once a batch."""
+    return _FLAT.encode([when, actor, on_behalf_of, address])[1:-1]
+
+
+def chain_hash(previous: str, who_and_when: str, action: str, uid: str | None, email: str | None, changes: str) -> str:
+    """SHA-256 over the event's content (its `changes` as stored, canonical JSON text) and the
+    hash of the event before it, serialised as one JSON array, UTF-8:
+    `[prev_hash, occurred_at, actor, on_behalf_of, client_address, action, target_uid,
+    target_email, changes]`, compact, not ASCII-escaped (the bytes `_FLAT.encode` writes of
+    that list; tests/test_audit.py holds a golden hash). The one definition: the writer calls
+    it for every event and `audit verify` for every event it checks."""
+    encode = _json_string
+    content = (
+        f"[{encode(previous)},{who_and_when},{encode(action)},{'null' if uid is None else encode(uid)},"
+        f"{'null' if email is None else encode(email)},{encode(changes)}]"
+    )
+    return hashlib.sha256(content.encode()).hexdigest()
 
 
 def _lock_chain(db: Session) -> None:
@@ -308,33 +322,39 @@ canonical JSON text (`canonical_changes`)."""
 def created_changes_texts(columns: Mapping[str, Sequence[Any]], roles: Sequence[Sequence[str]]) -> list[str]:
     """`canonical_changes(created_changes(row, row_roles))` for each new user of a batch given
     column by column (`columns` holds at least COLUMN_FIELDS and hashed_password): the
-    import's path. Each `"field":[null,value]` is encoded a column at a time, in the sorted
-    order of the canonical text, and a user's text is the join of their fields that are set
-    (tests/test_audit.py holds it equal to the generic path, field for field)."""
-    parts: dict[str, Sequence[str | None]] = {
+    import's path. Each `,"field":[null,value]` is encoded a column at a time (a field that is
+    not set: ""), in the sorted order of the canonical text, and a user's text is the join of
+    their fields, its first comma dropped (tests/test_audit.py holds it equal to the generic
+    path, field for field). A column no user of the batch sets is left out whole."""
+    parts: dict[str, Sequence[str] | None] = {
         name: _created_column(name, columns[name]) for name in COLUMN_FIELDS if name in columns
     }
-    parts["roles"] = [f'"roles":[null,{_CANONICAL.encode(sorted(names))}]' if names else None for names in roles]
-    parts["password"] = ['"password":"set"' if hashed is not None else None for hashed in columns["hashed_password"]]
-    ordered = [parts[name] for name in sorted(parts)]
-    return ["{" + ",".join([part for part in row if part is not None]) + "}" for row in zip(*ordered, strict=True)]
+    sorted_roles = [tuple(sorted(names)) if names else None for names in roles]
+    parts["roles"] = _created_column("roles", sorted_roles) or [""] * len(roles)  # kept: zip checks its length
+    parts["password"] = [',"password":"set"' if hashed is not None else "" for hashed in columns["hashed_password"]]
+    ordered = [part for _, part in sorted(parts.items()) if part is not None]
+    return ["{" + text[1:] + "}" for text in map("".join, zip(*ordered, strict=True))]
 
 
-def _created_column(name: str, values: Sequence[Any]) -> list[str | None]:
-    """`"name":[null,value]` for each value that is set, as the canonical encoder writes it."""
-    prefix = f"{_json_string(name)}:[null,"
-    encoded: dict[Any, str] = {}  # booleans and other repeated values: encoded once
-    texts: list[str | None] = []
+def _created_column(name: str, values: Sequence[Any]) -> list[str] | None:
+    """`,"name":[null,value]` for each value that is set ("" for one that is not), as the
+    canonical encoder writes it; None if no value is set."""
+    if all(value is None for value in values):
+        return None
+    prefix = f",{_json_string(name)}:[null,"
+    encoded: dict[Any, str] = {}  # booleans, role lists and other repeated values: encoded once
+    texts: list[str] = []
+    append = texts.append
     for value in values:
         if value is None:
-            texts.append(None)
-        elif isinstance(value, str):
-            texts.append(f"{prefix}{_json_string(value)}]")
+            append("")
+        elif type(value) is str:
+            append(f"{prefix}{_json_string(value)}]")
         else:
-            key = (type(value), value)
-            if key not in encoded:
-                encoded[key] = f"{prefix}{_CANONICAL.encode(jsonable(value))}]"
-            texts.append(encoded[key])
+            text = encoded.get(value)  # a role list comes as a tuple
+            if text is None:
+                text = encoded[value] = f"{prefix}{_CANONICAL.encode(jsonable(value))}]"
+            append(text)
     return texts
 
 
@@ -352,34 +372,28 @@ _EVENT_COLUMNS = (
 )
 
 
-def record_stored(db: Session, events: Sequence[StoredEvent], *, head: str | None = None) -> None:
+def record_stored(db: Session, events: Sequence[StoredEvent], *, head: str | None = None) -> str | None:
     """`record_events` for events whose changes are already canonical text: chain them after
-    the newest event (or `head`) and insert them in one executemany.
-
-    The hash is `_digest`'s, built by concatenation: the part every event of the batch
-    shares (time and actor) is encoded once, and each text field by JSONEncoder's own string
-    encoding, so the bytes hashed are those `_FLAT.encode` writes (`audit verify` checks them).
-    """
+    the newest event (or `head`, read earlier in this transaction, under the chain's lock)
+    and insert them in one executemany. Returns the new head (`head` itself if there was no event):
+    a caller that appends batch after batch in one transaction (the import) passes it as the
+    next batch's `head` instead of reading it back a batch at a time."""
     if not events:
-        return
+        return head
     actor = actor_of(db)
     _lock_chain(db)
     previous = head if head is not None else _head(db)
     now = utcnow()
-    shared = _FLAT.encode([jsonable(now), actor.name, actor.on_behalf_of, actor.address])[1:-1]
-    encode = _json_string
-    sha256 = hashlib.sha256
-    by = (_bound_time(db, now), actor.name, actor.on_behalf_of, actor.address)
+    shared = _who_and_when(jsonable(now), actor.name, actor.on_behalf_of, actor.address)
+    when, name, on_behalf_of, address = _bound_time(db, now), actor.name, actor.on_behalf_of, actor.address
     rows = []
+    append = rows.append
     for action, uid, email, changes in events:
-        content = (
-            f"[{encode(previous)},{shared},{encode(action)},{'null' if uid is None else encode(uid)},"
-            f"{'null' if email is None else encode(email)},{encode(changes)}]"
-        )
-        digest = sha256(content.encode()).hexdigest()
-        rows.append((*by, action, uid, email, changes, previous, digest))
+        digest = chain_hash(previous, shared, action, uid, email, changes)
+        append((when, name, on_behalf_of, address, action, uid, email, changes, previous, digest))
         previous = digest
     insert_many(db, EVENTS, _EVENT_COLUMNS, rows)
+    return previous
 
 
 def _bound_time(db: Session, moment: datetime) -> Any:
@@ -390,19 +404,49 @@ def _bound_time(db: Session, moment: datetime) -> Any:
 
 
 def insert_many(db: Session, table: Any, keys: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
-    """One executemany straight to the driver, of `rows` (tuples of `keys`, values already as
-    the driver takes them: see each column type's bind_processor). SQLAlchemy's executemany
+    """Insert `rows` (tuples of `keys`, values already as the driver takes them: see each
+    column type's bind_processor) straight through the driver. SQLAlchemy's executemany
     would run each value of each row through its type's processing; a batch binds its shared
-    values once. Columns left out get no Python-side default: give every column that has one."""
+    values once. Columns left out get no Python-side default: give every column that has one.
+
+    On SQLite many rows go in each statement (`INSERT ... VALUES (...), (...)`): an
+    executemany runs the statement once a row, and each run pays its own statement overhead
+    (for audit_events' AUTOINCREMENT, an update of sqlite_sequence): about a quarter of the
+    CPU SQLite spent writing 100,000 import events with their indexes (measured for figure
+    12a). Elsewhere, one executemany (psycopg pipelines it)."""
     connection = db.connection()
-    compiled = insert(table).compile(dialect=connection.dialect, column_keys=list(keys))
-    if compiled.positiontup is not None:
-        order = [keys.index(name) for name in compiled.positiontup]
-        if order != list(range(len(keys))):  # give `keys` in the table's column order to skip this
-            rows = [tuple(row[index] for index in order) for row in rows]
-        connection.exec_driver_sql(compiled.string, rows)
-    else:
-        connection.exec_driver_sql(compiled.string, [dict(zip(keys, row, strict=True)) for row in rows])
+    statement, order = _insert_statement(table, tuple(keys), connection.dialect)
+    if order is None:
+        connection.exec_driver_sql(statement, [dict(zip(keys, row, strict=True)) for row in rows])
+        return
+    if order != tuple(range(len(keys))):  # give `keys` in the table's column order to skip this
+        rows = [tuple(row[index] for index in order) for row in rows]
+    if connection.dialect.name != "sqlite":
+        connection.exec_driver_sql(statement, rows)
+        return
+    import sqlite3  # the driver's own module, loaded already
+
+    limit = connection.connection.driver_connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    per = max(1, min(_ROWS_A_STATEMENT, limit // len(keys)))
+    head, values = statement.split(" VALUES ", 1)
+    for start in range(0, len(rows), per):
+        part = rows[start : start + per]
+        connection.exec_driver_sql(f"{head} VALUES {','.join([values] * len(part))}", tuple(chain.from_iterable(part)))
+
+
+_ROWS_A_STATEMENT = 500
+"""Rows in one multi-row INSERT on SQLite: past a few hundred a statement saves no more."""
+
+
+@lru_cache(maxsize=64)
+def _insert_statement(table: Any, keys: tuple[str, ...], dialect: Any) -> tuple[str, tuple[int, ...] | None]:
+    """The INSERT of `keys` into `table` as `dialect` writes it, and where each of its
+    positional parameters is in `keys` (None: the parameters are named), compiled once: an
+    import inserts a chunk at a time, three statements a chunk."""
+    compiled = insert(table).compile(dialect=dialect, column_keys=list(keys))
+    if compiled.positiontup is None:
+        return compiled.string, None
+    return compiled.string, tuple(keys.index(name) for name in compiled.positiontup)
 
 
 # ---- reading -------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ from usermgr.service.audit import (
     diff,
     insert_many,
     jsonable,
-    record,
     record_stored,
 )
 from usermgr.service.core import writing
@@ -227,16 +226,13 @@ def apply_import(
     result = ImportResult()
     with writing(db, dry_run=dry_run), keeping_an_admin(db), _import_page_cache(db):
         role_ids = _RoleIds(db)
+        head = None  # the audit chain's newest hash, once this import has appended to it
         for chunk in plan.chunks():
-            _import_chunk(db, plan, chunk, role_ids, on_conflict, result)
+            head = _import_chunk(db, plan, chunk, role_ids, on_conflict, result, head)
             if progress is not None:
                 progress(len(chunk))
-        record(
-            db,
-            "import.summary",
-            None,
-            {"created": result.created, "updated": result.updated, "skipped": result.skipped},
-        )
+        summary = {"created": result.created, "updated": result.updated, "skipped": result.skipped}
+        record_stored(db, [("import.summary", None, None, canonical_changes(summary))], head=head)
     return result
 
 
@@ -277,7 +273,9 @@ def _import_chunk(
     role_ids: _RoleIds,
     on_conflict: str,
     result: ImportResult,
-) -> None:
+    head: str | None,
+) -> str | None:
+    """Write one chunk and its events, chained after `head` (None: read it); the new head."""
     emails = [row["email"] for row in chunk]
     existing: dict[str, int] = {email: user_id for email, user_id in db.execute(_IDS_BY_EMAIL, {"emails": emails})}
     _check_uids(db, chunk)
@@ -308,7 +306,7 @@ def _import_chunk(
             result.updated += 1
     if pending:
         insert_pending()
-    record_stored(db, events)
+    return record_stored(db, events, head=head)
 
 
 def _check_uids(db: Session, chunk: list[SpooledRow]) -> None:
@@ -337,7 +335,7 @@ def _user_values(plan: ImportPlan, row: SpooledRow) -> dict[str, Any]:
 
 
 _SET_ONCE = {"failed_logins": 0, "token_version": 0}
-"""Columns with a default that a new user's row starts from (an executemany to the driver applies none)."""
+"""Columns with a default that a new user's row starts from (insert_many, straight to the driver, applies none)."""
 
 
 def _bound(dialect: Any, name: str, values: list[Any]) -> list[Any]:
@@ -353,7 +351,7 @@ def _bound(dialect: Any, name: str, values: list[Any]) -> list[Any]:
 def _insert_rows(
     db: Session, plan: ImportPlan, rows: list[SpooledRow], role_ids: _RoleIds, events: list[StoredEvent]
 ) -> list[int]:
-    """Insert new users with their roles and their `user.create` events, one executemany each,
+    """Insert new users with their roles and their `user.create` events, one insert_many each,
     the values gathered and bound a column at a time (most columns hold one or two values)."""
     dialect = db.get_bind().dialect
     count = len(rows)
@@ -377,7 +375,7 @@ def _insert_rows(
     for name, value in _SET_ONCE.items():
         columns[name] = [value] * count
     keys = [column.name for column in USERS.columns if column.name in columns]  # the table's order
-    # One executemany, then the ids by email: RETURNING in parameter order would make
+    # One insert_many, then the ids by email: RETURNING in parameter order would make
     # SQLAlchemy insert row by row on SQLite, which cannot promise that order.
     insert_many(db, USERS, keys, list(zip(*(_bound(dialect, name, columns[name]) for name in keys), strict=True)))
     emails = [row["email"] for row in rows]
