@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from datetime import datetime
+from math import inf
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Connection, func, or_, select
+from sqlalchemy import Connection, func, null, or_, select
 from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:
     import sqlite3
 
 from usermgr.contract import ADMIN_ROLE, USER_FIELDS
-from usermgr.database import UtcDateTime, utcnow
+from usermgr.database import utcnow
 from usermgr.errors import InvalidInput
 from usermgr.models import Role, User, user_roles
 from usermgr.service.core import MAX_ROW_COUNT, reading, storable
@@ -94,36 +95,24 @@ def _check_search(text: str) -> None:
         raise InvalidInput("search text must not contain a NUL character or bytes that are not UTF-8")
 
 
-def _iso_from_stored(text: str) -> str:
-    """A timestamp as SQLite stores it (UTC, `2026-01-02 09:00:00.000000`) in the form the
-    record shows it (`2026-01-02T09:00:00+00:00`, datetime.isoformat's), by slicing: no
-    datetime is made. Text in any other layout goes through datetime."""
-    if len(text) == _STORED_LENGTH and text[10] == " " and text[19] == ".":
-        return f"{text[:10]}T{text[11:19]}{text[19:] if text[20:] != '000000' else ''}+00:00"
-    return datetime.fromisoformat(text).replace(tzinfo=UTC).isoformat()
-
-
-_STORED_LENGTH = len("2026-01-02 09:00:00.000000")
-
-
 def iter_user_records(
-    db: Session, filters: UserFilter = UserFilter(), *, with_hashes: bool = False, iso_times: bool = False
+    db: Session, filters: UserFilter = UserFilter(), *, with_hashes: bool = False
 ) -> Iterator[dict[str, Any]]:
     """Users oldest first (in the order they were added), streamed: `iter_user_rows` as dicts."""
     names = (*USER_FIELDS, "hashed_password") if with_hashes else USER_FIELDS
-    for row in iter_user_rows(db, filters, with_hashes=with_hashes, iso_times=iso_times):
+    for row in iter_user_rows(db, filters, with_hashes=with_hashes):
         yield dict(zip(names, row, strict=True))
 
 
 def iter_user_rows(
-    db: Session, filters: UserFilter = UserFilter(), *, with_hashes: bool = False, iso_times: bool = False
+    db: Session, filters: UserFilter = UserFilter(), *, with_hashes: bool = False, stored: bool = False
 ) -> Iterator[tuple[Any, ...]]:
     """Users oldest first (in the order they were added), streamed as tuples in the order of
     USER_FIELDS (then `hashed_password`): no dict a row, for `list`/`export` of a million users.
 
-    With `iso_times`, timestamps come as the ISO 8601 text the formats write. On SQLite that
-    path reads the driver's cursor itself (`_stored_rows`); otherwise rows come through the
-    Core connection, a chunk at a time."""
+    With `stored`, a value may come in the compact form of its type that output.write_rows
+    takes: on SQLite the rows are the driver's own, as stored (`_stored_rows`); otherwise they
+    come through the Core connection, a chunk at a time, in the record's form."""
     if (filters.limit is not None and filters.limit < 0) or filters.offset < 0:
         raise InvalidInput("limit and offset must not be negative")
     if filters.role is not None:
@@ -132,29 +121,27 @@ def iter_user_rows(
         _check_search(filters.search)
     if filters.offset > MAX_ROW_COUNT or (filters.limit or 0) > MAX_ROW_COUNT:
         raise InvalidInput(f"limit and offset must be at most {MAX_ROW_COUNT}")
-    columns = [_roles_column() if name == "roles" else getattr(User, name) for name in USER_FIELDS]
-    if with_hashes:
-        columns.append(User.hashed_password)
-    times = [at for at, column in enumerate(columns) if isinstance(column.type, UtcDateTime)] if iso_times else []
-    statement = _filtered(select(*columns).order_by(User.id), filters)
     with reading(db):
         connection = db.connection()
-        if times and connection.dialect.name == "sqlite":
-            yield from _stored_rows(connection, statement, times)
+        if stored and connection.dialect.name == "sqlite":
+            yield from _stored_rows(connection, filters, with_hashes)
             return
+        statement = _filtered(select(*_columns(_roles_column(), with_hashes)).order_by(User.id), filters)
         result = connection.execute(statement.execution_options(yield_per=_STREAM_CHUNK))
         for rows in result.partitions():
             for row in rows:
                 values = list(row)
                 values[_ROLES_AT] = _role_list(values[_ROLES_AT])
-                for at in times:
-                    if values[at] is not None:
-                        values[at] = values[at].isoformat()
                 yield tuple(values)
 
 
 _ROLES_AT = USER_FIELDS.index("roles")
-_ACTIVE_AT = USER_FIELDS.index("is_active")
+
+
+def _columns(roles: Any, with_hashes: bool) -> list[Any]:
+    """The columns of USER_FIELDS (then the hash), `roles` in the roles' place."""
+    columns = [roles if name == "roles" else getattr(User, name) for name in USER_FIELDS]
+    return [*columns, User.hashed_password] if with_hashes else columns
 
 
 def _role_list(names: str | None) -> list[str]:
@@ -162,26 +149,43 @@ def _role_list(names: str | None) -> list[str]:
     return sorted(names.split(",")) if names else []
 
 
-def _stored_rows(connection: Connection, statement: Any, times: list[int]) -> Iterator[tuple[Any, ...]]:
-    """`iter_user_rows` with ISO times on SQLite: the statement executed as usual (binds and
-    all), then its sqlite3 cursor iterated directly, values as stored. SQLAlchemy's result
-    layer (a Row and its type processing a value) was a third of `list -o jsonl`'s time a row;
-    here is all the conversion the record needs: is_active (0/1) to bool, the roles, and the
-    timestamps cut from their stored text (`_iso_from_stored`)."""
-    result = connection.execute(statement)
-    rows = cast("sqlite3.Cursor", result.cursor)  # DBAPI's cursor type has no __iter__; sqlite3's, in C
+def _stored_rows(connection: Connection, filters: UserFilter, with_hashes: bool) -> Iterator[tuple[Any, ...]]:
+    """`iter_user_rows` with `stored` on SQLite: the users' statement executed as usual (binds
+    and all), then its sqlite3 cursor iterated directly, each row as stored (is_active 0/1,
+    timestamps as text) and roles None. A second cursor reads the role names of those users,
+    by user then name, and `_with_roles` puts them in their users' rows: one pass over
+    user_roles instead of a subquery a user (most users have no role). SQLAlchemy's result
+    layer (a Row and its type processing a value) was a third of `list -o jsonl`'s time a row."""
+    users = connection.execute(_filtered(select(*_columns(null(), with_hashes)).order_by(User.id), filters))
+    links = select(user_roles.c.user_id, Role.name).join(Role).order_by(user_roles.c.user_id, Role.name)
+    if replace(filters, limit=None, offset=0) != UserFilter():  # a filter that picks users: their roles only
+        links = links.where(user_roles.c.user_id.in_(_filtered(select(User.id).order_by(User.id), filters)))
+    roles = connection.execute(links)
     try:
-        for row in rows:
-            values = list(row)
-            values[_ROLES_AT] = _role_list(values[_ROLES_AT])
-            values[_ACTIVE_AT] = bool(values[_ACTIVE_AT])
-            for at in times:
-                stored = values[at]
-                if stored is not None:
-                    values[at] = _iso_from_stored(stored)
-            yield tuple(values)
+        # DBAPI's cursor type has no __iter__; sqlite3's, in C
+        yield from _with_roles(cast("sqlite3.Cursor", users.cursor), cast("sqlite3.Cursor", roles.cursor))
     finally:
-        result.close()
+        roles.close()
+        users.close()
+
+
+def _with_roles(rows: Iterable[tuple[Any, ...]], links: Iterable[tuple[int, str]]) -> Iterator[tuple[Any, ...]]:
+    """Rows by id, each with its user's role names (from `links`, (user id, name) by id then
+    name) in the roles' place, or None there for a user with none, as it is."""
+    links = iter(links)
+    link = next(links, None)
+    holder = link[0] if link is not None else inf  # the user id of the next link
+    for row in rows:
+        if row[0] < holder:  # no role: the common case
+            yield row
+            continue
+        names = []
+        while link is not None and link[0] <= row[0]:
+            if link[0] == row[0]:
+                names.append(link[1])
+            link = next(links, None)
+        holder = link[0] if link is not None else inf
+        yield (*row[:_ROLES_AT], names, *row[_ROLES_AT + 1 :]) if names else row
 
 
 def list_roles(db: Session) -> list[dict[str, Any]]:
