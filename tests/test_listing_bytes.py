@@ -250,3 +250,23 @@ def test_compact_forms_write_what_the_record_forms_write() -> None:
         assert output.write_rows(compact, fmt, fields, fast, types=types) == 3
         output.write_records(records, fmt, fields, generic)
         assert fast.getvalue() == generic.getvalue(), fmt
+
+
+def test_roles_join_their_rows_across_chunks() -> None:
+    """`_with_roles` over several chunks: links of users before, between and after the rows
+    listed (left out by a filter or the offset), at a chunk's first and last row, and many
+    links for one user, each land on their own row only."""
+    from usermgr.service.records import _ROLES_AT, _with_roles
+
+    def row(user_id: int) -> tuple[Any, ...]:
+        return (user_id, *(f"v{user_id}" for _ in range(_ROLES_AT - 1)), None, "after")
+
+    chunks = [[row(1), row(2)], [row(3), row(5)], [row(6)], [row(8)]]
+    links = [(0, "a"), (2, "a"), (2, "b"), (3, "c"), (4, "x"), (5, "d"), (7, "y"), (8, "e"), (8, "f"), (9, "z")]
+    expected = {user_id: [name for held, name in links if held == user_id] for user_id in (1, 2, 3, 5, 6, 8)}
+    got = [list(chunk) for chunk in _with_roles([list(chunk) for chunk in chunks], iter(links))]
+    assert [[r[0] for r in chunk] for chunk in got] == [[1, 2], [3, 5], [6], [8]]
+    for chunk in got:
+        for listed in chunk:
+            assert listed[_ROLES_AT] == (expected[listed[0]] or None)
+            assert listed[:_ROLES_AT] == row(listed[0])[:_ROLES_AT] and listed[-1] == "after"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime
-from math import inf
+from itertools import chain
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Connection, func, null, or_, select
@@ -111,8 +113,9 @@ def iter_user_rows(
     USER_FIELDS (then `hashed_password`): no dict a row, for `list`/`export` of a million users.
 
     With `stored`, a value may come in the compact form of its type that output.write_rows
-    takes: on SQLite the rows are the driver's own, as stored (`_stored_rows`); otherwise they
-    come through the Core connection, a chunk at a time, in the record's form."""
+    takes: on SQLite the rows are the driver's own, as stored (`_stored_chunks`); otherwise
+    they come through the Core connection in the record's form. Either way they are read a
+    chunk at a time and handed on by itertools.chain: no Python frame a row."""
     if (filters.limit is not None and filters.limit < 0) or filters.offset < 0:
         raise InvalidInput("limit and offset must not be negative")
     if filters.role is not None:
@@ -121,18 +124,19 @@ def iter_user_rows(
         _check_search(filters.search)
     if filters.offset > MAX_ROW_COUNT or (filters.limit or 0) > MAX_ROW_COUNT:
         raise InvalidInput(f"limit and offset must be at most {MAX_ROW_COUNT}")
+    return chain.from_iterable(_user_chunks(db, filters, with_hashes, stored))
+
+
+def _user_chunks(db: Session, filters: UserFilter, with_hashes: bool, stored: bool) -> Iterator[list[tuple[Any, ...]]]:
     with reading(db):
         connection = db.connection()
         if stored and connection.dialect.name == "sqlite":
-            yield from _stored_rows(connection, filters, with_hashes)
+            yield from _stored_chunks(connection, filters, with_hashes)
             return
         statement = _filtered(select(*_columns(_roles_column(), with_hashes)).order_by(User.id), filters)
         result = connection.execute(statement.execution_options(yield_per=_STREAM_CHUNK))
         for rows in result.partitions():
-            for row in rows:
-                values = list(row)
-                values[_ROLES_AT] = _role_list(values[_ROLES_AT])
-                yield tuple(values)
+            yield [(*row[:_ROLES_AT], _role_list(row[_ROLES_AT]), *row[_ROLES_AT + 1 :]) for row in rows]
 
 
 _ROLES_AT = USER_FIELDS.index("roles")
@@ -149,9 +153,9 @@ def _role_list(names: str | None) -> list[str]:
     return sorted(names.split(",")) if names else []
 
 
-def _stored_rows(connection: Connection, filters: UserFilter, with_hashes: bool) -> Iterator[tuple[Any, ...]]:
+def _stored_chunks(connection: Connection, filters: UserFilter, with_hashes: bool) -> Iterator[list[tuple[Any, ...]]]:
     """`iter_user_rows` with `stored` on SQLite: the users' statement executed as usual (binds
-    and all), then its sqlite3 cursor iterated directly, each row as stored (is_active 0/1,
+    and all), then its sqlite3 cursor read directly, each row as stored (is_active 0/1,
     timestamps as text) and roles None. A second cursor reads the role names of those users,
     by user then name, and `_with_roles` puts them in their users' rows: one pass over
     user_roles instead of a subquery a user (most users have no role). SQLAlchemy's result
@@ -162,30 +166,41 @@ def _stored_rows(connection: Connection, filters: UserFilter, with_hashes: bool)
         links = links.where(user_roles.c.user_id.in_(_filtered(select(User.id).order_by(User.id), filters)))
     roles = connection.execute(links)
     try:
-        # DBAPI's cursor type has no __iter__; sqlite3's, in C
-        yield from _with_roles(cast("sqlite3.Cursor", users.cursor), cast("sqlite3.Cursor", roles.cursor))
+        rows = cast("sqlite3.Cursor", users.cursor)  # DBAPI's cursor type has no __iter__; sqlite3's, in C
+        chunks = iter(lambda: rows.fetchmany(_STREAM_CHUNK), [])
+        yield from _with_roles(chunks, cast("sqlite3.Cursor", roles.cursor))
     finally:
         roles.close()
         users.close()
 
 
-def _with_roles(rows: Iterable[tuple[Any, ...]], links: Iterable[tuple[int, str]]) -> Iterator[tuple[Any, ...]]:
-    """Rows by id, each with its user's role names (from `links`, (user id, name) by id then
-    name) in the roles' place, or None there for a user with none, as it is."""
+def _with_roles(
+    chunks: Iterable[list[tuple[Any, ...]]], links: Iterable[tuple[int, str]]
+) -> Iterator[list[tuple[Any, ...]]]:
+    """Chunks of rows by id, each row with its user's role names (from `links`, (user id,
+    name) by id then name) in the roles' place, or as it is (None there) for a user with none.
+    A row with roles is found by its id (bisect), so a row without costs nothing in Python."""
     links = iter(links)
     link = next(links, None)
-    holder = link[0] if link is not None else inf  # the user id of the next link
-    for row in rows:
-        if row[0] < holder:  # no role: the common case
-            yield row
+    for rows in chunks:
+        last = rows[-1][0]
+        if link is None or link[0] > last:  # no role in this chunk
+            yield rows
             continue
-        names = []
-        while link is not None and link[0] <= row[0]:
-            if link[0] == row[0]:
-                names.append(link[1])
+        names: dict[int, list[str]] = {}
+        while link is not None and link[0] <= last:
+            names.setdefault(link[0], []).append(link[1])
             link = next(links, None)
-        holder = link[0] if link is not None else inf
-        yield (*row[:_ROLES_AT], names, *row[_ROLES_AT + 1 :]) if names else row
+        ids = list(map(_first, rows))
+        for user_id, its_names in names.items():
+            at = bisect_left(ids, user_id)
+            if at < len(ids) and ids[at] == user_id:  # else a user the filters or the offset left out
+                row = rows[at]
+                rows[at] = (*row[:_ROLES_AT], its_names, *row[_ROLES_AT + 1 :])
+        yield rows
+
+
+_first = itemgetter(0)
 
 
 def list_roles(db: Session) -> list[dict[str, Any]]:
