@@ -167,7 +167,7 @@ _ANY = (
     " else ('true' if {v} else 'false') if {v}.__class__ is bool else other({v})"
 )
 _ENCODE_AS = {
-    int: "number({v}) if {v}.__class__ is int else " + _ANY,
+    int: "{v} if {v}.__class__ is int else " + _ANY,  # the f-string writes an int as int.__repr__ does
     bool: "('true' if {v} else 'false') if {v}.__class__ is int or {v}.__class__ is bool else " + _ANY,
     list: "'[]' if {v} is None else other({v})",
     # Text in SQLite's layout (see utc_iso) cut inline; `q{v}`, the text as a JSON string, is
