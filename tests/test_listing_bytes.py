@@ -270,3 +270,14 @@ def test_roles_join_their_rows_across_chunks() -> None:
         for listed in chunk:
             assert listed[_ROLES_AT] == (expected[listed[0]] or None)
             assert listed[:_ROLES_AT] == row(listed[0])[:_ROLES_AT] and listed[-1] == "after"
+
+
+def test_a_list_field_encodes_any_value_as_write_records_does() -> None:
+    """The roles' direct join of text items, and every other value a list field might hold."""
+    values = [['é\n"\\', "b", TRICKY], ["a", 1], [None], [[]], "text", 5, (), [], ["x"]]
+    rows = [(value,) for value in values]
+    for fmt in ("jsonl", "json"):
+        fast, generic = io.StringIO(), io.StringIO()
+        assert output.write_rows(rows, fmt, ("roles",), fast, types={"roles": list[str]}) == len(rows)
+        output.write_records([{"roles": value} for value in values], fmt, ("roles",), generic)
+        assert fast.getvalue() == generic.getvalue()

@@ -131,6 +131,17 @@ def _json_value(value: Any) -> str:
     return "[]" if value.__class__ is list and not value else _JSON.encode(value)
 
 
+def _json_list(value: Any) -> str:
+    """A list field's value that is not None as _JSON writes it: a list of text (the roles)
+    joined directly, a third of _JSON's cost; anything else through `_json_value`."""
+    if value.__class__ is list:
+        try:
+            return "[" + ", ".join(map(json.encoder.encode_basestring, value)) + "]"
+        except TypeError:  # an item that is not text
+            pass
+    return _json_value(value)
+
+
 _STORED_TIME = len("2026-01-02 09:00:00.000000")
 
 
@@ -169,7 +180,7 @@ _ANY = (
 _ENCODE_AS = {
     int: "{v} if {v}.__class__ is int else " + _ANY,  # the f-string writes an int as int.__repr__ does
     bool: "('true' if {v} else 'false') if {v}.__class__ is int or {v}.__class__ is bool else " + _ANY,
-    list: "'[]' if {v} is None else other({v})",
+    list: "'[]' if {v} is None else names({v})",
     # Text in SQLite's layout (see utc_iso) cut inline; `q{v}`, the text as a JSON string, is
     # 2 longer only if nothing in it needed escaping. Any other value through `_json_time`.
     datetime: "'null' if {v} is None else f'{{q{v}[:11]}}T{{q{v}[12:27]}}{{utc}}' if {v}.__class__ is str"
@@ -183,7 +194,7 @@ def _row_encoder(fields: Sequence[str], types: Mapping[str, object]) -> Callable
     record, byte for byte, at a fraction of its cost: one f-string made for these fields (as
     collections.namedtuple makes its class), with each key encoded once and each value by the
     expression its field's type in `types` picks (`_ENCODE_AS`): most values inline, the rest
-    by `_json_value` and `_json_time`. The generated source holds only variable names and
+    by `_json_value`, `_json_list` and `_json_time`. The generated source holds only variable names and
     those fixed expressions; keys and values are never part of it."""
     keys = {f"k{at}": ("{" if at == 0 else ", ") + _JSON.encode(field) + ": " for at, field in enumerate(fields)}
     names = [f"v{at}" for at in range(len(fields))]
@@ -197,6 +208,7 @@ def _row_encoder(fields: Sequence[str], types: Mapping[str, object]) -> Callable
         "text": json.encoder.encode_basestring,
         "number": int.__repr__,
         "other": _json_value,
+        "names": _json_list,
         "time": _json_time,
         "utc": '+00:00"',
     }
