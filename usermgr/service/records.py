@@ -136,7 +136,7 @@ def _user_chunks(db: Session, filters: UserFilter, with_hashes: bool, stored: bo
         statement = _filtered(select(*_columns(_roles_column(), with_hashes)).order_by(User.id), filters)
         result = connection.execute(statement.execution_options(yield_per=_STREAM_CHUNK))
         for rows in result.partitions():
-            yield [(*row[:_ROLES_AT], _role_list(row[_ROLES_AT]), *row[_ROLES_AT + 1 :]) for row in rows]
+            yield [_roles_listed(row) for row in rows]
 
 
 _ROLES_AT = USER_FIELDS.index("roles")
@@ -156,22 +156,37 @@ def _role_list(names: str | None) -> list[str]:
 def _stored_chunks(connection: Connection, filters: UserFilter, with_hashes: bool) -> Iterator[list[tuple[Any, ...]]]:
     """`iter_user_rows` with `stored` on SQLite: the users' statement executed as usual (binds
     and all), then its sqlite3 cursor read directly, each row as stored (is_active 0/1,
-    timestamps as text) and roles None. A second cursor reads the role names of those users,
-    by user then name, and `_with_roles` puts them in their users' rows: one pass over
-    user_roles instead of a subquery a user (most users have no role). SQLAlchemy's result
-    layer (a Row and its type processing a value) was a third of `list -o jsonl`'s time a row."""
-    users = connection.execute(_filtered(select(*_columns(null(), with_hashes)).order_by(User.id), filters))
-    links = select(user_roles.c.user_id, Role.name).join(Role).order_by(user_roles.c.user_id, Role.name)
-    if replace(filters, limit=None, offset=0) != UserFilter():  # a filter that picks users: their roles only
-        links = links.where(user_roles.c.user_id.in_(_filtered(select(User.id).order_by(User.id), filters)))
-    roles = connection.execute(links)
+    timestamps as text). SQLAlchemy's result layer (a Row and its type processing a value)
+    was a third of `list -o jsonl`'s time a row.
+
+    Roles: for every user (limit and offset aside), a second cursor reads user_roles by user
+    then name and `_with_roles` puts each user's names in its row: one pass instead of a
+    subquery a user, most of whom have no role. A filter that picks users (by role, search,
+    state...) keeps the subquery, run for the users it picks only: the pass would read every
+    user's roles, or run the filter's scan twice."""
+    picks = replace(filters, limit=None, offset=0) != UserFilter()
+    roles = _roles_column() if picks else null()
+    users = connection.execute(_filtered(select(*_columns(roles, with_hashes)).order_by(User.id), filters))
+    rows = cast("sqlite3.Cursor", users.cursor)  # whose fetchmany gives a list of tuples, in C
+    chunks = iter(lambda: rows.fetchmany(_STREAM_CHUNK), [])
     try:
-        rows = cast("sqlite3.Cursor", users.cursor)  # DBAPI's cursor type has no __iter__; sqlite3's, in C
-        chunks = iter(lambda: rows.fetchmany(_STREAM_CHUNK), [])
-        yield from _with_roles(chunks, cast("sqlite3.Cursor", roles.cursor))
+        if picks:
+            yield from ([row if row[_ROLES_AT] is None else _roles_listed(row) for row in chunk] for chunk in chunks)
+            return
+        links = connection.execute(
+            select(user_roles.c.user_id, Role.name).join(Role).order_by(user_roles.c.user_id, Role.name)
+        )
+        try:
+            yield from _with_roles(chunks, cast("sqlite3.Cursor", links.cursor))
+        finally:
+            links.close()
     finally:
-        roles.close()
         users.close()
+
+
+def _roles_listed(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A row with the roles column (names joined by commas) as the record's sorted list."""
+    return (*row[:_ROLES_AT], _role_list(row[_ROLES_AT]), *row[_ROLES_AT + 1 :])
 
 
 def _with_roles(
