@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -239,15 +239,22 @@ def test_compact_forms_write_what_the_record_forms_write() -> None:
     the record's own bool, [] and datetime do, in every format."""
     types = {"on": bool, "roles": list[str], "at": datetime | None}
     fields = ("on", "roles", "at")
-    compact = [(1, None, "2026-01-02 09:00:00.000000"), (0, ["a", "b"], "2026-01-02 09:00:00.000120"), (1, [], None)]
+    plus_two = datetime(2026, 1, 2, 11, 0, 0, 5, tzinfo=timezone(timedelta(hours=2)))  # a record's own value, kept
+    compact = [
+        (1, None, "2026-01-02 09:00:00.000000"),
+        (0, ["a", "b"], "2026-01-02 09:00:00.000120"),
+        (1, [], None),
+        (True, ["x"], plus_two),
+    ]
     records = [
         {"on": True, "roles": [], "at": datetime(2026, 1, 2, 9, tzinfo=UTC)},
         {"on": False, "roles": ["a", "b"], "at": datetime(2026, 1, 2, 9, 0, 0, 120, tzinfo=UTC)},
         {"on": True, "roles": [], "at": None},
+        {"on": True, "roles": ["x"], "at": plus_two},
     ]
     for fmt in ("jsonl", "json", "csv", "table"):
         fast, generic = io.StringIO(), io.StringIO()
-        assert output.write_rows(compact, fmt, fields, fast, types=types) == 3
+        assert output.write_rows(compact, fmt, fields, fast, types=types) == len(compact)
         output.write_records(records, fmt, fields, generic)
         assert fast.getvalue() == generic.getvalue(), fmt
 

@@ -158,8 +158,14 @@ def utc_iso(text: str) -> str:
 
 
 def _json_time(value: Any) -> str:
-    """A timestamp that is not None as JSON: text through `utc_iso`, a datetime as _JSON writes it."""
-    return json.encoder.encode_basestring(utc_iso(value)) if value.__class__ is str else _JSON.encode(value)
+    """A timestamp that is not None as JSON: text through `utc_iso`, a datetime by its
+    isoformat (what _JSON's default writes, without its encoder's set-up a value), anything
+    else as _JSON writes it."""
+    if value.__class__ is str:
+        return json.encoder.encode_basestring(utc_iso(value))
+    if value.__class__ is datetime:
+        return json.encoder.encode_basestring(value.isoformat())
+    return _JSON.encode(value)
 
 
 def _kind(declared: object) -> type:
