@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -167,4 +167,124 @@ def test_many_rows_are_written_in_chunks_without_a_seam() -> None:
         fast, generic = io.StringIO(), io.StringIO()
         assert output.write_rows(iter(rows), fmt, ("id", "name"), fast) == len(rows)
         output.write_records(({"id": n, "name": name} for n, name in rows), fmt, ("id", "name"), generic)
+        assert fast.getvalue() == generic.getvalue()
+
+
+OTHER_LAYOUTS = {
+    "whole@example.com": "2026-03-04 05:06:07.000000",  # the stored layout, no fraction in isoformat
+    "t@example.com": "2026-03-04T05:06:07",
+    "short@example.com": "2026-03-04 05:06:07.5",
+    "offset@example.com": "2026-03-04 05:06:07+02:00",  # moved to UTC, as database.UtcDateTime does
+    "date@example.com": "2026-03-04",
+}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "table"])
+def test_timestamps_another_tool_stored_read_as_the_orm_reads_them(
+    db: Session, settings: Settings, run: Any, fmt: str
+) -> None:
+    """Text in SQLite in another layout than SQLAlchemy's goes through datetime, as the ORM reads it."""
+    if db.get_bind().dialect.name != "sqlite":
+        pytest.skip("PostgreSQL stores a timestamptz, not text")
+    for address, stored in OTHER_LAYOUTS.items():
+        _add(db, settings, address)
+        with db.begin():
+            db.execute(
+                text("UPDATE users SET last_login_at = :at WHERE email = :email"), {"at": stored, "email": address}
+            )
+    records = _generic_records(db)
+    assert records[3]["last_login_at"].hour == 3  # 05:06 at +02:00 is 03:06 UTC
+    written = io.StringIO()
+    output.write_records(records, fmt, USER_FIELDS, written)
+    assert ok(run("list", "-o", fmt)).stdout == written.getvalue()
+
+
+def test_roles_of_users_skipped_by_offset_and_filters_stay_theirs(tricky: Session, run: Any) -> None:
+    """Roles are read in one pass beside the users: users with roles around, before and after the
+    ones listed, and a role granted late to the first user, land on their own rows only."""
+    service.grant_role(tricky, ["plain@example.com"], "alpha")  # after every other grant
+    records = _generic_records(tricky)
+    assert records[0]["roles"] == ["admin", "alpha", "zeta"]
+    for options in (["--offset", "1"], ["--offset", "2", "--limit", "1"], ["--limit", "1"], ["--disabled"]):
+        listed = [json.loads(line) for line in ok(run("list", *options, "-o", "jsonl")).stdout.split("\n") if line]
+        assert listed, options
+        by_id = {record["id"]: record["roles"] for record in records}
+        assert [(user["id"], user["roles"]) for user in listed] == [(user["id"], by_id[user["id"]]) for user in listed]
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        '2026-01-02 "9:00:00.000000',
+        "2026-01-02 09:00:00\\000000",
+        "2026-01-02 09:0\n:00.000001",
+        '2026-01-02 09:00:00.00000"',
+        "2026-01-02 09:00:00.12345\x01",
+        "2026-01-02 09:00:00.00000é",
+    ],
+)
+def test_a_timestamp_in_the_stored_layout_with_odd_characters_is_still_valid_json(stored: str) -> None:
+    """The inline cut of stored timestamps never writes a character JSON must escape as it is."""
+    rows = [(1, stored, None)]
+    written = io.StringIO()
+    try:
+        output.write_rows(rows, "jsonl", ("id", "at", "never"), written, types={"at": datetime, "never": datetime})
+    except ValueError:
+        return  # refused, as reading it through the ORM does: also fine
+    assert json.loads(written.getvalue())["at"].startswith("2026-01-02T")
+
+
+def test_compact_forms_write_what_the_record_forms_write() -> None:
+    """A bool given as 0/1, a list as None when empty and a datetime as stored text encode as
+    the record's own bool, [] and datetime do, in every format."""
+    types = {"on": bool, "roles": list[str], "at": datetime | None}
+    fields = ("on", "roles", "at")
+    plus_two = datetime(2026, 1, 2, 11, 0, 0, 5, tzinfo=timezone(timedelta(hours=2)))  # a record's own value, kept
+    compact = [
+        (1, None, "2026-01-02 09:00:00.000000"),
+        (0, ["a", "b"], "2026-01-02 09:00:00.000120"),
+        (1, [], None),
+        (True, ["x"], plus_two),
+    ]
+    records = [
+        {"on": True, "roles": [], "at": datetime(2026, 1, 2, 9, tzinfo=UTC)},
+        {"on": False, "roles": ["a", "b"], "at": datetime(2026, 1, 2, 9, 0, 0, 120, tzinfo=UTC)},
+        {"on": True, "roles": [], "at": None},
+        {"on": True, "roles": ["x"], "at": plus_two},
+    ]
+    for fmt in ("jsonl", "json", "csv", "table"):
+        fast, generic = io.StringIO(), io.StringIO()
+        assert output.write_rows(compact, fmt, fields, fast, types=types) == len(compact)
+        output.write_records(records, fmt, fields, generic)
+        assert fast.getvalue() == generic.getvalue(), fmt
+
+
+def test_roles_join_their_rows_across_chunks() -> None:
+    """`_with_roles` over several chunks: links of users before, between and after the rows
+    listed (left out by a filter or the offset), at a chunk's first and last row, and many
+    links for one user, each land on their own row only."""
+    from usermgr.service.records import _ROLES_AT, _with_roles
+
+    def row(user_id: int) -> tuple[Any, ...]:
+        return (user_id, *(f"v{user_id}" for _ in range(_ROLES_AT - 1)), None, "after")
+
+    chunks = [[row(1), row(2)], [row(3), row(5)], [row(6)], [row(8)]]
+    links = [(0, "a"), (2, "a"), (2, "b"), (3, "c"), (4, "x"), (5, "d"), (7, "y"), (8, "e"), (8, "f"), (9, "z")]
+    expected = {user_id: [name for held, name in links if held == user_id] for user_id in (1, 2, 3, 5, 6, 8)}
+    got = [list(chunk) for chunk in _with_roles([list(chunk) for chunk in chunks], iter(links))]
+    assert [[r[0] for r in chunk] for chunk in got] == [[1, 2], [3, 5], [6], [8]]
+    for chunk in got:
+        for listed in chunk:
+            assert listed[_ROLES_AT] == (expected[listed[0]] or None)
+            assert listed[:_ROLES_AT] == row(listed[0])[:_ROLES_AT] and listed[-1] == "after"
+
+
+def test_a_list_field_encodes_any_value_as_write_records_does() -> None:
+    """The roles' direct join of text items, and every other value a list field might hold."""
+    values = [['é\n"\\', "b", TRICKY], ["a", 1], [None], [[]], "text", 5, (), [], ["x"]]
+    rows = [(value,) for value in values]
+    for fmt in ("jsonl", "json"):
+        fast, generic = io.StringIO(), io.StringIO()
+        assert output.write_rows(rows, fmt, ("roles",), fast, types={"roles": list[str]}) == len(rows)
+        output.write_records([{"roles": value} for value in values], fmt, ("roles",), generic)
         assert fast.getvalue() == generic.getvalue()

@@ -19,7 +19,7 @@ import click
 
 from usermgr import __version__, errors, output
 from usermgr.config import KEY_ALGORITHMS, Settings, env_flag, load_settings, parse_duration
-from usermgr.contract import ADMIN_ROLE, EVENT_FIELDS, USER_FIELDS
+from usermgr.contract import ADMIN_ROLE, EVENT_FIELDS, USER_FIELDS, USER_RECORD
 from usermgr.lazy import lazy_module
 
 # The one place the heavy modules are loaded: each on its first use, so that `usermgr
@@ -417,7 +417,7 @@ def list_users(
         offset=offset,
     )
     with app.session() as db:
-        output.write_rows(service.iter_user_rows(db, filters, iso_times=True), fmt, USER_FIELDS)
+        output.write_rows(service.iter_user_rows(db, filters, stored=True), fmt, USER_FIELDS, types=USER_RECORD)
 
 
 @cli.command()
@@ -1060,8 +1060,8 @@ def export(app: App, with_hashes: bool, no_csv_guard: bool, fmt: str) -> None:
     """
     fields = (*USER_FIELDS, "hashed_password") if with_hashes else USER_FIELDS
     with app.session() as db:
-        rows = service.iter_user_rows(db, with_hashes=with_hashes, iso_times=True)
-        count = output.write_rows(rows, fmt, fields, csv_guard=not no_csv_guard)
+        rows = service.iter_user_rows(db, with_hashes=with_hashes, stored=True)
+        count = output.write_rows(rows, fmt, fields, types=USER_RECORD, csv_guard=not no_csv_guard)
     note(f"exported {count} user{'s' if count != 1 else ''}")
 
 

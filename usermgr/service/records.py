@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from datetime import datetime
+from itertools import chain
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Connection, func, or_, select
+from sqlalchemy import Connection, func, null, or_, select
 from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:
     import sqlite3
 
 from usermgr.contract import ADMIN_ROLE, USER_FIELDS
-from usermgr.database import UtcDateTime, utcnow
+from usermgr.database import utcnow
 from usermgr.errors import InvalidInput
 from usermgr.models import Role, User, user_roles
 from usermgr.service.core import MAX_ROW_COUNT, reading, storable
@@ -94,36 +97,25 @@ def _check_search(text: str) -> None:
         raise InvalidInput("search text must not contain a NUL character or bytes that are not UTF-8")
 
 
-def _iso_from_stored(text: str) -> str:
-    """A timestamp as SQLite stores it (UTC, `2026-01-02 09:00:00.000000`) in the form the
-    record shows it (`2026-01-02T09:00:00+00:00`, datetime.isoformat's), by slicing: no
-    datetime is made. Text in any other layout goes through datetime."""
-    if len(text) == _STORED_LENGTH and text[10] == " " and text[19] == ".":
-        return f"{text[:10]}T{text[11:19]}{text[19:] if text[20:] != '000000' else ''}+00:00"
-    return datetime.fromisoformat(text).replace(tzinfo=UTC).isoformat()
-
-
-_STORED_LENGTH = len("2026-01-02 09:00:00.000000")
-
-
 def iter_user_records(
-    db: Session, filters: UserFilter = UserFilter(), *, with_hashes: bool = False, iso_times: bool = False
+    db: Session, filters: UserFilter = UserFilter(), *, with_hashes: bool = False
 ) -> Iterator[dict[str, Any]]:
     """Users oldest first (in the order they were added), streamed: `iter_user_rows` as dicts."""
     names = (*USER_FIELDS, "hashed_password") if with_hashes else USER_FIELDS
-    for row in iter_user_rows(db, filters, with_hashes=with_hashes, iso_times=iso_times):
+    for row in iter_user_rows(db, filters, with_hashes=with_hashes):
         yield dict(zip(names, row, strict=True))
 
 
 def iter_user_rows(
-    db: Session, filters: UserFilter = UserFilter(), *, with_hashes: bool = False, iso_times: bool = False
+    db: Session, filters: UserFilter = UserFilter(), *, with_hashes: bool = False, stored: bool = False
 ) -> Iterator[tuple[Any, ...]]:
     """Users oldest first (in the order they were added), streamed as tuples in the order of
     USER_FIELDS (then `hashed_password`): no dict a row, for `list`/`export` of a million users.
 
-    With `iso_times`, timestamps come as the ISO 8601 text the formats write. On SQLite that
-    path reads the driver's cursor itself (`_stored_rows`); otherwise rows come through the
-    Core connection, a chunk at a time."""
+    With `stored`, a value may come in the compact form of its type that output.write_rows
+    takes: on SQLite the rows are the driver's own, as stored (`_stored_chunks`); otherwise
+    they come through the Core connection in the record's form. Either way they are read a
+    chunk at a time and handed on by itertools.chain: no Python frame a row."""
     if (filters.limit is not None and filters.limit < 0) or filters.offset < 0:
         raise InvalidInput("limit and offset must not be negative")
     if filters.role is not None:
@@ -132,29 +124,28 @@ def iter_user_rows(
         _check_search(filters.search)
     if filters.offset > MAX_ROW_COUNT or (filters.limit or 0) > MAX_ROW_COUNT:
         raise InvalidInput(f"limit and offset must be at most {MAX_ROW_COUNT}")
-    columns = [_roles_column() if name == "roles" else getattr(User, name) for name in USER_FIELDS]
-    if with_hashes:
-        columns.append(User.hashed_password)
-    times = [at for at, column in enumerate(columns) if isinstance(column.type, UtcDateTime)] if iso_times else []
-    statement = _filtered(select(*columns).order_by(User.id), filters)
+    return chain.from_iterable(_user_chunks(db, filters, with_hashes, stored))
+
+
+def _user_chunks(db: Session, filters: UserFilter, with_hashes: bool, stored: bool) -> Iterator[list[tuple[Any, ...]]]:
     with reading(db):
         connection = db.connection()
-        if times and connection.dialect.name == "sqlite":
-            yield from _stored_rows(connection, statement, times)
+        if stored and connection.dialect.name == "sqlite":
+            yield from _stored_chunks(connection, filters, with_hashes)
             return
+        statement = _filtered(select(*_columns(_roles_column(), with_hashes)).order_by(User.id), filters)
         result = connection.execute(statement.execution_options(yield_per=_STREAM_CHUNK))
         for rows in result.partitions():
-            for row in rows:
-                values = list(row)
-                values[_ROLES_AT] = _role_list(values[_ROLES_AT])
-                for at in times:
-                    if values[at] is not None:
-                        values[at] = values[at].isoformat()
-                yield tuple(values)
+            yield [_roles_listed(row) for row in rows]
 
 
 _ROLES_AT = USER_FIELDS.index("roles")
-_ACTIVE_AT = USER_FIELDS.index("is_active")
+
+
+def _columns(roles: Any, with_hashes: bool) -> list[Any]:
+    """The columns of USER_FIELDS (then the hash), `roles` in the roles' place."""
+    columns = [roles if name == "roles" else getattr(User, name) for name in USER_FIELDS]
+    return [*columns, User.hashed_password] if with_hashes else columns
 
 
 def _role_list(names: str | None) -> list[str]:
@@ -162,26 +153,69 @@ def _role_list(names: str | None) -> list[str]:
     return sorted(names.split(",")) if names else []
 
 
-def _stored_rows(connection: Connection, statement: Any, times: list[int]) -> Iterator[tuple[Any, ...]]:
-    """`iter_user_rows` with ISO times on SQLite: the statement executed as usual (binds and
-    all), then its sqlite3 cursor iterated directly, values as stored. SQLAlchemy's result
-    layer (a Row and its type processing a value) was a third of `list -o jsonl`'s time a row;
-    here is all the conversion the record needs: is_active (0/1) to bool, the roles, and the
-    timestamps cut from their stored text (`_iso_from_stored`)."""
-    result = connection.execute(statement)
-    rows = cast("sqlite3.Cursor", result.cursor)  # DBAPI's cursor type has no __iter__; sqlite3's, in C
+def _stored_chunks(connection: Connection, filters: UserFilter, with_hashes: bool) -> Iterator[list[tuple[Any, ...]]]:
+    """`iter_user_rows` with `stored` on SQLite: the users' statement executed as usual (binds
+    and all), then its sqlite3 cursor read directly, each row as stored (is_active 0/1,
+    timestamps as text). SQLAlchemy's result layer (a Row and its type processing a value)
+    was a third of `list -o jsonl`'s time a row.
+
+    Roles: for every user (limit and offset aside), a second cursor reads user_roles by user
+    then name and `_with_roles` puts each user's names in its row: one pass instead of a
+    subquery a user, most of whom have no role. A filter that picks users (by role, search,
+    state...) keeps the subquery, run for the users it picks only: the pass would read every
+    user's roles, or run the filter's scan twice."""
+    picks = replace(filters, limit=None, offset=0) != UserFilter()
+    roles = _roles_column() if picks else null()
+    users = connection.execute(_filtered(select(*_columns(roles, with_hashes)).order_by(User.id), filters))
+    rows = cast("sqlite3.Cursor", users.cursor)  # whose fetchmany gives a list of tuples, in C
+    chunks = iter(lambda: rows.fetchmany(_STREAM_CHUNK), [])
     try:
-        for row in rows:
-            values = list(row)
-            values[_ROLES_AT] = _role_list(values[_ROLES_AT])
-            values[_ACTIVE_AT] = bool(values[_ACTIVE_AT])
-            for at in times:
-                stored = values[at]
-                if stored is not None:
-                    values[at] = _iso_from_stored(stored)
-            yield tuple(values)
+        if picks:
+            yield from ([row if row[_ROLES_AT] is None else _roles_listed(row) for row in chunk] for chunk in chunks)
+            return
+        links = connection.execute(
+            select(user_roles.c.user_id, Role.name).join(Role).order_by(user_roles.c.user_id, Role.name)
+        )
+        try:
+            yield from _with_roles(chunks, cast("sqlite3.Cursor", links.cursor))
+        finally:
+            links.close()
     finally:
-        result.close()
+        users.close()
+
+
+def _roles_listed(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A row with the roles column (names joined by commas) as the record's sorted list."""
+    return (*row[:_ROLES_AT], _role_list(row[_ROLES_AT]), *row[_ROLES_AT + 1 :])
+
+
+def _with_roles(
+    chunks: Iterable[list[tuple[Any, ...]]], links: Iterable[tuple[int, str]]
+) -> Iterator[list[tuple[Any, ...]]]:
+    """Chunks of rows by id, each row with its user's role names (from `links`, (user id,
+    name) by id then name) in the roles' place, or as it is (None there) for a user with none.
+    A row with roles is found by its id (bisect), so a row without costs nothing in Python."""
+    links = iter(links)
+    link = next(links, None)
+    for rows in chunks:
+        last = rows[-1][0]
+        if link is None or link[0] > last:  # no role in this chunk
+            yield rows
+            continue
+        names: dict[int, list[str]] = {}
+        while link is not None and link[0] <= last:
+            names.setdefault(link[0], []).append(link[1])
+            link = next(links, None)
+        ids = list(map(_first, rows))
+        for user_id, its_names in names.items():
+            at = bisect_left(ids, user_id)
+            if at < len(ids) and ids[at] == user_id:  # else a user the filters or the offset left out
+                row = rows[at]
+                rows[at] = (*row[:_ROLES_AT], its_names, *row[_ROLES_AT + 1 :])
+        yield rows
+
+
+_first = itemgetter(0)
 
 
 def list_roles(db: Session) -> list[dict[str, Any]]:
