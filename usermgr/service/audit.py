@@ -386,7 +386,7 @@ def record_stored(db: Session, events: Sequence[StoredEvent], *, head: str | Non
     now = utcnow()
     shared = _who_and_when(jsonable(now), actor.name, actor.on_behalf_of, actor.address)
     when, name, on_behalf_of, address = _bound_time(db, now), actor.name, actor.on_behalf_of, actor.address
-    rows = []
+    rows: list[tuple[Any, ...]] = []
     append = rows.append
     for action, uid, email, changes in events:
         digest = chain_hash(previous, shared, action, uid, email, changes)
@@ -426,7 +426,8 @@ def insert_many(db: Session, table: Any, keys: Sequence[str], rows: list[tuple[A
         return
     import sqlite3  # the driver's own module, loaded already
 
-    limit = connection.connection.driver_connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    driver = cast("sqlite3.Connection", connection.connection.driver_connection)
+    limit = driver.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
     per = max(1, min(_ROWS_A_STATEMENT, limit // len(keys)))
     head, values = statement.split(" VALUES ", 1)
     for start in range(0, len(rows), per):
