@@ -194,6 +194,16 @@ def test_the_domain_cache_is_bounded() -> None:
     assert schemas.checked_domain.cache_info().currsize <= maxsize
 
 
+def test_an_address_longer_than_any_valid_one_never_reaches_the_domain_cache() -> None:
+    """A huge domain is refused by email-validator, as before, and is not kept: 4096 cached
+    megabyte-long domains from a hostile import file would be gigabytes."""
+    schemas.checked_domain.cache_clear()
+    huge = "user@" + "d" * 100_000 + ".example.com"
+    with pytest.raises(PydanticCustomError):
+        schemas.valid_email(huge)
+    assert schemas.checked_domain.cache_info().currsize == 0
+
+
 @pytest.mark.parametrize("text", ["user@example.com", "USER@EXAMPLE.COM", "user@bücher.example"])
 def test_a_valid_address_twice_is_the_same_address(text: str) -> None:
     assert schemas.valid_email(text) == schemas.valid_email(text) == _email_validators_answer(text)

@@ -169,8 +169,10 @@ def valid_email(text: str) -> str:
     its PydanticCustomError; an import's rows share a few domains, so a plain address whose
     domain email-validator already passed costs a regex and a cache look-up, not email-
     validator's parse of the whole address. Anything else, including every address that
-    fails, goes through EmailStr's own validation, so the rules and messages are its own."""
-    plain = _PLAIN_ADDRESS.fullmatch(text)
+    fails, goes through EmailStr's own validation, so the rules and messages are its own.
+    Text longer than any valid address never reaches the cache: a hostile file of huge
+    distinct domains would otherwise keep 4096 of them in memory."""
+    plain = _PLAIN_ADDRESS.fullmatch(text) if len(text) <= EMAIL_MAX_LENGTH else None
     if plain is not None:
         local, domain = plain.groups()
         checked = checked_domain(domain)
