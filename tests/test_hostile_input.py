@@ -393,3 +393,31 @@ def test_a_missing_sqlite_file_says_to_run_init_and_is_not_created(tmp_path: Pat
     path = tmp_path / "absent.db"
     assert "usermgr init" in error_line(_runner(path)("list"), 1)
     assert not path.exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["list", "-o", "jsonl"],
+        ["list", "-o", "json"],
+        ["list", "-o", "table"],
+        ["show", "garbled@example.com"],
+        ["show", "garbled@example.com", "-o", "jsonl"],
+        ["export"],
+    ],
+)
+def test_a_stored_timestamp_that_is_not_one_is_named_not_called_a_bug(tmp_path: Path, command: list[str]) -> None:
+    """Text another tool wrote into a timestamp column ends a read with one line that says
+    what is wrong with the database (exit 1, DatabaseUnavailable's), on the fast list/export
+    path and the ORM's alike; the value is shown cut short, its newline escaped."""
+    path = tmp_path / "users.db"
+    run = _runner(path)
+    assert run("--key-file", str(tmp_path / "k.key"), "init").exit_code == 0
+    assert run("create", "--email", "garbled@example.com", "--no-password").exit_code == 0
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE users SET created_at = ?", ("garbage\n" + "x" * 500,))
+    line = error_line(run(*command), 1)
+    assert line == (
+        "usermgr: error: the database holds a timestamp usermgr cannot read ('garbage\\nxxxxxxxxxxxxxxxxxxxxxxxxxxx...):"
+        " correct that row with SQL or restore a backup"
+    )

@@ -4,18 +4,20 @@ connection settings."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from sqlalchemy import URL, DateTime, Engine, create_engine, event, exc
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.orm import DeclarativeBase, sessionmaker
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from usermgr.config import ACCEPTED_DATABASE_URLS, normalize_database_url
-from usermgr.errors import ConfigurationError, DatabaseUnavailable
+from usermgr.errors import ConfigurationError, DatabaseUnavailable, UnreadableTimestamp
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
@@ -37,6 +39,24 @@ class Base(DeclarativeBase):
     pass
 
 
+class _SqliteStoredTime(sqlite.DATETIME):
+    """SQLite's DATETIME (its text written and parsed exactly as SQLAlchemy does), a stored
+    value that is not a timestamp raised as UnreadableTimestamp rather than a bare ValueError."""
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any] | None:
+        parse = super().result_processor(dialect, coltype)
+        if parse is None:
+            return None
+
+        def process(value: Any) -> Any:
+            try:
+                return parse(value)
+            except ValueError:
+                raise UnreadableTimestamp(value) from None
+
+        return process
+
+
 class UtcDateTime(TypeDecorator[datetime]):
     """Timestamps stored in UTC and always handed back timezone-aware.
 
@@ -45,6 +65,11 @@ class UtcDateTime(TypeDecorator[datetime]):
 
     impl = DateTime(timezone=True)
     cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(_SqliteStoredTime())
+        return dialect.type_descriptor(self.impl)
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:

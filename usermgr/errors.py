@@ -20,6 +20,18 @@ class DatabaseUnavailable(UsermgrError):
     """The database cannot be opened, is corrupt, or has no schema yet."""
 
 
+class UnreadableTimestamp(DatabaseUnavailable):
+    """A stored timestamp that is not one (text written into the database by hand or by
+    another tool): the database is damaged, not usermgr; the message names the value, cut short."""
+
+    def __init__(self, stored: object) -> None:
+        shown = repr(stored) if len(repr(stored)) <= 40 else repr(stored)[:37] + "..."
+        super().__init__(
+            f"the database holds a timestamp usermgr cannot read ({shown}): correct that row with SQL"
+            " or restore a backup"
+        )
+
+
 class InvalidInput(UsermgrError):
     """Bad email, weak password, malformed import row, bad role name, bad duration."""
 

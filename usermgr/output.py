@@ -21,7 +21,7 @@ from itertools import islice
 from types import NoneType, UnionType
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO, get_args, get_origin
 
-from usermgr.errors import InvalidInput
+from usermgr.errors import InvalidInput, UnreadableTimestamp
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -153,7 +153,10 @@ def utc_iso(text: str) -> str:
     it through database.UtcDateTime gives)."""
     if len(text) == _STORED_TIME and text[10] == " " and text[19] == ".":
         return f"{text[:10]}T{text[11:19]}{text[19:] if text[20:] != '000000' else ''}+00:00"
-    moment = datetime.fromisoformat(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise UnreadableTimestamp(text) from None
     return (moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)).isoformat()
 
 
