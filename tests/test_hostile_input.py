@@ -417,7 +417,8 @@ def test_a_stored_timestamp_that_is_not_one_is_named_not_called_a_bug(tmp_path: 
     with sqlite3.connect(path) as connection:
         connection.execute("UPDATE users SET created_at = ?", ("garbage\n" + "x" * 500,))
     line = error_line(run(*command), 1)
+    shown = "'garbage\\n" + "x" * 27 + "..."  # repr, cut at 40 characters
     assert line == (
-        "usermgr: error: the database holds a timestamp usermgr cannot read ('garbage\\nxxxxxxxxxxxxxxxxxxxxxxxxxxx...):"
+        f"usermgr: error: the database holds a timestamp usermgr cannot read ({shown}):"
         " correct that row with SQL or restore a backup"
     )
