@@ -458,6 +458,22 @@ def test_verify_names_an_edited_event(run: Runner, engine: Engine) -> None:
     assert line == "usermgr: error: audit chain broken at event 3: it does not match its hash (it was edited)"
 
 
+@pytest.mark.parametrize("edited_time", ["junk", "2026-13-45 99:99:99.000000"])
+def test_verify_names_an_event_whose_time_was_edited_into_no_timestamp(
+    run: Runner, engine: Engine, edited_time: str
+) -> None:
+    """Text that is no timestamp in a stored time is an edit like any other (exit 9, that
+    event named), not a database error: only SQLite stores the time as text."""
+    if engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL's timestamptz column cannot hold such text")
+    some_events(run)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE audit_events SET occurred_at = :at WHERE id = 4"), {"at": edited_time})
+    line = error_line(verify(run), 9)
+    assert line == "usermgr: error: audit chain broken at event 4: its time is not a timestamp (it was edited)"
+    assert error_line(run("audit", "prune", "--before", "1d"), 9) == line
+
+
 def test_verify_names_an_edited_and_rehashed_event(run: Runner, engine: Engine) -> None:
     some_events(run)
     third = all_events(engine)[2]

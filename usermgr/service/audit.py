@@ -25,13 +25,13 @@ from functools import lru_cache
 from itertools import chain
 from typing import Any, Protocol, TypeVar, cast
 
-from sqlalchemy import CursorResult, delete, func, insert, or_, select, text
+from sqlalchemy import CursorResult, String, delete, func, insert, or_, select, text, type_coerce
 from sqlalchemy.orm import Session
 
 from usermgr.config import parse_duration
 from usermgr.contract import EVENT_FIELDS, USER_FIELDS
 from usermgr.database import utcnow
-from usermgr.errors import ConfigurationError, IntegrityCheckFailed, InvalidInput, NotFound
+from usermgr.errors import ConfigurationError, IntegrityCheckFailed, InvalidInput, NotFound, UnreadableTimestamp
 from usermgr.models import AuditEvent, User
 from usermgr.service.core import MAX_ROW_COUNT, find_user, reading, storable, writing
 
@@ -571,8 +571,10 @@ def verify_chain(db: Session) -> ChainReport:
     that was edited, inserted or that follows deleted ones."""
     with reading(db):
         expected = _anchor(db)
-        rows = db.execute(select(*(getattr(AuditEvent, name) for name in EVENT_FIELDS)).order_by(AuditEvent.id))
-        events = iter(row._asdict() for row in rows.yield_per(_STREAM_CHUNK))
+        columns = [_STORED_TIME if name == "occurred_at" else getattr(AuditEvent, name) for name in EVENT_FIELDS]
+        rows = db.execute(select(*columns).order_by(AuditEvent.id))
+        read_time = _time_reader(db)
+        events = iter(_with_time(row._asdict(), read_time) for row in rows.yield_per(_STREAM_CHUNK))
         count, before_previous, previous_id = 0, None, None
         row = next(events, None)
         while row is not None:
@@ -587,6 +589,28 @@ def verify_chain(db: Session) -> ChainReport:
             count += 1
             row = following
         return ChainReport(count, expected)
+
+
+_STORED_TIME = type_coerce(AuditEvent.occurred_at, String).label("occurred_at")
+"""The event's time as the driver gives it (SQLite: the stored text), read in `_with_time`,
+where an edit that left no timestamp can still be pinned to its event."""
+
+
+def _time_reader(db: Session) -> Callable[[Any], Any]:
+    """How a stored event time is read everywhere else: UtcDateTime's processing for this database."""
+    dialect = db.get_bind().dialect
+    read = AuditEvent.__table__.c.occurred_at.type.dialect_impl(dialect).result_processor(dialect, None)
+    return read if read is not None else (lambda value: value)
+
+
+def _with_time(event: dict[str, Any], read_time: Callable[[Any], Any]) -> dict[str, Any]:
+    try:
+        event["occurred_at"] = read_time(event["occurred_at"])
+    except UnreadableTimestamp:
+        raise IntegrityCheckFailed(
+            f"audit chain broken at event {event['id']}: its time is not a timestamp (it was edited)"
+        ) from None
+    return event
 
 
 def _broken_link(
