@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
+from sqlalchemy import create_engine, text
 
 from tests.conftest import (
     ADMIN,
@@ -154,6 +155,26 @@ def test_a_valid_token_on_an_unusable_database_is_503(settings: Settings, tmp_pa
         response = client.get("/users/me", headers=bearer(token))
     assert response.status_code == 503
     assert response.json() == UNAVAILABLE
+
+
+def test_a_stored_timestamp_that_is_not_one_is_503_and_logged(
+    settings: Settings, run: Runner, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Text another tool wrote into a timestamp column is damage to the database: 503 with
+    the usual answer, the value only in the server's log (SQLite alone stores times as text)."""
+    if not settings.database_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL's timestamptz column cannot hold such text")
+    create_user(run, "ada@example.com")
+    with TestClient(api.create_app(settings)) as client:
+        token = api_token(client, "ada@example.com")
+        engine = create_engine(settings.database_url)
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE users SET created_at = 'garbage'"))
+        engine.dispose()
+        response = client.get("/users/me", headers=bearer(token))
+    assert response.status_code == 503, response.text
+    assert response.json() == UNAVAILABLE
+    assert "timestamp usermgr cannot read ('garbage')" in caplog.text
 
 
 # ---- signup ----------------------------------------------------------------------------------------
