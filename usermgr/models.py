@@ -6,7 +6,7 @@ import os
 import uuid
 from datetime import datetime
 
-from sqlalchemy import Column, ForeignKey, Index, Integer, String, Table, Text, UniqueConstraint, text
+from sqlalchemy import Column, ForeignKey, Index, Integer, String, Table, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from usermgr.contract import ADMIN_ROLE
@@ -89,13 +89,12 @@ class AuditEvent(Base):
     # AUTOINCREMENT: a pruned event's id is never handed out again. `on_behalf_of` is indexed
     # only where it is set (most events have none): `--actor A` looks it up as `= A`, which the
     # partial index answers, and an import does not pay an index entry per row for NULLs.
+    # The migrations create the schema (0005 made this index partial); the condition is held
+    # in `info`, not as `postgresql_where=`, because naming a dialect's option loads that
+    # dialect: SQLAlchemy's PostgreSQL support, ~40 ms, in every start-up on SQLite.
+    # tests/test_migrations.py checks that each backend's index has this very condition.
     __table_args__ = (
-        Index(
-            "ix_audit_events_on_behalf_of",
-            "on_behalf_of",
-            sqlite_where=text("on_behalf_of IS NOT NULL"),
-            postgresql_where=text("on_behalf_of IS NOT NULL"),
-        ),
+        Index("ix_audit_events_on_behalf_of", "on_behalf_of", info={"where": "on_behalf_of IS NOT NULL"}),
         {"sqlite_autoincrement": True},
     )
 
