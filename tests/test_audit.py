@@ -1206,8 +1206,8 @@ def test_insert_many_keeps_each_statement_within_sqlites_limit(db: Session) -> N
     connection allows, and every row lands whole, in order."""
     import sqlite3
 
-    from usermgr.service.audit import _EVENT_COLUMNS, insert_many
-    from usermgr.service.core import writing
+    from usermgr.service.audit import _EVENT_COLUMNS
+    from usermgr.service.core import insert_many, writing
 
     rows = [
         ("2026-01-01 00:00:00.000000", "os:t@h", None, None, "user.create", None, None, f'{{"n":{n}}}', "p", f"h{n}")

@@ -21,11 +21,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
-from itertools import chain
 from typing import Any, Protocol, TypeVar, cast
 
-from sqlalchemy import CursorResult, String, delete, func, insert, or_, select, text, type_coerce
+from sqlalchemy import CursorResult, String, delete, func, or_, select, text, type_coerce
 from sqlalchemy.orm import Session
 
 from usermgr.config import parse_duration
@@ -33,7 +31,7 @@ from usermgr.contract import EVENT_FIELDS, USER_FIELDS
 from usermgr.database import utcnow
 from usermgr.errors import ConfigurationError, IntegrityCheckFailed, InvalidInput, NotFound, UnreadableTimestamp
 from usermgr.models import AuditEvent, User
-from usermgr.service.core import MAX_ROW_COUNT, find_user, reading, storable, writing
+from usermgr.service.core import MAX_ROW_COUNT, find_user, insert_many, reading, storable, writing
 
 EVENTS = AuditEvent.metadata.tables[AuditEvent.__tablename__]  # the Core table, for batched inserts
 
@@ -401,53 +399,6 @@ def _bound_time(db: Session, moment: datetime) -> Any:
     dialect = db.connection().dialect
     bind = EVENTS.c.occurred_at.type.dialect_impl(dialect).bind_processor(dialect)
     return bind(moment) if bind is not None else moment
-
-
-def insert_many(db: Session, table: Any, keys: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
-    """Insert `rows` (tuples of `keys`, values already as the driver takes them: see each
-    column type's bind_processor) straight through the driver. SQLAlchemy's executemany
-    would run each value of each row through its type's processing; a batch binds its shared
-    values once. Columns left out get no Python-side default: give every column that has one.
-
-    On SQLite many rows go in each statement (`INSERT ... VALUES (...), (...)`): an
-    executemany runs the statement once a row, and each run pays its own statement overhead
-    (for audit_events' AUTOINCREMENT, an update of sqlite_sequence): about a quarter of the
-    CPU SQLite spent writing 100,000 import events with their indexes (measured for figure
-    12a). Elsewhere, one executemany (psycopg pipelines it)."""
-    connection = db.connection()
-    statement, order = _insert_statement(table, tuple(keys), connection.dialect)
-    if order is None:
-        connection.exec_driver_sql(statement, [dict(zip(keys, row, strict=True)) for row in rows])
-        return
-    if order != tuple(range(len(keys))):  # give `keys` in the table's column order to skip this
-        rows = [tuple(row[index] for index in order) for row in rows]
-    if connection.dialect.name != "sqlite":
-        connection.exec_driver_sql(statement, rows)
-        return
-    import sqlite3  # the driver's own module, loaded already
-
-    driver = cast("sqlite3.Connection", connection.connection.driver_connection)
-    limit = driver.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-    per = max(1, min(_ROWS_A_STATEMENT, limit // len(keys)))
-    head, values = statement.split(" VALUES ", 1)
-    for start in range(0, len(rows), per):
-        part = rows[start : start + per]
-        connection.exec_driver_sql(f"{head} VALUES {','.join([values] * len(part))}", tuple(chain.from_iterable(part)))
-
-
-_ROWS_A_STATEMENT = 500
-"""Rows in one multi-row INSERT on SQLite: past a few hundred a statement saves no more."""
-
-
-@lru_cache(maxsize=64)
-def _insert_statement(table: Any, keys: tuple[str, ...], dialect: Any) -> tuple[str, tuple[int, ...] | None]:
-    """The INSERT of `keys` into `table` as `dialect` writes it, and where each of its
-    positional parameters is in `keys` (None: the parameters are named), compiled once: an
-    import inserts a chunk at a time, three statements a chunk."""
-    compiled = insert(table).compile(dialect=dialect, column_keys=list(keys))
-    if compiled.positiontup is None:
-        return compiled.string, None
-    return compiled.string, tuple(keys.index(name) for name in compiled.positiontup)
 
 
 # ---- reading -------------------------------------------------------------------------------------

@@ -31,11 +31,10 @@ from usermgr.service.audit import (
     canonical_changes,
     created_changes_texts,
     diff,
-    insert_many,
     jsonable,
     record_stored,
 )
-from usermgr.service.core import writing
+from usermgr.service.core import insert_many, writing
 from usermgr.service.revocation import Access, revokes_tokens
 from usermgr.service.roles import keeping_an_admin
 from usermgr.service.users import refuse_lookalike
