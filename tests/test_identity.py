@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
 
 from tests.conftest import (
     ADMIN,
@@ -121,6 +122,63 @@ def test_import_refuses_one_uid_for_two_rows(run: Runner) -> None:
     assert (result.exit_code, emails(run)) == (5, [])
     # Refused by the rule, with its line, not only by the database's unique index.
     assert result.stderr == f"usermgr: error: line 2: uid {uid} already belongs to another user; nothing was imported\n"
+
+
+def _delete(run: Runner, client: TestClient, admin: dict[str, str], db_url: str, email: str, how: str) -> None:
+    if how == "argument":
+        assert run("delete", email, "--yes").exit_code == 0
+    elif how == "stdin":
+        assert run("delete", "-", "--yes", input=f"{email}\n").exit_code == 0
+    elif how == "api":
+        assert client.delete(f"/users/{shown(run, email)['id']}", headers=admin).status_code == 204
+    else:  # the web app sharing the table, or plain SQL
+        with create_engine(db_url).begin() as connection:
+            connection.execute(text("DELETE FROM users WHERE email = :email"), {"email": email})
+
+
+@pytest.mark.parametrize("email", ["carol@example.com", "mallory@example.com"], ids=["restored", "someone-else"])
+@pytest.mark.parametrize("how", ["argument", "stdin", "api", "sql"])
+def test_a_deleted_users_uid_is_never_given_again(
+    run: Runner, client: TestClient, admin: dict[str, str], db_url: str, email: str, how: str
+) -> None:
+    """A revoked token never comes back, and a token never passes as someone else: an import
+    row that names a deleted user's uid (an old export, an edited one) is refused, whether it
+    brings that person back or gives their identity to another, however the user was deleted."""
+    create_user(run, "carol@example.com")
+    carol_uid = uid_of(run, "carol@example.com")
+    token = token_of(run, "carol@example.com")
+    _delete(run, client, admin, db_url, "carol@example.com", how)
+    before = emails(run)
+    rows = json.dumps({"email": email, "uid": carol_uid}) + "\n"
+    for options in ([], ["--dry-run"], ["--on-conflict", "update"], ["--on-conflict", "skip"]):
+        result = run("import", "-", "--format", "jsonl", *options, input=rows)
+        assert (result.exit_code, result.stderr) == (
+            5,
+            f"usermgr: error: line 1: uid {carol_uid} belonged to a deleted user and is never given again;"
+            " leave it out to give the row a new identity; nothing was imported\n",
+        ), options
+    assert emails(run) == before
+    assert check_db(run, token) == (7, "usermgr: error: token invalid: the user no longer exists\n")
+    # The row without its uid is a new person, whom the old token does not name.
+    assert run("import", "-", "--format", "jsonl", input=json.dumps({"email": email}) + "\n").exit_code == 0
+    assert uid_of(run, email) != carol_uid
+    assert check_db(run, token) == (7, "usermgr: error: token invalid: the user no longer exists\n")
+
+
+def test_a_uid_held_again_stays_its_holders_own(run: Runner, db_url: str) -> None:
+    """A users row deleted and put back by hand (a repair in SQL) holds a uid the trigger
+    recorded: an import that updates that very user is no gift of the uid, and goes through."""
+    create_user(run, "carol@example.com")
+    carol_uid = uid_of(run, "carol@example.com")
+    with create_engine(db_url).begin() as connection:
+        connection.execute(
+            text("INSERT INTO deleted_uids (uid, deleted_at) VALUES (:uid, CURRENT_TIMESTAMP)"), {"uid": carol_uid}
+        )
+    row = json.dumps({"email": "carol@example.com", "uid": carol_uid, "full_name": "Carol Danvers"}) + "\n"
+    result = run("import", "-", "--format", "jsonl", "--on-conflict", "update", input=row)
+    assert result.exit_code == 0, result.stderr
+    carol = shown(run, "carol@example.com")
+    assert (carol["full_name"], carol["uid"]) == ("Carol Danvers", carol_uid)
 
 
 CANONICAL_UID = "6f1c0de4-6d0b-4f7e-9a55-0d6f5a1b7c3e"

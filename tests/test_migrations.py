@@ -8,9 +8,10 @@ scripts, and rows are written with whatever columns the schema has at each one.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,11 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Boolean, DateTime, Engine, Integer, String, bindparam, create_engine, inspect, text
+from sqlalchemy import Boolean, DateTime, Engine, Integer, String, bindparam, create_engine, inspect, select, text
 
 from tests.conftest import Runner, run_usermgr
 from usermgr import database, migrations, service
+from usermgr.models import DeletedUid
 from usermgr.service import audit
 
 REVISIONS = migrations.revisions_oldest_first(create_engine("sqlite://"))
@@ -248,6 +250,46 @@ def test_0005_indexes_on_behalf_of_only_where_it_is_set(empty_db_url: str, engin
     assert migrations.current_revision(engine) == "0004"
     assert index_shapes(engine, "audit_events")["ix_audit_events_on_behalf_of"] == (["on_behalf_of"], None)
     assert scalar(engine, "SELECT count(*) FROM audit_events") == 2
+
+
+def test_0006_keeps_the_uids_the_audit_trail_saw_deleted(empty_db_url: str, engine: Engine) -> None:
+    """Users deleted before 0006 left their uid in the audit trail only: the migration keeps
+    every uid it names that no user holds (the newest event's time), so an import cannot give
+    them again; a user deleted by plain SQL left no delete event, only their others."""
+    gone, reused, kept, vanished = (f"00000000-0000-4000-8000-00000000000{n}" for n in (1, 2, 3, 4))
+    earlier, later = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), datetime(2026, 2, 3, 4, 5, 6, tzinfo=UTC)
+    migrations.upgrade(engine, "0005")
+    insert_row(engine, "users", {"uid": reused, "email": "reused@example.com", "username": None})
+    insert_row(engine, "users", {"uid": kept, "email": "kept@example.com", "username": None}, 1)
+    events = [
+        ("user.delete", gone, earlier),
+        ("user.delete", gone, later),  # deleted, imported back (the old hole), deleted again
+        ("user.delete", reused, earlier),  # given again before 0006: it is a user's now
+        ("user.update", kept, later),
+        ("user.create", vanished, earlier),
+    ]
+    for row, (action, uid, moment) in enumerate(events):
+        insert_row(engine, "audit_events", {"action": action, "target_uid": uid, "occurred_at": moment}, row)
+
+    migrations.upgrade(engine, "0006")
+
+    with database.Database(empty_db_url).SessionLocal() as db:
+        assert db.execute(select(DeletedUid.uid, DeletedUid.deleted_at).order_by(DeletedUid.uid)).all() == [
+            (gone, later),
+            (vanished, earlier),
+        ]
+    with engine.begin() as connection:  # deleted by plain SQL from now on: the trigger keeps the uid
+        connection.execute(text("DELETE FROM users WHERE uid = :uid"), {"uid": reused})
+    with database.Database(empty_db_url).SessionLocal() as db:
+        deleted_at = db.scalar(select(DeletedUid.deleted_at).where(DeletedUid.uid == reused))
+    assert deleted_at is not None and abs(datetime.now(UTC) - deleted_at) < timedelta(days=1)
+    if engine.dialect.name == "sqlite":  # stored as every other time is: UTC, six fractional digits
+        stored = scalar(engine, "SELECT deleted_at FROM deleted_uids WHERE uid = :uid", uid=reused)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{6}", stored), stored
+    command.downgrade(migrations.alembic_config(engine), "0005")
+    assert "deleted_uids" not in inspect(engine).get_table_names()
+    with engine.begin() as connection:  # the trigger went with its table
+        assert connection.execute(text("DELETE FROM users WHERE uid = :uid"), {"uid": kept}).rowcount == 1
 
 
 # ---- usermgr init ---------------------------------------------------------------------------------

@@ -81,6 +81,19 @@ class User(Base):
         return ADMIN_ROLE in self.role_names
 
 
+class DeletedUid(Base):
+    """A deleted user's uid, kept so that it is never given again: a token names its holder
+    by uid (`sub`), so the uid handed to someone else, or back to the person deleted, would
+    let a token issued before the delete pass again. Written by a trigger on `users` (migration
+    0006), so a row deleted by anything sharing the table counts; `import`, the one way a uid
+    is given from outside, refuses these (service/bulk.py)."""
+
+    __tablename__ = "deleted_uids"
+
+    uid: Mapped[str] = mapped_column(String(UID_LENGTH), primary_key=True)
+    deleted_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
 class AuditEvent(Base):
     """One entry of the audit trail: who did what to whom, when, and the hash that chains it
     to the entry before it (service/audit.py). Never holds a password, a hash or a token."""

@@ -19,7 +19,7 @@ from usermgr.config import Settings
 from usermgr.contract import IMPORTED_FIELDS
 from usermgr.database import utcnow
 from usermgr.errors import Conflict, InvalidInput
-from usermgr.models import Role, User, new_uids, user_roles
+from usermgr.models import DeletedUid, Role, User, new_uids, user_roles
 
 if TYPE_CHECKING:
     from usermgr.schemas import ImportRow
@@ -311,14 +311,23 @@ def _import_chunk(
 def _check_uids(db: Session, chunk: list[SpooledRow]) -> None:
     """A row's uid may only be its own user's: one that names a user with another email
     (in the database or earlier in the input) is a Conflict, so an import never hands
-    one person's identity, and with it their tokens, to another."""
+    one person's identity, and with it their tokens, to another. A deleted user's uid is
+    never given again, to anyone (their tokens would pass again): a Conflict too."""
     uids = {row["uid"]: row for row in chunk if row["uid"] is not None}
-    owners = dict(db.execute(select(User.uid, User.email).where(User.uid.in_(list(uids)))).all()) if uids else {}
+    if not uids:
+        return
+    owners = dict(db.execute(select(User.uid, User.email).where(User.uid.in_(list(uids)))).all())
+    deleted = set(db.scalars(select(DeletedUid.uid).where(DeletedUid.uid.in_(list(uids)))))
     seen: dict[str, str] = {}
     for row in chunk:
         uid = row["uid"]
         if uid is None:
             continue
+        if uid in deleted and uid not in owners:  # held again (restored by hand): that user's own
+            raise Conflict(
+                f"line {row['line']}: uid {uid} belonged to a deleted user and is never given again;"
+                " leave it out to give the row a new identity; nothing was imported"
+            )
         owner = owners.get(uid) or seen.get(uid)
         if owner is not None and owner != row["email"]:
             raise Conflict(f"line {row['line']}: uid {uid} already belongs to another user; nothing was imported")
