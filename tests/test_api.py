@@ -38,9 +38,11 @@ from tests.conftest import (
     bearer,
     create_user,
     login,
+    ok,
     process_env,
     run_usermgr,
     serving,
+    shown,
     uid_of,
     users,
 )
@@ -734,6 +736,39 @@ def test_usermgr_serve_end_to_end(env: dict[str, str], tmp_path: Path) -> None:
     assert served.process.returncode in (0, -signal.SIGTERM), log
     assert f"Uvicorn running on {served.base_url}" in log, "loopback by default"
     assert "Application shutdown complete." in log
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("forwarded", "recorded"),
+    [
+        ("198.51.100.7", "198.51.100.7"),
+        ("2001:DB8:0:0::1", "2001:db8::1"),
+        ("a" * 300, "a" * 63 + "…"),
+        ("not\tan address", "not\\tan address"),
+    ],
+    ids=["ipv4", "ipv6", "too-long", "not-an-address"],
+)
+def test_a_forwarded_address_is_recorded_as_an_address_or_made_to_fit(
+    env: dict[str, str], tmp_path: Path, run: Runner, settings: Settings, forwarded: str, recorded: str
+) -> None:
+    """`serve` trusts X-Forwarded-For from 127.0.0.1 by default (and from `*` if told): the
+    address an event records is the caller's say. Text that is no address, of any length,
+    must neither break the event's transaction (a failed login that is not written does not
+    count toward the lockout) nor reach an admin's terminal as it came."""
+    create_user(run, "ada@example.com")
+    spoofed = {"X-Forwarded-For": forwarded}
+    with serving(env, tmp_path / "serve.log") as served, served.client(headers=spoofed) as http:
+        for _ in range(settings.lockout_threshold):
+            assert api_login(http, "ada@example.com", "wrong password").status_code == 401
+        assert api_login(http, "ada@example.com").status_code == 401  # locked, though right
+    events = [
+        json.loads(line) for line in ok(run("audit", "--user", "ada@example.com", "-o", "jsonl")).stdout.splitlines()
+    ]
+    failures = [event for event in events if event["action"] == "login.failure"]
+    assert len(failures) == settings.lockout_threshold + 1
+    assert {event["client_address"] for event in failures} == {recorded}
+    assert shown(run, "ada@example.com")["locked_until"] is not None
 
 
 def test_two_apps_on_two_databases_in_one_process(settings: Settings, tmp_path: Path) -> None:

@@ -306,12 +306,39 @@ def test_without_usermgr_actor_the_os_user_alone_is_recorded(run: Runner, engine
     assert (event["actor"], event["on_behalf_of"]) == (CLI_ACTOR, None)
 
 
-def test_an_unusable_usermgr_actor_is_refused_before_any_change(run: Runner, engine: Engine, people: None) -> None:
+@pytest.mark.parametrize(
+    "actor",
+    ["x" * 401, "evil\x1b]0;pwned\x07", "two\nlines", "bidi \u202eevil", "tab\there"],
+    ids=["too-long", "terminal-escape", "newline", "bidi-override", "tab"],
+)
+def test_an_unusable_usermgr_actor_is_refused_before_any_change(
+    run: Runner, engine: Engine, people: None, actor: str
+) -> None:
+    """The actor is shown to every admin who reads the trail (a table on a terminal): text
+    that is not printable, such as a terminal's escape sequences, never gets stored."""
     mark = last_id(engine)
-    line = error_line(run("disable", BOB, env={"USERMGR_ACTOR": "x" * 401}), 2)
-    assert line == "usermgr: error: USERMGR_ACTOR must be at most 400 characters of text"
+    result = run("disable", BOB, env={"USERMGR_ACTOR": actor})
+    line = error_line(result, 2)
+    assert line == "usermgr: error: USERMGR_ACTOR must be at most 400 printable characters"
+    assert "\x1b" not in result.stderr
     assert all_events(engine, mark) == []
     assert ok(run("show", BOB, "-o", "json")).stdout.count('"is_active": true') == 1
+
+
+@pytest.mark.parametrize("name", ["evil\x1b[2Jroot", "x" * 400], ids=["terminal-escape", "too-long"])
+def test_an_unusable_os_user_name_is_refused_before_any_change(
+    run: Runner, engine: Engine, people: None, name: str
+) -> None:
+    """The OS user comes from $LOGNAME/$USER (getpass), which whoever runs usermgr sets."""
+    mark = last_id(engine)
+    result = run("disable", BOB, env={"LOGNAME": name, "USER": name})
+    line = error_line(result, 2)
+    assert line == (
+        "usermgr: error: the operating-system user and host (from $LOGNAME or $USER, and the host name)"
+        " must be at most 400 printable characters"
+    )
+    assert "\x1b" not in result.stderr
+    assert all_events(engine, mark) == []
 
 
 def test_a_usermgr_actor_of_400_characters_is_recorded_whole(run: Runner, engine: Engine, people: None) -> None:
@@ -986,11 +1013,11 @@ def test_the_cli_actor_is_the_os_user_at_the_host_with_usermgr_actor_beside_it(m
     assert os_actor() == Actor(CLI_ACTOR, ON_BEHALF)
     monkeypatch.setenv("USERMGR_ACTOR", "x" * 400)
     assert os_actor() == Actor(CLI_ACTOR, "x" * 400)
-    for unusable in ("x" * 401, "a\udcffb"):  # too long; not UTF-8 (os.environ holds no NUL)
+    for unusable in ("x" * 401, "a\udcffb", "a\x1bb"):  # too long; not UTF-8 (os.environ holds no NUL); escape
         monkeypatch.setenv("USERMGR_ACTOR", unusable)
         with pytest.raises(ConfigurationError) as refused:
             os_actor()
-        assert str(refused.value) == "USERMGR_ACTOR must be at most 400 characters of text"
+        assert str(refused.value) == "USERMGR_ACTOR must be at most 400 printable characters"
     monkeypatch.delenv("USERMGR_ACTOR")
 
     def nameless() -> str:

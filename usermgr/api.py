@@ -222,7 +222,8 @@ def _session(request: Request, holder: User | None) -> Iterator[Session]:
     """One session per request, closed after it; the service opens the transactions. Its
     audit events name the caller's address, and the token's holder when one was checked."""
     db = _runtime(request).database.SessionLocal()
-    service.act_as(db, service.Actor(service.ANONYMOUS, address=request.client.host if request.client else None))
+    address = service.recorded_address(request.client.host if request.client else None)
+    service.act_as(db, service.Actor(service.ANONYMOUS, address=address))
     if holder is not None:
         service.acting_user(db, holder.uid)
     try:

@@ -13,6 +13,7 @@ from usermgr.contract import ADMIN_ROLE
 from usermgr.database import Base, UtcDateTime, utcnow
 
 UID_LENGTH = 36  # a UUID's canonical text form
+ADDRESS_LENGTH = 64  # an audit event's client address: any IPv6 address's text, with room to spare
 
 
 def new_uid() -> str:
@@ -115,7 +116,7 @@ class AuditEvent(Base):
     occurred_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
     actor: Mapped[str] = mapped_column(String(400), index=True)  # "os:alice@host", "uid:<uuid>", "anonymous"
     on_behalf_of: Mapped[str | None] = mapped_column(String(400))  # USERMGR_ACTOR, beside the actor
-    client_address: Mapped[str | None] = mapped_column(String(64))  # the API's caller as the server sees it
+    client_address: Mapped[str | None] = mapped_column(String(ADDRESS_LENGTH))  # the API caller, as the server saw it
     action: Mapped[str] = mapped_column(String(32), index=True)
     target_uid: Mapped[str | None] = mapped_column(String(UID_LENGTH), index=True)
     # The email at the time; not indexed: each index costs every import row, and only a

@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and readers
         iter_events,
         parse_time,
         prune,
+        recorded_address,
         verify_chain,
     )
     from usermgr.service.auth import authenticate, check_token_holder, holder_of_token, holder_record, login
@@ -81,6 +82,7 @@ _EXPORTS = {
         "iter_events",
         "parse_time",
         "prune",
+        "recorded_address",
         "verify_chain",
     ),
     "revocation": ("Access", "access_of", "revoke_tokens", "revokes_tokens"),
@@ -161,6 +163,7 @@ __all__ = [
     "ping",
     "plan_import",
     "prune",
+    "recorded_address",
     "revoke_role",
     "revoke_tokens",
     "revokes_tokens",

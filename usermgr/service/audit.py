@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import ipaddress
 import json
 import os
 import socket
@@ -30,7 +31,7 @@ from usermgr.config import parse_duration
 from usermgr.contract import EVENT_FIELDS, USER_FIELDS
 from usermgr.database import utcnow
 from usermgr.errors import ConfigurationError, IntegrityCheckFailed, InvalidInput, NotFound, UnreadableTimestamp
-from usermgr.models import AuditEvent, User
+from usermgr.models import ADDRESS_LENGTH, AuditEvent, User
 from usermgr.service.core import MAX_ROW_COUNT, find_user, insert_many, reading, storable, writing
 
 EVENTS = AuditEvent.metadata.tables[AuditEvent.__tablename__]  # the Core table, for batched inserts
@@ -97,10 +98,39 @@ def os_actor() -> Actor:
         user = getpass.getuser()
     except (KeyError, OSError):  # no name for this uid (a bare container): its number
         user = str(os.getuid())
+    name = f"os:{user}@{socket.gethostname()}"
+    if not _recordable(name):
+        raise ConfigurationError(
+            "the operating-system user and host (from $LOGNAME or $USER, and the host name)"
+            f" must be at most {MAX_ACTOR_LENGTH} printable characters"
+        )
     on_behalf_of = os.environ.get("USERMGR_ACTOR") or None
-    if on_behalf_of is not None and (len(on_behalf_of) > MAX_ACTOR_LENGTH or not storable(on_behalf_of)):
-        raise ConfigurationError(f"USERMGR_ACTOR must be at most {MAX_ACTOR_LENGTH} characters of text")
-    return Actor(f"os:{user}@{socket.gethostname()}", on_behalf_of)
+    if on_behalf_of is not None and not _recordable(on_behalf_of):
+        raise ConfigurationError(f"USERMGR_ACTOR must be at most {MAX_ACTOR_LENGTH} printable characters")
+    return Actor(name, on_behalf_of)
+
+
+def _recordable(text: str) -> bool:
+    """Whether `text` may stand in an event as who acted: it fits the column, and every admin
+    who reads the trail on a terminal sees it as it is (str.isprintable: no control, escape or
+    formatting character, no line or paragraph break, no lone surrogate)."""
+    return len(text) <= MAX_ACTOR_LENGTH and text.isprintable()
+
+
+def recorded_address(host: str | None) -> str | None:
+    """The API caller's address as an event records it. The server takes it from the
+    connection, or from X-Forwarded-For when the request comes through a proxy it trusts
+    (127.0.0.1 by default): then it is whatever that header said. An IP address is recorded
+    in its canonical form; other text is recorded escaped (no control or formatting character
+    reaches an admin's terminal) and cut to fit the column: it must never fail the event's
+    transaction, which holds the failed-login count that a lockout is made of."""
+    if host is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        shown = host.encode("unicode_escape").decode("ascii")
+        return shown if len(shown) <= ADDRESS_LENGTH else shown[: ADDRESS_LENGTH - 1] + "…"
 
 
 def act_as(db: Session, actor: Actor) -> None:
