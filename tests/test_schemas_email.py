@@ -19,6 +19,11 @@ LONG_LABELS = "b" * 63 + "." + "c" * 63 + "."  # 128 characters: addresses near 
 LONGEST_AS_GIVEN = LONG_LABELS + "eＸＡＭＰＬＥ.com"  # full-width letters: 3 bytes each, 1 once normalised
 LONGEST_NORMALISED = LONG_LABELS + "xn--fsqaaaa881pbabbb.com"  # 例子例子例子例子例子.com: 34 bytes
 LONGEST_IN_ASCII = LONG_LABELS + "bücher.example"  # xn--bcher-kva.example: 21 characters
+# Kelvin signs (U+212A, 3 bytes each) are "k" (1 byte) once lowercased, as email-validator
+# normalises them: a cache keyed on the lowercased domain would measure the shorter spelling
+# and pass addresses up to 20 bytes too long as given. Its lowercase twin comes first in
+# DOMAINS, so a cache keyed on the lowercased domain holds the short spelling when it is reused.
+LONGEST_BEFORE_LOWERCASING = LONG_LABELS + "\u212a" * 10 + ".com"
 
 DOMAINS = [
     "example.com",
@@ -68,6 +73,8 @@ DOMAINS = [
     LONGEST_AS_GIVEN,
     LONGEST_NORMALISED,
     LONGEST_IN_ASCII,
+    LONGEST_BEFORE_LOWERCASING.lower(),
+    LONGEST_BEFORE_LOWERCASING,
 ]
 
 LOCAL_PARTS = [
@@ -123,7 +130,7 @@ def _near_the_limit() -> list[str]:
     """For each domain whose length form is the longest, addresses from 4 bytes under the
     254-byte limit to 4 over it, in that form."""
     addresses = []
-    for domain in (LONGEST_AS_GIVEN, LONGEST_NORMALISED, LONGEST_IN_ASCII):
+    for domain in (LONGEST_AS_GIVEN, LONGEST_NORMALISED, LONGEST_IN_ASCII, LONGEST_BEFORE_LOWERCASING):
         checked = email_validator.validate_email("a@" + domain, check_deliverability=False)
         longest = max(len(form.encode()) for form in (domain, checked.domain, checked.ascii_domain))
         room = email_validator.rfc_constants.EMAIL_MAX_LENGTH - 1 - longest
