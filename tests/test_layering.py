@@ -161,16 +161,20 @@ def test_list_by_role_checks_the_name_without_pydantic(tmp_path: Path, role: str
         capture_output=True,
         timeout=HANG_TIMEOUT,
     )
-    code = f"""
+    report = loaded_after(_cli_main(db, ["list", "--role", role, "-o", "id"]), {"sqlalchemy", "pydantic"}, env)
+    assert report["code"] == exit_code
+    assert report["loaded"] == ["sqlalchemy"]
+
+
+def _cli_main(db: Path, command: list[str]) -> str:
+    """Code for `loaded_after` that runs usermgr's CLI on `db` and keeps its exit status in `code`."""
+    return f"""
 from usermgr.cli import main
 try:
-    main(["--db", {str(db)!r}, "list", "--role", {role!r}, "-o", "id"])
+    main(["--db", {str(db)!r}, *{command!r}])
 except SystemExit as exit:
     code = exit.code
 """
-    report = loaded_after(code, {"sqlalchemy", "pydantic"}, env)
-    assert report["code"] == exit_code
-    assert report["loaded"] == ["sqlalchemy"]
 
 
 def _database_with_one_user(tmp_path: Path) -> tuple[Path, dict[str, str]]:
@@ -203,14 +207,7 @@ def test_a_command_loads_only_the_service_modules_it_calls(
     """usermgr.service re-exports lazily: a one-user command does not pay for the import
     machinery (bulk) or the logins (auth) at start-up."""
     db, env = _database_with_one_user(tmp_path)
-    code = f"""
-from usermgr.cli import main
-try:
-    main(["--db", {str(db)!r}, *{command!r}])
-except SystemExit as exit:
-    code = exit.code
-"""
-    report = loaded_after(code, SERVICE_MODULES, env)
+    report = loaded_after(_cli_main(db, command), SERVICE_MODULES, env)
     assert report["code"] == 0
     assert report["loaded"] == [f"usermgr.service.{name}" for name in needed]
 
@@ -223,14 +220,7 @@ def test_a_command_on_sqlite_does_not_load_the_postgresql_dialect(tmp_path: Path
     """SQLAlchemy's PostgreSQL support costs ~40 ms of start-up; naming one of its options in a
     model (`postgresql_where=`) loaded it in every command on SQLite."""
     db, env = _database_with_one_user(tmp_path)
-    code = f"""
-from usermgr.cli import main
-try:
-    main(["--db", {str(db)!r}, *{command!r}])
-except SystemExit as exit:
-    code = exit.code
-"""
-    report = loaded_after(code, {"sqlalchemy.dialects.sqlite", "sqlalchemy.dialects.postgresql"}, env)
+    report = loaded_after(_cli_main(db, command), {"sqlalchemy.dialects.sqlite", "sqlalchemy.dialects.postgresql"}, env)
     assert report["code"] == 0
     assert report["loaded"] == ["sqlalchemy.dialects.sqlite"]
 
