@@ -177,6 +177,10 @@ OTHER_LAYOUTS = {
     "short@example.com": "2026-03-04 05:06:07.5",
     "offset@example.com": "2026-03-04 05:06:07+02:00",  # moved to UTC, as database.UtcDateTime does
     "date@example.com": "2026-03-04",
+    "hour@example.com": "2026-03-04 05:06:07.123+01",  # 26 characters, '.' at 19, as the stored layout
+    "zulu@example.com": "2026-03-04 05:06:07.12345Z",
+    "week@example.com": "2026-W10-3 05:06:07.123456",  # an ISO week date, as long as the stored layout
+    "zero@example.com": "2026-03-04 05:06:07.000+01",
 }
 
 
@@ -289,3 +293,45 @@ def test_a_list_field_encodes_any_value_as_write_records_does() -> None:
         assert output.write_rows(rows, fmt, ("roles",), fast, types={"roles": list[str]}) == len(rows)
         output.write_records([{"roles": value} for value in values], fmt, ("roles",), generic)
         assert fast.getvalue() == generic.getvalue()
+
+
+NOT_TIMESTAMPS = [
+    "'2026-13-45 99:99:99.123456'",  # the stored layout's shape, not a time
+    "'2026-02-30 09:00:00.123456'",
+    "'0000-01-02 09:00:00.123456'",
+    "'2026-01-02 09:00:00.١٢٣٤٥٦'",  # digits, but not ASCII ones
+    "'2026-01-02 09:00:00.12345é'",
+    "'abcdefghij klmnopqr.stuvwx'",
+    "'2026-13-45 99:99:99.000000'",
+    "1700000000",  # a number, as another tool may store a time
+    "1.5",
+    "X'41'",  # bytes
+    "'9999-12-31 23:59:59-01:00'",  # a time, but after year 9999 in UTC
+    "'0001-01-01 00:30:00+01:00'",
+]
+
+
+@pytest.mark.parametrize("stored", NOT_TIMESTAMPS)
+@pytest.mark.parametrize("column", ["created_at", "expires_at"])
+def test_a_stored_timestamp_that_is_not_one_is_refused_by_list_export_and_show_alike(
+    db: Session, settings: Settings, run: Any, stored: str, column: str
+) -> None:
+    """Text (or a number, or bytes) where a time belongs: every command that reads it says so in
+    one line (exit 1, as UnreadableTimestamp), rather than `list` printing what `show` refuses."""
+    if db.get_bind().dialect.name != "sqlite":
+        pytest.skip("PostgreSQL's timestamptz holds only times")
+    user = _add(db, settings, "bad-time@example.com")
+    with db.begin():
+        db.execute(text(f"UPDATE users SET {column} = {stored} WHERE id = :id"), {"id": user.id})
+    commands = [["show", str(user.id), "-o", "json"], ["show", str(user.id)], ["export"], ["export", "-o", "csv"]]
+    commands += [["list", "-o", fmt] for fmt in ("jsonl", "json", "csv", "table")]
+    commands += [["list", "--search", "bad-time", "-o", "jsonl"]]
+    for command in commands:
+        result = run(*command)
+        assert result.exit_code == 1, (command, result.stdout, result.stderr)
+        assert result.stderr.startswith("usermgr: error: the database holds a timestamp usermgr cannot read ("), (
+            command,
+            result.stderr,
+        )
+        assert "a bug" not in result.stderr and result.stderr.count("\n") == 1
+        assert "Traceback" not in result.stderr

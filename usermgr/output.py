@@ -145,30 +145,39 @@ def _json_list(value: Any) -> str:
 _STORED_TIME = len("2026-01-02 09:00:00.000000")
 
 
+def _stored_layout(text: str) -> bool:
+    """Whether text of the stored layout's length, with its space and its '.', is that layout
+    (`2026-01-02 09:00:00.000000`): a time (datetime.fromisoformat, in C, checks every digit
+    and range), without an offset (`.123+01` is as long), on a calendar date (not `2026-W10-3`)."""
+    try:
+        return text[7] == "-" and datetime.fromisoformat(text).tzinfo is None
+    except ValueError:
+        return False
+
+
 def utc_iso(text: str) -> str:
     """A UTC timestamp given as naive ISO 8601 text (how SQLite stores usermgr's times:
     `2026-01-02 09:00:00.000000`) as the record writes it, datetime.isoformat's
     `2026-01-02T09:00:00+00:00`: that exact layout by slicing, no datetime made; any other
     through datetime, naive taken as UTC and a time with an offset moved to UTC (what reading
-    it through database.UtcDateTime gives)."""
-    if len(text) == _STORED_TIME and text[10] == " " and text[19] == ".":
+    it through database.UtcDateTime gives). Text that is no time, or none in UTC's range, is
+    UnreadableTimestamp, as that read says."""
+    if len(text) == _STORED_TIME and text[10] == " " and text[19] == "." and _stored_layout(text):
         return f"{text[:10]}T{text[11:19]}{text[19:] if text[20:] != '000000' else ''}+00:00"
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
+        return (moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)).isoformat()
+    except (ValueError, OverflowError):
         raise UnreadableTimestamp(text) from None
-    return (moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)).isoformat()
 
 
 def _json_time(value: Any) -> str:
     """A timestamp that is not None as JSON: text through `utc_iso`, a datetime by its
-    isoformat (what _JSON's default writes, without its encoder's set-up a value), anything
-    else as _JSON writes it."""
+    isoformat (what _JSON's default writes, without its encoder's set-up a value); anything
+    else (a number, bytes) is no timestamp (`_as_time`)."""
     if value.__class__ is str:
         return json.encoder.encode_basestring(utc_iso(value))
-    if value.__class__ is datetime:
-        return json.encoder.encode_basestring(value.isoformat())
-    return _JSON.encode(value)
+    return json.encoder.encode_basestring(_as_time(value).isoformat())
 
 
 def _kind(declared: object) -> type:
@@ -194,7 +203,7 @@ _ENCODE_AS = {
     # 2 longer only if nothing in it needed escaping. Any other value through `_json_time`.
     datetime: "'null' if {v} is None else f'{{q{v}[:11]}}T{{q{v}[12:27]}}{{utc}}' if {v}.__class__ is str"
     " and len({v}) == 26 and len(q{v} := text({v})) == 28 and q{v}[11] == ' ' and q{v}[20] == '.'"
-    " and q{v}[21:27] != '000000' else time({v})",
+    " and q{v}[21:27] != '000000' and stored({v}) else time({v})",
 }
 
 
@@ -219,6 +228,7 @@ def _row_encoder(fields: Sequence[str], types: Mapping[str, object]) -> Callable
         "other": _json_value,
         "names": _json_list,
         "time": _json_time,
+        "stored": _stored_layout,
         "utc": '+00:00"',
     }
     exec(source, namespace)  # the source holds indices and fixed expressions only (see above)
@@ -230,7 +240,13 @@ def _as_bool(value: Any) -> Any:
 
 
 def _as_time(value: Any) -> Any:
-    return utc_iso(value) if value.__class__ is str else value
+    """A timestamp as the record holds it: a datetime, None, or text as `utc_iso` writes it;
+    a stored number or bytes is no timestamp (database.UtcDateTime refuses it alike)."""
+    if value.__class__ is str:
+        return utc_iso(value)
+    if value is None or isinstance(value, datetime):
+        return value
+    raise UnreadableTimestamp(value)
 
 
 _RECORD_FORM = {bool: _as_bool, datetime: _as_time}  # a list as None: every cell writes it as it writes []
