@@ -335,3 +335,27 @@ def test_a_stored_timestamp_that_is_not_one_is_refused_by_list_export_and_show_a
         )
         assert "a bug" not in result.stderr and result.stderr.count("\n") == 1
         assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("stored", ["2", "-1", "'yes'", "'no'", "''", "1.5", "X'00'", "0.0"])
+def test_a_stored_is_active_that_is_not_0_or_1_lists_as_show_and_login_read_it(
+    db: Session, settings: Settings, run: Any, stored: str
+) -> None:
+    """SQLite keeps any value in is_active; usermgr reads it as SQLAlchemy's Boolean does (its
+    truth: 'no' is an enabled user, who can log in), and `list` and `export` must say what
+    `show` says, not the stored text."""
+    if db.get_bind().dialect.name != "sqlite":
+        pytest.skip("PostgreSQL's boolean holds only booleans")
+    user = _add(db, settings, "odd-active@example.com")
+    with db.begin():
+        db.execute(text(f"UPDATE users SET is_active = {stored} WHERE id = :id"), {"id": user.id})
+    db.expire_all()  # the session still holds the user as _add left it
+    records = _generic_records(db)
+    assert isinstance(records[0]["is_active"], bool)
+    assert json.loads(ok(run("show", str(user.id), "-o", "json")).stdout)["is_active"] is records[0]["is_active"]
+    assert ok(run("list", "-o", "jsonl")).stdout == _generic_line(records[0]) + "\n"
+    assert ok(run("export")).stdout == _generic_line(records[0]) + "\n"
+    for fmt in ("csv", "table"):
+        written = io.StringIO()
+        output.write_records(records, fmt, USER_FIELDS, written)
+        assert ok(run("list", "-o", fmt)).stdout == written.getvalue()

@@ -197,7 +197,7 @@ _ANY = (
 )
 _ENCODE_AS = {
     int: "{v} if {v}.__class__ is int else " + _ANY,  # the f-string writes an int as int.__repr__ does
-    bool: "('true' if {v} else 'false') if {v}.__class__ is int or {v}.__class__ is bool else " + _ANY,
+    bool: "'null' if {v} is None else 'true' if {v} else 'false'",  # any stored value: its truth, as `_as_bool`
     list: "'[]' if {v} is None else names({v})",
     # Text in SQLite's layout (see utc_iso) cut inline; `q{v}`, the text as a JSON string, is
     # 2 longer only if nothing in it needed escaping. Any other value through `_json_time`.
@@ -235,8 +235,10 @@ def _row_encoder(fields: Sequence[str], types: Mapping[str, object]) -> Callable
     return namespace["encode"]
 
 
-def _as_bool(value: Any) -> Any:
-    return bool(value) if value.__class__ is int else value
+def _as_bool(value: Any) -> bool | None:
+    """A bool as SQLAlchemy's Boolean reads it from SQLite, which keeps any value there (0/1,
+    text, a number, bytes): its truth, as show and login take it."""
+    return None if value is None else bool(value)
 
 
 def _as_time(value: Any) -> Any:
@@ -284,7 +286,7 @@ def write_rows(
     in seconds); every format writes exactly what `write_records` writes for the same records.
 
     `types` (field -> type, as contract.USER_RECORD declares them) lets a value come in a
-    compact form of its field's type, as SQLite stores it: a `bool` as 0 or 1, a `list` as
+    compact form of its field's type, as SQLite stores it: a `bool` as 0 or 1 (any value: its truth), a `list` as
     None when empty, a `datetime` as naive UTC ISO 8601 text (`utc_iso`)."""
     out = out or sys.stdout
     types = types or {}
