@@ -359,3 +359,28 @@ def test_a_stored_is_active_that_is_not_0_or_1_lists_as_show_and_login_read_it(
         written = io.StringIO()
         output.write_records(records, fmt, USER_FIELDS, written)
         assert ok(run("list", "-o", fmt)).stdout == written.getvalue()
+
+
+@pytest.mark.parametrize("options", [[], ["--role", "b"], ["--search", "odd-roles"], ["--limit", "5"]])
+def test_role_names_another_tool_stored_list_as_show_reads_them(
+    db: Session, settings: Settings, run: Any, options: list[str]
+) -> None:
+    """A role name usermgr would refuse (a comma, empty, a space) but another tool stored is
+    still one name, on every path that reads roles (the filtered lists' subquery, PostgreSQL's)."""
+    user = _add(db, settings, "odd-roles@example.com", roles=["b"])
+    _add(db, settings, "other@example.com", roles=["b"])
+    with db.begin():
+        for name in ("a,b", "", "x y", ",", "b,"):
+            db.execute(text("INSERT INTO roles (name) VALUES (:name)"), {"name": name})
+            db.execute(
+                text("INSERT INTO user_roles (user_id, role_id) SELECT :id, id FROM roles WHERE name = :name"),
+                {"id": user.id, "name": name},
+            )
+    db.expire_all()
+    records = _generic_records(db)
+    assert records[0]["roles"] == ["", ",", "a,b", "b", "b,", "x y"]
+    assert json.loads(ok(run("show", str(user.id), "-o", "json")).stdout)["roles"] == records[0]["roles"]
+    expected = "".join(
+        _generic_line(record) + "\n" for record in records if "--search" not in options or record is records[0]
+    )
+    assert ok(run("list", *options, "-o", "jsonl")).stdout == expected
