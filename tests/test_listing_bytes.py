@@ -4,6 +4,7 @@ from SQLite's stored text) must not change one byte, on either backend, for tric
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 from datetime import UTC, datetime, timedelta, timezone
@@ -384,3 +385,18 @@ def test_role_names_another_tool_stored_list_as_show_reads_them(
         _generic_line(record) + "\n" for record in records if "--search" not in options or record is records[0]
     )
     assert ok(run("list", *options, "-o", "jsonl")).stdout == expected
+
+
+@pytest.mark.parametrize("command", [["list", "-o", "csv"], ["export", "-o", "csv"], ["show", "1", "-o", "csv"]])
+def test_a_carriage_return_in_a_stored_value_stays_inside_its_csv_cell(
+    db: Session, settings: Settings, run: Any, command: list[str]
+) -> None:
+    """csv quotes a cell with a newline but not one with a lone CR, which a spreadsheet (and
+    csv.reader) takes as the end of the row: `x\\r=cmd()` would start a row with a formula."""
+    _add(db, settings, "cr@example.com", full_name="x\r=HYPERLINK(1)", username="\r=1+1")
+    with db.begin():
+        db.execute(text("UPDATE users SET email = 'cr\r@example.com'"))  # a CR in a column the API checks
+    db.expire_all()
+    written = ok(run(*command)).stdout
+    rows = list(csv.reader(io.StringIO(written, newline="")))
+    assert len(rows) == 2 and rows[1][2:5] == ["cr\r@example.com", "'\r=1+1", "x\r=HYPERLINK(1)"]

@@ -318,12 +318,18 @@ def unguard_cell(cell: str) -> str:
 
 def _write_csv(records: Iterable[dict[str, Any]], fields: Sequence[str], out: TextIO, *, guard: bool) -> int:
     writer = csv.writer(out, lineterminator="\n")
+    # csv quotes a cell holding the line terminator's "\n", not one holding a lone "\r", which a
+    # spreadsheet (and csv.reader) takes as the row's end: `x\r=cmd()` would start a row with a
+    # formula. A row with a "\r" anywhere is written with every cell quoted.
+    quoted = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL)
     writer.writerow(fields)
     encode = guard_cell if guard else str
-    return _each(
-        records,
-        lambda record: writer.writerow([encode(_cell(record.get(field), LIST_SEPARATOR)) for field in fields]),
-    )
+
+    def write(record: dict[str, Any]) -> None:
+        cells = [encode(_cell(record.get(field), LIST_SEPARATOR)) for field in fields]
+        (quoted if any("\r" in cell for cell in cells) else writer).writerow(cells)
+
+    return _each(records, write)
 
 
 TABLE_WINDOW = 1000
