@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import unicodedata
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -400,3 +401,23 @@ def test_a_carriage_return_in_a_stored_value_stays_inside_its_csv_cell(
     written = ok(run(*command)).stdout
     rows = list(csv.reader(io.StringIO(written, newline="")))
     assert len(rows) == 2 and rows[1][2:5] == ["cr\r@example.com", "'\r=1+1", "x\r=HYPERLINK(1)"]
+
+
+CONTROLS = "bell \x07 esc \x1b[31m nl \n cr \r tab \t nul-free \x7f c1 \x85 ls \u2028 ps \u2029 rlo \u202e lri \u2066"
+
+
+@pytest.mark.parametrize("command", [["list"], ["list", "--search", "ctl"], ["show", "1"]])
+def test_a_table_shows_control_and_format_characters_escaped(
+    db: Session, settings: Settings, run: Any, command: list[str]
+) -> None:
+    """`table` goes to a terminal: a stored escape sequence must not recolour or retitle it, a
+    newline or a line separator must not break the row, a right-to-left override must not
+    reorder what follows. Each such character shows as its Python escape."""
+    _add(db, settings, "ctl@example.com", full_name=CONTROLS)
+    table = ok(run(*command)).stdout
+    assert not [char for char in table if char != "\n" and unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp")]
+    assert len(table.splitlines()) == (3 if command[0] == "list" else len(USER_FIELDS))
+    assert (
+        "esc \\x1b[31m nl \\n cr \\r tab \\t" in table
+        and "\\x85 ls \\u2028 ps \\u2029 rlo \\u202e lri \\u2066" in table
+    )

@@ -14,6 +14,7 @@ import io
 import json
 import re
 import sys
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -332,6 +333,20 @@ def _write_csv(records: Iterable[dict[str, Any]], fields: Sequence[str], out: Te
     return _each(records, write)
 
 
+# Characters a terminal acts on or that move text (control, format, line and paragraph
+# separators: schemas.UNPRINTABLE_CATEGORIES), which a table shows escaped.
+_UNSHOWN = ("Cc", "Cf", "Zl", "Zp")
+
+
+def _visible(cell: str) -> str:
+    """A table cell with each character in _UNSHOWN as its Python escape (`\\x1b`, `\\n`,
+    `\\u202e`): a stored escape sequence neither recolours the terminal nor breaks the row.
+    str.isprintable passes nearly every cell in one C call (the space is printable)."""
+    if cell.isprintable():
+        return cell
+    return "".join(ascii(char)[1:-1] if unicodedata.category(char) in _UNSHOWN else char for char in cell)
+
+
 TABLE_WINDOW = 1000
 """`table` sizes its columns from the first this many rows and streams the rest (README, Output)."""
 
@@ -342,7 +357,7 @@ def _write_table(records: Iterable[dict[str, Any]], fields: Sequence[str], out: 
     only its own line."""
     from tabulate import tabulate
 
-    rows = ([_cell(record.get(field), ", ") for field in fields] for record in records)
+    rows = ([_visible(_cell(record.get(field), ", ")) for field in fields] for record in records)
     window = list(islice(rows, TABLE_WINDOW))
     if not window:
         return 0
@@ -383,7 +398,7 @@ def write_one(record: dict[str, Any], fmt: str, fields: Sequence[str], out: Text
     elif fmt == "table":
         from tabulate import tabulate
 
-        rows = [[field, _cell(record.get(field), ", ")] for field in fields]
+        rows = [[field, _visible(_cell(record.get(field), ", "))] for field in fields]
         out.write(tabulate(rows, tablefmt="plain", disable_numparse=True) + "\n")
     else:
         write_records([record], fmt, fields, out)
