@@ -421,3 +421,29 @@ def test_a_table_shows_control_and_format_characters_escaped(
         "esc \\x1b[31m nl \\n cr \\r tab \\t" in table
         and "\\x85 ls \\u2028 ps \\u2029 rlo \\u202e lri \\u2066" in table
     )
+
+
+@pytest.mark.parametrize("column", ["email", "username", "full_name", "uid"])
+def test_bytes_stored_where_text_belongs_are_refused_in_one_line(
+    db: Session, settings: Settings, run: Any, column: str
+) -> None:
+    """SQLite keeps a BLOB in a text column: no format can write it as the text it should be,
+    so every command that shows it says so (exit 1, as for a timestamp that is not one)
+    rather than crashing in JSON or writing `b'...'` in CSV."""
+    if db.get_bind().dialect.name != "sqlite":
+        pytest.skip("PostgreSQL's text columns hold only text")
+    user = _add(db, settings, "blob@example.com", username="blob")
+    with db.begin():
+        db.execute(text(f"UPDATE users SET {column} = X'41e9' WHERE id = :id"), {"id": user.id})
+    commands = [["show", str(user.id), "-o", fmt] for fmt in ("json", "table", "csv")]
+    commands += [["list", "-o", fmt] for fmt in output.USER_FORMATS] + [["export"], ["export", "-o", "csv"]]
+    for command in commands:
+        if command[-1] == "id" or (command[-1] == "email" and column != "email"):
+            ok(run(*command))  # writes no value of that column
+            continue
+        result = run(*command)
+        assert result.exit_code == 1, (command, result.stdout, result.stderr)
+        assert result.stderr == (
+            "usermgr: error: the database holds bytes where text belongs (b'A\\xe9'): correct that row with SQL"
+            " or restore a backup\n"
+        ), command

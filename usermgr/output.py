@@ -22,7 +22,7 @@ from itertools import islice
 from types import NoneType, UnionType
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO, get_args, get_origin
 
-from usermgr.errors import InvalidInput, UnreadableTimestamp
+from usermgr.errors import DatabaseUnavailable, InvalidInput, UnreadableTimestamp
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -40,11 +40,29 @@ CSV_GUARD = "'"
 _GUARDED_STARTS = (*FORMULA_STARTS, CSV_GUARD)
 
 
+def _not_text(value: bytes) -> DatabaseUnavailable:
+    """Bytes where text belongs (SQLite keeps a BLOB in any column): no format can write them
+    as the text they should be, so every one refuses them, naming the value cut short."""
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    return DatabaseUnavailable(
+        f"the database holds bytes where text belongs ({shown}): correct that row with SQL or restore a backup"
+    )
+
+
 def _iso(value: object) -> str:
     """Timestamps in JSON: ISO 8601 with their UTC offset."""
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, bytes):
+        raise _not_text(value)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _text(value: object) -> str:
+    """A value that is not None, a bool, a list or a datetime as a CSV or table cell."""
+    if isinstance(value, bytes):
+        raise _not_text(value)
+    return str(value)
 
 
 # One encoder for every line: the C encoder calls `_iso` only for timestamps.
@@ -57,10 +75,10 @@ def _cell(value: object, list_separator: str) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
-        return list_separator.join(str(item) for item in value)
+        return list_separator.join(map(_text, value))
     if isinstance(value, datetime):
         return value.isoformat()
-    return str(value)
+    return _text(value)
 
 
 def _json_line(record: dict[str, Any]) -> str:
@@ -373,7 +391,7 @@ def _write_table(records: Iterable[dict[str, Any]], fields: Sequence[str], out: 
 
 def _one_value(field: str) -> Callable[[Iterable[dict[str, Any]], Sequence[str], TextIO], int]:
     def write(records: Iterable[dict[str, Any]], _fields: Sequence[str], out: TextIO) -> int:
-        return _each(records, lambda record: out.write(f"{record[field]}\n"))
+        return _each(records, lambda record: out.write(f"{_text(record[field])}\n"))
 
     return write
 
