@@ -447,3 +447,16 @@ def test_bytes_stored_where_text_belongs_are_refused_in_one_line(
             "usermgr: error: the database holds bytes where text belongs (b'A\\xe9'): correct that row with SQL"
             " or restore a backup\n"
         ), command
+
+
+def test_one_value_a_line_stays_one_line_a_user(db: Session, settings: Settings, run: Any) -> None:
+    """`list -o email | usermgr disable -`: a stored email with a line break (or U+2028, which
+    str.splitlines also breaks at) must not print a second line naming another user."""
+    _add(db, settings, "admin@example.com")
+    _add(db, settings, "victim@example.com")
+    with db.begin():
+        db.execute(text("UPDATE users SET email = :email WHERE id = 2"), {"email": "x@example.com\nadmin@example.com"})
+    for command in (["list", "-o", "email"], ["show", "2", "-o", "email"]):
+        lines = ok(run(*command)).stdout.split("\n")[:-1]
+        assert "admin@example.com" not in lines[1:], command
+        assert lines[-1] == "x@example.com\\nadmin@example.com"

@@ -391,7 +391,7 @@ def _write_table(records: Iterable[dict[str, Any]], fields: Sequence[str], out: 
 
 def _one_value(field: str) -> Callable[[Iterable[dict[str, Any]], Sequence[str], TextIO], int]:
     def write(records: Iterable[dict[str, Any]], _fields: Sequence[str], out: TextIO) -> int:
-        return _each(records, lambda record: out.write(f"{_text(record[field])}\n"))
+        return _each(records, lambda record: out.write(f"{_visible(_text(record[field]))}\n"))  # one line each
 
     return write
 
