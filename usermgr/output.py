@@ -164,6 +164,18 @@ def _json_list(value: Any) -> str:
 _STORED_TIME = len("2026-01-02 09:00:00.000000")
 
 
+_UNPARSED = datetime.min.replace(tzinfo=UTC)
+
+
+def _parsed(text: str) -> datetime:
+    """datetime.fromisoformat, text that is no time an aware datetime: the row encoder then
+    takes it to `_json_time`, which says what it is (UnreadableTimestamp)."""
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return _UNPARSED
+
+
 def _stored_layout(text: str) -> bool:
     """Whether text of the stored layout's length, with its space and its '.', is that layout
     (`2026-01-02 09:00:00.000000`): a time (datetime.fromisoformat, in C, checks every digit
@@ -219,20 +231,26 @@ _ENCODE_AS = {
     bool: "'null' if {v} is None else 'true' if {v} else 'false'",  # any stored value: its truth, as `_as_bool`
     list: "'[]' if {v} is None else names({v})",
     # Text in SQLite's layout (see utc_iso) cut inline; `q{v}`, the text as a JSON string, is
-    # 2 longer only if nothing in it needed escaping. Any other value through `_json_time`.
+    # 2 longer only if nothing in it needed escaping. The layout's shape is not enough: `parse`
+    # (datetime.fromisoformat, in C) checks that it is a time without an offset (`.123+01` is as
+    # long), and raises ValueError for text that is none (`write_rows` then says which). Any
+    # other value through `_json_time`.
     datetime: "'null' if {v} is None else f'{{q{v}[:11]}}T{{q{v}[12:27]}}{{utc}}' if {v}.__class__ is str"
     " and len({v}) == 26 and len(q{v} := text({v})) == 28 and q{v}[11] == ' ' and q{v}[20] == '.'"
-    " and q{v}[21:27] != '000000' and stored({v}) else time({v})",
+    " and q{v}[21:27] != '000000' and q{v}[8] == '-' and parse({v}).tzinfo is None else time({v})",
 }
 
 
-def _row_encoder(fields: Sequence[str], types: Mapping[str, object]) -> Callable[[Sequence[Any]], str]:
+def _row_encoder(
+    fields: Sequence[str], types: Mapping[str, object], parse: Callable[[str], datetime] = datetime.fromisoformat
+) -> Callable[[Sequence[Any]], str]:
     """A row of values in `fields`' order as the JSON object `_json_line` writes for the same
     record, byte for byte, at a fraction of its cost: one f-string made for these fields (as
     collections.namedtuple makes its class), with each key encoded once and each value by the
     expression its field's type in `types` picks (`_ENCODE_AS`): most values inline, the rest
     by `_json_value`, `_json_list` and `_json_time`. The generated source holds only variable names and
-    those fixed expressions; keys and values are never part of it."""
+    those fixed expressions; keys and values are never part of it. `parse`: how a stored-layout
+    timestamp is checked (see _ENCODE_AS; `_parsed` never raises)."""
     keys = {f"k{at}": ("{" if at == 0 else ", ") + _JSON.encode(field) + ": " for at, field in enumerate(fields)}
     names = [f"v{at}" for at in range(len(fields))]
     body = "".join(
@@ -247,7 +265,7 @@ def _row_encoder(fields: Sequence[str], types: Mapping[str, object]) -> Callable
         "other": _json_value,
         "names": _json_list,
         "time": _json_time,
-        "stored": _stored_layout,
+        "parse": parse,
         "utc": '+00:00"',
     }
     exec(source, namespace)  # the source holds indices and fixed expressions only (see above)
@@ -312,12 +330,17 @@ def write_rows(
     if fmt not in ("json", "jsonl"):
         records = map(_record_maker(fields, types), rows)
         return write_records(records, fmt, fields, out, csv_guard=csv_guard)
-    lines = map(_row_encoder(fields, types), rows)
+    encode = _row_encoder(fields, types)
+    rows = iter(rows)
     first, between, last = ("", "\n", "\n") if fmt == "jsonl" else ("[\n  ", ",\n  ", "\n]\n")
     count = 0
-    while chunk := list(islice(lines, _ROW_CHUNK)):
-        out.write((first if count == 0 else between) + between.join(chunk))
-        count += len(chunk)
+    while chunk := list(islice(rows, _ROW_CHUNK)):
+        try:
+            lines = list(map(encode, chunk))
+        except ValueError:  # text in the stored layout's shape that is no time: which, and said as such
+            lines = list(map(_row_encoder(fields, types, _parsed), chunk))
+        out.write((first if count == 0 else between) + between.join(lines))
+        count += len(lines)
     out.write(last if count else ("" if fmt == "jsonl" else "[]\n"))
     return count
 
