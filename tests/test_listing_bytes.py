@@ -4,8 +4,10 @@ from SQLite's stored text) must not change one byte, on either backend, for tric
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+import unicodedata
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -177,6 +179,10 @@ OTHER_LAYOUTS = {
     "short@example.com": "2026-03-04 05:06:07.5",
     "offset@example.com": "2026-03-04 05:06:07+02:00",  # moved to UTC, as database.UtcDateTime does
     "date@example.com": "2026-03-04",
+    "hour@example.com": "2026-03-04 05:06:07.123+01",  # 26 characters, '.' at 19, as the stored layout
+    "zulu@example.com": "2026-03-04 05:06:07.12345Z",
+    "week@example.com": "2026-W10-3 05:06:07.123456",  # an ISO week date, as long as the stored layout
+    "zero@example.com": "2026-03-04 05:06:07.000+01",
 }
 
 
@@ -289,3 +295,168 @@ def test_a_list_field_encodes_any_value_as_write_records_does() -> None:
         assert output.write_rows(rows, fmt, ("roles",), fast, types={"roles": list[str]}) == len(rows)
         output.write_records([{"roles": value} for value in values], fmt, ("roles",), generic)
         assert fast.getvalue() == generic.getvalue()
+
+
+NOT_TIMESTAMPS = [
+    "'2026-13-45 99:99:99.123456'",  # the stored layout's shape, not a time
+    "'2026-02-30 09:00:00.123456'",
+    "'0000-01-02 09:00:00.123456'",
+    "'2026-01-02 09:00:00.١٢٣٤٥٦'",  # digits, but not ASCII ones
+    "'2026-01-02 09:00:00.12345é'",
+    "'abcdefghij klmnopqr.stuvwx'",
+    "'2026-13-45 99:99:99.000000'",
+    "1700000000",  # a number, as another tool may store a time
+    "1.5",
+    "X'41'",  # bytes
+    "'9999-12-31 23:59:59-01:00'",  # a time, but after year 9999 in UTC
+    "'0001-01-01 00:30:00+01:00'",
+]
+
+
+@pytest.mark.parametrize("stored", NOT_TIMESTAMPS)
+@pytest.mark.parametrize("column", ["created_at", "expires_at"])
+def test_a_stored_timestamp_that_is_not_one_is_refused_by_list_export_and_show_alike(
+    db: Session, settings: Settings, run: Any, stored: str, column: str
+) -> None:
+    """Text (or a number, or bytes) where a time belongs: every command that reads it says so in
+    one line (exit 1, as UnreadableTimestamp), rather than `list` printing what `show` refuses."""
+    if db.get_bind().dialect.name != "sqlite":
+        pytest.skip("PostgreSQL's timestamptz holds only times")
+    user = _add(db, settings, "bad-time@example.com")
+    with db.begin():
+        db.execute(text(f"UPDATE users SET {column} = {stored} WHERE id = :id"), {"id": user.id})
+    commands = [["show", str(user.id), "-o", "json"], ["show", str(user.id)], ["export"], ["export", "-o", "csv"]]
+    commands += [["list", "-o", fmt] for fmt in ("jsonl", "json", "csv", "table")]
+    commands += [["list", "--search", "bad-time", "-o", "jsonl"]]
+    for command in commands:
+        result = run(*command)
+        assert result.exit_code == 1, (command, result.stdout, result.stderr)
+        assert result.stderr.startswith("usermgr: error: the database holds a timestamp usermgr cannot read ("), (
+            command,
+            result.stderr,
+        )
+        assert "a bug" not in result.stderr and result.stderr.count("\n") == 1
+        assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("stored", ["2", "-1", "'yes'", "'no'", "''", "1.5", "X'00'", "0.0"])
+def test_a_stored_is_active_that_is_not_0_or_1_lists_as_show_and_login_read_it(
+    db: Session, settings: Settings, run: Any, stored: str
+) -> None:
+    """SQLite keeps any value in is_active; usermgr reads it as SQLAlchemy's Boolean does (its
+    truth: 'no' is an enabled user, who can log in), and `list` and `export` must say what
+    `show` says, not the stored text."""
+    if db.get_bind().dialect.name != "sqlite":
+        pytest.skip("PostgreSQL's boolean holds only booleans")
+    user = _add(db, settings, "odd-active@example.com")
+    with db.begin():
+        db.execute(text(f"UPDATE users SET is_active = {stored} WHERE id = :id"), {"id": user.id})
+    db.expire_all()  # the session still holds the user as _add left it
+    records = _generic_records(db)
+    assert isinstance(records[0]["is_active"], bool)
+    assert json.loads(ok(run("show", str(user.id), "-o", "json")).stdout)["is_active"] is records[0]["is_active"]
+    assert ok(run("list", "-o", "jsonl")).stdout == _generic_line(records[0]) + "\n"
+    assert ok(run("export")).stdout == _generic_line(records[0]) + "\n"
+    for fmt in ("csv", "table"):
+        written = io.StringIO()
+        output.write_records(records, fmt, USER_FIELDS, written)
+        assert ok(run("list", "-o", fmt)).stdout == written.getvalue()
+
+
+@pytest.mark.parametrize("options", [[], ["--role", "b"], ["--search", "odd-roles"], ["--limit", "5"]])
+def test_role_names_another_tool_stored_list_as_show_reads_them(
+    db: Session, settings: Settings, run: Any, options: list[str]
+) -> None:
+    """A role name usermgr would refuse (a comma, empty, a space) but another tool stored is
+    still one name, on every path that reads roles (the filtered lists' subquery, PostgreSQL's)."""
+    user = _add(db, settings, "odd-roles@example.com", roles=["b"])
+    _add(db, settings, "other@example.com", roles=["b"])
+    with db.begin():
+        for name in ("a,b", "", "x y", ",", "b,"):
+            db.execute(text("INSERT INTO roles (name) VALUES (:name)"), {"name": name})
+            db.execute(
+                text("INSERT INTO user_roles (user_id, role_id) SELECT :id, id FROM roles WHERE name = :name"),
+                {"id": user.id, "name": name},
+            )
+    db.expire_all()
+    records = _generic_records(db)
+    assert records[0]["roles"] == ["", ",", "a,b", "b", "b,", "x y"]
+    assert json.loads(ok(run("show", str(user.id), "-o", "json")).stdout)["roles"] == records[0]["roles"]
+    expected = "".join(
+        _generic_line(record) + "\n" for record in records if "--search" not in options or record is records[0]
+    )
+    assert ok(run("list", *options, "-o", "jsonl")).stdout == expected
+
+
+@pytest.mark.parametrize("command", [["list", "-o", "csv"], ["export", "-o", "csv"], ["show", "1", "-o", "csv"]])
+def test_a_carriage_return_in_a_stored_value_stays_inside_its_csv_cell(
+    db: Session, settings: Settings, run: Any, command: list[str]
+) -> None:
+    """csv quotes a cell with a newline but not one with a lone CR, which a spreadsheet (and
+    csv.reader) takes as the end of the row: `x\\r=cmd()` would start a row with a formula."""
+    _add(db, settings, "cr@example.com", full_name="x\r=HYPERLINK(1)", username="\r=1+1")
+    with db.begin():
+        db.execute(text("UPDATE users SET email = 'cr\r@example.com'"))  # a CR in a column the API checks
+    db.expire_all()
+    written = ok(run(*command)).stdout
+    rows = list(csv.reader(io.StringIO(written, newline="")))
+    assert len(rows) == 2 and rows[1][2:5] == ["cr\r@example.com", "'\r=1+1", "x\r=HYPERLINK(1)"]
+
+
+CONTROLS = "bell \x07 esc \x1b[31m nl \n cr \r tab \t nul-free \x7f c1 \x85 ls \u2028 ps \u2029 rlo \u202e lri \u2066"
+
+
+@pytest.mark.parametrize("command", [["list"], ["list", "--search", "ctl"], ["show", "1"]])
+def test_a_table_shows_control_and_format_characters_escaped(
+    db: Session, settings: Settings, run: Any, command: list[str]
+) -> None:
+    """`table` goes to a terminal: a stored escape sequence must not recolour or retitle it, a
+    newline or a line separator must not break the row, a right-to-left override must not
+    reorder what follows. Each such character shows as its Python escape."""
+    _add(db, settings, "ctl@example.com", full_name=CONTROLS)
+    table = ok(run(*command)).stdout
+    assert not [char for char in table if char != "\n" and unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp")]
+    assert len(table.splitlines()) == (3 if command[0] == "list" else len(USER_FIELDS))
+    assert (
+        "esc \\x1b[31m nl \\n cr \\r tab \\t" in table
+        and "\\x85 ls \\u2028 ps \\u2029 rlo \\u202e lri \\u2066" in table
+    )
+
+
+@pytest.mark.parametrize("column", ["email", "username", "full_name", "uid"])
+def test_bytes_stored_where_text_belongs_are_refused_in_one_line(
+    db: Session, settings: Settings, run: Any, column: str
+) -> None:
+    """SQLite keeps a BLOB in a text column: no format can write it as the text it should be,
+    so every command that shows it says so (exit 1, as for a timestamp that is not one)
+    rather than crashing in JSON or writing `b'...'` in CSV."""
+    if db.get_bind().dialect.name != "sqlite":
+        pytest.skip("PostgreSQL's text columns hold only text")
+    user = _add(db, settings, "blob@example.com", username="blob")
+    with db.begin():
+        db.execute(text(f"UPDATE users SET {column} = X'41e9' WHERE id = :id"), {"id": user.id})
+    commands = [["show", str(user.id), "-o", fmt] for fmt in ("json", "table", "csv")]
+    commands += [["list", "-o", fmt] for fmt in output.USER_FORMATS] + [["export"], ["export", "-o", "csv"]]
+    for command in commands:
+        if command[-1] == "id" or (command[-1] == "email" and column != "email"):
+            ok(run(*command))  # writes no value of that column
+            continue
+        result = run(*command)
+        assert result.exit_code == 1, (command, result.stdout, result.stderr)
+        assert result.stderr == (
+            "usermgr: error: the database holds bytes where text belongs (b'A\\xe9'): correct that row with SQL"
+            " or restore a backup\n"
+        ), command
+
+
+def test_one_value_a_line_stays_one_line_a_user(db: Session, settings: Settings, run: Any) -> None:
+    """`list -o email | usermgr disable -`: a stored email with a line break (or U+2028, which
+    str.splitlines also breaks at) must not print a second line naming another user."""
+    _add(db, settings, "admin@example.com")
+    _add(db, settings, "victim@example.com")
+    with db.begin():
+        db.execute(text("UPDATE users SET email = :email WHERE id = 2"), {"email": "x@example.com\nadmin@example.com"})
+    for command in (["list", "-o", "email"], ["show", "2", "-o", "email"]):
+        lines = ok(run(*command)).stdout.split("\n")[:-1]
+        assert "admin@example.com" not in lines[1:], command
+        assert lines[-1] == "x@example.com\\nadmin@example.com"

@@ -41,7 +41,8 @@ class Base(DeclarativeBase):
 
 class _SqliteStoredTime(sqlite.DATETIME):
     """SQLite's DATETIME (its text written and parsed exactly as SQLAlchemy does), a stored
-    value that is not a timestamp raised as UnreadableTimestamp rather than a bare ValueError."""
+    value that is not a timestamp (text that is none, a number, bytes, a time with an offset
+    that is beyond year 9999 in UTC) raised as UnreadableTimestamp rather than a bare error."""
 
     def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any] | None:
         parse = super().result_processor(dialect, coltype)
@@ -50,8 +51,9 @@ class _SqliteStoredTime(sqlite.DATETIME):
 
         def process(value: Any) -> Any:
             try:
-                return parse(value)
-            except ValueError:
+                moment = parse(value)
+                return moment if moment is None or moment.tzinfo is None else moment.astimezone(UTC)
+            except (ValueError, TypeError, OverflowError):
                 raise UnreadableTimestamp(value) from None
 
         return process

@@ -14,6 +14,7 @@ import io
 import json
 import re
 import sys
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,7 +22,7 @@ from itertools import islice
 from types import NoneType, UnionType
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO, get_args, get_origin
 
-from usermgr.errors import InvalidInput, UnreadableTimestamp
+from usermgr.errors import DatabaseUnavailable, InvalidInput, UnreadableTimestamp
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -39,11 +40,29 @@ CSV_GUARD = "'"
 _GUARDED_STARTS = (*FORMULA_STARTS, CSV_GUARD)
 
 
+def _not_text(value: bytes) -> DatabaseUnavailable:
+    """Bytes where text belongs (SQLite keeps a BLOB in any column): no format can write them
+    as the text they should be, so every one refuses them, naming the value cut short."""
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    return DatabaseUnavailable(
+        f"the database holds bytes where text belongs ({shown}): correct that row with SQL or restore a backup"
+    )
+
+
 def _iso(value: object) -> str:
     """Timestamps in JSON: ISO 8601 with their UTC offset."""
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, bytes):
+        raise _not_text(value)
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _text(value: object) -> str:
+    """A value that is not None, a bool, a list or a datetime as a CSV or table cell."""
+    if isinstance(value, bytes):
+        raise _not_text(value)
+    return str(value)
 
 
 # One encoder for every line: the C encoder calls `_iso` only for timestamps.
@@ -56,10 +75,10 @@ def _cell(value: object, list_separator: str) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
-        return list_separator.join(str(item) for item in value)
+        return list_separator.join(map(_text, value))
     if isinstance(value, datetime):
         return value.isoformat()
-    return str(value)
+    return _text(value)
 
 
 def _json_line(record: dict[str, Any]) -> str:
@@ -145,30 +164,51 @@ def _json_list(value: Any) -> str:
 _STORED_TIME = len("2026-01-02 09:00:00.000000")
 
 
+_UNPARSED = datetime.min.replace(tzinfo=UTC)
+
+
+def _parsed(text: str) -> datetime:
+    """datetime.fromisoformat, text that is no time an aware datetime: the row encoder then
+    takes it to `_json_time`, which says what it is (UnreadableTimestamp)."""
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return _UNPARSED
+
+
+def _stored_layout(text: str) -> bool:
+    """Whether text of the stored layout's length, with its space and its '.', is that layout
+    (`2026-01-02 09:00:00.000000`): a time (datetime.fromisoformat, in C, checks every digit
+    and range), without an offset (`.123+01` is as long), on a calendar date (not `2026-W10-3`)."""
+    try:
+        return text[7] == "-" and datetime.fromisoformat(text).tzinfo is None
+    except ValueError:
+        return False
+
+
 def utc_iso(text: str) -> str:
     """A UTC timestamp given as naive ISO 8601 text (how SQLite stores usermgr's times:
     `2026-01-02 09:00:00.000000`) as the record writes it, datetime.isoformat's
     `2026-01-02T09:00:00+00:00`: that exact layout by slicing, no datetime made; any other
     through datetime, naive taken as UTC and a time with an offset moved to UTC (what reading
-    it through database.UtcDateTime gives)."""
-    if len(text) == _STORED_TIME and text[10] == " " and text[19] == ".":
+    it through database.UtcDateTime gives). Text that is no time, or none in UTC's range, is
+    UnreadableTimestamp, as that read says."""
+    if len(text) == _STORED_TIME and text[10] == " " and text[19] == "." and _stored_layout(text):
         return f"{text[:10]}T{text[11:19]}{text[19:] if text[20:] != '000000' else ''}+00:00"
     try:
         moment = datetime.fromisoformat(text)
-    except ValueError:
+        return (moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)).isoformat()
+    except (ValueError, OverflowError):
         raise UnreadableTimestamp(text) from None
-    return (moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)).isoformat()
 
 
 def _json_time(value: Any) -> str:
     """A timestamp that is not None as JSON: text through `utc_iso`, a datetime by its
-    isoformat (what _JSON's default writes, without its encoder's set-up a value), anything
-    else as _JSON writes it."""
+    isoformat (what _JSON's default writes, without its encoder's set-up a value); anything
+    else (a number, bytes) is no timestamp (`_as_time`)."""
     if value.__class__ is str:
         return json.encoder.encode_basestring(utc_iso(value))
-    if value.__class__ is datetime:
-        return json.encoder.encode_basestring(value.isoformat())
-    return _JSON.encode(value)
+    return json.encoder.encode_basestring(_as_time(value).isoformat())
 
 
 def _kind(declared: object) -> type:
@@ -188,23 +228,29 @@ _ANY = (
 )
 _ENCODE_AS = {
     int: "{v} if {v}.__class__ is int else " + _ANY,  # the f-string writes an int as int.__repr__ does
-    bool: "('true' if {v} else 'false') if {v}.__class__ is int or {v}.__class__ is bool else " + _ANY,
+    bool: "'null' if {v} is None else 'true' if {v} else 'false'",  # any stored value: its truth, as `_as_bool`
     list: "'[]' if {v} is None else names({v})",
     # Text in SQLite's layout (see utc_iso) cut inline; `q{v}`, the text as a JSON string, is
-    # 2 longer only if nothing in it needed escaping. Any other value through `_json_time`.
+    # 2 longer only if nothing in it needed escaping. The layout's shape is not enough: `parse`
+    # (datetime.fromisoformat, in C) checks that it is a time without an offset (`.123+01` is as
+    # long), and raises ValueError for text that is none (`write_rows` then says which). Any
+    # other value through `_json_time`.
     datetime: "'null' if {v} is None else f'{{q{v}[:11]}}T{{q{v}[12:27]}}{{utc}}' if {v}.__class__ is str"
     " and len({v}) == 26 and len(q{v} := text({v})) == 28 and q{v}[11] == ' ' and q{v}[20] == '.'"
-    " and q{v}[21:27] != '000000' else time({v})",
+    " and q{v}[21:27] != '000000' and q{v}[8] == '-' and parse({v}).tzinfo is None else time({v})",
 }
 
 
-def _row_encoder(fields: Sequence[str], types: Mapping[str, object]) -> Callable[[Sequence[Any]], str]:
+def _row_encoder(
+    fields: Sequence[str], types: Mapping[str, object], parse: Callable[[str], datetime] = datetime.fromisoformat
+) -> Callable[[Sequence[Any]], str]:
     """A row of values in `fields`' order as the JSON object `_json_line` writes for the same
     record, byte for byte, at a fraction of its cost: one f-string made for these fields (as
     collections.namedtuple makes its class), with each key encoded once and each value by the
     expression its field's type in `types` picks (`_ENCODE_AS`): most values inline, the rest
     by `_json_value`, `_json_list` and `_json_time`. The generated source holds only variable names and
-    those fixed expressions; keys and values are never part of it."""
+    those fixed expressions; keys and values are never part of it. `parse`: how a stored-layout
+    timestamp is checked (see _ENCODE_AS; `_parsed` never raises)."""
     keys = {f"k{at}": ("{" if at == 0 else ", ") + _JSON.encode(field) + ": " for at, field in enumerate(fields)}
     names = [f"v{at}" for at in range(len(fields))]
     body = "".join(
@@ -219,18 +265,27 @@ def _row_encoder(fields: Sequence[str], types: Mapping[str, object]) -> Callable
         "other": _json_value,
         "names": _json_list,
         "time": _json_time,
+        "parse": parse,
         "utc": '+00:00"',
     }
     exec(source, namespace)  # the source holds indices and fixed expressions only (see above)
     return namespace["encode"]
 
 
-def _as_bool(value: Any) -> Any:
-    return bool(value) if value.__class__ is int else value
+def _as_bool(value: Any) -> bool | None:
+    """A bool as SQLAlchemy's Boolean reads it from SQLite, which keeps any value there (0/1,
+    text, a number, bytes): its truth, as show and login take it."""
+    return None if value is None else bool(value)
 
 
 def _as_time(value: Any) -> Any:
-    return utc_iso(value) if value.__class__ is str else value
+    """A timestamp as the record holds it: a datetime, None, or text as `utc_iso` writes it;
+    a stored number or bytes is no timestamp (database.UtcDateTime refuses it alike)."""
+    if value.__class__ is str:
+        return utc_iso(value)
+    if value is None or isinstance(value, datetime):
+        return value
+    raise UnreadableTimestamp(value)
 
 
 _RECORD_FORM = {bool: _as_bool, datetime: _as_time}  # a list as None: every cell writes it as it writes []
@@ -268,19 +323,24 @@ def write_rows(
     in seconds); every format writes exactly what `write_records` writes for the same records.
 
     `types` (field -> type, as contract.USER_RECORD declares them) lets a value come in a
-    compact form of its field's type, as SQLite stores it: a `bool` as 0 or 1, a `list` as
+    compact form of its field's type, as SQLite stores it: a `bool` as 0 or 1 (any value: its truth), a `list` as
     None when empty, a `datetime` as naive UTC ISO 8601 text (`utc_iso`)."""
     out = out or sys.stdout
     types = types or {}
     if fmt not in ("json", "jsonl"):
         records = map(_record_maker(fields, types), rows)
         return write_records(records, fmt, fields, out, csv_guard=csv_guard)
-    lines = map(_row_encoder(fields, types), rows)
+    encode = _row_encoder(fields, types)
+    rows = iter(rows)
     first, between, last = ("", "\n", "\n") if fmt == "jsonl" else ("[\n  ", ",\n  ", "\n]\n")
     count = 0
-    while chunk := list(islice(lines, _ROW_CHUNK)):
-        out.write((first if count == 0 else between) + between.join(chunk))
-        count += len(chunk)
+    while chunk := list(islice(rows, _ROW_CHUNK)):
+        try:
+            lines = list(map(encode, chunk))
+        except ValueError:  # text in the stored layout's shape that is no time: which, and said as such
+            lines = list(map(_row_encoder(fields, types, _parsed), chunk))
+        out.write((first if count == 0 else between) + between.join(lines))
+        count += len(lines)
     out.write(last if count else ("" if fmt == "jsonl" else "[]\n"))
     return count
 
@@ -300,12 +360,32 @@ def unguard_cell(cell: str) -> str:
 
 def _write_csv(records: Iterable[dict[str, Any]], fields: Sequence[str], out: TextIO, *, guard: bool) -> int:
     writer = csv.writer(out, lineterminator="\n")
+    # csv quotes a cell holding the line terminator's "\n", not one holding a lone "\r", which a
+    # spreadsheet (and csv.reader) takes as the row's end: `x\r=cmd()` would start a row with a
+    # formula. A row with a "\r" anywhere is written with every cell quoted.
+    quoted = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL)
     writer.writerow(fields)
     encode = guard_cell if guard else str
-    return _each(
-        records,
-        lambda record: writer.writerow([encode(_cell(record.get(field), LIST_SEPARATOR)) for field in fields]),
-    )
+
+    def write(record: dict[str, Any]) -> None:
+        cells = [encode(_cell(record.get(field), LIST_SEPARATOR)) for field in fields]
+        (quoted if any("\r" in cell for cell in cells) else writer).writerow(cells)
+
+    return _each(records, write)
+
+
+# Characters a terminal acts on or that move text (control, format, line and paragraph
+# separators: schemas.UNPRINTABLE_CATEGORIES), which a table shows escaped.
+_UNSHOWN = ("Cc", "Cf", "Zl", "Zp")
+
+
+def _visible(cell: str) -> str:
+    """A table cell with each character in _UNSHOWN as its Python escape (`\\x1b`, `\\n`,
+    `\\u202e`): a stored escape sequence neither recolours the terminal nor breaks the row.
+    str.isprintable passes nearly every cell in one C call (the space is printable)."""
+    if cell.isprintable():
+        return cell
+    return "".join(ascii(char)[1:-1] if unicodedata.category(char) in _UNSHOWN else char for char in cell)
 
 
 TABLE_WINDOW = 1000
@@ -318,7 +398,7 @@ def _write_table(records: Iterable[dict[str, Any]], fields: Sequence[str], out: 
     only its own line."""
     from tabulate import tabulate
 
-    rows = ([_cell(record.get(field), ", ") for field in fields] for record in records)
+    rows = ([_visible(_cell(record.get(field), ", ")) for field in fields] for record in records)
     window = list(islice(rows, TABLE_WINDOW))
     if not window:
         return 0
@@ -334,7 +414,7 @@ def _write_table(records: Iterable[dict[str, Any]], fields: Sequence[str], out: 
 
 def _one_value(field: str) -> Callable[[Iterable[dict[str, Any]], Sequence[str], TextIO], int]:
     def write(records: Iterable[dict[str, Any]], _fields: Sequence[str], out: TextIO) -> int:
-        return _each(records, lambda record: out.write(f"{record[field]}\n"))
+        return _each(records, lambda record: out.write(f"{_visible(_text(record[field]))}\n"))  # one line each
 
     return write
 
@@ -359,7 +439,7 @@ def write_one(record: dict[str, Any], fmt: str, fields: Sequence[str], out: Text
     elif fmt == "table":
         from tabulate import tabulate
 
-        rows = [[field, _cell(record.get(field), ", ")] for field in fields]
+        rows = [[field, _visible(_cell(record.get(field), ", "))] for field in fields]
         out.write(tabulate(rows, tablefmt="plain", disable_numparse=True) + "\n")
     else:
         write_records([record], fmt, fields, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -47,9 +48,13 @@ class UserFilter:
     offset: int = 0
 
 
-def _roles_column() -> Any:
+def _roles_column(dialect: str) -> Any:
+    """A user's role names, NULL for none: a list on PostgreSQL (array_agg), a JSON array on
+    SQLite (json_group_array); never names joined by a separator, which a name another tool
+    stored may hold (`_role_list` reads either)."""
+    names = func.nullif(func.json_group_array(Role.name), "[]") if dialect == "sqlite" else func.array_agg(Role.name)
     return (
-        select(func.aggregate_strings(Role.name, ","))
+        select(names)
         .select_from(user_roles.join(Role))
         .where(user_roles.c.user_id == User.id)
         .scalar_subquery()
@@ -133,7 +138,9 @@ def _user_chunks(db: Session, filters: UserFilter, with_hashes: bool, stored: bo
         if stored and connection.dialect.name == "sqlite":
             yield from _stored_chunks(connection, filters, with_hashes)
             return
-        statement = _filtered(select(*_columns(_roles_column(), with_hashes)).order_by(User.id), filters)
+        statement = _filtered(
+            select(*_columns(_roles_column(connection.dialect.name), with_hashes)).order_by(User.id), filters
+        )
         result = connection.execute(statement.execution_options(yield_per=_STREAM_CHUNK))
         for rows in result.partitions():
             yield [_roles_listed(row) for row in rows]
@@ -148,9 +155,11 @@ def _columns(roles: Any, with_hashes: bool) -> list[Any]:
     return [*columns, User.hashed_password] if with_hashes else columns
 
 
-def _role_list(names: str | None) -> list[str]:
-    """The roles column (names joined by commas) as the record's sorted list."""
-    return sorted(names.split(",")) if names else []
+def _role_list(names: list[str] | str | None) -> list[str]:
+    """The roles column (`_roles_column`: a list, a JSON array or None) as the record's sorted list."""
+    if names is None:
+        return []
+    return sorted(json.loads(names) if isinstance(names, str) else names)
 
 
 def _stored_chunks(connection: Connection, filters: UserFilter, with_hashes: bool) -> Iterator[list[tuple[Any, ...]]]:
@@ -165,7 +174,7 @@ def _stored_chunks(connection: Connection, filters: UserFilter, with_hashes: boo
     state...) keeps the subquery, run for the users it picks only: the pass would read every
     user's roles, or run the filter's scan twice."""
     picks = replace(filters, limit=None, offset=0) != UserFilter()
-    roles = _roles_column() if picks else null()
+    roles = _roles_column(connection.dialect.name) if picks else null()
     users = connection.execute(_filtered(select(*_columns(roles, with_hashes)).order_by(User.id), filters))
     rows = cast("sqlite3.Cursor", users.cursor)  # whose fetchmany gives a list of tuples, in C
     chunks = iter(lambda: rows.fetchmany(_STREAM_CHUNK), [])
@@ -185,7 +194,7 @@ def _stored_chunks(connection: Connection, filters: UserFilter, with_hashes: boo
 
 
 def _roles_listed(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A row with the roles column (names joined by commas) as the record's sorted list."""
+    """A row with the roles column (`_roles_column`) as the record's sorted list."""
     return (*row[:_ROLES_AT], _role_list(row[_ROLES_AT]), *row[_ROLES_AT + 1 :])
 
 
