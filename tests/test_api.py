@@ -43,6 +43,7 @@ from tests.conftest import (
     run_usermgr,
     serving,
     shown,
+    token_of,
     uid_of,
     users,
 )
@@ -305,6 +306,28 @@ def test_failed_logins_on_the_cli_and_the_api_count_toward_one_lockout(
     locked_cli = login(run, "ada@example.com")
     assert locked_cli.exit_code == 6
     assert locked_cli.stdout == ""
+
+
+@pytest.mark.parametrize("stored", ["'no'", "'false'", "2"])
+def test_a_user_whose_stored_is_active_is_not_0_or_1_is_not_let_in(
+    client: TestClient, run: Runner, db_url: str, stored: str
+) -> None:
+    """Another tool's 'no' or 'false' in is_active was read by its Python truth: an enabled
+    user, who logged in. Nobody is let in on a value usermgr cannot read: the CLI says so in
+    one line (exit 1), the API answers 503 and issues no token."""
+    if not db_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL's boolean holds only booleans")
+    create_user(run, "ada@example.com")
+    token = token_of(run, "ada@example.com")
+    with create_engine(db_url).begin() as connection:
+        connection.execute(text(f"UPDATE users SET is_active = {stored} WHERE email = 'ada@example.com'"))
+    refused = login(run, "ada@example.com")
+    assert (refused.exit_code, refused.stdout) == (1, "")
+    assert refused.stderr.startswith("usermgr: error: the database holds a true/false value usermgr cannot read (")
+    answered = api_login(client, "ada@example.com")
+    assert answered.status_code == 503 and "access_token" not in answered.text
+    assert client.get("/users/me", headers=bearer(token)).status_code == 503
+    assert run("verify", token, "--check-db").exit_code == 1
 
 
 # ---- tokens ----------------------------------------------------------------------------------------

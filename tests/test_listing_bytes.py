@@ -339,13 +339,12 @@ def test_a_stored_timestamp_that_is_not_one_is_refused_by_list_export_and_show_a
         assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("stored", ["2", "-1", "'yes'", "'no'", "''", "1.5", "X'00'", "0.0"])
-def test_a_stored_is_active_that_is_not_0_or_1_lists_as_show_and_login_read_it(
-    db: Session, settings: Settings, run: Any, stored: str
+@pytest.mark.parametrize(("stored", "read"), [("0", False), ("1", True), ("0.0", False), ("1.0", True)])
+def test_a_stored_is_active_of_0_or_1_lists_as_show_reads_it(
+    db: Session, settings: Settings, run: Any, stored: str, read: bool
 ) -> None:
-    """SQLite keeps any value in is_active; usermgr reads it as SQLAlchemy's Boolean does (its
-    truth: 'no' is an enabled user, who can log in), and `list` and `export` must say what
-    `show` says, not the stored text."""
+    """SQLite stores a bool as 0 or 1 (a REAL 0.0 or 1.0 another tool wrote is kept as the
+    INTEGER, by the column's NUMERIC affinity): every path reads it alike."""
     if db.get_bind().dialect.name != "sqlite":
         pytest.skip("PostgreSQL's boolean holds only booleans")
     user = _add(db, settings, "odd-active@example.com")
@@ -353,14 +352,48 @@ def test_a_stored_is_active_that_is_not_0_or_1_lists_as_show_and_login_read_it(
         db.execute(text(f"UPDATE users SET is_active = {stored} WHERE id = :id"), {"id": user.id})
     db.expire_all()  # the session still holds the user as _add left it
     records = _generic_records(db)
-    assert isinstance(records[0]["is_active"], bool)
-    assert json.loads(ok(run("show", str(user.id), "-o", "json")).stdout)["is_active"] is records[0]["is_active"]
+    assert records[0]["is_active"] is read
+    assert json.loads(ok(run("show", str(user.id), "-o", "json")).stdout)["is_active"] is read
     assert ok(run("list", "-o", "jsonl")).stdout == _generic_line(records[0]) + "\n"
     assert ok(run("export")).stdout == _generic_line(records[0]) + "\n"
     for fmt in ("csv", "table"):
         written = io.StringIO()
         output.write_records(records, fmt, USER_FIELDS, written)
         assert ok(run("list", "-o", fmt)).stdout == written.getvalue()
+
+
+ODD_TRUTHS = ["2", "-1", "'yes'", "'no'", "'false'", "''", "1.5", "X'00'"]
+
+
+@pytest.mark.parametrize("stored", ODD_TRUTHS)
+def test_a_stored_is_active_that_is_not_0_or_1_is_refused_alike(
+    db: Session, settings: Settings, run: Any, stored: str
+) -> None:
+    """SQLite keeps any value in is_active. Read by its Python truth, 'no' or 'false' (another
+    tool's 'disabled') was an enabled user who could log in, while the SQL filters (`--active`,
+    the last-admin rule: `IS 1`) did not count them active. Such a value is damage, refused as
+    a timestamp that is not one is: one line, exit 1, by every command that reads it."""
+    if db.get_bind().dialect.name != "sqlite":
+        pytest.skip("PostgreSQL's boolean holds only booleans")
+    user = _add(db, settings, "odd-active@example.com")
+    with db.begin():
+        db.execute(text(f"UPDATE users SET is_active = {stored} WHERE id = :id"), {"id": user.id})
+    commands = [
+        ["show", str(user.id)],
+        ["export"],
+        *(["list", "-o", fmt] for fmt in ("jsonl", "json", "csv", "table", "email")),
+    ]
+    for command in commands:
+        result = run(*command)
+        assert result.exit_code == 1, (command, result.stdout, result.stderr)
+        assert "odd-active@example.com" not in result.stdout  # a stream may have begun (csv's header): not this row
+        assert result.stderr.startswith(
+            "usermgr: error: the database holds a true/false value usermgr cannot read ("
+        ), (
+            command,
+            result.stderr,
+        )
+        assert result.stderr.endswith("): correct that row with SQL (0 or 1) or restore a backup\n")
 
 
 @pytest.mark.parametrize("options", [[], ["--role", "b"], ["--search", "odd-roles"], ["--limit", "5"]])

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from sqlalchemy import URL, DateTime, Engine, create_engine, event, exc
+from sqlalchemy import URL, Boolean, DateTime, Engine, create_engine, event, exc
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.orm import DeclarativeBase, sessionmaker
@@ -57,6 +57,20 @@ class _SqliteStoredTime(sqlite.DATETIME):
                 raise UnreadableTimestamp(value) from None
 
         return process
+
+
+class StrictBoolean(Boolean):
+    """A true/false column that reads only true or false: on SQLite, which keeps any value in
+    it, a value other than 0 or 1 is UnreadableBoolean (output.stored_truth), where
+    SQLAlchemy's own reading, `bool(value)`, made another tool's 'no' or 'false' an enabled
+    user. A Boolean itself (not a TypeDecorator), so `is_(True)` still compiles as `IS true`."""
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any] | None:
+        if dialect.name != "sqlite":
+            return super().result_processor(dialect, coltype)
+        from usermgr.output import stored_truth
+
+        return stored_truth
 
 
 class UtcDateTime(TypeDecorator[datetime]):

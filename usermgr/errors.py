@@ -20,15 +20,31 @@ class DatabaseUnavailable(UsermgrError):
     """The database cannot be opened, is corrupt, or has no schema yet."""
 
 
+def cut_repr(stored: object) -> str:
+    """A stored value as an error names it: its repr (escaped, one line), cut to 40 characters."""
+    shown = repr(stored)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
+
+
 class UnreadableTimestamp(DatabaseUnavailable):
     """A stored timestamp that is not one (text written into the database by hand or by
     another tool): the database is damaged, not usermgr; the message names the value, cut short."""
 
     def __init__(self, stored: object) -> None:
-        shown = repr(stored) if len(repr(stored)) <= 40 else repr(stored)[:37] + "..."
         super().__init__(
-            f"the database holds a timestamp usermgr cannot read ({shown}): correct that row with SQL"
+            f"the database holds a timestamp usermgr cannot read ({cut_repr(stored)}): correct that row with SQL"
             " or restore a backup"
+        )
+
+
+class UnreadableBoolean(DatabaseUnavailable):
+    """A stored true/false value that is neither (SQLite keeps any value in a BOOLEAN column:
+    another tool's 'no', 'false', 2): read by its Python truth, 'no' would be an enabled user."""
+
+    def __init__(self, stored: object) -> None:
+        super().__init__(
+            f"the database holds a true/false value usermgr cannot read ({cut_repr(stored)}): correct that row with"
+            " SQL (0 or 1) or restore a backup"
         )
 
 

@@ -10,7 +10,7 @@ from sqlalchemy import Column, ForeignKey, Index, Integer, String, Table, Text, 
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from usermgr.contract import ADMIN_ROLE
-from usermgr.database import Base, UtcDateTime, utcnow
+from usermgr.database import Base, StrictBoolean, UtcDateTime, utcnow
 
 UID_LENGTH = 36  # a UUID's canonical text form
 ADDRESS_LENGTH = 64  # an audit event's client address: any IPv6 address's text, with room to spare
@@ -62,7 +62,7 @@ class User(Base):
     username: Mapped[str | None] = mapped_column(String(150), unique=True)
     full_name: Mapped[str | None] = mapped_column(String(300))
     hashed_password: Mapped[str | None] = mapped_column(String(512))
-    is_active: Mapped[bool] = mapped_column(default=True)
+    is_active: Mapped[bool] = mapped_column(StrictBoolean, default=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
     last_login_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

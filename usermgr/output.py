@@ -22,7 +22,7 @@ from itertools import islice
 from types import NoneType, UnionType
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO, get_args, get_origin
 
-from usermgr.errors import DatabaseUnavailable, InvalidInput, UnreadableTimestamp
+from usermgr.errors import DatabaseUnavailable, InvalidInput, UnreadableBoolean, UnreadableTimestamp, cut_repr
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -43,10 +43,21 @@ _GUARDED_STARTS = (*FORMULA_STARTS, CSV_GUARD)
 def _not_text(value: bytes) -> DatabaseUnavailable:
     """Bytes where text belongs (SQLite keeps a BLOB in any column): no format can write them
     as the text they should be, so every one refuses them, naming the value cut short."""
-    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
     return DatabaseUnavailable(
-        f"the database holds bytes where text belongs ({shown}): correct that row with SQL or restore a backup"
+        f"the database holds bytes where text belongs ({cut_repr(value)}): correct that row with SQL"
+        " or restore a backup"
     )
+
+
+def stored_truth(value: Any) -> bool | None:
+    """A true/false value as stored: SQLite's 0 or 1 (or a bool, as PostgreSQL's driver gives
+    it), None for NULL; anything else SQLite kept there is UnreadableBoolean. The one reading
+    of a stored bool: database.StrictBoolean and the list fast path both call it."""
+    if value is None or value.__class__ is bool:
+        return value  # type: ignore[no-any-return]
+    if value.__class__ is int and (value == 0 or value == 1):
+        return value == 1
+    raise UnreadableBoolean(value)
 
 
 def _iso(value: object) -> str:
@@ -211,6 +222,12 @@ def _json_time(value: Any) -> str:
     return json.encoder.encode_basestring(_as_time(value).isoformat())
 
 
+def _json_truth(value: Any) -> str:
+    """A stored true/false value other than SQLite's 0 or 1 as JSON (`stored_truth`)."""
+    truth = stored_truth(value)
+    return "null" if truth is None else "true" if truth else "false"
+
+
 def _kind(declared: object) -> type:
     """The class a contract type (contract.USER_RECORD's: `int`, `str | None`, `list[str]`,
     `datetime`...) names, None aside; `object` for no type or a union of several."""
@@ -228,7 +245,7 @@ _ANY = (
 )
 _ENCODE_AS = {
     int: "{v} if {v}.__class__ is int else " + _ANY,  # the f-string writes an int as int.__repr__ does
-    bool: "'null' if {v} is None else 'true' if {v} else 'false'",  # any stored value: its truth, as `_as_bool`
+    bool: "('true' if {v} else 'false') if {v}.__class__ is int and ({v} == 1 or {v} == 0) else truth({v})",
     list: "'[]' if {v} is None else names({v})",
     # Text in SQLite's layout (see utc_iso) cut inline; `q{v}`, the text as a JSON string, is
     # 2 longer only if nothing in it needed escaping. The layout's shape is not enough: `parse`
@@ -265,17 +282,12 @@ def _row_encoder(
         "other": _json_value,
         "names": _json_list,
         "time": _json_time,
+        "truth": _json_truth,
         "parse": parse,
         "utc": '+00:00"',
     }
     exec(source, namespace)  # the source holds indices and fixed expressions only (see above)
     return namespace["encode"]
-
-
-def _as_bool(value: Any) -> bool | None:
-    """A bool as SQLAlchemy's Boolean reads it from SQLite, which keeps any value there (0/1,
-    text, a number, bytes): its truth, as show and login take it."""
-    return None if value is None else bool(value)
 
 
 def _as_time(value: Any) -> Any:
@@ -288,7 +300,7 @@ def _as_time(value: Any) -> Any:
     raise UnreadableTimestamp(value)
 
 
-_RECORD_FORM = {bool: _as_bool, datetime: _as_time}  # a list as None: every cell writes it as it writes []
+_RECORD_FORM = {bool: stored_truth, datetime: _as_time}  # a list as None: every cell writes it as it writes []
 
 
 def _record_maker(fields: Sequence[str], types: Mapping[str, object]) -> Callable[[Sequence[Any]], dict[str, Any]]:
@@ -323,7 +335,7 @@ def write_rows(
     in seconds); every format writes exactly what `write_records` writes for the same records.
 
     `types` (field -> type, as contract.USER_RECORD declares them) lets a value come in a
-    compact form of its field's type, as SQLite stores it: a `bool` as 0 or 1 (any value: its truth), a `list` as
+    compact form of its field's type, as SQLite stores it: a `bool` as 0 or 1 (`stored_truth`), a `list` as
     None when empty, a `datetime` as naive UTC ISO 8601 text (`utc_iso`)."""
     out = out or sys.stdout
     types = types or {}
