@@ -10,11 +10,15 @@ The assertions are on outcomes only, never on timing.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
 
 from sqlalchemy import Connection, create_engine, select, text
 from sqlalchemy.orm import Session
@@ -185,3 +189,46 @@ def test_granting_a_new_role_to_twelve_users_at_once(env: dict[str, str], db: Se
     assert_clean_stderr(outcomes)
     members = [record["email"] for record in service.iter_user_records(db, UserFilter(role="beta"))]
     assert members == wanted
+
+
+def _waiting_on_a_lock(connection: Connection) -> bool:
+    return bool(connection.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar_one())
+
+
+@pytest.mark.parametrize("roles", [[], ["ops"]], ids=["no-roles", "a-role"])
+def test_an_import_update_of_a_user_deleted_meanwhile_is_refused(
+    env: dict[str, str], db_url: str, db: Session, settings: Settings, backend: str, tmp_path: Path, roles: list[str]
+) -> None:
+    """`import --on-conflict update` reads a user, then a concurrent `delete` of that user
+    commits before the import writes (PostgreSQL: the import's write waits on the deleter's
+    row lock, then finds no row). The import must not report the row as updated, nor leave a
+    `user.update` event for someone deleted, nor fail on the user's role links: it is refused."""
+    if backend == "sqlite":
+        pytest.skip("SQLite runs one writer at a time: the import starts after the delete")
+    service.create_user(db, settings, service.new_user(email="carol@example.com"))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"email": "carol@example.com", "full_name": "Carol D", "roles": roles}) + "\n")
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as deleter:
+            deleter.execute(text("DELETE FROM users WHERE email = 'carol@example.com'"))
+            importer = start([["import", str(rows), "--format", "jsonl", "--on-conflict", "update"]], env)
+            deadline = time.monotonic() + HANG_TIMEOUT
+            while not _waiting_on_a_lock(deleter):
+                assert importer[0].poll() is None, finish(importer)
+                assert time.monotonic() < deadline, "the import never waited on the delete"
+                time.sleep(0.05)
+            deleter.commit()
+        (outcome,) = finish(importer)
+        with engine.connect() as reader:
+            events = reader.execute(text("SELECT action FROM audit_events WHERE target_email = 'carol@example.com'"))
+            actions = list(events.scalars())
+    finally:
+        engine.dispose()
+    assert_clean_stderr([outcome])
+    assert (outcome.returncode, outcome.stderr) == (
+        5,
+        "usermgr: error: line 1: the user carol@example.com was deleted while the import ran; nothing was imported\n",
+    )
+    assert stored_emails(db_url) == []
+    assert actions == ["user.create"]  # the delete was plain SQL: no event of its own
