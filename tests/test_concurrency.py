@@ -232,3 +232,50 @@ def test_an_import_update_of_a_user_deleted_meanwhile_is_refused(
     )
     assert stored_emails(db_url) == []
     assert actions == ["user.create"]  # the delete was plain SQL: no event of its own
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["update", "carol@example.com", "--full-name", "Carol D"],
+        ["update", "carol@example.com", "--expires", "30d"],
+        ["disable", "carol@example.com"],
+        ["revoke-tokens", "carol@example.com"],
+        ["grant-role", "carol@example.com", "ops"],
+        ["revoke-role", "carol@example.com", "beta"],
+        ["delete", "carol@example.com", "--yes"],
+    ],
+    ids=lambda command: command[0] + ("-" + command[2] if command[0] == "update" else ""),
+)
+def test_a_change_to_a_user_deleted_meanwhile_is_not_found(
+    env: dict[str, str], db_url: str, db: Session, settings: Settings, backend: str, command: list[str]
+) -> None:
+    """A command finds its user, then a concurrent `delete` commits before the command
+    writes (PostgreSQL: the write waits on the deleter's row lock, then finds no row): the
+    user is not found (exit 4), as if the command had come after the delete; never exit 1,
+    nor a change or an event for nobody."""
+    if backend == "sqlite":
+        pytest.skip("SQLite runs one writer at a time: the command starts after the delete")
+    service.create_user(db, settings, service.new_user(email="carol@example.com"), roles=["beta"])
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as deleter:
+            deleter.execute(text("DELETE FROM users WHERE email = 'carol@example.com'"))
+            changer = start([command], env)
+            deadline = time.monotonic() + HANG_TIMEOUT
+            while not _waiting_on_a_lock(deleter):
+                assert changer[0].poll() is None, finish(changer)
+                assert time.monotonic() < deadline, "the command never waited on the delete"
+                time.sleep(0.05)
+            deleter.commit()
+        (outcome,) = finish(changer)
+        with engine.connect() as reader:
+            events = reader.execute(text("SELECT action FROM audit_events WHERE target_email = 'carol@example.com'"))
+            actions = list(events.scalars())
+    finally:
+        engine.dispose()
+    assert_clean_stderr([outcome])
+    assert outcome.returncode == 4, outcome
+    assert outcome.stderr.startswith("usermgr: error: no user matches 'carol@example.com'"), outcome
+    assert len(outcome.stderr.splitlines()) == 1, outcome
+    assert actions == ["user.create"]  # the delete was plain SQL: no event of its own
