@@ -98,7 +98,12 @@ def test_only_the_first_twenty_bad_rows_are_listed(run: Runner) -> None:
         ('{"email": "a@example.com", "roles": ["Not Valid"]}\n', "invalid role name"),
         # Longer than the column (512): PostgreSQL refused it as a database failure (exit 1).
         (
-            json.dumps({"email": "a@example.com", "hashed_password": "$argon2id$v=19$m=65536,t=3,p=4$" + "c2FsdA" * 80 + "$aGFzaA"})
+            json.dumps(
+                {
+                    "email": "a@example.com",
+                    "hashed_password": "$argon2id$v=19$m=65536,t=3,p=4$" + "c2FsdA" * 80 + "$aGFzaA",
+                }
+            )
             + "\n",
             "line 1: hashed_password: unsupported hashed_password: longer than 512 characters",
         ),

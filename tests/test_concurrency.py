@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from sqlalchemy import Connection, create_engine, select, text
 from sqlalchemy.orm import Session
 
