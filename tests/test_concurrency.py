@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import Connection, create_engine, select, text
 from sqlalchemy.orm import Session
 
@@ -278,3 +281,51 @@ def test_a_change_to_a_user_deleted_meanwhile_is_not_found(
     assert outcome.stderr.startswith("usermgr: error: no user matches 'carol@example.com'"), outcome
     assert len(outcome.stderr.splitlines()) == 1, outcome
     assert actions == ["user.create"]  # the delete was plain SQL: no event of its own
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("PATCH", "/users/{id}", {"full_name": "Carol D"}),
+        ("DELETE", "/users/{id}", None),
+        ("PUT", "/users/{id}/roles/ops", None),
+        ("DELETE", "/users/{id}/roles/beta", None),
+    ],
+    ids=["patch", "delete", "grant", "revoke"],
+)
+def test_an_api_change_to_a_user_deleted_meanwhile_is_404(
+    client: TestClient,
+    admin: dict[str, str],
+    db_url: str,
+    db: Session,
+    settings: Settings,
+    backend: str,
+    method: str,
+    path: str,
+    body: dict[str, str] | None,
+) -> None:
+    """The API's face of the same race: a 404, never a 500."""
+    if backend == "sqlite":
+        pytest.skip("SQLite runs one writer at a time: the request starts after the delete")
+    carol = service.create_user(db, settings, service.new_user(email="carol@example.com"), roles=["beta"]).id
+    answers: list[Any] = []
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as deleter:
+            deleter.execute(text("DELETE FROM users WHERE email = 'carol@example.com'"))
+            request = threading.Thread(
+                target=lambda: answers.append(
+                    client.request(method, path.format(id=carol), headers=admin, json=body).status_code
+                )
+            )
+            request.start()
+            deadline = time.monotonic() + HANG_TIMEOUT
+            while not _waiting_on_a_lock(deleter):
+                assert request.is_alive(), answers
+                assert time.monotonic() < deadline, "the request never waited on the delete"
+                time.sleep(0.05)
+            deleter.commit()
+        request.join(HANG_TIMEOUT)
+    finally:
+        engine.dispose()
+    assert answers == [404]
