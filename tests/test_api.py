@@ -769,16 +769,19 @@ def test_usermgr_serve_end_to_end(env: dict[str, str], tmp_path: Path) -> None:
         ("2001:DB8:0:0::1", "2001:db8::1"),
         ("a" * 300, "a" * 63 + "…"),
         ("not\tan address", "not\\tan address"),
+        ("fe80::1%" + "a" * 300, "fe80::1%" + "a" * 55 + "…"),
+        (b"fe80::1%\x9b31m", "fe80::1%\\x9b31m"),
     ],
-    ids=["ipv4", "ipv6", "too-long", "not-an-address"],
+    ids=["ipv4", "ipv6", "too-long", "not-an-address", "long-ipv6-zone", "ipv6-zone-with-a-c1-control"],
 )
 def test_a_forwarded_address_is_recorded_as_an_address_or_made_to_fit(
-    env: dict[str, str], tmp_path: Path, run: Runner, settings: Settings, forwarded: str, recorded: str
+    env: dict[str, str], tmp_path: Path, run: Runner, settings: Settings, forwarded: str | bytes, recorded: str
 ) -> None:
     """`serve` trusts X-Forwarded-For from 127.0.0.1 by default (and from `*` if told): the
     address an event records is the caller's say. Text that is no address, of any length,
     must neither break the event's transaction (a failed login that is not written does not
-    count toward the lockout) nor reach an admin's terminal as it came."""
+    count toward the lockout) nor reach an admin's terminal as it came. An IPv6 address may
+    carry a zone (`fe80::1%eth0`) that is any text at all (bytes as latin-1: C1 controls)."""
     create_user(run, "ada@example.com")
     spoofed = {"X-Forwarded-For": forwarded}
     with serving(env, tmp_path / "serve.log") as served, served.client(headers=spoofed) as http:

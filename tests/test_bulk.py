@@ -96,6 +96,17 @@ def test_only_the_first_twenty_bad_rows_are_listed(run: Runner) -> None:
         ('{"email": "a@example.com", "password": "long-enough", "hashed_password": "$2b$04$x"}\n', "line 1:"),
         ('{"email": "a@example.com", "hashed_password": "md5$abc"}\n', "unsupported hashed_password"),
         ('{"email": "a@example.com", "roles": ["Not Valid"]}\n', "invalid role name"),
+        # Longer than the column (512): PostgreSQL refused it as a database failure (exit 1).
+        (
+            json.dumps(
+                {
+                    "email": "a@example.com",
+                    "hashed_password": "$argon2id$v=19$m=65536,t=3,p=4$" + "c2FsdA" * 80 + "$aGFzaA",
+                }
+            )
+            + "\n",
+            "line 1: hashed_password: unsupported hashed_password: longer than 512 characters",
+        ),
     ],
 )
 def test_malformed_jsonl_rows(run: Runner, data: str, problem: str) -> None:

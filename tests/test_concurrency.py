@@ -10,12 +10,18 @@ The assertions are on outcomes only, never on timing.
 
 from __future__ import annotations
 
+import json
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
+import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import Connection, create_engine, select, text
 from sqlalchemy.orm import Session
 
@@ -185,3 +191,141 @@ def test_granting_a_new_role_to_twelve_users_at_once(env: dict[str, str], db: Se
     assert_clean_stderr(outcomes)
     members = [record["email"] for record in service.iter_user_records(db, UserFilter(role="beta"))]
     assert members == wanted
+
+
+def _waiting_on_a_lock(connection: Connection) -> bool:
+    return bool(connection.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar_one())
+
+
+@pytest.mark.parametrize("roles", [[], ["ops"]], ids=["no-roles", "a-role"])
+def test_an_import_update_of_a_user_deleted_meanwhile_is_refused(
+    env: dict[str, str], db_url: str, db: Session, settings: Settings, backend: str, tmp_path: Path, roles: list[str]
+) -> None:
+    """`import --on-conflict update` reads a user, then a concurrent `delete` of that user
+    commits before the import writes (PostgreSQL: the import's write waits on the deleter's
+    row lock, then finds no row). The import must not report the row as updated, nor leave a
+    `user.update` event for someone deleted, nor fail on the user's role links: it is refused."""
+    if backend == "sqlite":
+        pytest.skip("SQLite runs one writer at a time: the import starts after the delete")
+    service.create_user(db, settings, service.new_user(email="carol@example.com"))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"email": "carol@example.com", "full_name": "Carol D", "roles": roles}) + "\n")
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as deleter:
+            deleter.execute(text("DELETE FROM users WHERE email = 'carol@example.com'"))
+            importer = start([["import", str(rows), "--format", "jsonl", "--on-conflict", "update"]], env)
+            deadline = time.monotonic() + HANG_TIMEOUT
+            while not _waiting_on_a_lock(deleter):
+                assert importer[0].poll() is None, finish(importer)
+                assert time.monotonic() < deadline, "the import never waited on the delete"
+                time.sleep(0.05)
+            deleter.commit()
+        (outcome,) = finish(importer)
+        with engine.connect() as reader:
+            events = reader.execute(text("SELECT action FROM audit_events WHERE target_email = 'carol@example.com'"))
+            actions = list(events.scalars())
+    finally:
+        engine.dispose()
+    assert_clean_stderr([outcome])
+    assert (outcome.returncode, outcome.stderr) == (
+        5,
+        "usermgr: error: line 1: the user carol@example.com was deleted while the import ran; nothing was imported\n",
+    )
+    assert stored_emails(db_url) == []
+    assert actions == ["user.create"]  # the delete was plain SQL: no event of its own
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["update", "carol@example.com", "--full-name", "Carol D"],
+        ["update", "carol@example.com", "--expires", "30d"],
+        ["disable", "carol@example.com"],
+        ["revoke-tokens", "carol@example.com"],
+        ["grant-role", "carol@example.com", "ops"],
+        ["revoke-role", "carol@example.com", "beta"],
+        ["delete", "carol@example.com", "--yes"],
+    ],
+    ids=lambda command: command[0] + ("-" + command[2] if command[0] == "update" else ""),
+)
+def test_a_change_to_a_user_deleted_meanwhile_is_not_found(
+    env: dict[str, str], db_url: str, db: Session, settings: Settings, backend: str, command: list[str]
+) -> None:
+    """A command finds its user, then a concurrent `delete` commits before the command
+    writes (PostgreSQL: the write waits on the deleter's row lock, then finds no row): the
+    user is not found (exit 4), as if the command had come after the delete; never exit 1,
+    nor a change or an event for nobody."""
+    if backend == "sqlite":
+        pytest.skip("SQLite runs one writer at a time: the command starts after the delete")
+    service.create_user(db, settings, service.new_user(email="carol@example.com"), roles=["beta"])
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as deleter:
+            deleter.execute(text("DELETE FROM users WHERE email = 'carol@example.com'"))
+            changer = start([command], env)
+            deadline = time.monotonic() + HANG_TIMEOUT
+            while not _waiting_on_a_lock(deleter):
+                assert changer[0].poll() is None, finish(changer)
+                assert time.monotonic() < deadline, "the command never waited on the delete"
+                time.sleep(0.05)
+            deleter.commit()
+        (outcome,) = finish(changer)
+        with engine.connect() as reader:
+            events = reader.execute(text("SELECT action FROM audit_events WHERE target_email = 'carol@example.com'"))
+            actions = list(events.scalars())
+    finally:
+        engine.dispose()
+    assert_clean_stderr([outcome])
+    assert outcome.returncode == 4, outcome
+    assert outcome.stderr.startswith("usermgr: error: no user matches 'carol@example.com'"), outcome
+    assert len(outcome.stderr.splitlines()) == 1, outcome
+    assert actions == ["user.create"]  # the delete was plain SQL: no event of its own
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("PATCH", "/users/{id}", {"full_name": "Carol D"}),
+        ("DELETE", "/users/{id}", None),
+        ("PUT", "/users/{id}/roles/ops", None),
+        ("DELETE", "/users/{id}/roles/beta", None),
+    ],
+    ids=["patch", "delete", "grant", "revoke"],
+)
+def test_an_api_change_to_a_user_deleted_meanwhile_is_404(
+    client: TestClient,
+    admin: dict[str, str],
+    db_url: str,
+    db: Session,
+    settings: Settings,
+    backend: str,
+    method: str,
+    path: str,
+    body: dict[str, str] | None,
+) -> None:
+    """The API's face of the same race: a 404, never a 500."""
+    if backend == "sqlite":
+        pytest.skip("SQLite runs one writer at a time: the request starts after the delete")
+    carol = service.create_user(db, settings, service.new_user(email="carol@example.com"), roles=["beta"]).id
+    answers: list[Any] = []
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as deleter:
+            deleter.execute(text("DELETE FROM users WHERE email = 'carol@example.com'"))
+            request = threading.Thread(
+                target=lambda: answers.append(
+                    client.request(method, path.format(id=carol), headers=admin, json=body).status_code
+                )
+            )
+            request.start()
+            deadline = time.monotonic() + HANG_TIMEOUT
+            while not _waiting_on_a_lock(deleter):
+                assert request.is_alive(), answers
+                assert time.monotonic() < deadline, "the request never waited on the delete"
+                time.sleep(0.05)
+            deleter.commit()
+        request.join(HANG_TIMEOUT)
+    finally:
+        engine.dispose()
+    assert answers == [404]

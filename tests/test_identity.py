@@ -102,6 +102,24 @@ def test_a_moved_users_token_works_and_nobody_elses_does(
     assert check_db(source_run, resident_token)[0] == 7  # the resident never lived in the source
 
 
+def test_a_token_from_another_database_never_passes_for_whoever_holds_its_uid_here(
+    env: dict[str, str], run: Runner, client: TestClient, tmp_path: Path
+) -> None:
+    """An export edited to give Alice's uid to Mallory cannot be refused where the uid was
+    never seen (this database never had Alice): her tokens from the other database, with the
+    same key, must still not pass here as Mallory. A token names its email too, and no token
+    whose email is not its holder's passes (within one database an email change revokes them)."""
+    other = Runner({**env, "USERMGR_DATABASE_URL": _sqlite_url(tmp_path, "other.db")})
+    create_user(other, "alice@example.com", "--role", "ops")
+    alice_token = token_of(other, "alice@example.com")
+    row = json.loads(other("export", "-o", "jsonl").stdout) | {"email": "mallory@example.com"}
+    assert run("import", "-", "--format", "jsonl", input=json.dumps(row) + "\n").exit_code == 0
+    assert uid_of(run, "mallory@example.com") == uid_of(other, "alice@example.com")
+    assert check_db(run, alice_token) == (7, "usermgr: error: token invalid: revoked\n")
+    assert client.get("/users/me", headers=bearer(alice_token)).status_code == 401
+    assert check_db(other, alice_token) == (0, "alice@example.com\n")  # at home it passes
+
+
 def test_import_refuses_a_uid_that_belongs_to_someone_else(run: Runner) -> None:
     create_user(run, "ada@example.com")
     ada_uid = uid_of(run, "ada@example.com")

@@ -134,7 +134,12 @@ def _check_uid(value: str) -> str:
     return value
 
 
+HASH_MAX_LENGTH = 512  # users.hashed_password's column (models.py): PostgreSQL refuses longer text
+
+
 def _check_hash(value: str) -> str:
+    if len(value) > HASH_MAX_LENGTH:  # an argon2 salt and hash may be any length
+        raise ValueError(f"unsupported hashed_password: longer than {HASH_MAX_LENGTH} characters")
     if not HASH_FORMAT.fullmatch(value):
         raise ValueError("unsupported hashed_password: give an argon2 ($argon2id$...) or bcrypt ($2b$...) hash")
     return value

@@ -123,14 +123,18 @@ def recorded_address(host: str | None) -> str | None:
     (127.0.0.1 by default): then it is whatever that header said. An IP address is recorded
     in its canonical form; other text is recorded escaped (no control or formatting character
     reaches an admin's terminal) and cut to fit the column: it must never fail the event's
-    transaction, which holds the failed-login count that a lockout is made of."""
+    transaction, which holds the failed-login count that a lockout is made of. An IPv6 address
+    with a zone (`fe80::1%eth0`) is other text: ipaddress takes any text at all as the zone."""
     if host is None:
         return None
     try:
-        return str(ipaddress.ip_address(host))
+        address = ipaddress.ip_address(host)
     except ValueError:
-        shown = host.encode("unicode_escape").decode("ascii")
-        return shown if len(shown) <= ADDRESS_LENGTH else shown[: ADDRESS_LENGTH - 1] + "…"
+        address = None
+    if address is not None and getattr(address, "scope_id", None) is None:
+        return str(address)
+    shown = host.encode("unicode_escape").decode("ascii")
+    return shown if len(shown) <= ADDRESS_LENGTH else shown[: ADDRESS_LENGTH - 1] + "…"
 
 
 def act_as(db: Session, actor: Actor) -> None:

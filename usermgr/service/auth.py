@@ -245,7 +245,8 @@ def holder_record(
 
 def _check_holder(holder: Any, roles: list[str], claims: dict[str, Any], required_role: str | None) -> None:
     """The holder rules on a `User` or a row with its fields: enabled, not locked, not
-    expired, the token not revoked, and (when asked) the role held now."""
+    expired, the token not revoked (its version and its email the holder's), and (when
+    asked) the role held now."""
     from usermgr.tokens import VERSION_CLAIM
 
     if not holder.is_active:
@@ -255,7 +256,9 @@ def _check_holder(holder: Any, roles: list[str], claims: dict[str, Any], require
         raise TokenInvalid("token invalid: the user is locked")
     if _is_expired(holder, now):
         raise TokenInvalid("token invalid: the user's account expired")
-    if claims.get(VERSION_CLAIM, 0) != holder.token_version:
+    # A token names its email: one naming another was issued before an email change (which
+    # revokes), or in another database to whoever held this uid there (an edited export).
+    if claims.get(VERSION_CLAIM, 0) != holder.token_version or claims.get("email") != holder.email:
         raise TokenInvalid("token invalid: revoked")
     if required_role is not None and required_role not in roles:
         raise Forbidden(f"forbidden: the user does not have the role {required_role!r}")

@@ -399,8 +399,15 @@ def _update_from_row(
     db: Session, plan: ImportPlan, user_id: int, row: SpooledRow, role_ids: _RoleIds, events: list[StoredEvent]
 ) -> None:
     """Make an existing user match the row (a row naming another uid is a Conflict), revoking the
-    user's tokens where the change calls for it, exactly as the single-user commands do."""
-    uid = db.scalar(select(User.uid).where(User.id == user_id))
+    user's tokens where the change calls for it, exactly as the single-user commands do.
+    The user's row is locked first (FOR UPDATE: PostgreSQL's writers run at once) so that
+    nothing deletes it between these reads and the writes; one deleted since the chunk found
+    it is a Conflict, never an update of nobody or a role link to no user."""
+    uid = db.scalar(select(User.uid).where(User.id == user_id).with_for_update())
+    if uid is None:
+        raise Conflict(
+            f"line {row['line']}: the user {row['email']} was deleted while the import ran; nothing was imported"
+        )
     if row["uid"] is not None and row["uid"] != uid:
         raise Conflict(f"line {row['line']}: {row['email']} is uid {uid} here, not {row['uid']}; nothing was imported")
     values = _user_values(plan, row)

@@ -134,16 +134,18 @@ def _column(key: _Key) -> Any:
     return getattr(User, key.column)
 
 
-def find_user(db: Session, ref: str, *, email_only: bool = False) -> User | None:
-    """The user `ref` names; with `email_only`, only when it names them by email."""
+def find_user(db: Session, ref: str, *, email_only: bool = False, lock: bool = False) -> User | None:
+    """The user `ref` names; with `email_only`, only when it names them by email. With
+    `lock`, their row is locked for the transaction (see `resolve_many`)."""
     key = _key_of(ref)
     if key is None or (email_only and key.column != "email"):
         return None
-    return db.scalars(select(User).where(_column(key) == key.value)).first()
+    statement = select(User).where(_column(key) == key.value)
+    return db.scalars(statement.with_for_update() if lock else statement).first()
 
 
-def user_named(db: Session, ref: str) -> User:
-    user = find_user(db, ref)
+def user_named(db: Session, ref: str, *, lock: bool = False) -> User:
+    user = find_user(db, ref, lock=lock)
     if user is None:
         raise NotFound(f"no user matches {ref.strip()!r}: give an email, a username or a numeric id")
     return user
@@ -155,6 +157,11 @@ def resolve_many(db: Session, refs: Sequence[str | None], origin: str) -> list[U
     An unknown one is a NotFound naming its position (`line 3` of standard input). A None
     ref (a blank line of input) names no one, and no ref at all changes nothing: an empty
     pipeline is not an error.
+
+    The users are about to be changed, so their rows are locked (FOR UPDATE, in id order;
+    SQLite's write transaction already runs alone): a user that a concurrent transaction
+    deletes is then either found and kept until this one ends, or not found (exit 4), never
+    found and then written as a row that is gone (the ORM's "0 rows matched": exit 1).
     """
     keys = [None if ref is None else _key_of(ref) for ref in refs]
     wanted: dict[str, list[Any]] = {}
@@ -165,7 +172,8 @@ def resolve_many(db: Session, refs: Sequence[str | None], origin: str) -> list[U
     for column, values in wanted.items():
         for start in range(0, len(values), _LOOKUP_CHUNK):
             chunk = values[start : start + _LOOKUP_CHUNK]
-            for user in db.scalars(select(User).where(getattr(User, column).in_(chunk))):
+            locked = select(User).where(getattr(User, column).in_(chunk)).order_by(User.id).with_for_update()
+            for user in db.scalars(locked):
                 found_by[_Key(column, getattr(user, column))] = user
     found: dict[int, User] = {}
     for position, (ref, key) in enumerate(zip(refs, keys, strict=True), start=1):

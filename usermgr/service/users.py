@@ -159,7 +159,7 @@ def update_user(db: Session, ref: str, changes: UserUpdate) -> User:
     if not changes.model_fields_set:
         raise InvalidInput("nothing to change: give a new email, username, full name or expiry")
     with writing(db):
-        user = user_named(db, ref)
+        user = user_named(db, ref, lock=True)
         values = changes.model_dump(include=changes.model_fields_set)
         _ensure_unique(db, values.get("email"), values.get("username"), except_id=user.id)
         with audited(db, [user], "user.update"), revoking_tokens_on_change([user]):
@@ -176,7 +176,7 @@ def set_password(db: Session, settings: Settings, ref: str, password: str) -> Us
 
     hashed = security.hash_password(checked(validate_password, password), settings.hash_profile)
     with writing(db):
-        user = user_named(db, ref)
+        user = user_named(db, ref, lock=True)
         with audited(db, [user], "user.password"), revoking_tokens_on_change([user]):
             user.hashed_password = hashed
     return user
