@@ -88,6 +88,47 @@ def test_only_the_first_twenty_bad_rows_are_listed(run: Runner) -> None:
     assert "45 invalid rows (the first 20 shown)" in result.stderr
 
 
+ARGON2_HASH = "$argon2id$v=19${cost}$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaGhhc2g"
+BCRYPT_HASH = "$2b${cost}$" + "N9qo8uLOickgx2ZMRZoMyeIjZAgcfl7p92ldGxad68LJZdL17lhWy"
+
+
+@pytest.mark.parametrize(
+    ("hashed", "refused"),
+    [
+        (ARGON2_HASH.format(cost="m=65536,t=3,p=4"), False),  # argon2-cffi's defaults
+        (ARGON2_HASH.format(cost="m=1048576,t=16,p=16"), False),  # at every cap
+        (ARGON2_HASH.format(cost="m=1048577,t=1,p=1"), True),
+        (ARGON2_HASH.format(cost="m=65536,t=17,p=4"), True),
+        (ARGON2_HASH.format(cost="m=65536,t=999999999,p=4"), True),
+        (ARGON2_HASH.format(cost="m=65536,t=3,p=17"), True),
+        (BCRYPT_HASH.format(cost="12"), False),
+        (BCRYPT_HASH.format(cost="16"), False),
+        (BCRYPT_HASH.format(cost="17"), True),
+        (BCRYPT_HASH.format(cost="31"), True),
+    ],
+)
+def test_an_imported_hash_costs_at_most_what_a_login_can_pay(run: Runner, hashed: str, refused: bool) -> None:
+    """A stored hash sets the work of every login to its account, and anyone may try a login:
+    an imported argon2 of t=999999999 or a bcrypt of cost 31 would hold a worker for hours a
+    try. Import takes hashes up to argon2 m=1 GiB, t=16, p=16 and bcrypt cost 16."""
+    result = run(
+        "import",
+        "-",
+        "--format",
+        "jsonl",
+        input=json.dumps({"email": "a@example.com", "hashed_password": hashed}) + "\n",
+    )
+    if refused:
+        assert result.exit_code == 3, result.stderr
+        assert (
+            "line 1: hashed_password: unsupported hashed_password: its cost is beyond what a login can pay"
+            in result.stderr
+        )
+        assert run("show", "a@example.com").exit_code == 4
+    else:
+        assert result.exit_code == 0, result.stderr
+
+
 @pytest.mark.parametrize(
     "data, problem",
     [

@@ -43,8 +43,14 @@ FULL_NAME_MAX_LENGTH = 300
 _HAS_OFFSET = re.compile(r"(Z|[+-]\d\d:?\d\d)$")
 _DATE = re.compile(r"\d{4}-\d\d-\d\d", re.ASCII)
 HASH_FORMAT = re.compile(
-    r"\$argon2(id|i|d)\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+|\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}"
+    r"\$argon2(id|i|d)\$v=\d+\$m=(?P<m>\d+),t=(?P<t>\d+),p=(?P<p>\d+)\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+"
+    r"|\$2[aby]\$(?P<rounds>\d\d)\$[./A-Za-z0-9]{53}"
 )
+HASH_COST_CAPS = {"m": 1024 * 1024, "t": 16, "p": 16, "rounds": 16}
+"""The most an imported hash may ask of each login to its account (argon2's memory in KiB,
+passes and lanes; bcrypt's log2 rounds): anyone may try a login, and a hash of t=999999999 or
+bcrypt cost 31 would hold a worker for hours a try. RFC 9106's and argon2-cffi's profiles and
+bcrypt's usual 10 to 14 are well within."""
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # exactly Unicode's category Cs
@@ -140,8 +146,14 @@ HASH_MAX_LENGTH = 512  # users.hashed_password's column (models.py): PostgreSQL 
 def _check_hash(value: str) -> str:
     if len(value) > HASH_MAX_LENGTH:  # an argon2 salt and hash may be any length
         raise ValueError(f"unsupported hashed_password: longer than {HASH_MAX_LENGTH} characters")
-    if not HASH_FORMAT.fullmatch(value):
+    parsed = HASH_FORMAT.fullmatch(value)
+    if parsed is None:
         raise ValueError("unsupported hashed_password: give an argon2 ($argon2id$...) or bcrypt ($2b$...) hash")
+    if any(int(parsed[name] or 0) > cap for name, cap in HASH_COST_CAPS.items()):
+        raise ValueError(
+            "unsupported hashed_password: its cost is beyond what a login can pay"
+            " (at most argon2 m=1048576, t=16, p=16, or bcrypt cost 16)"
+        )
     return value
 
 
