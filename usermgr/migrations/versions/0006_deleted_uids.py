@@ -3,7 +3,7 @@
 A token names its holder by uid; `import` keeps a row's uid, so a row naming a deleted user's
 uid (an old or edited export) made their tokens pass again, as that person or as whoever the
 row was. A trigger records the uid of every users row deleted, by usermgr or by anything else
-that shares the table (the web app, plain SQL). The table starts with every uid the audit
+that shares the table (the web app, plain SQL; on PostgreSQL a TRUNCATE too). The table starts with every uid the audit
 trail names that no user holds any more (deleted before this revision, by any path), at the
 time of the newest event naming it.
 
@@ -40,6 +40,20 @@ END
 $$
 """
 _POSTGRESQL_TRIGGER = f"CREATE TRIGGER {_TRIGGER} AFTER DELETE ON users FOR EACH ROW EXECUTE FUNCTION {_TRIGGER}()"
+# PostgreSQL's TRUNCATE fires no row trigger: a statement trigger keeps every uid first.
+# (SQLite has no TRUNCATE; its DELETE without WHERE runs row by row once a trigger exists.)
+_TRUNCATE = "users_keep_truncated_uids"
+_POSTGRESQL_TRUNCATE_FUNCTION = f"""
+CREATE FUNCTION {_TRUNCATE}() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO deleted_uids (uid, deleted_at) SELECT uid, now() FROM users ON CONFLICT DO NOTHING;
+    RETURN NULL;
+END
+$$
+"""
+_POSTGRESQL_TRUNCATE_TRIGGER = (
+    f"CREATE TRIGGER {_TRUNCATE} BEFORE TRUNCATE ON users FOR EACH STATEMENT EXECUTE FUNCTION {_TRUNCATE}()"
+)
 
 
 def upgrade() -> None:
@@ -55,14 +69,22 @@ def upgrade() -> None:
         " GROUP BY target_uid"
     )
     if op.get_bind().dialect.name == "postgresql":
-        op.execute(_POSTGRESQL_FUNCTION)
-        op.execute(_POSTGRESQL_TRIGGER)
+        for statement in (
+            _POSTGRESQL_FUNCTION,
+            _POSTGRESQL_TRIGGER,
+            _POSTGRESQL_TRUNCATE_FUNCTION,
+            _POSTGRESQL_TRUNCATE_TRIGGER,
+        ):
+            op.execute(statement)
     else:
         op.execute(_SQLITE_TRIGGER)
 
 
 def downgrade() -> None:
-    op.execute(f"DROP TRIGGER {_TRIGGER}" + (" ON users" if op.get_bind().dialect.name == "postgresql" else ""))
     if op.get_bind().dialect.name == "postgresql":
-        op.execute(f"DROP FUNCTION {_TRIGGER}()")
+        for name in (_TRIGGER, _TRUNCATE):
+            op.execute(f"DROP TRIGGER {name} ON users")
+            op.execute(f"DROP FUNCTION {name}()")
+    else:
+        op.execute(f"DROP TRIGGER {_TRIGGER}")
     op.drop_table("deleted_uids")
