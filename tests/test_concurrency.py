@@ -197,6 +197,28 @@ def _waiting_on_a_lock(connection: Connection) -> bool:
     return bool(connection.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar_one())
 
 
+def _racing_carols_delete(db_url: str, env: dict[str, str], command: list[str]) -> tuple[Outcome, list[str]]:
+    """Run `command` while an uncommitted DELETE of carol@example.com holds her row, commit the
+    delete once the command waits on it; the command's outcome and the actions recorded about carol."""
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as deleter:
+            deleter.execute(text("DELETE FROM users WHERE email = 'carol@example.com'"))
+            running = start([command], env)
+            deadline = time.monotonic() + HANG_TIMEOUT
+            while not _waiting_on_a_lock(deleter):
+                assert running[0].poll() is None, finish(running)
+                assert time.monotonic() < deadline, "the command never waited on the delete"
+                time.sleep(0.05)
+            deleter.commit()
+        (outcome,) = finish(running)
+        with engine.connect() as reader:
+            events = reader.execute(text("SELECT action FROM audit_events WHERE target_email = 'carol@example.com'"))
+            return outcome, list(events.scalars())
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.parametrize("roles", [[], ["ops"]], ids=["no-roles", "a-role"])
 def test_an_import_update_of_a_user_deleted_meanwhile_is_refused(
     env: dict[str, str], db_url: str, db: Session, settings: Settings, backend: str, tmp_path: Path, roles: list[str]
@@ -210,23 +232,8 @@ def test_an_import_update_of_a_user_deleted_meanwhile_is_refused(
     service.create_user(db, settings, service.new_user(email="carol@example.com"))
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"email": "carol@example.com", "full_name": "Carol D", "roles": roles}) + "\n")
-    engine = create_engine(db_url)
-    try:
-        with engine.connect() as deleter:
-            deleter.execute(text("DELETE FROM users WHERE email = 'carol@example.com'"))
-            importer = start([["import", str(rows), "--format", "jsonl", "--on-conflict", "update"]], env)
-            deadline = time.monotonic() + HANG_TIMEOUT
-            while not _waiting_on_a_lock(deleter):
-                assert importer[0].poll() is None, finish(importer)
-                assert time.monotonic() < deadline, "the import never waited on the delete"
-                time.sleep(0.05)
-            deleter.commit()
-        (outcome,) = finish(importer)
-        with engine.connect() as reader:
-            events = reader.execute(text("SELECT action FROM audit_events WHERE target_email = 'carol@example.com'"))
-            actions = list(events.scalars())
-    finally:
-        engine.dispose()
+    importing = ["import", str(rows), "--format", "jsonl", "--on-conflict", "update"]
+    outcome, actions = _racing_carols_delete(db_url, env, importing)
     assert_clean_stderr([outcome])
     assert (outcome.returncode, outcome.stderr) == (
         5,
@@ -259,23 +266,7 @@ def test_a_change_to_a_user_deleted_meanwhile_is_not_found(
     if backend == "sqlite":
         pytest.skip("SQLite runs one writer at a time: the command starts after the delete")
     service.create_user(db, settings, service.new_user(email="carol@example.com"), roles=["beta"])
-    engine = create_engine(db_url)
-    try:
-        with engine.connect() as deleter:
-            deleter.execute(text("DELETE FROM users WHERE email = 'carol@example.com'"))
-            changer = start([command], env)
-            deadline = time.monotonic() + HANG_TIMEOUT
-            while not _waiting_on_a_lock(deleter):
-                assert changer[0].poll() is None, finish(changer)
-                assert time.monotonic() < deadline, "the command never waited on the delete"
-                time.sleep(0.05)
-            deleter.commit()
-        (outcome,) = finish(changer)
-        with engine.connect() as reader:
-            events = reader.execute(text("SELECT action FROM audit_events WHERE target_email = 'carol@example.com'"))
-            actions = list(events.scalars())
-    finally:
-        engine.dispose()
+    outcome, actions = _racing_carols_delete(db_url, env, command)
     assert_clean_stderr([outcome])
     assert outcome.returncode == 4, outcome
     assert outcome.stderr.startswith("usermgr: error: no user matches 'carol@example.com'"), outcome
