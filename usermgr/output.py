@@ -247,14 +247,15 @@ _ENCODE_AS = {
     int: "{v} if {v}.__class__ is int else " + _ANY,  # the f-string writes an int as int.__repr__ does
     bool: "('true' if {v} else 'false') if {v}.__class__ is int and ({v} == 1 or {v} == 0) else truth({v})",
     list: "'[]' if {v} is None else names({v})",
-    # Text in SQLite's layout (see utc_iso) cut inline; `q{v}`, the text as a JSON string, is
-    # 2 longer only if nothing in it needed escaping. The layout's shape is not enough: `parse`
+    # Text in SQLite's layout (see utc_iso) cut inline. The layout's shape is not enough: `parse`
     # (datetime.fromisoformat, in C) checks that it is a time without an offset (`.123+01` is as
-    # long), and raises ValueError for text that is none (`write_rows` then says which). Any
-    # other value through `_json_time`.
-    datetime: "'null' if {v} is None else f'{{q{v}[:11]}}T{{q{v}[12:27]}}{{utc}}' if {v}.__class__ is str"
-    " and len({v}) == 26 and len(q{v} := text({v})) == 28 and q{v}[11] == ' ' and q{v}[20] == '.'"
-    " and q{v}[21:27] != '000000' and q{v}[8] == '-' and parse({v}).tzinfo is None else time({v})",
+    # long) on a calendar date (`{v}[7]`: not `2026-W10-3`), and raises ValueError for text that
+    # is none (`write_rows` then says which). Text it takes in this shape is ASCII digits and
+    # `- :.`, which JSON writes as they are: no escaping to look for. Any other value through
+    # `_json_time`.
+    datetime: "'null' if {v} is None else f'{{quote}}{{{v}[:10]}}T{{{v}[11:26]}}{{utc}}' if {v}.__class__ is str"
+    " and len({v}) == 26 and {v}[10] == ' ' and {v}[19] == '.' and {v}[20:] != '000000' and {v}[7] == '-'"
+    " and parse({v}).tzinfo is None else time({v})",
 }
 
 
@@ -285,6 +286,7 @@ def _row_encoder(
         "truth": _json_truth,
         "parse": parse,
         "utc": '+00:00"',
+        "quote": '"',
     }
     exec(source, namespace)  # the source holds indices and fixed expressions only (see above)
     return namespace["encode"]
