@@ -14,7 +14,6 @@ import io
 import json
 import re
 import sys
-import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -399,6 +398,8 @@ def _visible(cell: str) -> str:
     str.isprintable passes nearly every cell in one C call (the space is printable)."""
     if cell.isprintable():
         return cell
+    import unicodedata  # here: `usermgr --help` and `verify` load this module, and rarely a cell needs it
+
     return "".join(ascii(char)[1:-1] if unicodedata.category(char) in _UNSHOWN else char for char in cell)
 
 
