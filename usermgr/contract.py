@@ -26,6 +26,13 @@ def validate_role_name(name: str) -> str:
     return name
 
 
+UNPRINTABLE_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")
+"""Unicode categories no name may hold and no table shows as they are: Cc, control characters
+(NUL, newline, ESC); Cf, format characters (a right-to-left override); Zl and Zp, the line and
+paragraph separators, which split lines for many readers. schemas refuses them in names;
+output escapes them in table, email and id cells."""
+
+
 USER_RECORD: dict[str, object] = {
     "id": int,
     "uid": str,

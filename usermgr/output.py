@@ -21,6 +21,7 @@ from itertools import islice
 from types import NoneType, UnionType
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO, get_args, get_origin
 
+from usermgr.contract import UNPRINTABLE_CATEGORIES
 from usermgr.errors import DatabaseUnavailable, InvalidInput, UnreadableBoolean, UnreadableTimestamp, cut_repr
 
 if TYPE_CHECKING:
@@ -171,9 +172,6 @@ def _json_list(value: Any) -> str:
     return _json_value(value)
 
 
-_STORED_TIME = len("2026-01-02 09:00:00.000000")
-
-
 _UNPARSED = datetime.min.replace(tzinfo=UTC)
 
 
@@ -186,25 +184,13 @@ def _parsed(text: str) -> datetime:
         return _UNPARSED
 
 
-def _stored_layout(text: str) -> bool:
-    """Whether text of the stored layout's length, with its space and its '.', is that layout
-    (`2026-01-02 09:00:00.000000`): a time (datetime.fromisoformat, in C, checks every digit
-    and range), without an offset (`.123+01` is as long), on a calendar date (not `2026-W10-3`)."""
-    try:
-        return text[7] == "-" and datetime.fromisoformat(text).tzinfo is None
-    except ValueError:
-        return False
-
-
 def utc_iso(text: str) -> str:
-    """A UTC timestamp given as naive ISO 8601 text (how SQLite stores usermgr's times:
+    """A timestamp stored as text (SQLite keeps usermgr's as naive UTC ISO 8601,
     `2026-01-02 09:00:00.000000`) as the record writes it, datetime.isoformat's
-    `2026-01-02T09:00:00+00:00`: that exact layout by slicing, no datetime made; any other
-    through datetime, naive taken as UTC and a time with an offset moved to UTC (what reading
-    it through database.UtcDateTime gives). Text that is no time, or none in UTC's range, is
-    UnreadableTimestamp, as that read says."""
-    if len(text) == _STORED_TIME and text[10] == " " and text[19] == "." and _stored_layout(text):
-        return f"{text[:10]}T{text[11:19]}{text[19:] if text[20:] != '000000' else ''}+00:00"
+    `2026-01-02T09:00:00+00:00`: naive taken as UTC, a time with an offset moved to UTC (what
+    reading it through database.UtcDateTime gives). Text that is no time, or none in UTC's
+    range, is UnreadableTimestamp, as that read says. (The JSON row encoder cuts the stored
+    layout inline instead: see `_ENCODE_AS`.)"""
     try:
         moment = datetime.fromisoformat(text)
         return (moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)).isoformat()
@@ -387,20 +373,15 @@ def _write_csv(records: Iterable[dict[str, Any]], fields: Sequence[str], out: Te
     return _each(records, write)
 
 
-# Characters a terminal acts on or that move text (control, format, line and paragraph
-# separators: schemas.UNPRINTABLE_CATEGORIES), which a table shows escaped.
-_UNSHOWN = ("Cc", "Cf", "Zl", "Zp")
-
-
 def _visible(cell: str) -> str:
-    """A table cell with each character in _UNSHOWN as its Python escape (`\\x1b`, `\\n`,
+    """A table cell with each character in UNPRINTABLE_CATEGORIES as its Python escape (`\\x1b`, `\\n`,
     `\\u202e`): a stored escape sequence neither recolours the terminal nor breaks the row.
     str.isprintable passes nearly every cell in one C call (the space is printable)."""
     if cell.isprintable():
         return cell
     import unicodedata  # here: `usermgr --help` and `verify` load this module, and rarely a cell needs it
 
-    return "".join(ascii(char)[1:-1] if unicodedata.category(char) in _UNSHOWN else char for char in cell)
+    return "".join(ascii(char)[1:-1] if unicodedata.category(char) in UNPRINTABLE_CATEGORIES else char for char in cell)
 
 
 TABLE_WINDOW = 1000

@@ -32,7 +32,7 @@ from pydantic import (
 from pydantic.networks import validate_email as pydantic_validate_email
 
 # The role-name rule lives in contract.py (no pydantic there); api.py imports it from here.
-from usermgr.contract import EVENT_RECORD, IMPORTED_FIELDS, USER_RECORD, validate_role_name
+from usermgr.contract import EVENT_RECORD, IMPORTED_FIELDS, UNPRINTABLE_CATEGORIES, USER_RECORD, validate_role_name
 from usermgr.contract import ROLE_NAME as ROLE_NAME
 
 PASSWORD_MIN_LENGTH = 8
@@ -51,6 +51,7 @@ HASH_COST_CAPS = {"m": 1024 * 1024, "t": 16, "p": 16, "rounds": 16}
 passes and lanes; bcrypt's log2 rounds): anyone may try a login, and a hash of t=999999999 or
 bcrypt cost 31 would hold a worker for hours a try. RFC 9106's and argon2-cffi's profiles and
 bcrypt's usual 10 to 14 are well within."""
+_COST_LIMITS = "at most argon2 m={m}, t={t}, p={p}, or bcrypt cost {rounds}".format(**HASH_COST_CAPS)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # exactly Unicode's category Cs
@@ -77,11 +78,6 @@ def _nfkc_stripped(value: Any) -> Any:
     if value.isascii():
         return value.strip()
     return unicodedata.normalize("NFKC", reject_surrogates(value)).strip()
-
-
-# Cc: control characters (NUL, newline); Cf: format characters (right-to-left override);
-# Zl, Zp: the line and paragraph separators, which split lines for many readers.
-UNPRINTABLE_CATEGORIES = ("Cc", "Cf", "Zl", "Zp")
 
 
 # Printable ASCII (space to ~) is in none of those categories: only the other characters
@@ -150,10 +146,7 @@ def _check_hash(value: str) -> str:
     if parsed is None:
         raise ValueError("unsupported hashed_password: give an argon2 ($argon2id$...) or bcrypt ($2b$...) hash")
     if any(int(parsed[name] or 0) > cap for name, cap in HASH_COST_CAPS.items()):
-        raise ValueError(
-            "unsupported hashed_password: its cost is beyond what a login can pay"
-            " (at most argon2 m=1048576, t=16, p=16, or bcrypt cost 16)"
-        )
+        raise ValueError(f"unsupported hashed_password: its cost is beyond what a login can pay ({_COST_LIMITS})")
     return value
 
 
