@@ -43,19 +43,27 @@ class Outcome:
     stderr: str
 
 
-def start(commands: Sequence[Sequence[str]], env: dict[str, str]) -> list[subprocess.Popen[str]]:
-    """One `usermgr` process per command, all started before any is waited on."""
-    return [
-        subprocess.Popen(
+def start(
+    commands: Sequence[Sequence[str]], env: dict[str, str], stdin: str | None = None
+) -> list[subprocess.Popen[str]]:
+    """One `usermgr` process per command, all started before any is waited on; each given
+    `stdin` (written whole and closed at once), or none."""
+    processes = []
+    for args in commands:
+        process = subprocess.Popen(
             [str(USERMGR), *args],
             env=process_env(env),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for args in commands
-    ]
+        if process.stdin is not None:
+            process.stdin.write(stdin or "")
+            process.stdin.close()
+            process.stdin = None  # written: communicate() has nothing more to send
+        processes.append(process)
+    return processes
 
 
 def finish(processes: list[subprocess.Popen[str]]) -> list[Outcome]:
@@ -197,14 +205,16 @@ def _waiting_on_a_lock(connection: Connection) -> bool:
     return bool(connection.execute(text("SELECT count(*) FROM pg_locks WHERE NOT granted")).scalar_one())
 
 
-def _racing_carols_delete(db_url: str, env: dict[str, str], command: list[str]) -> tuple[Outcome, list[str]]:
+def _racing_carols_delete(
+    db_url: str, env: dict[str, str], command: list[str], stdin: str | None = None
+) -> tuple[Outcome, list[str]]:
     """Run `command` while an uncommitted DELETE of carol@example.com holds her row, commit the
     delete once the command waits on it; the command's outcome and the actions recorded about carol."""
     engine = create_engine(db_url)
     try:
         with engine.connect() as deleter:
             deleter.execute(text("DELETE FROM users WHERE email = 'carol@example.com'"))
-            running = start([command], env)
+            running = start([command], env, stdin)
             deadline = time.monotonic() + HANG_TIMEOUT
             while not _waiting_on_a_lock(deleter):
                 assert running[0].poll() is None, finish(running)
@@ -253,6 +263,7 @@ def test_an_import_update_of_a_user_deleted_meanwhile_is_refused(
         ["grant-role", "carol@example.com", "ops"],
         ["revoke-role", "carol@example.com", "beta"],
         ["delete", "carol@example.com", "--yes"],
+        ["set-password", "carol@example.com", "--password-stdin"],
     ],
     ids=lambda command: command[0] + ("-" + command[2] if command[0] == "update" else ""),
 )
@@ -266,7 +277,7 @@ def test_a_change_to_a_user_deleted_meanwhile_is_not_found(
     if backend == "sqlite":
         pytest.skip("SQLite runs one writer at a time: the command starts after the delete")
     service.create_user(db, settings, service.new_user(email="carol@example.com"), roles=["beta"])
-    outcome, actions = _racing_carols_delete(db_url, env, command)
+    outcome, actions = _racing_carols_delete(db_url, env, command, stdin="a new long password\n")
     assert_clean_stderr([outcome])
     assert outcome.returncode == 4, outcome
     assert outcome.stderr.startswith("usermgr: error: no user matches 'carol@example.com'"), outcome
