@@ -6,13 +6,13 @@ and the field in every output and through import; on SQLite and PostgreSQL, thro
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, select, update
+from sqlalchemy import create_engine, select, text, update
 
 from tests.conftest import (
     AUTH_FAILED,
@@ -242,6 +242,95 @@ def test_a_token_whose_holder_expires_after_issue_is_refused(run: Runner, db_url
     assert verify_check_db(run, token)[0] == 0
 
 
+def store_as_another_tool(db_url: str, email: str, column: str, stored: str) -> None:
+    """Write `stored` as the column's text, as another tool sharing the SQLite file may."""
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text(f"UPDATE users SET {column} = :stored WHERE email = :email"), locals())
+    finally:
+        engine.dispose()
+
+
+def _layouts(moment: datetime) -> dict[str, str]:
+    """`moment` (UTC) written the ways other tools write a time into SQLite's text column."""
+    east, west = timezone(timedelta(hours=5)), timezone(timedelta(hours=-5))
+    return {
+        "T, no fraction": moment.strftime("%Y-%m-%dT%H:%M:%S"),
+        "Z": moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "+05:00": moment.astimezone(east).isoformat(),
+        "-05:00": moment.astimezone(west).isoformat(),
+    }
+
+
+_HOUR = timedelta(hours=1)
+LAYOUTS = list(_layouts(datetime(2026, 1, 1, tzinfo=UTC)))
+SQLITE_ONLY = pytest.mark.parametrize("backend", ["sqlite"])  # PostgreSQL keeps a timestamptz, not text
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_an_expiry_another_tool_stored_an_hour_ago_keeps_the_account_out(run: Runner, db_url: str, layout: str) -> None:
+    """SQLite compared the stored text: `2026-01-02T08:00:00` sorts after `2026-01-02 09:...`
+    (T after the space), `...+05:00` after the UTC time it names: an account expired an hour
+    ago logged in, and `list --expired` left it out."""
+    create_user(run, "ada@example.com")
+    store_as_another_tool(db_url, "ada@example.com", "expires_at", _layouts(datetime.now(UTC) - _HOUR)[layout])
+    assert error_line(login(run, "ada@example.com"), 6) + "\n" == AUTH_FAILED_LINE
+    assert emails(run, "--expired") == ["ada@example.com"]
+    assert emails(run, "--expires-before", "1s") == ["ada@example.com"]
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_an_expiry_another_tool_stored_an_hour_ahead_lets_the_account_in(run: Runner, db_url: str, layout: str) -> None:
+    create_user(run, "ada@example.com")
+    store_as_another_tool(db_url, "ada@example.com", "expires_at", _layouts(datetime.now(UTC) + _HOUR)[layout])
+    ok(login(run, "ada@example.com"))
+    assert emails(run, "--expired") == []
+    assert emails(run, "--expires-before", "2h") == ["ada@example.com"]
+    assert emails(run, "--expires-before", "30m") == []
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_lock_another_tool_stored_holds_until_the_instant_it_names(run: Runner, db_url: str, layout: str) -> None:
+    """`...-05:00` sorted before the UTC time it names: a lock for the next hour had ended."""
+    create_user(run, "ada@example.com")
+    create_user(run, "bob@example.com")
+    store_as_another_tool(db_url, "ada@example.com", "locked_until", _layouts(datetime.now(UTC) + _HOUR)[layout])
+    store_as_another_tool(db_url, "bob@example.com", "locked_until", _layouts(datetime.now(UTC) - _HOUR)[layout])
+    assert login(run, "ada@example.com").exit_code == 6
+    assert emails(run, "--locked") == ["ada@example.com"]
+    ok(login(run, "bob@example.com"))  # a lock that has ended
+
+
+@SQLITE_ONLY
+def test_a_time_python_reads_but_sqlite_cannot_keeps_the_account_out(run: Runner, db_url: str) -> None:
+    """Compact ISO 8601 (`20990101T000000`) is a time `show` reads and julianday() does not:
+    an expiry or a lock in it keeps the account out (it fails closed, documented)."""
+    create_user(run, "ada@example.com")
+    create_user(run, "bob@example.com")
+    store_as_another_tool(db_url, "ada@example.com", "expires_at", "20990101T000000")
+    store_as_another_tool(db_url, "bob@example.com", "locked_until", "20000101T000000")
+    assert expires_at(run, "ada@example.com") == "2099-01-01T00:00:00+00:00"  # `show` reads it
+    assert login(run, "ada@example.com").exit_code == 6
+    assert login(run, "bob@example.com").exit_code == 6
+
+
+@SQLITE_ONLY
+@pytest.mark.parametrize("stored", ["soon", "2470000", "2026-13-45 99:99:99"])
+def test_an_expiry_or_lock_that_is_no_time_is_refused_as_show_refuses_it(run: Runner, db_url: str, stored: str) -> None:
+    """Text that sorts after any time, and a number julianday() takes for a Julian day
+    (2470000 is in 2050): no login passes; the error names the unreadable value, as `show`'s."""
+    create_user(run, "ada@example.com")
+    create_user(run, "bob@example.com")
+    store_as_another_tool(db_url, "ada@example.com", "expires_at", stored)
+    store_as_another_tool(db_url, "bob@example.com", "locked_until", stored)
+    for user in ("ada@example.com", "bob@example.com"):
+        assert "timestamp usermgr cannot read" in error_line(login(run, user), 1)
+
+
 # ---- list, show, export, import ----------------------------------------------------------------
 
 
@@ -263,6 +352,12 @@ def test_list_expired_and_expires_before(run: Runner) -> None:
     assert emails(run, "--expires-before", FUTURE) == ["past@example.com", "soon@example.com"]
     assert emails(run, "--expired", "--expires-before", "30d") == ["past@example.com"]
     assert emails(run, "--expired", "--search", "soon") == []
+
+
+def test_expires_before_is_strictly_before(run: Runner) -> None:
+    create_user(run, "ada@example.com", "--expires", "2030-01-01")
+    assert emails(run, "--expires-before", "2030-01-01") == []
+    assert emails(run, "--expires-before", "2030-01-01T00:00:00.001") == ["ada@example.com"]
 
 
 @pytest.mark.usefixtures("three")

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from sqlalchemy import URL, Boolean, DateTime, Engine, create_engine, event, exc
+from sqlalchemy import URL, Boolean, DateTime, Engine, and_, bindparam, create_engine, event, exc
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, sessionmaker
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from usermgr.config import ACCEPTED_DATABASE_URLS, normalize_database_url
@@ -22,6 +24,8 @@ from usermgr.errors import ConfigurationError, DatabaseUnavailable, UnreadableTi
 if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
     from sqlalchemy.pool import ConnectionPoolEntry
+    from sqlalchemy.sql import ColumnElement
+    from sqlalchemy.sql.compiler import SQLCompiler
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -102,6 +106,62 @@ class UtcDateTime(TypeDecorator[datetime]):
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class _Instant(FunctionElement[Any]):
+    """A stored time as the instant it names, for comparing in SQL (see `earlier_than`)."""
+
+    name = "usermgr_instant"
+    inherit_cache = True
+
+
+@compiles(_Instant)
+def _instant_as_stored(element: _Instant, compiler: SQLCompiler, **kw: Any) -> str:
+    """A database that keeps times as times (PostgreSQL's timestamptz) compares them as they are."""
+    return compiler.process(element.clauses, **kw)
+
+
+@compiles(_Instant, "sqlite")
+def _instant_on_sqlite(element: _Instant, compiler: SQLCompiler, **kw: Any) -> str:
+    """SQLite keeps text: julianday() reads the layouts another tool may write (`T` for the
+    space, `Z`, an offset, no fraction) as the instant UtcDateTime reads, to the millisecond.
+    Text it cannot read is NULL, which compares as neither earlier nor later (a value that
+    is no time at all is refused anyway as soon as the row is read: UnreadableTimestamp)."""
+    return f"julianday({compiler.process(element.clauses, **kw)})"
+
+
+_SLACK = timedelta(days=2)
+"""More than any offset a stored local time may carry (julianday reads up to ±14:00): a time
+stored with its date as text is within a day of its UTC date, so the plain text comparison
+with a bound moved by this much keeps every row the exact one does, and an index can answer it."""
+
+
+def earlier_than(column: Any, moment: datetime) -> ColumnElement[bool]:
+    """`column < moment` for a stored UtcDateTime, compared as instants.
+
+    On SQLite a plain comparison compares text: a time another tool stored as
+    `2026-01-02T09:00:00` or with an offset compared wrong by up to a day, so an account
+    expired an hour ago could still log in. The text comparison with a slack bound stays in
+    front (an index answers it); the exact one decides. A value SQLite cannot read as a time
+    is in neither `earlier_than` nor `later_than`: a rule built on them fails closed."""
+    return and_(column < _bound(_shifted(moment, _SLACK)), _Instant(column) < _Instant(_bound(moment)))
+
+
+def later_than(column: Any, moment: datetime) -> ColumnElement[bool]:
+    """`column > moment` for a stored UtcDateTime, compared as instants (see `earlier_than`)."""
+    return and_(column > _bound(_shifted(moment, -_SLACK)), _Instant(column) > _Instant(_bound(moment)))
+
+
+def _bound(moment: datetime) -> Any:
+    return bindparam(None, moment, type_=UtcDateTime())
+
+
+def _shifted(moment: datetime, by: timedelta) -> datetime:
+    """`moment + by`, held at the ends of the calendar."""
+    try:
+        return moment + by
+    except OverflowError:
+        return (datetime.max if by > timedelta(0) else datetime.min).replace(tzinfo=UTC)
 
 
 def _on_sqlite_connect(dbapi_connection: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, joinedload
 
 from usermgr.config import Settings
 from usermgr.contract import USER_FIELDS
-from usermgr.database import Database, UtcDateTime, utcnow
+from usermgr.database import Database, UtcDateTime, earlier_than, later_than, utcnow
 from usermgr.errors import AuthenticationFailed, Forbidden, InvalidInput, TokenInvalid
 from usermgr.models import UID_LENGTH, Role, User, user_roles
 from usermgr.service.audit import jsonable, record
@@ -28,14 +28,15 @@ def _is_expired(user: User, now: datetime) -> bool:
 
 
 def _unexpired(now: datetime) -> Any:
-    """The SQL condition "no expiry, or one still ahead": `_is_expired`'s negation."""
-    return or_(User.expires_at.is_(None), User.expires_at > now)
+    """The SQL condition "no expiry, or one still ahead": `_is_expired`'s negation (an expiry
+    SQLite cannot read as a time is not ahead: the login is refused)."""
+    return or_(User.expires_at.is_(None), later_than(User.expires_at, now))
 
 
 def _unlocked(now: datetime) -> Any:
-    """The SQL condition "no lock, or an expired one" (`now` bound as a UtcDateTime, so that
-    SQLite's stored strings compare as times)."""
-    return or_(User.locked_until.is_(None), User.locked_until <= now)
+    """The SQL condition "no lock, or an expired one", stored times compared as instants
+    (a lock SQLite cannot read as a time has not ended)."""
+    return or_(User.locked_until.is_(None), earlier_than(User.locked_until, now))
 
 
 def authenticate(db: Session, settings: Settings, ref: str, password: str, *, email_only: bool = False) -> User:

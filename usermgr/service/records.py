@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     import sqlite3
 
 from usermgr.contract import ADMIN_ROLE, USER_FIELDS
-from usermgr.database import utcnow
+from usermgr.database import earlier_than, later_than, utcnow
 from usermgr.errors import InvalidInput
 from usermgr.models import Role, User, user_roles
 from usermgr.service.core import MAX_ROW_COUNT, reading, storable
@@ -70,11 +70,11 @@ def _filtered(statement: Any, filters: UserFilter) -> Any:
     if filters.active is not None:
         statement = statement.where(User.is_active.is_(filters.active))
     if filters.locked:
-        statement = statement.where(User.locked_until > utcnow())
+        statement = statement.where(later_than(User.locked_until, utcnow()))
     if filters.expired:
-        statement = statement.where(User.expires_at <= utcnow())
+        statement = statement.where(earlier_than(User.expires_at, utcnow()))
     if filters.expires_before is not None:
-        statement = statement.where(User.expires_at < filters.expires_before)
+        statement = statement.where(earlier_than(User.expires_at, filters.expires_before))
     if filters.search:
         text = filters.search
         statement = statement.where(
