@@ -89,10 +89,10 @@ def export_1m(ws: Any) -> list[Figure]:
     """`export` (JSON lines) of a million users against sqlite3 writing the same lines."""
     db = users_db(ws, SIZES[-1])
     baseline, baseline_what = sqlite_json_command(db)
-    exports, baselines = alternate(1, _each_run(lambda _i: ws.usermgr(db, "export")), _each_run(lambda _i: baseline))
+    exports, baselines = alternate(RUNS, _each_run(lambda _i: ws.usermgr(db, "export")), _each_run(lambda _i: baseline))
     what = "`usermgr export` of 1,000,000 users > /dev/null"
     figure = versus("13f", what, exports, baselines, baseline_what, Goal(low=0.5), count=SIZES[-1], unit="rows/s")
-    figure.note = f"one run each; peak RSS {peak_rss(exports):.0f} MiB"
+    figure.note = f"peak RSS {peak_rss(exports):.0f} MiB"
     return [figure]
 
 
