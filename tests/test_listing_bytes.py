@@ -382,6 +382,8 @@ def test_a_stored_is_active_that_is_not_0_or_1_is_refused_alike(
         ["show", str(user.id)],
         ["export"],
         *(["list", "-o", fmt] for fmt in ("jsonl", "json", "csv", "table", "email")),
+        ["list", "--active"],  # the filters showed neither state: the row went unseen, exit 0
+        ["list", "--disabled"],
     ]
     for command in commands:
         result = run(*command)

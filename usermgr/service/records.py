@@ -68,7 +68,9 @@ def _filtered(statement: Any, filters: UserFilter) -> Any:
     if filters.admin:
         statement = statement.where(has_role(ADMIN_ROLE))
     if filters.active is not None:
-        statement = statement.where(User.is_active.is_(filters.active))
+        # `IS NOT` the other state, not `IS` this one: a value that is neither (another tool's
+        # 'no' on SQLite) is then listed, and refused as it is read, instead of going unseen.
+        statement = statement.where(User.is_active.is_not(not filters.active))
     if filters.locked:
         statement = statement.where(later_than(User.locked_until, utcnow()))
     if filters.expired:
