@@ -123,7 +123,14 @@ class RingKey:
 
     @cached_property
     def signer(self) -> jwt.PyJWK:
-        """What signs: the secret, or the private key (loaded only when a token is minted)."""
+        """What signs: the secret, or the private key (loaded only when a token is minted).
+        A public JWK in the ring verifies but cannot sign: refused here, where `signing_key`
+        asks before a login is checked or recorded (PyJWT would fail only when signing)."""
+        if not self.symmetric and "d" not in self.jwk:
+            raise ConfigurationError(
+                f"key {shown_kid(self.kid)} has no private half: it verifies tokens but cannot sign them;"
+                " make a key that can sign active (`usermgr keys rotate`)"
+            )
         return _pyjwk(self.jwk, self.alg, self.kid)
 
     @cached_property

@@ -1,0 +1,114 @@
+"""Tokens and the key ring against an attacker: the hostile cases test_tokens.py and
+test_keyring.py do not already hold, and the defects they found.
+
+Each refusal is asserted exactly: its exit code, nothing on stdout, and one
+`usermgr: error:` line on stderr (so no traceback and no "(a bug)").
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import HANG_TIMEOUT, USERMGR, Runner, create_user, login, process_env, run_usermgr, token_of
+from usermgr import keyring, tokens
+from usermgr.config import load_settings
+from usermgr.errors import ConfigurationError
+
+ISSUER = "usermgr"
+UID = str(uuid.UUID(int=1))
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def claims(now: int, **changes: Any) -> dict[str, Any]:
+    base = {"iss": ISSUER, "sub": UID, "email": "ada@example.com", "roles": [], "iat": now, "exp": now + 600}
+    return {**base, "jti": uuid.uuid4().hex, "ver": 0, **changes}
+
+
+def signed_text(key: keyring.RingKey, header: str, payload: str) -> str:
+    """A token signed by `key` over exactly these JSON texts (duplicate members, numbers
+    PyJWT would not write)."""
+    signing_input = f"{b64url(header.encode())}.{b64url(payload.encode())}"
+    return f"{signing_input}.{b64url(key.signer.Algorithm.sign(signing_input.encode(), key.signer.key))}"
+
+
+def signed(key: keyring.RingKey, payload: dict[str, Any], **header: Any) -> str:
+    return signed_text(key, json.dumps({"alg": key.alg, "kid": key.kid, "typ": "JWT", **header}), json.dumps(payload))
+
+
+def refused(result: Any, code: int) -> str:
+    """Exit `code`, nothing on stdout, exactly one `usermgr: error:` line on stderr; that line."""
+    exit_code = result.exit_code if hasattr(result, "exit_code") else result.returncode
+    assert exit_code == code, (exit_code, result.stdout, result.stderr)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("usermgr: error: "), result.stderr
+    assert "(a bug" not in lines[0]
+    line: str = lines[0]
+    return line
+
+
+@pytest.fixture
+def ring_file(tmp_path: Path) -> Path:
+    """A ring with one key of each algorithm: ES256 active, then HS256, EdDSA and RS256 next."""
+    path = tmp_path / "ring.key"
+    assert tokens.create_key_file(path, "ES256")
+    for alg in ("HS256", "EdDSA", "RS256"):
+        keyring.change_ring(path, None, keyring.add_key(alg))
+    return path
+
+
+@pytest.fixture
+def offline(tmp_path: Path, ring_file: Path) -> Runner:
+    """`usermgr` in process with the ring and a database that does not exist."""
+    return Runner({"USERMGR_DATABASE_URL": str(tmp_path / "absent" / "users.db"), "USERMGR_KEY_FILE": str(ring_file)})
+
+
+# ---- a ring key without its private half: it verifies, it never signs ----------------------------
+
+
+@pytest.mark.parametrize("alg", ["EdDSA", "ES256", "RS256"])
+def test_an_active_key_without_its_private_half_refuses_to_sign_before_anything_is_recorded(
+    run: Runner, tmp_path: Path, alg: str
+) -> None:
+    """A public JWK pasted into the ring as the active key: `login` used to check the password,
+    record the login, then fail with an AttributeError (exit 1, "a bug"; a 500 in the API)."""
+    path = tmp_path / "public-only.key"
+    assert tokens.create_key_file(path, "ES256")
+    keyring.change_ring(path, None, keyring.rotate_key(alg))
+    settings = load_settings(key_file=str(path))
+    before = tokens.issue_token(settings, subject=UID, email="ada@example.com", roles=[], token_version=0, ttl=600)
+    ring = json.loads(path.read_text())
+    active = next(key for key in ring["keys"] if key["state"] == "active")
+    for member in ("d", "p", "q", "dp", "dq", "qi"):
+        active.pop(member, None)
+    path.write_text(json.dumps(ring))
+
+    with pytest.raises(ConfigurationError) as unusable:
+        tokens.signing_key(load_settings(key_file=str(path)))
+    assert str(unusable.value) == (
+        f"key {active['kid']!r} has no private half: it verifies tokens but cannot sign them;"
+        " make a key that can sign active (`usermgr keys rotate`)"
+    )
+    create_user(run, "ada@example.com")
+    line = refused(login(run, "ada@example.com", env={"USERMGR_KEY_FILE": str(path)}), 2)
+    assert line == f"usermgr: error: {unusable.value}"
+    audit = run("audit", "--action", "login.success", "-o", "json")
+    assert json.loads(audit.stdout) == [], "nothing was recorded"
+    verified = run("verify", before, "-o", "email", env={"USERMGR_KEY_FILE": str(path)})
+    assert (verified.exit_code, verified.stdout) == (0, "ada@example.com\n"), "its tokens still verify"
