@@ -112,3 +112,42 @@ def test_an_active_key_without_its_private_half_refuses_to_sign_before_anything_
     assert json.loads(audit.stdout) == [], "nothing was recorded"
     verified = run("verify", before, "-o", "email", env={"USERMGR_KEY_FILE": str(path)})
     assert (verified.exit_code, verified.stdout) == (0, "ada@example.com\n"), "its tokens still verify"
+
+
+# ---- claims of the wrong JSON type: malformed, even when the signature is good -------------------
+
+WRONG_TYPES: dict[str, dict[str, Any]] = {
+    # PyJWT reads a NumericDate with int(): "1700000000" and true were taken as times
+    "exp-a-numeric-string": {"exp": "{later}"},
+    "iat-a-numeric-string": {"iat": "{now}"},
+    "nbf-a-numeric-string": {"nbf": "0"},
+    "iat-true": {"iat": True},
+    "nbf-false": {"nbf": False},
+    # true == 1: a version `true` passed --check-db for a user at token version 1
+    "ver-true": {"ver": True},
+    "ver-false": {"ver": False},
+    # `-o email` printed ['a@b'] or 5 as the email
+    "email-a-number": {"email": 5},
+    "email-a-list": {"email": ["ada@example.com"]},
+    "email-an-object": {"email": {"address": "ada@example.com"}},
+    "email-null": {"email": None},
+    "roles-holding-a-number": {"roles": [1]},
+    "roles-holding-null": {"roles": [None]},
+    "roles-holding-a-list": {"roles": [["admin"]]},
+}
+
+
+@pytest.mark.parametrize("case", WRONG_TYPES, ids=list(WRONG_TYPES))
+def test_a_claim_of_the_wrong_type_is_malformed(offline: Runner, ring_file: Path, case: str) -> None:
+    now = int(time.time())
+    changes = {
+        name: value.format(now=now, later=now + 600) if isinstance(value, str) else value
+        for name, value in WRONG_TYPES[case].items()
+    }
+    key = keyring.load_ring(ring_file, None).active
+    token = signed(key, claims(now, **changes))
+    for args in ((token,), (token, "-o", "email"), (token, "--role", "admin")):
+        assert refused(offline("verify", *args), 7) == "usermgr: error: token invalid: malformed"
+    streamed = offline("verify", "-", input=f"{token}\n")
+    assert streamed.exit_code == 7
+    assert json.loads(streamed.stdout)["reason"] == "token invalid: malformed"
