@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import HANG_TIMEOUT, USERMGR, Runner, create_user, login, process_env, run_usermgr, token_of
+from tests.conftest import HANG_TIMEOUT, USERMGR, Runner, create_user, login, process_env, run_usermgr
 from usermgr import keyring, tokens
 from usermgr.config import load_settings
 from usermgr.errors import ConfigurationError
@@ -151,3 +151,82 @@ def test_a_claim_of_the_wrong_type_is_malformed(offline: Runner, ring_file: Path
     streamed = offline("verify", "-", input=f"{token}\n")
     assert streamed.exit_code == 7
     assert json.loads(streamed.stdout)["reason"] == "token invalid: malformed"
+
+
+# ---- a ring file reached through a symlink -------------------------------------------------------
+
+
+def test_a_symlinked_ring_is_changed_where_it_lives_and_the_link_stays(tmp_path: Path) -> None:
+    """A key file mounted as a symlink (a secrets directory, a shared volume): a `keys` change
+    used to replace the link by a new file beside it, so the ring it points to, the one other
+    hosts read, never saw the new key."""
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "config").mkdir()
+    real = tmp_path / "secrets" / "ring.key"
+    assert tokens.create_key_file(real, "ES256")
+    link = tmp_path / "config" / "ring.key"
+    link.symlink_to(real)
+    (added,) = keyring.change_ring(link, None, keyring.add_key("EdDSA"))
+    assert link.is_symlink() and link.resolve() == real
+    assert [key["kid"] for key in json.loads(real.read_text())["keys"]][1] == added.kid
+    assert stat.S_IMODE(real.stat().st_mode) == 0o600
+    assert sorted(path.name for path in (tmp_path / "config").iterdir()) == ["ring.key"]
+    assert sorted(path.name for path in (tmp_path / "secrets").iterdir()) == ["ring.key"]
+    assert keyring.load_ring(link, None).get(added.kid).alg == "EdDSA"
+
+
+@pytest.mark.e2e
+def test_keys_rotate_racing_itself_loses_no_key_and_keeps_the_file_private(env: dict[str, str], tmp_path: Path) -> None:
+    """Two `keys rotate` processes at once: both keys land (the directory lock serializes the
+    read-change-write), exactly one is active, and the file stays a private, whole ring."""
+    key_file = tmp_path / "race" / "ring.key"
+    key_file.parent.mkdir()
+    ring = {**env, "USERMGR_KEY_FILE": str(key_file), "USERMGR_TOKEN_ALGORITHM": "ES256"}
+    assert run_usermgr("init", env=ring).returncode == 0
+    (first,) = keyring.load_ring(key_file, None).keys
+    racers = [
+        subprocess.Popen(
+            [str(USERMGR), "keys", "rotate", "--alg", alg],
+            env=process_env(ring),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for alg in ("EdDSA", "RS256")
+    ]
+    outputs = [racer.communicate(timeout=HANG_TIMEOUT) for racer in racers]
+    assert [racer.returncode for racer in racers] == [0, 0], outputs
+    new_kids = {stdout.strip() for stdout, _ in outputs}
+    keys = json.loads(key_file.read_text())["keys"]
+    assert {key["kid"] for key in keys} == {first.kid, *new_kids}
+    assert sorted(key["state"] for key in keys) == ["active", "retiring", "retiring"]
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert sorted(path.name for path in key_file.parent.iterdir()) == ["ring.key"]
+
+
+def test_ring_changes_racing_in_threads_each_land(tmp_path: Path) -> None:
+    """The same race, with each change held open between its read and its write (a sleep
+    inside the edit): without the directory lock every racer would write back the ring it
+    read and all but one new key would be lost."""
+    import threading
+
+    path = tmp_path / "ring.key"
+    assert tokens.create_key_file(path, "HS256")
+    start = threading.Barrier(6)
+    added: list[str] = []
+
+    def slow_add(ring: keyring.Ring) -> tuple[keyring.Ring, list[keyring.KeyChange]]:
+        time.sleep(0.05)
+        return keyring.add_key("HS256")(ring)
+
+    def racer() -> None:
+        start.wait()
+        added.extend(change.kid for change in keyring.change_ring(path, None, slow_add))
+
+    threads = [threading.Thread(target=racer) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    kids = [key.kid for key in keyring.load_ring(path, None).keys]
+    assert len(kids) == 7 and set(kids[1:]) == set(added)

@@ -478,20 +478,23 @@ def change_ring(
     key_file: Path | None, secret: str | None, edit: Callable[[Ring], tuple[Ring, list[KeyChange]]]
 ) -> list[KeyChange]:
     """Read the ring, apply `edit`, and write the result in one step (a pre-ring key file
-    becomes a ring file here); the changes made. Nothing is written when nothing changed."""
+    becomes a ring file here); the changes made. Nothing is written when nothing changed.
+    A symlinked key file is changed where it lives: the link stays, and its target (the
+    ring other hosts may read) gets the change."""
     key_file = changeable_ring(key_file, secret)
-    with _exclusive(key_file.parent):
+    target = key_file.resolve()
+    with _exclusive(target.parent):
         material, status = read_private_file(key_file)
         ring = parse_ring(material, f"key file {key_file}", created=_iso(status.st_mtime))
         changed, changes = edit(ring)
         if changes:
             try:
-                put_in_place(key_file, changed.serialized(), 0o600, replace=True)
+                put_in_place(target, changed.serialized(), 0o600, replace=True)
             except OSError as error:
                 raise ConfigurationError(
                     f"cannot write key file {key_file}: {error.strerror or error}; it was left as it was"
                 ) from None
-            sync_directory(key_file.parent)
+            sync_directory(target.parent)
     return changes
 
 
