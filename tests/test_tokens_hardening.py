@@ -230,3 +230,24 @@ def test_ring_changes_racing_in_threads_each_land(tmp_path: Path) -> None:
         thread.join()
     kids = [key.kid for key in keyring.load_ring(path, None).keys]
     assert len(kids) == 7 and set(kids[1:]) == set(added)
+
+
+# ---- a "public" JWK Set that holds private key material ------------------------------------------
+
+
+@pytest.mark.parametrize("alg", ["EdDSA", "ES256", "RS256"])
+def test_a_jwk_set_holding_a_private_key_is_refused_not_used(tmp_path: Path, ring_file: Path, alg: str) -> None:
+    """`--jwks` with the ring's private JWKs pasted in (the JWK Set a verifier was given leaks
+    the signing key): it was used quietly, as if public; now exit 2, naming the members."""
+    key = next(key for key in keyring.load_ring(ring_file, None).keys if key.alg == alg)
+    leaked = tmp_path / "jwks.json"
+    leaked.write_text(json.dumps({"keys": [key.public_jwk, {**key.jwk, "kid": "leaked"}]}))
+    runner = Runner({"USERMGR_DATABASE_URL": str(tmp_path / "absent.db"), "USERMGR_KEY_FILE": str(tmp_path / "none")})
+    token = signed(key, claims(int(time.time())))
+    line = refused(runner("verify", "--jwks", str(leaked), token), 2)
+    members = "d" if alg != "RS256" else "d, dp, dq, p, q, qi"
+    assert line == (
+        f"usermgr: error: JWK Set {leaked}: key number 2 holds private key material ({members}),"
+        " which a public set must not hold"
+    )
+    assert key.jwk["d"] not in line

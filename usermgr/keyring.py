@@ -57,6 +57,8 @@ _CRV = {"EdDSA": "Ed25519", "ES256": "P-256"}
 _PUBLIC_MEMBERS = {"OKP": ("kty", "crv", "x"), "EC": ("kty", "crv", "x", "y"), "RSA": ("kty", "n", "e")}
 """The public half of each asymmetric key type; also RFC 7638's thumbprint members."""
 _THUMBPRINT_MEMBERS = {**_PUBLIC_MEMBERS, "oct": ("kty", "k")}
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+"""RFC 7518's private members of an EC, OKP or RSA key, and an oct key's secret: never in a public set."""
 _RING_MEMBERS = ("kid", "alg", "use", "state", "created", "pre_ring")
 
 
@@ -708,7 +710,8 @@ def jwks_key_set(path: Path) -> KeySet:
     """The signing keys of a public JWK Set file (what `keys export` writes, or what a host
     fetched from `/.well-known/jwks.json`). Only public members are used. Keys for
     encryption or for another algorithm are left out (a token naming one names an unknown
-    key); a kid that several keys share names none of them; a secret (`oct`) key is refused."""
+    key); a kid that several keys share names none of them; a secret (`oct`) key, or a key
+    with private members, is refused: the file leaks a signing key and must be replaced."""
     source = f"JWK Set {path}"
     try:
         document = json.loads(path.read_bytes())
@@ -728,6 +731,12 @@ def jwks_key_set(path: Path) -> KeySet:
         if entry.get("kty") == "oct":
             raise ConfigurationError(
                 f"{source}: key number {number} is a secret (oct) key, which a public set must not hold"
+            )
+        private = sorted(_PRIVATE_MEMBERS.intersection(entry))
+        if private:
+            raise ConfigurationError(
+                f"{source}: key number {number} holds private key material ({', '.join(private)}),"
+                " which a public set must not hold"
             )
         kid = entry.get("kid")
         if not isinstance(kid, str) or not kid:
