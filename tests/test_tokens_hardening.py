@@ -251,3 +251,53 @@ def test_a_jwk_set_holding_a_private_key_is_refused_not_used(tmp_path: Path, rin
         " which a public set must not hold"
     )
     assert key.jwk["d"] not in line
+
+
+# ---- `verify` whose reader went away: the exit code still answers for every token ------------------
+
+
+def _verify_into_a_closed_pipe(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """The installed `usermgr verify` writing to a pipe nobody reads (its read end closed
+    before the process starts, so the first write fails, as after `| head -0`)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run(
+            [str(USERMGR), "verify", *args],
+            input=stdin,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            env=process_env(env),
+            text=True,
+            timeout=HANG_TIMEOUT,
+        )
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize(
+    ("args", "lines", "code"),
+    [
+        (("-",), ["good", "not-a-token"], 7),
+        (("-",), ["not-a-token"], 7),
+        (("-", "--role", "admin"), ["good", "good"], 8),
+        (("-",), ["good", "good"], 0),
+        (("good", "not-a-token"), [], 7),
+        (("good",), [], 0),
+    ],
+    ids=["stream-good-then-bad", "stream-bad", "stream-without-the-role", "stream-good", "args-good-then-bad", "good"],
+)
+def test_verify_into_a_closed_pipe_still_exits_with_the_verdict(
+    tmp_path: Path, ring_file: Path, args: tuple[str, ...], lines: list[str], code: int
+) -> None:
+    """`verify` whose reader left (`| head -1`, `| grep -q`) exited 0 at its first write:
+    tokens not yet checked, invalid ones included, passed as valid. It now checks every
+    token with nowhere to write, and exits with their verdict."""
+    settings = load_settings(key_file=str(ring_file))
+    good = tokens.issue_token(settings, subject=UID, email="ada@example.com", roles=[], token_version=0, ttl=600)
+    env = {"USERMGR_DATABASE_URL": str(tmp_path / "absent.db"), "USERMGR_KEY_FILE": str(ring_file)}
+    stdin = "".join(f"{good if line == 'good' else line}\n" for line in lines)
+    result = _verify_into_a_closed_pipe(env, *(good if arg == "good" else arg for arg in args), stdin=stdin)
+    assert result.returncode == code, result.stderr
+    expected = ["usermgr: error: token invalid: malformed"] if args[0] == "good" and code else []
+    assert result.stderr.splitlines() == expected
