@@ -18,14 +18,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
-from tests.conftest import HANG_TIMEOUT, USERMGR, Runner, create_user, login, process_env, run_usermgr
-from usermgr import keyring, tokens
+from tests.conftest import (
+    HANG_TIMEOUT,
+    USERMGR,
+    Runner,
+    bearer,
+    create_user,
+    login,
+    process_env,
+    run_usermgr,
+    uid_of,
+)
+from usermgr import api, keyring, tokens
 from usermgr.config import load_settings
 from usermgr.errors import ConfigurationError
 
 ISSUER = "usermgr"
 UID = str(uuid.UUID(int=1))
+PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "k", "oth"}
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -301,3 +313,41 @@ def test_verify_into_a_closed_pipe_still_exits_with_the_verdict(
     assert result.returncode == code, result.stderr
     expected = ["usermgr: error: token invalid: malformed"] if args[0] == "good" and code else []
     assert result.stderr.splitlines() == expected
+
+
+# ---- online: the database and the API read the same claims -------------------------------------------
+
+
+def test_a_version_of_true_never_passes_for_a_user_at_token_version_1(
+    run: Runner, client: TestClient, key_file: Path
+) -> None:
+    """`ver: true` equalled token version 1 in the holder check (true == 1): a token that
+    usermgr never issues passed `verify --check-db` and the API. Now malformed everywhere."""
+    create_user(run, "ada@example.com")
+    assert run("revoke-tokens", "ada@example.com").exit_code == 0  # token version 0 -> 1
+    key = keyring.load_ring(key_file, None).active
+    now = int(time.time())
+    uid = uid_of(run, "ada@example.com")
+    honest, forged = (signed(key, claims(now, sub=uid, ver=version)) for version in (1, True))
+    assert run("verify", honest, "--check-db", "-o", "email").stdout == "ada@example.com\n"
+    assert refused(run("verify", forged, "--check-db"), 7) == "usermgr: error: token invalid: malformed"
+    assert client.get("/users/me", headers=bearer(honest)).status_code == 200
+    answer = client.get("/users/me", headers=bearer(forged))
+    assert (answer.status_code, answer.json()) == (401, {"detail": "token invalid: malformed"})
+
+
+def test_the_jwks_route_publishes_no_private_member_and_no_secret_for_any_algorithm(
+    client: TestClient, key_file: Path
+) -> None:
+    for alg in ("HS256", "EdDSA", "ES256", "RS256"):
+        keyring.change_ring(key_file, None, keyring.add_key(alg))
+    ring = keyring.load_ring(key_file, None)
+    answer = client.get(api.JWKS_PATH)
+    published = answer.json()["keys"]
+    assert [(key["kid"], key["alg"]) for key in published] == [
+        (key.kid, key.alg) for key in ring.keys if key.alg in ("EdDSA", "ES256", "RS256")
+    ]
+    assert not [key for key in published if set(key) & PRIVATE_MEMBERS]
+    secrets_ = [str(key.jwk[name]) for key in ring.keys for name in PRIVATE_MEMBERS & set(key.jwk)]
+    assert len(secrets_) == 2 + 1 + 1 + 6, "two HS256 secrets, an EdDSA and an ES256 d, RSA's six"
+    assert not [value for value in secrets_ if value in answer.text]
