@@ -30,6 +30,7 @@ from tests.conftest import (
     process_env,
     run_usermgr,
     uid_of,
+    usermgr_bytes,
 )
 from usermgr import api, keyring, tokens
 from usermgr.config import load_settings
@@ -351,3 +352,205 @@ def test_the_jwks_route_publishes_no_private_member_and_no_secret_for_any_algori
     secrets_ = [str(key.jwk[name]) for key in ring.keys for name in PRIVATE_MEMBERS & set(key.jwk)]
     assert len(secrets_) == 2 + 1 + 1 + 6, "two HS256 secrets, an EdDSA and an ES256 d, RSA's six"
     assert not [value for value in secrets_ if value in answer.text]
+
+
+# ---- the hostile-token corpus test_tokens.py does not hold ---------------------------------------------
+
+
+def _hmac(key_text: bytes, header: dict[str, Any], payload: dict[str, Any]) -> str:
+    """HS256 by hand with any bytes as the secret (PyJWT refuses a PEM or a JWK as one)."""
+    import hashlib
+    import hmac
+
+    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(payload).encode())}"
+    return f"{signing_input}.{b64url(hmac.new(key_text, signing_input.encode(), hashlib.sha256).digest())}"
+
+
+def _unsigned(header: dict[str, Any], payload: dict[str, Any]) -> str:
+    return f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(payload).encode())}."
+
+
+def _with_raw_claim(key: keyring.RingKey, now: int, name: str, json_text: str) -> str:
+    """A claim whose JSON text PyJWT would never write (1e400, NaN, a 5000-digit number)."""
+    payload = json.dumps({k: v for k, v in claims(now).items() if k != name})[:-1] + f', "{name}": {json_text}}}'
+    return signed_text(key, json.dumps({"alg": key.alg, "kid": key.kid}), payload)
+
+
+Keys = dict[str, keyring.RingKey]
+CORPUS: dict[str, tuple[Any, str]] = {
+    "hs256-keyed-with-the-es256-public-pem": (
+        lambda k, now: _hmac(k["ES256"].public_pem().encode(), {"alg": "HS256", "kid": k["ES256"].kid}, claims(now)),
+        "algorithm not allowed",
+    ),
+    "hs256-keyed-with-the-eddsa-public-jwk-text": (
+        lambda k, now: _hmac(
+            json.dumps(k["EdDSA"].public_jwk).encode(), {"alg": "HS256", "kid": k["EdDSA"].kid}, claims(now)
+        ),
+        "algorithm not allowed",
+    ),
+    "hs256-keyed-with-the-es256-public-jwk-text": (
+        lambda k, now: _hmac(
+            json.dumps(k["ES256"].public_jwk).encode(), {"alg": "HS256", "kid": k["ES256"].kid}, claims(now)
+        ),
+        "algorithm not allowed",
+    ),
+    "alg-None": (
+        lambda k, now: _unsigned({"alg": "None", "kid": k["ES256"].kid}, claims(now)),
+        "algorithm not allowed",
+    ),
+    "alg-NONE": (
+        lambda k, now: _unsigned({"alg": "NONE", "kid": k["ES256"].kid}, claims(now)),
+        "algorithm not allowed",
+    ),
+    "alg-empty": (lambda k, now: _unsigned({"alg": "", "kid": k["ES256"].kid}, claims(now)), "algorithm not allowed"),
+    "alg-none-under-the-hs256-kid": (
+        lambda k, now: _unsigned({"alg": "none", "kid": k["HS256"].kid}, claims(now)),
+        "algorithm not allowed",
+    ),
+    "hs384-under-the-hs256-kid-with-its-secret": (
+        lambda k, now: _hmac_as(k["HS256"], "HS384", now),
+        "algorithm not allowed",
+    ),
+    "es384-under-the-es256-kid": (
+        lambda k, now: _unsigned({"alg": "ES384", "kid": k["ES256"].kid}, claims(now)) + "AAAA",
+        "algorithm not allowed",
+    ),
+    "ps256-under-the-rs256-kid": (
+        lambda k, now: _unsigned({"alg": "PS256", "kid": k["RS256"].kid}, claims(now)) + "AAAA",
+        "algorithm not allowed",
+    ),
+    "eddsa-signed-under-the-hs256-kid": (
+        lambda k, now: signed_text(
+            k["EdDSA"], json.dumps({"alg": "EdDSA", "kid": k["HS256"].kid}), json.dumps(claims(now))
+        ),
+        "algorithm not allowed",
+    ),
+    "kid-a-number": (lambda k, now: _kid(k, 7), "malformed"),
+    "kid-an-object": (lambda k, now: _kid(k, {"kid": k["ES256"].kid}), "malformed"),
+    "kid-true": (lambda k, now: _kid(k, True), "malformed"),
+    "kid-null": (lambda k, now: _kid(k, None), "unknown key"),
+    "kid-empty": (lambda k, now: _kid(k, ""), "unknown key"),
+    "kid-with-a-nul": (lambda k, now: _kid(k, k["ES256"].kid + "\x00"), "unknown key"),
+    "kid-of-10000-characters": (lambda k, now: _kid(k, "k" * 10_000), "unknown key"),
+    "kid-etc-passwd": (lambda k, now: _kid(k, "../../etc/passwd"), "unknown key"),
+    "x5c-of-another-key-under-our-kid": (
+        lambda k, now: signed(_attacker(), claims(now), kid=k["ES256"].kid, x5c=[_attacker().public_pem()]),
+        "bad signature",
+    ),
+    "crit-naming-an-unknown-extension": (lambda k, now: signed(k["ES256"], claims(now), crit=["exp"]), "malformed"),
+    "crit-empty": (lambda k, now: signed(k["ES256"], claims(now), crit=[]), "malformed"),
+    "crit-not-a-list": (lambda k, now: signed(k["ES256"], claims(now), crit="b64"), "malformed"),
+    "b64-false-without-crit": (lambda k, now: signed(k["ES256"], claims(now), b64=False), "malformed"),
+    "b64-false-with-crit": (lambda k, now: signed(k["ES256"], claims(now), b64=False, crit=["b64"]), "malformed"),
+    "compact-jwe-of-5-parts": (
+        lambda k, now: (
+            b64url(json.dumps({"alg": "RSA-OAEP", "enc": "A256GCM", "kid": k["RS256"].kid}).encode())
+            + ".AAAA.AAAA.AAAA.AAAA"
+        ),
+        "malformed",
+    ),
+    "duplicate-kid-the-first-naming-the-signer": (
+        lambda k, now: signed_text(
+            k["ES256"],
+            f'{{"alg": "ES256", "kid": "{k["ES256"].kid}", "kid": "{k["EdDSA"].kid}"}}',
+            json.dumps(claims(now)),
+        ),
+        "algorithm not allowed",  # the key lookup and PyJWT both read the last member: never two answers
+    ),
+    "zero-width-space-in-front": (lambda k, now: "\u200b" + signed(k["ES256"], claims(now)), "malformed"),
+    "standard-base64-alphabet": (
+        lambda k, now: _std_alphabet(signed(k["ES256"], claims(now, email="a>>>?@example.com"))),
+        "malformed",
+    ),
+    "padding-on-the-signature": (lambda k, now: signed(k["ES256"], claims(now)) + "=", "malformed"),
+    "fullwidth-dot": (lambda k, now: signed(k["ES256"], claims(now)).replace(".", "\uff0e", 1), "malformed"),
+    "exp-1e400": (lambda k, now: _with_raw_claim(k["ES256"], now, "exp", "1e400"), "malformed"),
+    "exp-nan": (lambda k, now: _with_raw_claim(k["ES256"], now, "exp", "NaN"), "malformed"),
+    "iat-minus-1e400": (lambda k, now: _with_raw_claim(k["ES256"], now, "iat", "-1e400"), "malformed"),
+    "exp-negative": (lambda k, now: signed(k["ES256"], claims(now, exp=-1)), "expired"),
+    "exp-true": (lambda k, now: signed(k["ES256"], claims(now, exp=True)), "expired"),
+    "exp-a-list": (lambda k, now: signed(k["ES256"], claims(now, exp=[now + 600])), "malformed"),
+    "a-claim-of-5000-digits": (lambda k, now: _with_raw_claim(k["ES256"], now, "x", "9" * 5000), "malformed"),
+    "header-nested-5000-deep": (
+        lambda k, now: signed_text(k["ES256"], "[" * 5000 + "]" * 5000, json.dumps(claims(now))),
+        "malformed",
+    ),
+}
+
+
+def _kid(keys: Keys, kid: Any) -> str:
+    return signed_text(keys["ES256"], json.dumps({"alg": "ES256", "kid": kid}), json.dumps(claims(int(time.time()))))
+
+
+def _hmac_as(key: keyring.RingKey, alg: str, now: int) -> str:
+    import jwt
+
+    return jwt.encode(claims(now), key.signer.key, algorithm=alg, headers={"kid": key.kid})
+
+
+def _attacker() -> keyring.RingKey:
+    jwk = keyring.new_jwk("ES256")
+    return keyring.RingKey(kid=jwk["kid"], alg="ES256", state="active", created="", jwk=jwk)
+
+
+def _std_alphabet(token: str) -> str:
+    changed = token.replace("-", "+").replace("_", "/")
+    assert changed != token, "the token holds a base64url-only character"
+    return changed
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=list(CORPUS))
+def test_a_hostile_token_is_one_line_and_exit_7(offline: Runner, ring_file: Path, case: str) -> None:
+    keys = {key.alg: key for key in keyring.load_ring(ring_file, None).keys}
+    mint, reason = CORPUS[case]
+    token = mint(keys, int(time.time()))
+    assert refused(offline("verify", token), 7) == f"usermgr: error: token invalid: {reason}"
+    streamed = offline("verify", "-", input=f"{token}\n")
+    assert (streamed.exit_code, json.loads(streamed.stdout)["reason"]) == (7, f"token invalid: {reason}")
+
+
+def test_headers_that_point_elsewhere_are_ignored_and_a_far_exp_is_printed_as_it_is(
+    offline: Runner, ring_file: Path
+) -> None:
+    """jku, x5u, x5c and jwk are neither fetched nor trusted: the kid's key alone decides, so
+    our own signature passes with them (nothing listens at 127.0.0.1:9) and another's does
+    not (test_tokens.py). An exp past the year 9999 is a number like any other."""
+    key = keyring.load_ring(ring_file, None).active
+    now = int(time.time())
+    pointing = signed(
+        key,
+        claims(now),
+        jku="http://127.0.0.1:9/jwks.json",
+        x5u="http://127.0.0.1:9/cert.pem",
+        x5c=["MIIB"],
+        jwk=_attacker().public_jwk,
+    )
+    assert offline("verify", pointing, "-o", "email").stdout == "ada@example.com\n"
+    far = signed(key, claims(now, exp=253_402_300_800 + 86_400))
+    for fmt in ("json", "table", "csv"):
+        result = offline("verify", far, "-o", fmt)
+        assert (result.exit_code, result.stderr) == (0, ""), fmt
+        assert "253402387200" in result.stdout, fmt
+    padded = offline("verify", "\u00a0\t" + signed(key, claims(now)) + "\u2003\n", "-o", "email")
+    assert padded.stdout == "ada@example.com\n", "white space around a token, Unicode's too, is not part of it"
+
+
+def test_the_stream_answers_every_line_whatever_its_bytes(tmp_path: Path, ring_file: Path) -> None:
+    """Binary garbage and bytes that are not UTF-8, CRLF line ends, an empty line, a 10 MB
+    line and a last line without its newline: one result each, in order, and exit 7."""
+    settings = load_settings(key_file=str(ring_file))
+    good = tokens.issue_token(settings, subject=UID, email="ada@example.com", roles=[], token_version=0, ttl=600)
+    lines = [b"\xff\xfe\x00\x80garbage", good.encode() + b"\r", b"", b"a" * 10_000_000, good.encode()]
+    env = {"USERMGR_DATABASE_URL": str(tmp_path / "absent.db"), "USERMGR_KEY_FILE": str(ring_file)}
+    result = usermgr_bytes("verify", "-", "-o", "jsonl", env=env, input=b"\n".join(lines))
+    assert (result.returncode, result.stderr) == (7, b"")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(row["valid"], row["reason"]) for row in rows] == [
+        (False, "token invalid: malformed"),
+        (True, None),
+        (False, "token invalid: malformed"),
+        (False, "token invalid: malformed"),
+        (True, None),
+    ]
+    alone = usermgr_bytes("verify", "-", env=env, input=good.encode() + b"\r\n" + good.encode())
+    assert (alone.returncode, alone.stderr, len(alone.stdout.splitlines())) == (0, b"", 2)
