@@ -554,3 +554,55 @@ def test_the_stream_answers_every_line_whatever_its_bytes(tmp_path: Path, ring_f
     ]
     alone = usermgr_bytes("verify", "-", env=env, input=good.encode() + b"\r\n" + good.encode())
     assert (alone.returncode, alone.stderr, len(alone.stdout.splitlines())) == (0, b"", 2)
+
+
+# ---- key files that cannot be trusted -----------------------------------------------------------------
+
+
+def _verify_with(tmp_path: Path, key_file: Path) -> Any:
+    runner = Runner({"USERMGR_DATABASE_URL": str(tmp_path / "absent.db"), "USERMGR_KEY_FILE": str(key_file)})
+    return runner("verify", "a.b.c")
+
+
+@pytest.mark.parametrize("content", [b"", b" \n\t\n"], ids=["empty", "white-space-only"])
+def test_an_empty_key_file_says_so(tmp_path: Path, content: bytes) -> None:
+    """An empty key file (`: > usermgr.key`, a copy cut at zero) was "the HS256 secret is
+    shorter than 32 bytes", sending the admin to make a longer secret instead of restoring."""
+    path = tmp_path / "usermgr.key"
+    path.write_bytes(content)
+    path.chmod(0o600)
+    assert refused(_verify_with(tmp_path, path), 2) == (
+        f"usermgr: error: key file {path} is empty: restore it from a backup"
+        " (or remove it, and `usermgr init` makes a new key)"
+    )
+
+
+def test_a_ring_file_saved_with_a_byte_order_mark_is_still_a_ring(tmp_path: Path, ring_file: Path) -> None:
+    """An editor that saves UTF-8 with a BOM made the ring look like no JSON: it was taken
+    for an HS256 secret (the whole file, private keys and all) and refused as "not a valid
+    HS256 key". The ring is read as the ring; a secret keeps its bytes as they are."""
+    settings = load_settings(key_file=str(ring_file))
+    token = tokens.issue_token(settings, subject=UID, email="ada@example.com", roles=[], token_version=0, ttl=600)
+    ring_file.write_bytes(b"\xef\xbb\xbf" + ring_file.read_bytes())
+    runner = Runner({"USERMGR_DATABASE_URL": str(tmp_path / "absent.db"), "USERMGR_KEY_FILE": str(ring_file)})
+    assert runner("verify", token, "-o", "email").stdout == "ada@example.com\n"
+    assert [key.alg for key in keyring.load_ring(ring_file, None).keys] == ["ES256", "HS256", "EdDSA", "RS256"]
+
+
+@pytest.mark.parametrize("case", ["directory", "dangling-symlink", "symlink", "fifo"])
+def test_a_key_file_that_is_no_plain_private_file(tmp_path: Path, ring_file: Path, case: str) -> None:
+    path = tmp_path / "odd.key"
+    if case == "directory":
+        path.mkdir(mode=0o700)
+        expected = f"Invalid value for '--key-file': File '{path}' is a directory."
+    elif case == "dangling-symlink":
+        path.symlink_to(tmp_path / "nowhere.key")
+        expected = f"no key file at {path}: run `usermgr init` to create one, or set USERMGR_SECRET_KEY"
+    elif case == "fifo":
+        os.mkfifo(path, 0o600)  # opened for reading, it used to wait for a writer forever
+        expected = f"key file {path} is not a regular file"
+    else:
+        path.symlink_to(ring_file)  # a symlink to a private ring is that ring
+        assert _verify_with(tmp_path, path).stderr == "usermgr: error: token invalid: malformed\n"
+        return
+    assert refused(_verify_with(tmp_path, path), 2).startswith(f"usermgr: error: {expected}")

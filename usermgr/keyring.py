@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import contextlib
 import fcntl
 import hashlib
@@ -299,10 +300,15 @@ def parse_ring(material: bytes, source: str, created: str = "") -> Ring:
     key, or an HS256 secret: any other text). One ConfigurationError line for anything
     unusable, never key material in it."""
     text = material.strip()
-    if text.startswith(b"{"):
-        return _parse_jwk_set(text, source)
-    if text.startswith(b"-----BEGIN"):
-        jwk, alg = _jwk_from_private_pem(text, source)
+    if not text:
+        raise ConfigurationError(
+            f"{source} is empty: restore it from a backup (or remove it, and `usermgr init` makes a new key)"
+        )
+    marked = text.removeprefix(codecs.BOM_UTF8)  # an editor's byte order mark: the text after it is the file
+    if marked.startswith(b"{"):
+        return _parse_jwk_set(marked, source)
+    if marked.startswith(b"-----BEGIN"):
+        jwk, alg = _jwk_from_private_pem(marked, source)
     else:
         if len(text) < MIN_SECRET_BYTES:
             raise ConfigurationError(f"the HS256 secret is shorter than {MIN_SECRET_BYTES} bytes: use a longer one")
@@ -386,24 +392,32 @@ def _ring_entry(entry: object, number: int, source: str) -> RingKey | None:
 
 
 def read_private_file(path: Path) -> tuple[bytes, os.stat_result]:
-    """The key file's bytes and the stat they were read under; refused when group or others can read it."""
+    """The key file's bytes and the stat they were read under; refused when group or others can
+    read it, or when it is no regular file (opened without blocking: a FIFO would wait forever)."""
     try:
-        with path.open("rb") as handle:
-            status = os.fstat(handle.fileno())
-            if status.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise ConfigurationError(
-                    f"key file {path} is accessible by group or others (mode {stat.S_IMODE(status.st_mode):04o}):"
-                    f" run `chmod 600 {path}`"
-                )
-            return handle.read(), status
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ConfigurationError(
             f"no key file at {path}: run `usermgr init` to create one, or set USERMGR_SECRET_KEY"
         ) from None
-    except IsADirectoryError:
-        raise ConfigurationError(f"key file {path} is a directory") from None
     except OSError as error:
         raise ConfigurationError(f"cannot read key file {path}: {error.strerror}") from None
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            kind = "a directory" if stat.S_ISDIR(status.st_mode) else "not a regular file"
+            raise ConfigurationError(f"key file {path} is {kind}")
+        if status.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigurationError(
+                f"key file {path} is accessible by group or others (mode {stat.S_IMODE(status.st_mode):04o}):"
+                f" run `chmod 600 {path}`"
+            )
+        with open(fd, "rb", closefd=False) as handle:
+            return handle.read(), status
+    except OSError as error:
+        raise ConfigurationError(f"cannot read key file {path}: {error.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def _signature(status: os.stat_result) -> tuple[int, ...]:
