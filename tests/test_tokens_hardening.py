@@ -589,7 +589,7 @@ def test_a_ring_file_saved_with_a_byte_order_mark_is_still_a_ring(tmp_path: Path
     assert [key.alg for key in keyring.load_ring(ring_file, None).keys] == ["ES256", "HS256", "EdDSA", "RS256"]
 
 
-@pytest.mark.parametrize("case", ["directory", "dangling-symlink", "symlink", "fifo"])
+@pytest.mark.parametrize("case", ["directory", "dangling-symlink", "symlink", "fifo-nobody-writes-to"])
 def test_a_key_file_that_is_no_plain_private_file(tmp_path: Path, ring_file: Path, case: str) -> None:
     path = tmp_path / "odd.key"
     if case == "directory":
@@ -598,11 +598,25 @@ def test_a_key_file_that_is_no_plain_private_file(tmp_path: Path, ring_file: Pat
     elif case == "dangling-symlink":
         path.symlink_to(tmp_path / "nowhere.key")
         expected = f"no key file at {path}: run `usermgr init` to create one, or set USERMGR_SECRET_KEY"
-    elif case == "fifo":
+    elif case == "fifo-nobody-writes-to":
         os.mkfifo(path, 0o600)  # opened for reading, it used to wait for a writer forever
-        expected = f"key file {path} is not a regular file"
+        expected = f"key file {path} is empty"
     else:
         path.symlink_to(ring_file)  # a symlink to a private ring is that ring
         assert _verify_with(tmp_path, path).stderr == "usermgr: error: token invalid: malformed\n"
         return
     assert refused(_verify_with(tmp_path, path), 2).startswith(f"usermgr: error: {expected}")
+
+
+def test_a_key_file_from_a_pipe_with_a_slow_writer_is_read_to_its_end(tmp_path: Path, ring_file: Path) -> None:
+    """`--key-file <(vault read ...)`: the key arrives after the command started; opening
+    without blocking must not turn that into an empty or unreadable key file."""
+    settings = load_settings(key_file=str(ring_file))
+    token = tokens.issue_token(settings, subject=UID, email="ada@example.com", roles=[], token_version=0, ttl=600)
+    script = '"$USERMGR" --key-file <(sleep 1; cat "$RING") verify "$TOKEN" -o email'
+    env = {"USERMGR": str(USERMGR), "RING": str(ring_file), "TOKEN": token}
+    env["USERMGR_DATABASE_URL"] = str(tmp_path / "absent.db")
+    result = subprocess.run(
+        ["bash", "-c", script], env=process_env(env), capture_output=True, text=True, timeout=HANG_TIMEOUT
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "ada@example.com\n", "")

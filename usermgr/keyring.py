@@ -393,7 +393,8 @@ def _ring_entry(entry: object, number: int, source: str) -> RingKey | None:
 
 def read_private_file(path: Path) -> tuple[bytes, os.stat_result]:
     """The key file's bytes and the stat they were read under; refused when group or others can
-    read it, or when it is no regular file (opened without blocking: a FIFO would wait forever)."""
+    read it. Opened without blocking, so that a named pipe nobody writes to reads as empty
+    instead of hanging; a pipe with a writer (`--key-file <(vault ...)`) is read to its end."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -404,14 +405,14 @@ def read_private_file(path: Path) -> tuple[bytes, os.stat_result]:
         raise ConfigurationError(f"cannot read key file {path}: {error.strerror}") from None
     try:
         status = os.fstat(fd)
-        if not stat.S_ISREG(status.st_mode):
-            kind = "a directory" if stat.S_ISDIR(status.st_mode) else "not a regular file"
-            raise ConfigurationError(f"key file {path} is {kind}")
+        if stat.S_ISDIR(status.st_mode):
+            raise ConfigurationError(f"key file {path} is a directory")
         if status.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise ConfigurationError(
                 f"key file {path} is accessible by group or others (mode {stat.S_IMODE(status.st_mode):04o}):"
                 f" run `chmod 600 {path}`"
             )
+        os.set_blocking(fd, True)
         with open(fd, "rb", closefd=False) as handle:
             return handle.read(), status
     except OSError as error:
