@@ -620,3 +620,16 @@ def test_a_key_file_from_a_pipe_with_a_slow_writer_is_read_to_its_end(tmp_path: 
         ["bash", "-c", script], env=process_env(env), capture_output=True, text=True, timeout=HANG_TIMEOUT
     )
     assert (result.returncode, result.stdout, result.stderr) == (0, "ada@example.com\n", "")
+
+
+def test_a_key_file_that_is_a_symlink_loop_is_a_configuration_error_for_every_command(tmp_path: Path) -> None:
+    loop = tmp_path / "loop.key"
+    loop.symlink_to(loop)
+    expected = f"cannot read key file {loop}: Too many levels of symbolic links"
+    for read in (
+        lambda: keyring.load_ring(loop, None),
+        lambda: keyring.change_ring(loop, None, keyring.add_key("HS256")),
+    ):
+        with pytest.raises(ConfigurationError) as refused_:
+            read()
+        assert str(refused_.value) == expected

@@ -499,7 +499,7 @@ def change_ring(
     A symlinked key file is changed where it lives: the link stays, and its target (the
     ring other hosts may read) gets the change."""
     key_file = changeable_ring(key_file, secret)
-    target = key_file.resolve()
+    target = Path(os.path.realpath(key_file))  # never raises: a loop fails below, as a read
     with _exclusive(target.parent):
         material, status = read_private_file(key_file)
         ring = parse_ring(material, f"key file {key_file}", created=_iso(status.st_mtime))
