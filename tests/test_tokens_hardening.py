@@ -633,17 +633,3 @@ def test_a_key_file_that_is_a_symlink_loop_is_a_configuration_error_for_every_co
         with pytest.raises(ConfigurationError) as refused_:
             read()
         assert str(refused_.value) == expected
-
-
-@pytest.mark.parametrize("alg", ["HS256", "EdDSA", "ES256"])
-def test_init_through_a_dangling_symlink_creates_the_key_where_it_points(tmp_path: Path, alg: str) -> None:
-    """A key file path that is a symlink to a ring not made yet (a secrets directory): `init`
-    made no key and said nothing (the link's name "existed" for its hard link), and every
-    later command said to run `init`, which again did nothing."""
-    (tmp_path / "secrets").mkdir(mode=0o700)
-    link = tmp_path / "usermgr.key"
-    link.symlink_to(tmp_path / "secrets" / "ring.key")
-    assert tokens.create_key_file(link, alg)
-    assert link.is_symlink() and stat.S_IMODE((tmp_path / "secrets" / "ring.key").stat().st_mode) == 0o600
-    assert keyring.load_ring(link, None).active.alg == alg
-    assert not tokens.create_key_file(link, alg), "an existing key is never replaced"

@@ -6,7 +6,6 @@ Imports neither SQLAlchemy nor pydantic: `usermgr verify TOKEN` must start witho
 from __future__ import annotations
 
 import base64
-import os
 import secrets
 import time
 import uuid
@@ -54,12 +53,10 @@ def create_key_file(path: Path, algorithm: str) -> bool:
     are the single-key form every earlier usermgr reads, and a one-key ring to this one.
     ES256 and RS256 have no such form: a key ring (a JWK Set) of one active key.
     Either the whole key appears or nothing does: a full disk leaves no empty or partial
-    key file for a later run to trust, and an existing key is never replaced. A symlink to
-    a key not made yet gets its key where it points (its own name always "exists").
+    key file for a later run to trust, and an existing key is never replaced.
     """
     if path.exists():
         return False
-    target = Path(os.path.realpath(path))
     public_pem = None
     if algorithm == "EdDSA":
         private_pem, public_pem = _new_ed25519_pem()
@@ -70,19 +67,19 @@ def create_key_file(path: Path, algorithm: str) -> bool:
         key = keyring.RingKey(kid=jwk["kid"], alg=algorithm, state="active", created=keyring.utc_now(), jwk=jwk)
         private_pem = keyring.Ring(keys=(key,), source=str(path)).serialized()
     try:
-        if not keyring.put_in_place(target, private_pem, 0o600, replace=False):
+        if not keyring.put_in_place(path, private_pem, 0o600, replace=False):
             return False  # another `init` created it first: theirs stands
         if public_pem is not None:
             try:
                 keyring.put_in_place(public_key_path(path), public_pem, 0o644, replace=True)
             except OSError:
-                target.unlink()  # without its public half the pair is unfinished: the next `init` makes both
+                path.unlink()  # without its public half the pair is unfinished: the next `init` makes both
                 raise
     except OSError as error:
         raise ConfigurationError(
             f"cannot create key file {path}: {error.strerror or error}; no key file was left behind"
         ) from None
-    keyring.sync_directory(target.parent)
+    keyring.sync_directory(path.parent)
     return True
 
 
