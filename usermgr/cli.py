@@ -741,8 +741,18 @@ def _verify_each(checker: TokenChecker, tokens: Sequence[str], fmt: str) -> int:
             click.echo(f"usermgr: error: {error}", err=True)
             worst = _failure_code(error, worst)
             continue
-        output.write_one(_claims_record(claims), fmt, CLAIM_FIELDS)
+        _unless_nobody_reads(partial(output.write_one, _claims_record(claims), fmt, CLAIM_FIELDS))
     return worst
+
+
+def _unless_nobody_reads(write: Callable[[], object]) -> None:
+    """Write to standard output; when its reader has gone (`| head -1`), go on with nowhere to
+    write: `verify`'s exit code answers for every token, so the rest must still be checked
+    (the quiet exit 0 of other commands would pass unchecked tokens as valid)."""
+    try:
+        write()
+    except BrokenPipeError:
+        _silence_stdout()
 
 
 def _claims_record(claims: dict[str, Any]) -> dict[str, Any]:
@@ -774,7 +784,10 @@ def _verify_stream(checker: TokenChecker, lines: Any, fmt: str) -> int:
             yield {"valid": True, "reason": None, "claims": claims, **_claims_record(claims)}
 
     fields = RESULT_FIELDS if fmt in ("json", "jsonl") else FLAT_RESULT_FIELDS
-    output.write_records(results(), fmt, fields)
+    records = results()
+    _unless_nobody_reads(partial(output.write_records, records, fmt, fields))
+    for _unread in records:  # the reader left early: the lines after still count
+        pass
     if seen == 0:  # `verify "$EMPTY" && allow` must never allow
         click.echo("usermgr: error: token invalid: no token on standard input", err=True)
         return errors.exit_code(errors.TokenInvalid())

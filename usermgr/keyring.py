@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import contextlib
 import fcntl
 import hashlib
@@ -57,6 +58,8 @@ _CRV = {"EdDSA": "Ed25519", "ES256": "P-256"}
 _PUBLIC_MEMBERS = {"OKP": ("kty", "crv", "x"), "EC": ("kty", "crv", "x", "y"), "RSA": ("kty", "n", "e")}
 """The public half of each asymmetric key type; also RFC 7638's thumbprint members."""
 _THUMBPRINT_MEMBERS = {**_PUBLIC_MEMBERS, "oct": ("kty", "k")}
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+"""RFC 7518's private members of an EC, OKP or RSA key, and an oct key's secret: never in a public set."""
 _RING_MEMBERS = ("kid", "alg", "use", "state", "created", "pre_ring")
 
 
@@ -123,7 +126,14 @@ class RingKey:
 
     @cached_property
     def signer(self) -> jwt.PyJWK:
-        """What signs: the secret, or the private key (loaded only when a token is minted)."""
+        """What signs: the secret, or the private key (loaded only when a token is minted).
+        A public JWK in the ring verifies but cannot sign: refused here, where `signing_key`
+        asks before a login is checked or recorded (PyJWT would fail only when signing)."""
+        if not self.symmetric and "d" not in self.jwk:
+            raise ConfigurationError(
+                f"key {shown_kid(self.kid)} has no private half: it verifies tokens but cannot sign them;"
+                " make a key that can sign active (`usermgr keys rotate`)"
+            )
         return _pyjwk(self.jwk, self.alg, self.kid)
 
     @cached_property
@@ -290,10 +300,15 @@ def parse_ring(material: bytes, source: str, created: str = "") -> Ring:
     key, or an HS256 secret: any other text). One ConfigurationError line for anything
     unusable, never key material in it."""
     text = material.strip()
-    if text.startswith(b"{"):
-        return _parse_jwk_set(text, source)
-    if text.startswith(b"-----BEGIN"):
-        jwk, alg = _jwk_from_private_pem(text, source)
+    if not text:
+        raise ConfigurationError(
+            f"{source} is empty: restore it from a backup (or remove it, and `usermgr init` makes a new key)"
+        )
+    marked = text.removeprefix(codecs.BOM_UTF8)  # an editor's byte order mark: the text after it is the file
+    if marked.startswith(b"{"):
+        return _parse_jwk_set(marked, source)
+    if marked.startswith(b"-----BEGIN"):
+        jwk, alg = _jwk_from_private_pem(marked, source)
     else:
         if len(text) < MIN_SECRET_BYTES:
             raise ConfigurationError(f"the HS256 secret is shorter than {MIN_SECRET_BYTES} bytes: use a longer one")
@@ -377,24 +392,33 @@ def _ring_entry(entry: object, number: int, source: str) -> RingKey | None:
 
 
 def read_private_file(path: Path) -> tuple[bytes, os.stat_result]:
-    """The key file's bytes and the stat they were read under; refused when group or others can read it."""
+    """The key file's bytes and the stat they were read under; refused when group or others can
+    read it. Opened without blocking, so that a named pipe nobody writes to reads as empty
+    instead of hanging; a pipe with a writer (`--key-file <(vault ...)`) is read to its end."""
     try:
-        with path.open("rb") as handle:
-            status = os.fstat(handle.fileno())
-            if status.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise ConfigurationError(
-                    f"key file {path} is accessible by group or others (mode {stat.S_IMODE(status.st_mode):04o}):"
-                    f" run `chmod 600 {path}`"
-                )
-            return handle.read(), status
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ConfigurationError(
             f"no key file at {path}: run `usermgr init` to create one, or set USERMGR_SECRET_KEY"
         ) from None
-    except IsADirectoryError:
-        raise ConfigurationError(f"key file {path} is a directory") from None
     except OSError as error:
         raise ConfigurationError(f"cannot read key file {path}: {error.strerror}") from None
+    try:
+        status = os.fstat(fd)
+        if stat.S_ISDIR(status.st_mode):
+            raise ConfigurationError(f"key file {path} is a directory")
+        if status.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigurationError(
+                f"key file {path} is accessible by group or others (mode {stat.S_IMODE(status.st_mode):04o}):"
+                f" run `chmod 600 {path}`"
+            )
+        os.set_blocking(fd, True)
+        with open(fd, "rb", closefd=False) as handle:
+            return handle.read(), status
+    except OSError as error:
+        raise ConfigurationError(f"cannot read key file {path}: {error.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def _signature(status: os.stat_result) -> tuple[int, ...]:
@@ -471,20 +495,23 @@ def change_ring(
     key_file: Path | None, secret: str | None, edit: Callable[[Ring], tuple[Ring, list[KeyChange]]]
 ) -> list[KeyChange]:
     """Read the ring, apply `edit`, and write the result in one step (a pre-ring key file
-    becomes a ring file here); the changes made. Nothing is written when nothing changed."""
+    becomes a ring file here); the changes made. Nothing is written when nothing changed.
+    A symlinked key file is changed where it lives: the link stays, and its target (the
+    ring other hosts may read) gets the change."""
     key_file = changeable_ring(key_file, secret)
-    with _exclusive(key_file.parent):
+    target = Path(os.path.realpath(key_file))  # never raises: a loop fails below, as a read
+    with _exclusive(target.parent):
         material, status = read_private_file(key_file)
         ring = parse_ring(material, f"key file {key_file}", created=_iso(status.st_mtime))
         changed, changes = edit(ring)
         if changes:
             try:
-                put_in_place(key_file, changed.serialized(), 0o600, replace=True)
+                put_in_place(target, changed.serialized(), 0o600, replace=True)
             except OSError as error:
                 raise ConfigurationError(
                     f"cannot write key file {key_file}: {error.strerror or error}; it was left as it was"
                 ) from None
-            sync_directory(key_file.parent)
+            sync_directory(target.parent)
     return changes
 
 
@@ -698,7 +725,8 @@ def jwks_key_set(path: Path) -> KeySet:
     """The signing keys of a public JWK Set file (what `keys export` writes, or what a host
     fetched from `/.well-known/jwks.json`). Only public members are used. Keys for
     encryption or for another algorithm are left out (a token naming one names an unknown
-    key); a kid that several keys share names none of them; a secret (`oct`) key is refused."""
+    key); a kid that several keys share names none of them; a secret (`oct`) key, or a key
+    with private members, is refused: the file leaks a signing key and must be replaced."""
     source = f"JWK Set {path}"
     try:
         document = json.loads(path.read_bytes())
@@ -718,6 +746,12 @@ def jwks_key_set(path: Path) -> KeySet:
         if entry.get("kty") == "oct":
             raise ConfigurationError(
                 f"{source}: key number {number} is a secret (oct) key, which a public set must not hold"
+            )
+        private = sorted(_PRIVATE_MEMBERS.intersection(entry))
+        if private:
+            raise ConfigurationError(
+                f"{source}: key number {number} holds private key material ({', '.join(private)}),"
+                " which a public set must not hold"
             )
         kid = entry.get("kid")
         if not isinstance(kid, str) or not kid:

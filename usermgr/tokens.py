@@ -21,6 +21,7 @@ from usermgr.errors import ConfigurationError, Forbidden, TokenInvalid
 REQUIRED_CLAIMS = ["exp", "iat", "iss", "sub"]
 MAX_TOKEN_BYTES = 16 * 1024
 VERSION_CLAIM = "ver"
+TIME_CLAIMS = ("exp", "iat", "nbf")
 
 
 # ---- keys -------------------------------------------------------------------------
@@ -191,9 +192,26 @@ def decode_token(
         raise TokenInvalid(f"token invalid: {_reason(error)}") from None
     except (ValueError, TypeError):
         raise TokenInvalid("token invalid: malformed") from None
-    roles = claims.get("roles")
-    if not isinstance(roles, list) or not isinstance(claims.get(VERSION_CLAIM, 0), int):
+    if not _well_typed(claims):
         raise TokenInvalid("token invalid: malformed")
-    if required_role is not None and required_role not in roles:
+    if required_role is not None and required_role not in claims["roles"]:
         raise Forbidden(f"forbidden: the token's holder does not have the role {required_role!r}")
     return claims
+
+
+def _well_typed(claims: dict[str, Any]) -> bool:
+    """The claims usermgr reads have the JSON types it issues them with. PyJWT reads a time
+    with int(), so it takes "1700000000" and true as times; and true == 1 would pass a
+    version check against the database."""
+    roles = claims.get("roles")
+    return (
+        isinstance(roles, list)
+        and all(isinstance(role, str) for role in roles)
+        and _is_number(claims.get(VERSION_CLAIM, 0), int)
+        and isinstance(claims.get("email", ""), str)
+        and all(_is_number(claims[name], (int, float)) for name in TIME_CLAIMS if name in claims)
+    )
+
+
+def _is_number(value: object, kinds: type | tuple[type, ...]) -> bool:
+    return isinstance(value, kinds) and not isinstance(value, bool)
