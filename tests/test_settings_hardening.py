@@ -326,14 +326,19 @@ def test_an_existing_key_is_never_overwritten(tmp_path: Path, algorithm: str) ->
     assert sorted(path.name for path in tmp_path.iterdir() if "usermgr.key" in path.name) == ["usermgr.key"]
 
 
-def test_a_key_name_taken_after_the_check_is_not_overwritten(tmp_path: Path) -> None:
-    """A dangling symlink looks absent to `exists()` but holds the name, as a key another
-    `init` created a moment ago would: the new key must not replace it, nor follow it."""
+def test_a_key_name_held_by_a_dangling_link_is_neither_followed_nor_replaced(tmp_path: Path) -> None:
+    """A dangling symlink looks absent to `exists()` but holds the name: the new key must not
+    replace it, nor follow it. `init` said nothing and exited 0, and every later command
+    then asked for `init` again: it now says what holds the name (exit 2)."""
     key_file = tmp_path / "usermgr.key"
     elsewhere = tmp_path / "elsewhere"
     key_file.symlink_to(elsewhere)
     result = run_usermgr("init", env={"USERMGR_DATABASE_URL": str(tmp_path / "users.db")})
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"usermgr: error: key file {key_file} is a symbolic link to a missing file: usermgr makes no key"
+        " through a link; make the key where it points (--key-file with that path) or remove the link"
+    )
     assert key_file.is_symlink() and not elsewhere.exists()
     assert "created key file" not in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir() if "key" in path.name) == ["usermgr.key"]

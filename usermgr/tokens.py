@@ -57,6 +57,11 @@ def create_key_file(path: Path, algorithm: str) -> bool:
     """
     if path.exists():
         return False
+    if path.is_symlink():  # the name is taken by a link to nothing: never followed, never replaced
+        raise ConfigurationError(
+            f"key file {path} is a symbolic link to a missing file: usermgr makes no key through a link;"
+            " make the key where it points (--key-file with that path) or remove the link"
+        )
     public_pem = None
     if algorithm == "EdDSA":
         private_pem, public_pem = _new_ed25519_pem()
