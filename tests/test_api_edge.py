@@ -412,3 +412,30 @@ def test_a_405_names_every_method_the_path_allows(
     assert response.status_code == 405
     assert {name.strip() for name in response.headers["allow"].split(",")} == allowed
     assert response.json() == {"detail": "Method Not Allowed"}
+
+
+# ---- the server's log: no secret a client put in a URL -------------------------------------------
+
+
+@pytest.mark.e2e
+def test_the_access_log_leaves_out_query_values_where_a_client_may_put_a_secret(
+    served: Served, served_run: Runner
+) -> None:
+    """The API takes no token and no password in a URL, but a client may still send one there
+    (`?access_token=`, a login form as a query): uvicorn's access log would write it out for
+    anyone who reads the log. The line keeps the method, the path and the status."""
+    create_user(served_run, "ada@example.com")
+    with served.client() as http:
+        token = api_token(http, "ada@example.com")
+        in_query = http.get("/users/me", params={"access_token": token})
+        assert in_query.status_code == 401, in_query.text
+        login_in_query = http.post("/auth/login", params={"username": "ada@example.com", "password": PASSWORD})
+        assert login_in_query.status_code == 422, login_in_query.text
+        bare = http.get(f"/users/me?{token}")
+        assert bare.status_code == 401, bare.text
+    log = served.log.read_text()
+    assert token not in log
+    assert PASSWORD.replace(" ", "+") not in log and PASSWORD.replace(" ", "%20") not in log
+    assert '"GET /users/me?… HTTP/1.1" 401' in log
+    assert '"POST /auth/login?… HTTP/1.1" 422' in log
+    assert '"POST /auth/login HTTP/1.1" 200' in log  # a line without a query is as uvicorn writes it

@@ -673,9 +673,28 @@ def _add_http_edge(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _server_error_response)
 
 
+class _QueryLeftOut(logging.Filter):
+    """uvicorn's access log line with the query string left out (`GET /users/me?… HTTP/1.1`).
+
+    The API takes no secret in a URL, but a client may still put one there (`?access_token=`,
+    a login form sent as a query), and the log must not keep it for whoever reads it. uvicorn
+    logs its line as `'%s - "%s %s HTTP/%s" %d'` with the path and query as the third argument.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].partition("?")[0] + "?…", *args[3:])
+        return True
+
+
+_ACCESS_LOG_FILTER = _QueryLeftOut()
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     to_thread.current_default_thread_limiter().total_tokens = API_THREADS  # as many as the pool's connections
+    logging.getLogger("uvicorn.access").addFilter(_ACCESS_LOG_FILTER)  # once: the same filter is added once
     await run_in_threadpool(warm_up, app)
     yield
 
