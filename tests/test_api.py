@@ -386,6 +386,22 @@ def test_a_missing_or_garbage_token_is_401(client: TestClient, authorization: st
     assert_unauthorized(client.get("/users/me", headers=headers), detail)
 
 
+@pytest.mark.parametrize("order", ["user-then-admin", "admin-then-user"])
+def test_two_authorization_headers_are_401_whichever_comes_first(
+    client: TestClient, run: Runner, admin: dict[str, str], order: str
+) -> None:
+    """Authorization is a singleton field (RFC 9110): with two, a proxy that checks or logs one
+    and the app that uses the other disagree on who is calling. Refused, not the first taken."""
+    create_user(run, "ada@example.com")
+    tokens_sent = [bearer(api_token(client, "ada@example.com"))["Authorization"], admin["Authorization"]]
+    if order == "admin-then-user":
+        tokens_sent.reverse()
+    headers = [("Authorization", value) for value in tokens_sent]
+    for method, path in (("GET", "/users"), ("GET", "/users/me"), ("DELETE", "/users/2/roles/editor")):
+        response = client.request(method, path, headers=headers)
+        assert_unauthorized(response, "token invalid: send one Authorization header, not several")
+
+
 def test_expired_foreign_and_stale_tokens_are_401(client: TestClient, run: Runner, settings: Settings) -> None:
     user_id = create_user(run, "ada@example.com")
     claims = {"subject": uid_of(run, str(user_id)), "email": "ada@example.com", "roles": [], "token_version": 0}

@@ -204,7 +204,19 @@ def warm_up(app: FastAPI) -> None:
 
 # ---- reusable dependencies ---------------------------------------------------------------------
 
-oauth2_scheme = OAuth2PasswordBearer(tokenUrl=TOKEN_URL, auto_error=False)
+
+class _OneBearer(OAuth2PasswordBearer):
+    """FastAPI's bearer scheme, but a request with several Authorization headers is refused:
+    the field is a singleton (RFC 9110), and FastAPI would take the first where a proxy in
+    front may check or log another, so that the two disagree on who is calling."""
+
+    async def __call__(self, request: Request) -> str | None:
+        if len(request.headers.getlist("authorization")) > 1:
+            raise errors.TokenInvalid("token invalid: send one Authorization header, not several")
+        return await super().__call__(request)
+
+
+oauth2_scheme = _OneBearer(tokenUrl=TOKEN_URL, scheme_name="OAuth2PasswordBearer", auto_error=False)
 
 
 # What each request pays for (GET /users/me is the hot path): FastAPI runs a plain `def`
