@@ -439,3 +439,67 @@ def test_the_access_log_leaves_out_query_values_where_a_client_may_put_a_secret(
     assert '"GET /users/me?… HTTP/1.1" 401' in log
     assert '"POST /auth/login?… HTTP/1.1" 422' in log
     assert '"POST /auth/login HTTP/1.1" 200' in log  # a line without a query is as uvicorn writes it
+
+
+# ---- one value per name: a repeat is refused, not resolved by a rule the client cannot see ------
+
+
+@pytest.mark.parametrize(
+    ("route", "body"),
+    [
+        ("signup", b'{"email": "one@example.com", "email": "two@example.com", "password": "%s"}'),
+        ("signup", b'{"email": "one@example.com", "password": "short", "password": "%s"}'),
+        ("patch", b'{"full_name": "One", "full_name": "Two"}'),
+    ],
+    ids=["signup-email", "signup-password", "patch-full-name"],
+)
+@pytest.mark.parametrize("backend", ["sqlite"])  # the parsing is the API's, not the database's
+def test_a_json_body_naming_a_field_twice_is_400_and_changes_nothing(
+    client: TestClient, run: Runner, admin: dict[str, str], route: str, body: bytes
+) -> None:
+    """Python's JSON decoder keeps the last of two equal keys, where a proxy or a validator in
+    front may read the first: the two would disagree on which email signed up."""
+    user_id = create_user(run, "ada@example.com", "--full-name", "Ada")
+    before = users(run)
+    url, headers = {
+        "signup": ("/auth/signup", {"content-type": "application/json"}),
+        "patch": (f"/users/{user_id}", {**admin, "content-type": "application/json"}),
+    }[route]
+    content = body.replace(b"%s", PASSWORD.encode())
+    response = client.request("POST" if route == "signup" else "PATCH", url, headers=headers, content=content)
+    assert response.status_code == 400, response.text
+    assert response.json() == {"detail": api.REPEATED_FIELD}
+    assert users(run) == before
+
+
+@pytest.mark.parametrize(
+    ("path", "query"),
+    [
+        ("/users", "role=admin&role=staff"),
+        ("/users", "limit=1&offset=0&limit=1000"),
+        ("/users", "active=true&active=false"),
+        ("/audit", "user=ada@example.com&user=admin@example.com"),
+        ("/audit", "since=1d&until=1d&since=2d"),
+    ],
+    ids=["role", "limit", "active", "audit-user", "audit-since"],
+)
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_query_parameter_given_twice_is_422(
+    client: TestClient, admin: dict[str, str], run: Runner, path: str, query: str
+) -> None:
+    """Starlette keeps the last of two, where a proxy or a cache in front may read the first."""
+    create_user(run, "ada@example.com")
+    name = query.split("=")[0]
+    response = client.get(f"{path}?{query}", headers=admin)
+    assert response.status_code == 422, response.text
+    assert response.json() == {
+        "detail": [{"loc": ["query", name], "msg": "given more than once: give it once", "type": "repeated_parameter"}]
+    }
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_repeated_query_parameter_the_route_does_not_take_is_ignored_as_before(
+    client: TestClient, admin: dict[str, str]
+) -> None:
+    """Only the route's own parameters must be unambiguous: a cache buster sent twice is no one's business."""
+    assert client.get("/users?_=1&_=2&limit=1", headers=admin).status_code == 200

@@ -23,10 +23,12 @@ An existing FastAPI app can reuse the pieces::
 
 import base64
 import hashlib
+import json
 import logging
 import re
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
 from typing import Annotated, Any, Literal
@@ -34,9 +36,11 @@ from typing import Annotated, Any, Literal
 from anyio import to_thread
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
@@ -381,13 +385,67 @@ def _responses(*raised: type[errors.UsermgrError], parses_body: bool = False) ->
     return dict(sorted(answers.items(), key=lambda item: int(item[0])))
 
 
+REPEATED_FIELD = "the JSON body names a field more than once"
+REPEATED_PARAMETER = "given more than once: give it once"
+
+
+def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused if it names a key twice (400, as any body that cannot be parsed)."""
+    parsed = dict(pairs)
+    if len(parsed) != len(pairs):
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, REPEATED_FIELD)
+    return parsed
+
+
+class _UnambiguousRequest(Request):
+    """A request whose JSON body names each key once."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), object_pairs_hook=_object_without_repeats)
+        return self._json
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    """The names of the query parameters a route takes, its dependencies' included."""
+    return {field.alias for field in dependant.query_params}.union(*map(_query_names, dependant.dependencies))
+
+
+class _UnambiguousRoute(APIRoute):
+    """A route that takes each of its query parameters and each JSON key once.
+
+    Starlette and Python's JSON decoder keep the last of two equal names, where a proxy, a
+    cache or a validator in front of the API may read the first: the two would then disagree
+    on what was asked (which role was listed, which email signed up). A repeat is refused
+    instead: 422 for a query parameter of the route's own, 400 for a key of the body.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        own = _query_names(self.dependant)
+
+        async def unambiguous(request: Request) -> Response:
+            names = Counter(name for name, _ in request.query_params.multi_items() if name in own)
+            repeated = sorted(name for name, count in names.items() if count > 1)
+            if repeated:
+                raise RequestValidationError(
+                    [
+                        {"loc": ("query", name), "msg": REPEATED_PARAMETER, "type": "repeated_parameter"}
+                        for name in repeated
+                    ]
+                )
+            return await handler(_UnambiguousRequest(request.scope, request.receive))
+
+        return unambiguous
+
+
 _AUTHENTICATED = (errors.TokenInvalid,)
 _ADMIN = (errors.TokenInvalid, errors.Forbidden)
 
 
 # ---- /auth -------------------------------------------------------------------------------------
 
-auth_router = APIRouter(prefix="/auth", tags=["auth"], max_body_size=MAX_BODY_BYTES)
+auth_router = APIRouter(prefix="/auth", tags=["auth"], max_body_size=MAX_BODY_BYTES, route_class=_UnambiguousRoute)
 
 
 @auth_router.post(
@@ -418,7 +476,7 @@ def login(
 
 # ---- /users ------------------------------------------------------------------------------------
 
-users_router = APIRouter(prefix="/users", tags=["users"], max_body_size=MAX_BODY_BYTES)
+users_router = APIRouter(prefix="/users", tags=["users"], max_body_size=MAX_BODY_BYTES, route_class=_UnambiguousRoute)
 
 
 @users_router.get(
@@ -511,7 +569,7 @@ def revoke_role(user_id: UserId, role: RoleName, db: AdminDB) -> User:
 
 # ---- /audit ------------------------------------------------------------------------------------
 
-audit_router = APIRouter(prefix="/audit", tags=["audit"], max_body_size=MAX_BODY_BYTES)
+audit_router = APIRouter(prefix="/audit", tags=["audit"], max_body_size=MAX_BODY_BYTES, route_class=_UnambiguousRoute)
 
 
 @audit_router.get(
