@@ -503,3 +503,38 @@ def test_a_repeated_query_parameter_the_route_does_not_take_is_ignored_as_before
 ) -> None:
     """Only the route's own parameters must be unambiguous: a cache buster sent twice is no one's business."""
     assert client.get("/users?_=1&_=2&limit=1", headers=admin).status_code == 200
+
+
+# ---- X-Forwarded-For: the caller's say only through a proxy `serve` trusts ----------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("serve_options", "forwarded", "recorded"),
+    [
+        (["--forwarded-allow-ips", "10.0.0.2"], "198.51.100.7", "127.0.0.1"),
+        (["--no-proxy-headers"], "198.51.100.7", "127.0.0.1"),
+        ([], "127.0.0.1, 198.51.100.9", "198.51.100.9"),
+    ],
+    ids=["untrusted-peer", "proxy-headers-off", "spoofed-hop-before-the-proxys"],
+)
+def test_a_forwarded_address_from_a_peer_serve_does_not_trust_is_not_recorded(
+    sqlite_env: dict[str, str],
+    served_run: Runner,
+    tmp_path: Path,
+    serve_options: list[str],
+    forwarded: str,
+    recorded: str,
+) -> None:
+    """The address a failed login records is the connection's unless the peer is in
+    --forwarded-allow-ips (and --proxy-headers is on); through a trusted proxy it is the
+    nearest hop the proxy did not vouch for: text a client wrote before the proxy's own
+    entry (nginx's $proxy_add_x_forwarded_for appends) is not believed."""
+    create_user(served_run, "ada@example.com")
+    with (
+        serving(sqlite_env, tmp_path / "serve.log", *serve_options) as server,
+        server.client(headers={"X-Forwarded-For": forwarded}) as http,
+    ):
+        assert http.post("/auth/login", data={"username": "ada@example.com", "password": "wrong"}).status_code == 401
+    events = served_run("audit", "--action", "login.failure", "-o", "jsonl").stdout.splitlines()
+    assert [json.loads(line)["client_address"] for line in events] == [recorded]
