@@ -538,3 +538,76 @@ def test_a_forwarded_address_from_a_peer_serve_does_not_trust_is_not_recorded(
         assert http.post("/auth/login", data={"username": "ada@example.com", "password": "wrong"}).status_code == 401
     events = served_run("audit", "--action", "login.failure", "-o", "jsonl").stdout.splitlines()
     assert [json.loads(line)["client_address"] for line in events] == [recorded]
+
+
+# ---- bodies no route can take: a 4xx of the contract's shape, never a 500 -----------------------
+
+_FIELD = b"<full_name>"
+"""Stands for the start of a body up to its full_name's value: the signup's fields or none (PATCH)."""
+UNPARSEABLE = {"detail": "There was an error parsing the body"}
+
+
+def _issues(loc: list[str], kind: str) -> Any:
+    """A 422's one issue, as far as it is ours to say: where and what kind (pydantic words the why)."""
+    return lambda body: (
+        [(issue["loc"], issue["type"]) for issue in body["detail"]] == [(loc, kind)]
+        and all(set(issue) == {"loc", "msg", "type"} for issue in body["detail"])
+    )
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # the parsing is the API's, not the database's
+@pytest.mark.parametrize(
+    ("content", "content_type", "status", "body_is"),
+    [
+        (b"[]", "application/json", 422, _issues(["body"], "model_attributes_type")),
+        (b'"text"', "application/json", 422, _issues(["body"], "model_attributes_type")),
+        (b"null", "application/json", 422, _issues(["body"], "model_attributes_type")),
+        (b"[" * 10_000 + b"]" * 10_000, "application/json", 400, UNPARSEABLE.__eq__),
+        (b'{"a": ' * 10_000 + b"1" + b"}" * 10_000, "application/json", 400, UNPARSEABLE.__eq__),
+        (_FIELD + b"9" * 5000 + b"}", "application/json", 400, UNPARSEABLE.__eq__),
+        (_FIELD + b"1e400}", "application/json", 422, _issues(["body", "full_name"], "string_type")),
+        (_FIELD + b"NaN}", "application/json", 422, _issues(["body", "full_name"], "string_type")),
+        (_FIELD + b'"Ada \xff\xfe"}', "application/json", 400, UNPARSEABLE.__eq__),
+        (_FIELD + b'"Ada"}', "text/plain", 422, _issues(["body"], "model_attributes_type")),
+        (b"", "application/json", 422, _issues(["body"], "missing")),
+    ],
+    ids=[
+        "array",
+        "string",
+        "null",
+        "10000-nested-arrays",
+        "10000-nested-objects",
+        "5000-digit-integer",
+        "1e400",
+        "NaN",
+        "invalid-utf8",
+        "json-as-text-plain",
+        "empty",
+    ],
+)
+@pytest.mark.parametrize("route", ["signup", "patch"])
+def test_a_body_no_route_can_take_is_a_4xx_of_the_contracts_shape(
+    client: TestClient,
+    run: Runner,
+    admin: dict[str, str],
+    route: str,
+    content: bytes,
+    content_type: str,
+    status: int,
+    body_is: Any,
+) -> None:
+    """Not a 500, no traceback, no input echoed; nothing created or changed. A JSON body sent
+    as text/plain (what a cross-site form can send) is never parsed as JSON."""
+    user_id = create_user(run, "ada@example.com", "--full-name", "Ada")
+    before = users(run)
+    url, headers = {
+        "signup": ("/auth/signup", {"content-type": content_type}),
+        "patch": (f"/users/{user_id}", {**admin, "content-type": content_type}),
+    }[route]
+    start = b'{"email": "new@example.com", "password": "%s", ' % PASSWORD.encode() if route == "signup" else b"{"
+    content = content.replace(_FIELD, start + b'"full_name": ')
+    response = client.request("POST" if route == "signup" else "PATCH", url, headers=headers, content=content)
+    assert response.status_code == status, response.text
+    assert body_is(response.json()), response.text
+    assert PASSWORD not in response.text
+    assert users(run) == before
