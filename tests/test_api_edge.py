@@ -611,3 +611,25 @@ def test_a_body_no_route_can_take_is_a_4xx_of_the_contracts_shape(
     assert body_is(response.json()), response.text
     assert PASSWORD not in response.text
     assert users(run) == before
+
+
+# ---- no redirect built from the Host header ------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # routing is the API's, not the database's
+@pytest.mark.parametrize("path", ["/users/", "/users/me/", "/auth/login/", "/healthz/", "/audit/"])
+def test_a_trailing_slash_is_a_404_not_a_redirect_to_the_host_the_client_named(
+    client: TestClient, admin: dict[str, str], path: str
+) -> None:
+    """Starlette answered 307 with `location: http://<Host header>/users`: a redirect to any host
+    a client (or whoever poisons a cache keyed without Host) names. No route ends in a slash."""
+    response = client.request(
+        "POST" if path == "/auth/login/" else "GET",
+        path,
+        headers={**admin, "host": "evil.example"},
+        follow_redirects=False,
+    )
+    assert response.status_code == 404, response.headers
+    assert response.json() == {"detail": "Not Found"}
+    assert "location" not in response.headers
+    assert_security_headers(response.headers)

@@ -779,6 +779,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="Users, roles and access tokens: the same rules as the `usermgr` CLI.",
         lifespan=_lifespan,
+        # No route ends in "/": Starlette's 307 to the slashless path is built from the Host
+        # header, a redirect to whatever host the client (or a poisoned cache) names.
+        redirect_slashes=False,
     )
     install(app, settings)
     _add_http_edge(app)
