@@ -633,3 +633,38 @@ def test_a_trailing_slash_is_a_404_not_a_redirect_to_the_host_the_client_named(
     assert response.json() == {"detail": "Not Found"}
     assert "location" not in response.headers
     assert_security_headers(response.headers)
+
+
+# ---- a body framed two ways is refused, not read one way ------------------------------------------
+
+
+def _raw_request(port: int, request: bytes) -> bytes:
+    """Send `request` as it is and read until the server closes the connection: h11 itself
+    would refuse to send a request framed two ways."""
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=HANG_TIMEOUT) as sock:
+        sock.sendall(request)
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.e2e
+def test_a_request_with_both_content_length_and_transfer_encoding_is_400_and_closes(
+    served: Served, served_run: Runner
+) -> None:
+    """uvicorn reads such a body by Transfer-Encoding (RFC 9112 allows it), where a proxy in front
+    may have read it by Content-Length: the rest of the body then passes as a next request the
+    proxy never saw (request smuggling). RFC 9112 says it "ought to be handled as an error"."""
+    body = json.dumps({"email": "smuggled@example.com", "password": PASSWORD}).encode()
+    head = (
+        b"POST /auth/signup HTTP/1.1\r\nhost: edge\r\ncontent-type: application/json\r\n"
+        b"content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    answer = _raw_request(served.port, head + b"".join(_chunked(body)))
+    status_line, _, rest = answer.partition(b"\r\n")
+    headers, _, payload = rest.partition(b"\r\n\r\n")
+    assert status_line == b"HTTP/1.1 400 Bad Request", answer
+    assert json.loads(payload) == {"detail": api.AMBIGUOUS_LENGTH}
+    assert b"connection: close" in headers.lower()
+    assert users(served_run) == []

@@ -76,6 +76,7 @@ _STATE_KEY = "usermgr"
 MAX_BODY_BYTES = 1024 * 1024
 """The largest request body accepted (1 MiB): a signup or a PATCH needs a few hundred bytes."""
 BODY_TOO_LARGE = f"request body too large: send at most {MAX_BODY_BYTES} bytes"
+AMBIGUOUS_LENGTH = "send Content-Length or Transfer-Encoding, not both"
 
 API_THREADS = 16
 """Threads for blocking work (a route or dependency that is a plain `def`: the database, a
@@ -673,12 +674,18 @@ def _too_large_response(_request: Request | None = None, _error: Exception | Non
 
 
 class _DeclaredBodyLimit:
-    """413 at once, before any route runs, when Content-Length declares more than the limit.
+    """413 at once, before any route runs, when Content-Length declares more than the limit;
+    400 when a request declares both a Content-Length and a Transfer-Encoding.
 
     A body without a declared length (chunked) is counted as it streams by FastAPI's own
     `max_body_size` on the routers, which refuses it as soon as the count passes the limit.
     That one checks Content-Length too, but only when the route reads its body or answers: a
     DELETE, which reads none, would have deleted before its 204 was turned into a 413.
+
+    A body framed both ways is read by Transfer-Encoding (RFC 9112 allows it) where a proxy in
+    front may have read it by Content-Length, and the rest then passes as a request the proxy
+    never saw (request smuggling); the RFC says such a message "ought to be handled as an
+    error". The 400 closes the connection, so nothing after it is read as a request.
     """
 
     def __init__(self, app: ASGIApp, max_body_size: int) -> None:
@@ -686,23 +693,39 @@ class _DeclaredBodyLimit:
         self.max_body_size = max_body_size
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self._declared_length(scope) > self.max_body_size:
-            await _too_large_response()(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            length, chunked = self._framing(scope)
+            if length is not None and chunked:
+                await _ambiguous_length_response()(scope, receive, send)
+                return
+            if length is not None and length > self.max_body_size:
+                await _too_large_response()(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
     @staticmethod
-    def _declared_length(scope: Scope) -> int:
-        """The Content-Length, or 0 without one (the server itself refuses a malformed one).
-        Read off the raw header list: ASGI servers give the names lowercased, and a
-        `Headers` lookup that misses (every GET) costs a raised KeyError."""
+    def _framing(scope: Scope) -> tuple[int | None, bool]:
+        """The Content-Length (0 for a malformed one: the server itself refuses those), None
+        without one; and whether a Transfer-Encoding is given. Read off the raw header list:
+        ASGI servers give the names lowercased, and a `Headers` lookup that misses (every GET)
+        costs a raised KeyError."""
+        length: int | None = None
+        chunked = False
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
-                    return int(value)
+                    length = int(value)
                 except ValueError:
-                    return 0
-        return 0
+                    length = 0
+            elif name == b"transfer-encoding":
+                chunked = True
+        return length, chunked
+
+
+def _ambiguous_length_response() -> JSONResponse:
+    return JSONResponse(
+        {"detail": AMBIGUOUS_LENGTH}, status_code=status.HTTP_400_BAD_REQUEST, headers={"Connection": "close"}
+    )
 
 
 def _documented_methods(app: FastAPI, path: str) -> set[str]:
