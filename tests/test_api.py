@@ -402,6 +402,37 @@ def test_two_authorization_headers_are_401_whichever_comes_first(
         assert_unauthorized(response, "token invalid: send one Authorization header, not several")
 
 
+NOT_AUTHENTICATED = "not authenticated: send `Authorization: Bearer <token>` (get one at /auth/login)"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # the header's parsing is the API's, not the database's
+@pytest.mark.parametrize(
+    ("sent", "status"),
+    [
+        ({"Authorization": "bearer {token}"}, 200),
+        ({"Authorization": "BEARER {token}"}, 200),
+        ({"Authorization": "Bearer   {token}"}, 200),
+        ({"Authorization": "Bearer\t{token}"}, 401),
+        ({"Authorization": "{token}"}, 401),
+        ({"Cookie": "access_token={token}; token={token}"}, 401),
+    ],
+    ids=["lowercase-scheme", "uppercase-scheme", "several-spaces", "tab", "no-scheme", "cookie"],
+)
+def test_the_bearer_scheme_is_case_insensitive_and_a_token_is_read_from_that_header_only(
+    client: TestClient, run: Runner, sent: dict[str, str], status: int
+) -> None:
+    """RFC 6750: `Bearer` then one or more spaces, the scheme in any case; nothing else is a token
+    (a token in the query string: test_api_edge, the access log)."""
+    create_user(run, "ada@example.com")
+    token = api_token(client, "ada@example.com")
+    response = client.get("/users/me", headers={name: value.format(token=token) for name, value in sent.items()})
+    if status == 200:
+        assert response.status_code == 200, response.text
+        assert response.json()["email"] == "ada@example.com"
+    else:
+        assert_unauthorized(response, NOT_AUTHENTICATED)
+
+
 def test_expired_foreign_and_stale_tokens_are_401(client: TestClient, run: Runner, settings: Settings) -> None:
     user_id = create_user(run, "ada@example.com")
     claims = {"subject": uid_of(run, str(user_id)), "email": "ada@example.com", "roles": [], "token_version": 0}
