@@ -489,6 +489,31 @@ def test_admin_routes_refuse_anonymous_and_non_admins(
     assert by_id[user_id]["roles"] == []
 
 
+@pytest.mark.parametrize("backend", ["sqlite"])  # the order of the checks is the API's
+@pytest.mark.parametrize("target", ["existing", "missing", "deleted", "not-an-id", "beyond-bigint"])
+def test_a_non_admin_gets_the_same_403_whether_or_not_the_user_exists(
+    client: TestClient, run: Runner, admin_id: int, target: str
+) -> None:
+    """The role check comes before the lookup and before the path's validation: a non-admin
+    cannot tell an existing user from a missing or deleted one, nor probe which ids parse."""
+    deleted = create_user(run, "gone@example.com")
+    assert run("delete", "gone@example.com", "--yes").exit_code == 0
+    create_user(run, "ada@example.com")
+    headers = bearer(api_token(client, "ada@example.com"))
+    user_id = {
+        "existing": str(admin_id),
+        "missing": "999999",
+        "deleted": str(deleted),
+        "not-an-id": "admin@example.com",
+        "beyond-bigint": str(2**70),
+    }[target]
+    for method, path in ADMIN_ROUTES[1:]:
+        body = {"json": {"full_name": "Changed"}} if method == "PATCH" else {}
+        response = client.request(method, path.format(id=user_id), headers=headers, **body)
+        assert response.status_code == 403, (method, path, response.text)
+        assert response.json() == {"detail": "forbidden: the user does not have the role 'admin'"}
+
+
 def test_roles_come_from_the_database_not_the_token(client: TestClient, run: Runner, admin: dict[str, str]) -> None:
     create_user(run, "ada@example.com")
     token = api_token(client, "ada@example.com")  # its roles claim is []
