@@ -50,6 +50,7 @@ from secure.middleware import SecureASGIMiddleware
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from usermgr import __version__, database, errors, security, service, tokens
@@ -215,7 +216,7 @@ class _OneBearer(OAuth2PasswordBearer):
     the field is a singleton (RFC 9110), and FastAPI would take the first where a proxy in
     front may check or log another, so that the two disagree on who is calling."""
 
-    async def __call__(self, request: Request) -> str | None:
+    async def __call__(self, request: HTTPConnection) -> str | None:
         if len(request.headers.getlist("authorization")) > 1:
             raise errors.TokenInvalid("token invalid: send one Authorization header, not several")
         return await super().__call__(request)
@@ -424,9 +425,10 @@ class _UnambiguousRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
         own = _query_names(self.dependant)
+        has_body = self.body_field is not None  # the others (GET /users/me, the hot path) skip the copy
 
         async def unambiguous(request: Request) -> Response:
-            names = Counter(name for name, _ in request.query_params.multi_items() if name in own)
+            names = Counter(name for name, _ in request.query_params.multi_items() if name in own) if own else {}
             repeated = sorted(name for name, count in names.items() if count > 1)
             if repeated:
                 raise RequestValidationError(
@@ -435,7 +437,7 @@ class _UnambiguousRoute(APIRoute):
                         for name in repeated
                     ]
                 )
-            return await handler(_UnambiguousRequest(request.scope, request.receive))
+            return await handler(_UnambiguousRequest(request.scope, request.receive) if has_body else request)
 
         return unambiguous
 
