@@ -30,11 +30,13 @@ from tests.conftest import (
     create_user,
     run_usermgr,
     serving,
+    uid_of,
     users,
 )
 from usermgr import api, service
 from usermgr.config import Settings
 from usermgr.errors import InvalidInput
+from usermgr.schemas import UID_AS_USERNAME
 
 SECURITY_HEADERS = {
     "x-content-type-options": "nosniff",
@@ -668,3 +670,29 @@ def test_a_request_with_both_content_length_and_transfer_encoding_is_400_and_clo
     assert json.loads(payload) == {"detail": api.AMBIGUOUS_LENGTH}
     assert b"connection: close" in headers.lower()
     assert users(served_run) == []
+
+
+# ---- a username cannot take the form of a uid ---------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # the rule is the schema's, not the database's
+@pytest.mark.parametrize("case", ["lower", "upper"])
+def test_a_signup_cannot_take_a_deleted_users_uid_as_username_and_hide_their_audit_trail(
+    client: TestClient, run: Runner, admin: dict[str, str], admin_id: int, case: str
+) -> None:
+    """`audit --user UID` (and GET /audit?user=) looks for a live user by the text first: a
+    self-service signup named after a deleted user's uid (its owner knows it from /users/me)
+    answered in that user's place, and their trail could no longer be found by uid."""
+    gone = create_user(run, "mallory@example.com")
+    uid = uid_of(run, str(gone))
+    assert run("delete", "mallory@example.com", "--yes").exit_code == 0
+    username = uid if case == "lower" else uid.upper()
+    response = client.post(
+        "/auth/signup", json={"email": "mallory2@example.com", "password": PASSWORD, "username": username}
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"] == [{"loc": ["body", "username"], "msg": UID_AS_USERNAME, "type": "value_error"}]
+    patched = client.patch(f"/users/{admin_id}", headers=admin, json={"username": username})
+    assert patched.status_code == 422, patched.text
+    trail = client.get("/audit", headers=admin, params={"user": uid}).json()
+    assert {event["target_email"] for event in trail} == {"mallory@example.com"}
