@@ -435,12 +435,17 @@ def test_the_access_log_leaves_out_query_values_where_a_client_may_put_a_secret(
         assert login_in_query.status_code == 422, login_in_query.text
         bare = http.get(f"/users/me?{token}")
         assert bare.status_code == 401, bare.text
+    # A WebSocket handshake (no route takes one) is logged by uvicorn's error logger, path and query.
+    upgrade = [("connection", "Upgrade"), ("upgrade", "websocket"), ("sec-websocket-version", "13")]
+    upgrade.append(("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="))
+    assert raw_exchange(served.port, "GET", f"/users/me?access_token={token}", upgrade, []).status_code == 403
     log = served.log.read_text()
     assert token not in log
     assert PASSWORD.replace(" ", "+") not in log and PASSWORD.replace(" ", "%20") not in log
     assert '"GET /users/me?… HTTP/1.1" 401' in log
     assert '"POST /auth/login?… HTTP/1.1" 422' in log
     assert '"POST /auth/login HTTP/1.1" 200' in log  # a line without a query is as uvicorn writes it
+    assert '"WebSocket /users/me?…" 403' in log
 
 
 # ---- one value per name: a repeat is refused, not resolved by a rule the client cannot see ------

@@ -769,27 +769,35 @@ def _add_http_edge(app: FastAPI) -> None:
 
 
 class _QueryLeftOut(logging.Filter):
-    """uvicorn's access log line with the query string left out (`GET /users/me?… HTTP/1.1`).
+    """uvicorn's request lines with the query string left out (`GET /users/me?… HTTP/1.1`).
 
     The API takes no secret in a URL, but a client may still put one there (`?access_token=`,
     a login form sent as a query), and the log must not keep it for whoever reads it. uvicorn
-    logs its line as `'%s - "%s %s HTTP/%s" %d'` with the path and query as the third argument.
+    passes the path and query as one argument of its access line, and of the error logger's
+    line for a WebSocket handshake; it is the only argument that starts with `/`.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str) and "?" in args[2]:
-            record.args = (*args[:2], args[2].partition("?")[0] + "?…", *args[3:])
+        if isinstance(record.args, tuple):
+            record.args = tuple(map(_without_query, record.args))
         return True
 
 
-_ACCESS_LOG_FILTER = _QueryLeftOut()
+def _without_query(argument: object) -> object:
+    if isinstance(argument, str) and argument.startswith("/") and "?" in argument:
+        return argument.partition("?")[0] + "?…"
+    return argument
+
+
+_QUERY_LEFT_OUT = _QueryLeftOut()
+_REQUEST_LOGGERS = ("uvicorn.access", "uvicorn.error")  # the error logger has the WebSocket lines
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     to_thread.current_default_thread_limiter().total_tokens = API_THREADS  # as many as the pool's connections
-    logging.getLogger("uvicorn.access").addFilter(_ACCESS_LOG_FILTER)  # once: the same filter is added once
+    for name in _REQUEST_LOGGERS:
+        logging.getLogger(name).addFilter(_QUERY_LEFT_OUT)  # once: the same filter is added once
     await run_in_threadpool(warm_up, app)
     yield
 
