@@ -701,3 +701,31 @@ def test_a_signup_cannot_take_a_deleted_users_uid_as_username_and_hide_their_aud
     assert patched.status_code == 422, patched.text
     trail = client.get("/audit", headers=admin, params={"user": uid}).json()
     assert {event["target_email"] for event in trail} == {"mallory@example.com"}
+
+
+# ---- one spelling per user id in a path -------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # the parsing is the API's, not the database's
+@pytest.mark.parametrize("spelled", ["0{id}", "+{id}", "{id}.0", "%20{id}", "{id}%20", "{id}_0"], ids=ascii)
+def test_a_user_id_spelled_other_than_in_plain_digits_is_422_and_changes_nothing(
+    client: TestClient, run: Runner, admin: dict[str, str], spelled: str
+) -> None:
+    """pydantic's lax int took `01`, `+1`, `1.0`, ` 1` and `1_0` (10) as ids: one user under many
+    paths, so a proxy rule or a cache keyed on `/users/2` was passed by `/users/02`."""
+    user_id = create_user(run, "ada@example.com", "--full-name", "Ada")
+    before = users(run)
+    path = f"/users/{spelled.format(id=user_id)}"
+    for method, url, body in (
+        ("GET", path, None),
+        ("PATCH", path, {"full_name": "Changed"}),
+        ("PUT", f"{path}/roles/editor", None),
+        ("DELETE", f"{path}/roles/editor", None),
+        ("DELETE", path, None),
+    ):
+        response = client.request(method, url, headers=admin, json=body)
+        assert response.status_code == 422, (method, url, response.text)
+        assert response.json()["detail"] == [
+            {"loc": ["path", "user_id"], "msg": api.USER_ID_DIGITS, "type": "value_error"}
+        ], (method, url)
+    assert users(run) == before

@@ -43,7 +43,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import to_json
 from secure import CacheControl, ReferrerPolicy, Secure, XContentTypeOptions, XFrameOptions
 from secure.middleware import SecureASGIMiddleware
@@ -311,7 +311,22 @@ DB = Annotated[Session, Depends(get_db)]
 AdminDB = Annotated[Session, Depends(admin_db)]
 PageLimit = Annotated[int, Query(ge=0, le=LIST_LIMIT_MAX, description=f"At most this many (at most {LIST_LIMIT_MAX}).")]
 PageOffset = Annotated[int, Query(ge=0, le=service.MAX_ROW_COUNT, description="Skip this many first.")]
-UserId = Annotated[int, Path(ge=1, le=service.MAX_USER_ID, description="The user's numeric id.")]
+USER_ID_DIGITS = "a user id is written in plain digits: no sign, point, space, underscore or leading zero"
+_PLAIN_DIGITS = re.compile(r"-?(0|[1-9][0-9]*)")  # a sign, to leave -1 to `ge`'s message
+
+
+def _plain_digits(value: Any) -> Any:
+    """A path's id as text, refused unless in the one form an id is written in: pydantic's lax
+    int also takes `01`, `+1`, `1.0`, ` 1` and `1_0`, one user under many paths, so that a
+    proxy's rule or a cache keyed on `/users/2` is passed by `/users/02`."""
+    if isinstance(value, str) and not _PLAIN_DIGITS.fullmatch(value):
+        raise ValueError(USER_ID_DIGITS)
+    return value
+
+
+UserId = Annotated[
+    int, Path(ge=1, le=service.MAX_USER_ID, description="The user's numeric id."), BeforeValidator(_plain_digits)
+]
 RoleName = Annotated[
     str, Path(pattern=f"^{ROLE_NAME.pattern}$", description="A role name: 1 to 64 of a-z, 0-9, _ and -.")
 ]
