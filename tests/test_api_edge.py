@@ -729,3 +729,13 @@ def test_a_user_id_spelled_other_than_in_plain_digits_is_422_and_changes_nothing
             {"loc": ["path", "user_id"], "msg": api.USER_ID_DIGITS, "type": "value_error"}
         ], (method, url)
     assert users(run) == before
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_the_openapi_document_still_gives_the_user_ids_range(client: TestClient) -> None:
+    """The plain-digits validator sits after Path(): before it, FastAPI wrote `ge`/`le` into the
+    schema, which JSON Schema does not know, instead of `minimum`/`maximum`."""
+    operation = client.get("/openapi.json").json()["paths"]["/users/{user_id}"]["get"]
+    schema = next(parameter["schema"] for parameter in operation["parameters"] if parameter["name"] == "user_id")
+    assert (schema["type"], schema["minimum"], schema["maximum"]) == ("integer", 1, service.MAX_USER_ID)
+    assert not {"ge", "le"} & set(schema)
