@@ -13,6 +13,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import urlencode
 
 import h11
 import httpx
@@ -477,6 +478,29 @@ def test_a_json_body_naming_a_field_twice_is_400_and_changes_nothing(
     assert response.status_code == 400, response.text
     assert response.json() == {"detail": api.REPEATED_FIELD}
     assert users(run) == before
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # the parsing is the API's, not the database's
+@pytest.mark.parametrize("form", ["username", "password"])
+@pytest.mark.parametrize("encoding", ["urlencoded", "multipart"])
+def test_a_login_form_naming_a_field_twice_is_400_and_counts_no_guess(
+    client: TestClient, run: Runner, settings: Settings, form: str, encoding: str
+) -> None:
+    """Starlette keeps the last of two `username`s, where a proxy that counts guesses per
+    account may read the first: a guess at one account passed as a guess at another."""
+    create_user(run, "ada@example.com")
+    fields = [("username", "decoy@example.com"), ("username", "ada@example.com"), ("password", PASSWORD)]
+    if form == "password":
+        fields = [("username", "ada@example.com"), ("password", "guess"), ("password", PASSWORD)]
+    if encoding == "urlencoded":
+        form_type = {"content-type": "application/x-www-form-urlencoded"}
+        response = client.post("/auth/login", content=urlencode(fields), headers=form_type)
+    else:
+        response = client.post("/auth/login", files=[(name, (None, value)) for name, value in fields])
+    assert response.status_code == 400, response.text
+    assert response.json() == {"detail": api.REPEATED_FORM_FIELD}
+    assert run("audit", "--action", "login.failure", "-o", "jsonl").stdout == ""
+    assert run("audit", "--action", "login.success", "-o", "jsonl").stdout == ""
 
 
 @pytest.mark.parametrize(

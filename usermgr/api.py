@@ -49,6 +49,7 @@ from secure import CacheControl, ReferrerPolicy, Secure, XContentTypeOptions, XF
 from secure.middleware import SecureASGIMiddleware
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -404,6 +405,7 @@ def _responses(*raised: type[errors.UsermgrError], parses_body: bool = False) ->
 
 REPEATED_FIELD = "the JSON body names a field more than once"
 REPEATED_PARAMETER = "given more than once: give it once"
+REPEATED_FORM_FIELD = "the form names a field more than once"
 
 
 def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -415,12 +417,22 @@ def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 class _UnambiguousRequest(Request):
-    """A request whose JSON body names each key once."""
+    """A request whose JSON body, or form, names each key once."""
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             self._json = json.loads(await self.body(), object_pairs_hook=_object_without_repeats)
         return self._json
+
+    async def _get_form(
+        self, *, max_files: int | float = 1000, max_fields: int | float = 1000, max_part_size: int = 1024 * 1024
+    ) -> FormData:
+        """Starlette's form (what FastAPI's `Form` fields read), refused if it names a field twice."""
+        form = await super()._get_form(max_files=max_files, max_fields=max_fields, max_part_size=max_part_size)
+        if len(form) != len(form.multi_items()):
+            await form.close()
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, REPEATED_FORM_FIELD)
+        return form
 
 
 def _query_names(dependant: Dependant) -> set[str]:
