@@ -386,6 +386,53 @@ def test_a_missing_or_garbage_token_is_401(client: TestClient, authorization: st
     assert_unauthorized(client.get("/users/me", headers=headers), detail)
 
 
+@pytest.mark.parametrize("order", ["user-then-admin", "admin-then-user"])
+def test_two_authorization_headers_are_401_whichever_comes_first(
+    client: TestClient, run: Runner, admin: dict[str, str], order: str
+) -> None:
+    """Authorization is a singleton field (RFC 9110): with two, a proxy that checks or logs one
+    and the app that uses the other disagree on who is calling. Refused, not the first taken."""
+    create_user(run, "ada@example.com")
+    tokens_sent = [bearer(api_token(client, "ada@example.com"))["Authorization"], admin["Authorization"]]
+    if order == "admin-then-user":
+        tokens_sent.reverse()
+    headers = [("Authorization", value) for value in tokens_sent]
+    for method, path in (("GET", "/users"), ("GET", "/users/me"), ("DELETE", "/users/2/roles/editor")):
+        response = client.request(method, path, headers=headers)
+        assert_unauthorized(response, "token invalid: send one Authorization header, not several")
+
+
+NOT_AUTHENTICATED = "not authenticated: send `Authorization: Bearer <token>` (get one at /auth/login)"
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # the header's parsing is the API's, not the database's
+@pytest.mark.parametrize(
+    ("sent", "status"),
+    [
+        ({"Authorization": "bearer {token}"}, 200),
+        ({"Authorization": "BEARER {token}"}, 200),
+        ({"Authorization": "Bearer   {token}"}, 200),
+        ({"Authorization": "Bearer\t{token}"}, 401),
+        ({"Authorization": "{token}"}, 401),
+        ({"Cookie": "access_token={token}; token={token}"}, 401),
+    ],
+    ids=["lowercase-scheme", "uppercase-scheme", "several-spaces", "tab", "no-scheme", "cookie"],
+)
+def test_the_bearer_scheme_is_case_insensitive_and_a_token_is_read_from_that_header_only(
+    client: TestClient, run: Runner, sent: dict[str, str], status: int
+) -> None:
+    """RFC 6750: `Bearer` then one or more spaces, the scheme in any case; nothing else is a token
+    (a token in the query string: test_api_edge, the access log)."""
+    create_user(run, "ada@example.com")
+    token = api_token(client, "ada@example.com")
+    response = client.get("/users/me", headers={name: value.format(token=token) for name, value in sent.items()})
+    if status == 200:
+        assert response.status_code == 200, response.text
+        assert response.json()["email"] == "ada@example.com"
+    else:
+        assert_unauthorized(response, NOT_AUTHENTICATED)
+
+
 def test_expired_foreign_and_stale_tokens_are_401(client: TestClient, run: Runner, settings: Settings) -> None:
     user_id = create_user(run, "ada@example.com")
     claims = {"subject": uid_of(run, str(user_id)), "email": "ada@example.com", "roles": [], "token_version": 0}
@@ -440,6 +487,31 @@ def test_admin_routes_refuse_anonymous_and_non_admins(
     assert by_id[admin_id]["full_name"] is None
     assert by_id[admin_id]["roles"] == ["admin"]
     assert by_id[user_id]["roles"] == []
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # the order of the checks is the API's
+@pytest.mark.parametrize("target", ["existing", "missing", "deleted", "not-an-id", "beyond-bigint"])
+def test_a_non_admin_gets_the_same_403_whether_or_not_the_user_exists(
+    client: TestClient, run: Runner, admin_id: int, target: str
+) -> None:
+    """The role check comes before the lookup and before the path's validation: a non-admin
+    cannot tell an existing user from a missing or deleted one, nor probe which ids parse."""
+    deleted = create_user(run, "gone@example.com")
+    assert run("delete", "gone@example.com", "--yes").exit_code == 0
+    create_user(run, "ada@example.com")
+    headers = bearer(api_token(client, "ada@example.com"))
+    user_id = {
+        "existing": str(admin_id),
+        "missing": "999999",
+        "deleted": str(deleted),
+        "not-an-id": "admin@example.com",
+        "beyond-bigint": str(2**70),
+    }[target]
+    for method, path in ADMIN_ROUTES[1:]:
+        body = {"json": {"full_name": "Changed"}} if method == "PATCH" else {}
+        response = client.request(method, path.format(id=user_id), headers=headers, **body)
+        assert response.status_code == 403, (method, path, response.text)
+        assert response.json() == {"detail": "forbidden: the user does not have the role 'admin'"}
 
 
 def test_roles_come_from_the_database_not_the_token(client: TestClient, run: Runner, admin: dict[str, str]) -> None:

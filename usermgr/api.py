@@ -23,10 +23,12 @@ An existing FastAPI app can reuse the pieces::
 
 import base64
 import hashlib
+import json
 import logging
 import re
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
 from typing import Annotated, Any, Literal
@@ -34,18 +36,22 @@ from typing import Annotated, Any, Literal
 from anyio import to_thread
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.routing import APIRoute
 from fastapi.security import OAuth2PasswordBearer, OAuth2PasswordRequestForm
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import to_json
 from secure import CacheControl, ReferrerPolicy, Secure, XContentTypeOptions, XFrameOptions
 from secure.middleware import SecureASGIMiddleware
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
+from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from usermgr import __version__, database, errors, security, service, tokens
@@ -72,6 +78,7 @@ _STATE_KEY = "usermgr"
 MAX_BODY_BYTES = 1024 * 1024
 """The largest request body accepted (1 MiB): a signup or a PATCH needs a few hundred bytes."""
 BODY_TOO_LARGE = f"request body too large: send at most {MAX_BODY_BYTES} bytes"
+AMBIGUOUS_LENGTH = "send Content-Length or Transfer-Encoding, not both"
 
 API_THREADS = 16
 """Threads for blocking work (a route or dependency that is a plain `def`: the database, a
@@ -204,7 +211,19 @@ def warm_up(app: FastAPI) -> None:
 
 # ---- reusable dependencies ---------------------------------------------------------------------
 
-oauth2_scheme = OAuth2PasswordBearer(tokenUrl=TOKEN_URL, auto_error=False)
+
+class _OneBearer(OAuth2PasswordBearer):
+    """FastAPI's bearer scheme, but a request with several Authorization headers is refused:
+    the field is a singleton (RFC 9110), and FastAPI would take the first where a proxy in
+    front may check or log another, so that the two disagree on who is calling."""
+
+    async def __call__(self, request: HTTPConnection) -> str | None:
+        if len(request.headers.getlist("authorization")) > 1:
+            raise errors.TokenInvalid("token invalid: send one Authorization header, not several")
+        return await super().__call__(request)
+
+
+oauth2_scheme = _OneBearer(tokenUrl=TOKEN_URL, scheme_name="OAuth2PasswordBearer", auto_error=False)
 
 
 # What each request pays for (GET /users/me is the hot path): FastAPI runs a plain `def`
@@ -293,7 +312,22 @@ DB = Annotated[Session, Depends(get_db)]
 AdminDB = Annotated[Session, Depends(admin_db)]
 PageLimit = Annotated[int, Query(ge=0, le=LIST_LIMIT_MAX, description=f"At most this many (at most {LIST_LIMIT_MAX}).")]
 PageOffset = Annotated[int, Query(ge=0, le=service.MAX_ROW_COUNT, description="Skip this many first.")]
-UserId = Annotated[int, Path(ge=1, le=service.MAX_USER_ID, description="The user's numeric id.")]
+USER_ID_DIGITS = "a user id is written in plain digits: no sign, point, space, underscore or leading zero"
+_PLAIN_DIGITS = re.compile(r"-?(0|[1-9][0-9]*)")  # a sign, to leave -1 to `ge`'s message
+
+
+def _plain_digits(value: Any) -> Any:
+    """A path's id as text, refused unless in the one form an id is written in: pydantic's lax
+    int also takes `01`, `+1`, `1.0`, ` 1` and `1_0`, one user under many paths, so that a
+    proxy's rule or a cache keyed on `/users/2` is passed by `/users/02`."""
+    if isinstance(value, str) and not _PLAIN_DIGITS.fullmatch(value):
+        raise ValueError(USER_ID_DIGITS)
+    return value
+
+
+UserId = Annotated[
+    int, Path(ge=1, le=service.MAX_USER_ID, description="The user's numeric id."), BeforeValidator(_plain_digits)
+]
 RoleName = Annotated[
     str, Path(pattern=f"^{ROLE_NAME.pattern}$", description="A role name: 1 to 64 of a-z, 0-9, _ and -.")
 ]
@@ -369,13 +403,79 @@ def _responses(*raised: type[errors.UsermgrError], parses_body: bool = False) ->
     return dict(sorted(answers.items(), key=lambda item: int(item[0])))
 
 
+REPEATED_FIELD = "the JSON body names a field more than once"
+REPEATED_PARAMETER = "given more than once: give it once"
+REPEATED_FORM_FIELD = "the form names a field more than once"
+
+
+def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refused if it names a key twice (400, as any body that cannot be parsed)."""
+    parsed = dict(pairs)
+    if len(parsed) != len(pairs):
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, REPEATED_FIELD)
+    return parsed
+
+
+class _UnambiguousRequest(Request):
+    """A request whose JSON body, or form, names each key once."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), object_pairs_hook=_object_without_repeats)
+        return self._json
+
+    async def _get_form(
+        self, *, max_files: int | float = 1000, max_fields: int | float = 1000, max_part_size: int = 1024 * 1024
+    ) -> FormData:
+        """Starlette's form (what FastAPI's `Form` fields read), refused if it names a field twice."""
+        form = await super()._get_form(max_files=max_files, max_fields=max_fields, max_part_size=max_part_size)
+        if len(form) != len(form.multi_items()):
+            await form.close()
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, REPEATED_FORM_FIELD)
+        return form
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    """The names of the query parameters a route takes, its dependencies' included."""
+    return {field.alias for field in dependant.query_params}.union(*map(_query_names, dependant.dependencies))
+
+
+class _UnambiguousRoute(APIRoute):
+    """A route that takes each of its query parameters and each JSON key once.
+
+    Starlette and Python's JSON decoder keep the last of two equal names, where a proxy, a
+    cache or a validator in front of the API may read the first: the two would then disagree
+    on what was asked (which role was listed, which email signed up). A repeat is refused
+    instead: 422 for a query parameter of the route's own, 400 for a key of the body.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        own = _query_names(self.dependant)
+        has_body = self.body_field is not None  # the others (GET /users/me, the hot path) skip the copy
+
+        async def unambiguous(request: Request) -> Response:
+            names = Counter(name for name, _ in request.query_params.multi_items() if name in own) if own else {}
+            repeated = sorted(name for name, count in names.items() if count > 1)
+            if repeated:
+                raise RequestValidationError(
+                    [
+                        {"loc": ("query", name), "msg": REPEATED_PARAMETER, "type": "repeated_parameter"}
+                        for name in repeated
+                    ]
+                )
+            return await handler(_UnambiguousRequest(request.scope, request.receive) if has_body else request)
+
+        return unambiguous
+
+
 _AUTHENTICATED = (errors.TokenInvalid,)
 _ADMIN = (errors.TokenInvalid, errors.Forbidden)
 
 
 # ---- /auth -------------------------------------------------------------------------------------
 
-auth_router = APIRouter(prefix="/auth", tags=["auth"], max_body_size=MAX_BODY_BYTES)
+auth_router = APIRouter(prefix="/auth", tags=["auth"], max_body_size=MAX_BODY_BYTES, route_class=_UnambiguousRoute)
 
 
 @auth_router.post(
@@ -406,7 +506,7 @@ def login(
 
 # ---- /users ------------------------------------------------------------------------------------
 
-users_router = APIRouter(prefix="/users", tags=["users"], max_body_size=MAX_BODY_BYTES)
+users_router = APIRouter(prefix="/users", tags=["users"], max_body_size=MAX_BODY_BYTES, route_class=_UnambiguousRoute)
 
 
 @users_router.get(
@@ -499,7 +599,7 @@ def revoke_role(user_id: UserId, role: RoleName, db: AdminDB) -> User:
 
 # ---- /audit ------------------------------------------------------------------------------------
 
-audit_router = APIRouter(prefix="/audit", tags=["audit"], max_body_size=MAX_BODY_BYTES)
+audit_router = APIRouter(prefix="/audit", tags=["audit"], max_body_size=MAX_BODY_BYTES, route_class=_UnambiguousRoute)
 
 
 @audit_router.get(
@@ -603,12 +703,18 @@ def _too_large_response(_request: Request | None = None, _error: Exception | Non
 
 
 class _DeclaredBodyLimit:
-    """413 at once, before any route runs, when Content-Length declares more than the limit.
+    """413 at once, before any route runs, when Content-Length declares more than the limit;
+    400 when a request declares both a Content-Length and a Transfer-Encoding.
 
     A body without a declared length (chunked) is counted as it streams by FastAPI's own
     `max_body_size` on the routers, which refuses it as soon as the count passes the limit.
     That one checks Content-Length too, but only when the route reads its body or answers: a
     DELETE, which reads none, would have deleted before its 204 was turned into a 413.
+
+    A body framed both ways is read by Transfer-Encoding (RFC 9112 allows it) where a proxy in
+    front may have read it by Content-Length, and the rest then passes as a request the proxy
+    never saw (request smuggling); the RFC says such a message "ought to be handled as an
+    error". The 400 closes the connection, so nothing after it is read as a request.
     """
 
     def __init__(self, app: ASGIApp, max_body_size: int) -> None:
@@ -616,23 +722,39 @@ class _DeclaredBodyLimit:
         self.max_body_size = max_body_size
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self._declared_length(scope) > self.max_body_size:
-            await _too_large_response()(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            length, chunked = self._framing(scope)
+            if length is not None and chunked:
+                await _ambiguous_length_response()(scope, receive, send)
+                return
+            if length is not None and length > self.max_body_size:
+                await _too_large_response()(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
     @staticmethod
-    def _declared_length(scope: Scope) -> int:
-        """The Content-Length, or 0 without one (the server itself refuses a malformed one).
-        Read off the raw header list: ASGI servers give the names lowercased, and a
-        `Headers` lookup that misses (every GET) costs a raised KeyError."""
+    def _framing(scope: Scope) -> tuple[int | None, bool]:
+        """The Content-Length (0 for a malformed one: the server itself refuses those), None
+        without one; and whether a Transfer-Encoding is given. Read off the raw header list:
+        ASGI servers give the names lowercased, and a `Headers` lookup that misses (every GET)
+        costs a raised KeyError."""
+        length: int | None = None
+        chunked = False
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
-                    return int(value)
+                    length = int(value)
                 except ValueError:
-                    return 0
-        return 0
+                    length = 0
+            elif name == b"transfer-encoding":
+                chunked = True
+        return length, chunked
+
+
+def _ambiguous_length_response() -> JSONResponse:
+    return JSONResponse(
+        {"detail": AMBIGUOUS_LENGTH}, status_code=status.HTTP_400_BAD_REQUEST, headers={"Connection": "close"}
+    )
 
 
 def _documented_methods(app: FastAPI, path: str) -> set[str]:
@@ -673,9 +795,36 @@ def _add_http_edge(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _server_error_response)
 
 
+class _QueryLeftOut(logging.Filter):
+    """uvicorn's request lines with the query string left out (`GET /users/me?… HTTP/1.1`).
+
+    The API takes no secret in a URL, but a client may still put one there (`?access_token=`,
+    a login form sent as a query), and the log must not keep it for whoever reads it. uvicorn
+    passes the path and query as one argument of its access line, and of the error logger's
+    line for a WebSocket handshake; it is the only argument that starts with `/`.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(map(_without_query, record.args))
+        return True
+
+
+def _without_query(argument: object) -> object:
+    if isinstance(argument, str) and argument.startswith("/") and "?" in argument:
+        return argument.partition("?")[0] + "?…"
+    return argument
+
+
+_QUERY_LEFT_OUT = _QueryLeftOut()
+_REQUEST_LOGGERS = ("uvicorn.access", "uvicorn.error")  # the error logger has the WebSocket lines
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     to_thread.current_default_thread_limiter().total_tokens = API_THREADS  # as many as the pool's connections
+    for name in _REQUEST_LOGGERS:
+        logging.getLogger(name).addFilter(_QUERY_LEFT_OUT)  # once: the same filter is added once
     await run_in_threadpool(warm_up, app)
     yield
 
@@ -690,6 +839,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="Users, roles and access tokens: the same rules as the `usermgr` CLI.",
         lifespan=_lifespan,
+        # No route ends in "/": Starlette's 307 to the slashless path is built from the Host
+        # header, a redirect to whatever host the client (or a poisoned cache) names.
+        redirect_slashes=False,
     )
     install(app, settings)
     _add_http_edge(app)

@@ -38,6 +38,7 @@ from usermgr.contract import ROLE_NAME as ROLE_NAME
 PASSWORD_MIN_LENGTH = 8
 PASSWORD_MAX_LENGTH = 1024
 USERNAME = re.compile(r"[A-Za-z0-9_.@+-]{1,150}")
+UID_AS_USERNAME = "invalid username: it must not be a UUID (a USER of that form is a uid)"
 FULL_NAME_MAX_LENGTH = 300
 # Hash formats `import` stores as they are: argon2 (PHC) and bcrypt (modular crypt).
 _HAS_OFFSET = re.compile(r"(Z|[+-]\d\d:?\d\d)$")
@@ -112,7 +113,17 @@ def _check_username(value: str) -> str:
         raise ValueError("invalid username: use 1 to 150 of A-Z, a-z, 0-9 and . _ @ + -")
     if value.isdigit():
         raise ValueError("invalid username: it must not be all digits (a USER of digits is an id)")
+    if _is_uid(value):  # else a user named after a deleted user's uid hides their audit trail
+        raise ValueError(UID_AS_USERNAME)
     return value
+
+
+def _is_uid(value: str) -> bool:
+    """True for a UUID in its canonical text form (a uid's), in either case."""
+    try:
+        return str(uuid.UUID(value)) == value.lower()
+    except ValueError:
+        return False
 
 
 def _check_full_name(value: str) -> str:
