@@ -292,7 +292,7 @@ def _import_chunk(
         line, email = row["line"], row["email"]
         if email not in existing and email not in pending:
             if not email.isascii():
-                refuse_lookalike(db, email, line)
+                refuse_lookalike(db, email, line, pending)
             pending[email] = row
         elif on_conflict == "error":
             raise Conflict(f"line {line}: a user with email {email!r} already exists; use --on-conflict skip or update")
