@@ -177,10 +177,23 @@ def _two_fresh_admins(db: Session, settings: Settings, round_number: int) -> tup
     return pair
 
 
-def test_two_admins_revoking_each_other_at_once(env: dict[str, str], db: Session, settings: Settings) -> None:
+LAST_ADMIN_CHANGES = {
+    "revoke-admin": (["revoke-admin"], ["revoke-admin"]),
+    "disable": (["disable"], ["disable"]),
+    "delete": (["delete", "--yes"], ["delete", "--yes"]),
+    "disable and delete": (["disable"], ["delete", "--yes"]),
+    "delete and revoke-admin": (["delete", "--yes"], ["revoke-admin"]),
+}
+
+
+@pytest.mark.parametrize("change", LAST_ADMIN_CHANGES.values(), ids=LAST_ADMIN_CHANGES)
+def test_two_admins_removing_each_other_at_once(
+    env: dict[str, str], db: Session, settings: Settings, change: tuple[list[str], list[str]]
+) -> None:
+    """Each process takes a different one of the two last admins: one must be refused."""
     for round_number in range(ADMIN_RACE_ROUNDS):
         left, right = _two_fresh_admins(db, settings, round_number)
-        outcomes = race([["revoke-admin", left], ["revoke-admin", right]], env, first_table="roles")
+        outcomes = race([[*change[0], left], [*change[1], right]], env, first_table="roles")
         assert_clean_stderr(outcomes)
         assert sorted(outcome.returncode for outcome in outcomes) == [0, 5], outcomes  # never both
         (loser,) = [outcome for outcome in outcomes if outcome.returncode == 5]
