@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from usermgr.database import WRITE
 from usermgr.errors import Conflict, InvalidInput, NotFound
-from usermgr.models import User
+from usermgr.models import UID_LENGTH, User
 
 if TYPE_CHECKING:
     pass
@@ -116,6 +117,23 @@ def _key_of(ref: str) -> _Key | None:
         email = text.lower() if simple else _normalized_email(ref)
         return None if email is None else _Key("email", email)
     return _Key("username", text)
+
+
+def email_named(ref: str) -> str | None:
+    """The email `ref` names as a USER (normalised exactly as on write), or None when it
+    names no email: how a deleted user, whom no lookup finds any more, is named."""
+    key = _key_of(ref)
+    return cast(str, key.value) if key is not None and key.column == "email" else None
+
+
+def is_uid(value: Any) -> bool:
+    """True for a UUID in its canonical text form, as `uid` stores it."""
+    if not isinstance(value, str) or len(value) != UID_LENGTH:
+        return False
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
 
 
 def storable(text: str) -> bool:
