@@ -323,6 +323,29 @@ def test_a_nul_in_a_user_reference_is_an_unknown_user(run: Runner, existing: dic
     assert snapshot(run) == before
 
 
+@pytest.mark.parametrize(
+    ("args", "stdin", "where"),
+    [
+        (["show"], None, ""),
+        (["disable", "-"], "target@example.com\n", " (line 2)"),
+        (["audit", "--user"], None, ""),
+    ],
+    ids=["show", "disable -", "audit --user"],
+)
+def test_a_megabyte_user_reference_is_not_echoed_whole(
+    run: Runner, existing: dict[str, Any], args: list[str], stdin: str | None, where: str
+) -> None:
+    """One line a person can read (and a log can keep): the first characters, then `...`."""
+    ref = "x" * 1_000_000
+    before = snapshot(run)
+    command = args if stdin is not None else [*args, ref]
+    result = run(*command, input=None if stdin is None else stdin + ref + "\n")
+    line = error_line(result, 4)
+    assert line.startswith(f"usermgr: error: no user matches '{'x' * 60}...'{where}"), line[:200]
+    assert len(line) < 300
+    assert snapshot(run) == before
+
+
 # ---- databases that are not what they should be ---------------------------------------------------
 
 

@@ -32,7 +32,17 @@ from usermgr.contract import EVENT_FIELDS, USER_FIELDS
 from usermgr.database import utcnow
 from usermgr.errors import ConfigurationError, IntegrityCheckFailed, InvalidInput, NotFound, UnreadableTimestamp
 from usermgr.models import ADDRESS_LENGTH, AuditEvent, User
-from usermgr.service.core import MAX_ROW_COUNT, email_named, find_user, insert_many, is_uid, reading, storable, writing
+from usermgr.service.core import (
+    MAX_ROW_COUNT,
+    email_named,
+    find_user,
+    insert_many,
+    is_uid,
+    reading,
+    shown_ref,
+    storable,
+    writing,
+)
 
 EVENTS = AuditEvent.metadata.tables[AuditEvent.__tablename__]  # the Core table, for batched inserts
 
@@ -497,7 +507,9 @@ def _target_condition(db: Session, ref: str) -> Any:
         return AuditEvent.target_email == (email_named(ref) or text_ref.lower())
     if len(text_ref) == 36 and storable(text_ref):
         return AuditEvent.target_uid == text_ref
-    raise NotFound(f"no user matches {text_ref!r}: give an email, a username, an id or a deleted user's uid or email")
+    raise NotFound(
+        f"no user matches {shown_ref(ref)}: give an email, a username, an id or a deleted user's uid or email"
+    )
 
 
 def _filtered(db: Session, filters: AuditFilter) -> Any:

@@ -162,10 +162,20 @@ def find_user(db: Session, ref: str, *, email_only: bool = False, lock: bool = F
     return db.scalars(statement.with_for_update() if lock else statement).first()
 
 
+SHOWN_REF_LENGTH = 60
+
+
+def shown_ref(ref: str) -> str:
+    """A USER as an error message quotes it: its first characters only, so that a megabyte
+    line of input is not echoed whole to a terminal or a log."""
+    text = ref.strip()
+    return repr(text if len(text) <= SHOWN_REF_LENGTH else text[:SHOWN_REF_LENGTH] + "...")
+
+
 def user_named(db: Session, ref: str, *, lock: bool = False) -> User:
     user = find_user(db, ref, lock=lock)
     if user is None:
-        raise NotFound(f"no user matches {ref.strip()!r}: give an email, a username or a numeric id")
+        raise NotFound(f"no user matches {shown_ref(ref)}: give an email, a username or a numeric id")
     return user
 
 
@@ -199,7 +209,7 @@ def resolve_many(db: Session, refs: Sequence[str | None], origin: str) -> list[U
             continue  # a blank line of input: no one, and an empty argument is still a mistake
         match = found_by.get(key) if key is not None else None
         if match is None:
-            raise NotFound(f"no user matches {ref.strip()!r} ({origin} {position}); nothing was changed")
+            raise NotFound(f"no user matches {shown_ref(ref)} ({origin} {position}); nothing was changed")
         found.setdefault(match.id, match)
     return list(found.values())
 
