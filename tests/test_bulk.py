@@ -227,6 +227,27 @@ def test_duplicate_email_within_the_input_is_a_conflict(run: Runner) -> None:
     assert emails(run) == []
 
 
+@pytest.mark.parametrize("on_conflict", ["error", "skip", "update"])
+def test_one_username_for_two_emails_within_the_input_names_its_line(run: Runner, on_conflict: str) -> None:
+    data = "email,username\nann@example.com,ann\nbo@example.com,bo\nann2@example.com,ann\n"
+    result = run("import", "-", "--format", "csv", "--on-conflict", on_conflict, input=data)
+    assert (result.exit_code, result.stderr) == (
+        5,
+        "usermgr: error: line 4: the username 'ann' is also line 2's (ann@example.com); nothing was imported\n",
+    )
+    assert emails(run) == []
+
+
+def test_a_username_given_again_to_the_same_email_or_in_a_skipped_row_is_no_conflict(run: Runner) -> None:
+    run("create", "--email", "bo@example.com", "--no-password")
+    data = "email,username\nann@example.com,ann\nANN@example.com,ann\nbo@example.com,ann\n"
+    assert run("import", "-", "--format", "csv", "--on-conflict", "skip", input=data).exit_code == 0
+    assert [(user["email"], user["username"]) for user in users(run)] == [
+        ("bo@example.com", None),
+        ("ann@example.com", "ann"),
+    ]
+
+
 def test_dry_run_writes_nothing(run: Runner) -> None:
     result = run("import", "-", "--format", "jsonl", "--dry-run", input=jsonl({"email": "d@example.com"}))
     assert result.exit_code == 0, result.stderr

@@ -279,6 +279,7 @@ def _import_chunk(
     existing: dict[str, int] = {email: user_id for email, user_id in db.execute(_IDS_BY_EMAIL, {"emails": emails})}
     _check_uids(db, chunk)
     pending: dict[str, SpooledRow] = {}  # to be inserted, by email; a later row with that email meets it
+    usernames: dict[str, SpooledRow] = {}  # the rows written so far, by username
     events: list[StoredEvent] = []  # one per user changed, written with the chunk
 
     def insert_pending() -> None:
@@ -293,12 +294,14 @@ def _import_chunk(
         if email not in existing and email not in pending:
             if not email.isascii():
                 refuse_lookalike(db, email, line, pending)
+            _claim_username(usernames, row)
             pending[email] = row
         elif on_conflict == "error":
             raise Conflict(f"line {line}: a user with email {email!r} already exists; use --on-conflict skip or update")
         elif on_conflict == "skip":
             result.skipped += 1
         else:
+            _claim_username(usernames, row)
             if email in pending:
                 insert_pending()
             _update_from_row(db, plan, existing[email], row, role_ids, events)
@@ -306,6 +309,21 @@ def _import_chunk(
     if pending:
         insert_pending()
     return record_stored(db, events, head=head)
+
+
+def _claim_username(usernames: dict[str, SpooledRow], row: SpooledRow) -> None:
+    """Refuse a username that an earlier written row of the chunk gave another email: its line
+    named, where the unique index would only say that some username was taken. (Across chunks,
+    and against the database, the index still refuses it.)"""
+    name = row["username"]
+    if name is None:
+        return
+    first = usernames.setdefault(name, row)
+    if first["email"] != row["email"]:
+        raise Conflict(
+            f"line {row['line']}: the username {name!r} is also line {first['line']}'s ({first['email']});"
+            " nothing was imported"
+        )
 
 
 def _check_uids(db: Session, chunk: list[SpooledRow]) -> None:
