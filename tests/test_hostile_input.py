@@ -47,6 +47,8 @@ EMAILS = [
     Case("carriage return inside", "ada\r@example.com", REJECTED),
     Case("leading and trailing spaces", "  Ada@Example.com  ", "ada@example.com"),
     Case("inner space", "a da@example.com", REJECTED),
+    Case("trailing dot in the domain", "ada@example.com.", REJECTED),
+    Case("upper-case domain and local part", "ADA@EXAMPLE.COM", "ada@example.com"),
 ]
 
 USERNAMES = [
@@ -63,6 +65,9 @@ USERNAMES = [
     Case("trailing newline", "ada\n", "ada"),
     Case("leading and trailing spaces", "  ada  ", "ada"),
     Case("only spaces", "   ", REJECTED),
+    Case("Cyrillic a", "\u0430da", REJECTED),  # usernames are ASCII: no look-alike can be one
+    Case("zero-width space", "a\u200bda", REJECTED),
+    Case("a uid's form", "123e4567-e89b-42d3-a456-426614174000", "123e4567-e89b-42d3-a456-426614174000"),
 ]
 
 FULL_NAMES = [
