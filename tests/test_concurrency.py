@@ -344,3 +344,52 @@ def test_an_api_change_to_a_user_deleted_meanwhile_is_404(
     finally:
         engine.dispose()
     assert answers == [404]
+
+
+def _waiting(connection: Connection, locktype: str) -> int:
+    sql = "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = :locktype"
+    return connection.execute(text(sql), {"locktype": locktype}).scalar_one()
+
+
+def test_a_change_during_a_long_import_waits_for_it_and_never_deadlocks(
+    env: dict[str, str], db_url: str, db: Session, settings: Settings, backend: str, tmp_path: Path
+) -> None:
+    """An import writes its first chunk of 1,000 rows, then waits on a row of its second chunk
+    (held here); meanwhile `revoke-tokens` locks another row the import will update next and
+    appends its event. The import must not already hold the audit chain's lock then (the
+    commands take it last, after their rows): the two would wait on each other, and PostgreSQL
+    would end one of them (`deadlock detected`)."""
+    if backend == "sqlite":
+        pytest.skip("SQLite runs one writer at a time")
+    for email in ("dee@example.com", "carol@example.com"):
+        service.create_user(db, settings, service.new_user(email=email))
+    rows = [{"email": f"new{number:04}@example.com"} for number in range(1000)]
+    rows += [{"email": "dee@example.com", "full_name": "Dee"}, {"email": "carol@example.com", "full_name": "Carol"}]
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    engine = create_engine(db_url)
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        with engine.connect() as holder:
+            holder.execute(text("SELECT id FROM users WHERE email = 'dee@example.com' FOR UPDATE"))
+            deadline = time.monotonic() + HANG_TIMEOUT
+            processes += start([["import", str(source), "--on-conflict", "update"]], env)
+            while _waiting(holder, "transactionid") < 1:  # the import, on dee's row
+                assert processes[0].poll() is None, finish(processes)
+                assert time.monotonic() < deadline, "the import never reached dee's row"
+                time.sleep(0.05)
+            processes += start([["revoke-tokens", "carol@example.com"]], env)
+            while processes[1].poll() is None and _waiting(holder, "advisory") < 1:
+                assert time.monotonic() < deadline, "revoke-tokens neither ended nor queued on the chain"
+                time.sleep(0.05)
+            holder.rollback()
+        outcomes = finish(processes)
+    finally:
+        engine.dispose()
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert_clean_stderr(outcomes)
+    assert [outcome.returncode for outcome in outcomes] == [0, 0], outcomes
+    assert outcomes[0].stderr.endswith("usermgr: imported: 1000 created, 2 updated, 0 skipped\n"), outcomes

@@ -223,16 +223,43 @@ def apply_import(
     `progress` is told how many rows each chunk held once it is written (not yet committed).
     """
     result = ImportResult()
-    with writing(db, dry_run=dry_run), keeping_an_admin(db), _import_page_cache(db):
+    with (
+        writing(db, dry_run=dry_run),
+        keeping_an_admin(db),
+        _import_page_cache(db),
+        tempfile.TemporaryFile() as spool,
+    ):
         role_ids = _RoleIds(db)
-        head = None  # the audit chain's newest hash, once this import has appended to it
+        batches = 0
         for chunk in plan.chunks():
-            head = _import_chunk(db, plan, chunk, role_ids, on_conflict, result, head)
+            batches += _spool(spool, _import_chunk(db, plan, chunk, role_ids, on_conflict, result))
             if progress is not None:
                 progress(len(chunk))
         summary = {"created": result.created, "updated": result.updated, "skipped": result.skipped}
-        record_stored(db, [("import.summary", None, None, canonical_changes(summary))], head=head)
+        batches += _spool(spool, [("import.summary", None, None, canonical_changes(summary))])
+        _append_events(db, spool, batches)
     return result
+
+
+def _spool(spool: IO[bytes], events: list[StoredEvent]) -> int:
+    """Keep a chunk's events in `spool` (a length, then the pickled list); how many batches that adds."""
+    if not events:
+        return 0
+    record = pickle.dumps(events, protocol=pickle.HIGHEST_PROTOCOL)
+    spool.write(len(record).to_bytes(8, "big") + record)
+    return 1
+
+
+def _append_events(db: Session, spool: IO[bytes], batches: int) -> None:
+    """Append the spooled events to the audit trail, once every row is written: the chain's lock
+    (PostgreSQL) is then the import's last, as it is every command's. Taken after the first
+    chunk, it would be held while the import waits on a row a command has locked, the command
+    waiting on the chain: a deadlock, and PostgreSQL ends one of them."""
+    spool.seek(0)
+    head = None  # the audit chain's newest hash, once this import has appended to it
+    for _ in range(batches):
+        size = int.from_bytes(spool.read(8), "big")
+        head = record_stored(db, pickle.loads(spool.read(size)), head=head)
 
 
 IMPORT_PAGE_CACHE_KIB = 32 * 1024
@@ -272,9 +299,8 @@ def _import_chunk(
     role_ids: _RoleIds,
     on_conflict: str,
     result: ImportResult,
-    head: str | None,
-) -> str | None:
-    """Write one chunk and its events, chained after `head` (None: read it); the new head."""
+) -> list[StoredEvent]:
+    """Write one chunk; its events, for the audit trail once the import is written."""
     emails = [row["email"] for row in chunk]
     existing: dict[str, int] = {email: user_id for email, user_id in db.execute(_IDS_BY_EMAIL, {"emails": emails})}
     _check_uids(db, chunk)
@@ -308,7 +334,7 @@ def _import_chunk(
             result.updated += 1
     if pending:
         insert_pending()
-    return record_stored(db, events, head=head)
+    return events
 
 
 def _claim_username(usernames: dict[str, SpooledRow], row: SpooledRow) -> None:
