@@ -393,3 +393,47 @@ def test_a_change_during_a_long_import_waits_for_it_and_never_deadlocks(
     assert_clean_stderr(outcomes)
     assert [outcome.returncode for outcome in outcomes] == [0, 0], outcomes
     assert outcomes[0].stderr.endswith("usermgr: imported: 1000 created, 2 updated, 0 skipped\n"), outcomes
+
+
+def _waiting_processes(connection: Connection) -> int:
+    return connection.execute(text("SELECT count(DISTINCT pid) FROM pg_locks WHERE NOT granted")).scalar_one()
+
+
+def test_two_batches_naming_the_same_users_in_other_forms_never_deadlock(
+    env: dict[str, str], db_url: str, db: Session, settings: Settings, backend: str
+) -> None:
+    """`disable -` names ada by email and bob by id, `revoke-tokens -` bob by email and ada by id.
+    Each row is held here until both commands wait on one; let go together, each command must
+    lock its users in one order (by id), or each takes one and waits on the other's: a deadlock."""
+    if backend == "sqlite":
+        pytest.skip("SQLite runs one writer at a time")
+    ada, bob = (
+        service.create_user(db, settings, service.new_user(email=email)).id
+        for email in ("ada@example.com", "bob@example.com")
+    )
+    engine = create_engine(db_url)
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        with engine.connect() as holds_ada, engine.connect() as holds_bob, engine.connect() as watcher:
+            holds_ada.execute(text(f"SELECT id FROM users WHERE id = {ada} FOR UPDATE"))
+            holds_bob.execute(text(f"SELECT id FROM users WHERE id = {bob} FOR UPDATE"))
+            deadline = time.monotonic() + HANG_TIMEOUT
+            for number, (command, stdin) in enumerate(
+                [("disable", f"ada@example.com\n{bob}\n"), ("revoke-tokens", f"bob@example.com\n{ada}\n")], start=1
+            ):
+                processes += start([[command, "-"]], env, stdin=stdin)
+                while _waiting_processes(watcher) < number:
+                    assert all(process.poll() is None for process in processes), finish(processes)
+                    assert time.monotonic() < deadline, f"{command} never queued on a held row"
+                    time.sleep(0.05)
+            holds_ada.rollback()
+            holds_bob.rollback()
+        outcomes = finish(processes)
+    finally:
+        engine.dispose()
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert_clean_stderr(outcomes)
+    assert [outcome.returncode for outcome in outcomes] == [0, 0], outcomes

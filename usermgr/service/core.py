@@ -186,23 +186,37 @@ def resolve_many(db: Session, refs: Sequence[str | None], origin: str) -> list[U
     ref (a blank line of input) names no one, and no ref at all changes nothing: an empty
     pipeline is not an error.
 
-    The users are about to be changed, so their rows are locked (FOR UPDATE, in id order;
-    SQLite's write transaction already runs alone): a user that a concurrent transaction
-    deletes is then either found and kept until this one ends, or not found (exit 4), never
-    found and then written as a row that is gone (the ORM's "0 rows matched": exit 1).
+    The users are about to be changed, so their rows are locked (FOR UPDATE; SQLite's write
+    transaction already runs alone): a user that a concurrent transaction deletes (or renames
+    away from the email or username given) is then either found and kept until this one ends,
+    or not found (exit 4), never found and then written as a row that is gone (the ORM's
+    "0 rows matched": exit 1). The rows are locked in id order, all of them, whatever forms
+    named them: locked a form at a time (emails, then ids), two batches naming the same users
+    in other forms could each hold one and wait on the other (PostgreSQL: `deadlock detected`).
     """
     keys = [None if ref is None else _key_of(ref) for ref in refs]
     wanted: dict[str, list[Any]] = {}
     for key in keys:
         if key is not None:
             wanted.setdefault(key.column, []).append(key.value)
-    found_by: dict[_Key, User] = {}
+    ids_by: dict[_Key, int] = {}
     for column, values in wanted.items():
+        named = getattr(User, column)
         for start in range(0, len(values), _LOOKUP_CHUNK):
-            chunk = values[start : start + _LOOKUP_CHUNK]
-            locked = select(User).where(getattr(User, column).in_(chunk)).order_by(User.id).with_for_update()
-            for user in db.scalars(locked):
-                found_by[_Key(column, getattr(user, column))] = user
+            for user_id, value in db.execute(
+                select(User.id, named).where(named.in_(values[start : start + _LOOKUP_CHUNK]))
+            ):
+                ids_by[_Key(column, value)] = user_id
+    ids = sorted(set(ids_by.values()))
+    locked: dict[int, User] = {}
+    for start in range(0, len(ids), _LOOKUP_CHUNK):
+        statement = select(User).where(User.id.in_(ids[start : start + _LOOKUP_CHUNK])).order_by(User.id)
+        locked.update((user.id, user) for user in db.scalars(statement.with_for_update()))
+    found_by = {
+        key: user
+        for key, user_id in ids_by.items()
+        if (user := locked.get(user_id)) is not None and getattr(user, key.column) == key.value
+    }
     found: dict[int, User] = {}
     for position, (ref, key) in enumerate(zip(refs, keys, strict=True), start=1):
         if ref is None:
