@@ -437,3 +437,39 @@ def test_two_batches_naming_the_same_users_in_other_forms_never_deadlock(
                 process.wait()
     assert_clean_stderr(outcomes)
     assert [outcome.returncode for outcome in outcomes] == [0, 0], outcomes
+
+
+def test_granting_admin_while_another_process_disables_that_user_never_deadlocks(
+    env: dict[str, str], db_url: str, db: Session, settings: Settings, backend: str
+) -> None:
+    """`grant-admin ada` links ada to the admin role (PostgreSQL locks the role's row to keep
+    the link's key), `disable ada` locks the admin role's row first (the last-admin rule).
+    Ada's row is held here until both wait on it: the grant must take the role's row before
+    ada's too, or it holds ada and waits on the role while disable holds the role and waits
+    on ada."""
+    if backend == "sqlite":
+        pytest.skip("SQLite runs one writer at a time")
+    service.create_user(db, settings, service.new_user(email="root@example.com"), admin=True)
+    ada = service.create_user(db, settings, service.new_user(email="ada@example.com")).id
+    engine = create_engine(db_url)
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        with engine.connect() as holder, engine.connect() as watcher:
+            holder.execute(text(f"SELECT id FROM users WHERE id = {ada} FOR UPDATE"))
+            deadline = time.monotonic() + HANG_TIMEOUT
+            for number, command in enumerate([["grant-admin", "ada@example.com"], ["disable", "ada@example.com"]], 1):
+                processes += start([command], env)
+                while _waiting_processes(watcher) < number:
+                    assert all(process.poll() is None for process in processes), finish(processes)
+                    assert time.monotonic() < deadline, f"{command} never queued"
+                    time.sleep(0.05)
+            holder.rollback()
+        outcomes = finish(processes)
+    finally:
+        engine.dispose()
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert_clean_stderr(outcomes)
+    assert [outcome.returncode for outcome in outcomes] == [0, 0], outcomes
