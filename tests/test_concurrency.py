@@ -473,3 +473,38 @@ def test_granting_admin_while_another_process_disables_that_user_never_deadlocks
                 process.wait()
     assert_clean_stderr(outcomes)
     assert [outcome.returncode for outcome in outcomes] == [0, 0], outcomes
+
+
+def test_an_import_whose_new_role_another_process_creates_meanwhile_takes_that_role(
+    env: dict[str, str], db_url: str, db: Session, settings: Settings, backend: str, tmp_path: Path
+) -> None:
+    """The import reads the roles, then creates `ops` for its row; another transaction (held
+    open here) created `ops` first and commits while the import waits on the role's unique
+    name. The import must take that role, as grant-role does, not fail on the name."""
+    if backend == "sqlite":
+        pytest.skip("SQLite runs one writer at a time")
+    source = tmp_path / "rows.jsonl"
+    source.write_text(json.dumps({"email": "ada@example.com", "roles": ["ops"]}) + "\n")
+    engine = create_engine(db_url)
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        with engine.connect() as creator, engine.connect() as watcher:
+            creator.execute(text("INSERT INTO roles (name) VALUES ('ops')"))
+            processes += start([["import", str(source)]], env)
+            deadline = time.monotonic() + HANG_TIMEOUT
+            while _waiting_processes(watcher) < 1:
+                assert processes[0].poll() is None, finish(processes)
+                assert time.monotonic() < deadline, "the import never waited on the role's name"
+                time.sleep(0.05)
+            creator.commit()
+        outcomes = finish(processes)
+    finally:
+        engine.dispose()
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert_clean_stderr(outcomes)
+    assert [outcome.returncode for outcome in outcomes] == [0], outcomes
+    members = [record["email"] for record in service.iter_user_records(db, UserFilter(role="ops"))]
+    assert members == ["ada@example.com"]

@@ -36,7 +36,7 @@ from usermgr.service.audit import (
 )
 from usermgr.service.core import insert_many, writing
 from usermgr.service.revocation import Access, revokes_tokens
-from usermgr.service.roles import keeping_an_admin
+from usermgr.service.roles import ensured_role, keeping_an_admin
 from usermgr.service.users import refuse_lookalike
 
 USERS = User.metadata.tables[User.__tablename__]  # the Core table, for bulk statements
@@ -196,7 +196,8 @@ def hash_passwords(plan: ImportPlan, settings: Settings, progress: Callable[[int
 
 
 class _RoleIds:
-    """Role name -> id, creating roles on first use, within the import's transaction."""
+    """Role name -> id, creating roles on first use, within the import's transaction, as
+    grant-role does (`ensured_role`): a role another process creates meanwhile is taken."""
 
     def __init__(self, db: Session) -> None:
         self.db = db
@@ -204,7 +205,7 @@ class _RoleIds:
 
     def __call__(self, name: str) -> int:
         if name not in self.ids:
-            self.ids[name] = self.db.execute(insert(Role).values(name=name).returning(Role.id)).scalar_one()
+            self.ids[name] = ensured_role(self.db, name).id
         return self.ids[name]
 
 
