@@ -22,6 +22,7 @@ from tests.conftest import (
     Runner,
     emails,
     login,
+    ok,
     process_env,
     run_usermgr,
     shown,
@@ -193,12 +194,58 @@ def test_conflicts_error_skip_update(run: Runner) -> None:
     assert (old["full_name"], old["roles"]) == ("Renamed", ["staff"])
 
 
+SPELLED_FLAGS = {True: [True, 1, "true", "TRUE", "yes", "y", "on", "1"], False: [False, 0, "false", "no", "off", "0"]}
+
+
+def test_is_active_takes_the_usual_spellings_of_true_and_false(run: Runner) -> None:
+    """Spreadsheets write TRUE, people write yes: both read as the flag. JSONL and CSV alike."""
+    spelled = [(flag, value) for flag, values in SPELLED_FLAGS.items() for value in values]
+    rows = [{"email": f"u{number}@example.com", "is_active": value} for number, (_, value) in enumerate(spelled)]
+    ok(run("import", "-", "--format", "jsonl", input=jsonl(*rows)))
+    cells = "".join(f"c{number}@example.com,{str(value).lower()}\n" for number, (_, value) in enumerate(spelled))
+    ok(run("import", "-", "--format", "csv", input="email,is_active\n" + cells))
+    disabled = set(emails(run, "--disabled"))
+    for number, (flag, value) in enumerate(spelled):
+        for email in (f"u{number}@example.com", f"c{number}@example.com"):
+            assert (email not in disabled) is flag, (email, value)
+
+
+@pytest.mark.parametrize("value", ["2", 2, 0.5, "maybe", " false", None, "", [], {}], ids=repr)
+def test_is_active_refuses_anything_else(run: Runner, value: object) -> None:
+    result = run("import", "-", "--format", "jsonl", input=jsonl({"email": "a@example.com", "is_active": value}))
+    assert result.exit_code == 3, result.stderr
+    assert result.stderr.startswith("usermgr: error: line 1: is_active: "), result.stderr
+    assert "Traceback" not in result.stderr
+    assert emails(run) == []
+
+
 def test_duplicate_email_within_the_input_is_a_conflict(run: Runner) -> None:
     data = "email\ndup@example.com\nDUP@example.com\n"
     result = run("import", "-", "--format", "csv", input=data)
     assert result.exit_code == 5
     assert "line 3" in result.stderr
     assert emails(run) == []
+
+
+@pytest.mark.parametrize("on_conflict", ["error", "skip", "update"])
+def test_one_username_for_two_emails_within_the_input_names_its_line(run: Runner, on_conflict: str) -> None:
+    data = "email,username\nann@example.com,ann\nbo@example.com,bo\nann2@example.com,ann\n"
+    result = run("import", "-", "--format", "csv", "--on-conflict", on_conflict, input=data)
+    assert (result.exit_code, result.stderr) == (
+        5,
+        "usermgr: error: line 4: the username 'ann' is also line 2's (ann@example.com); nothing was imported\n",
+    )
+    assert emails(run) == []
+
+
+def test_a_username_given_again_to_the_same_email_or_in_a_skipped_row_is_no_conflict(run: Runner) -> None:
+    run("create", "--email", "bo@example.com", "--no-password")
+    data = "email,username\nann@example.com,ann\nANN@example.com,ann\nbo@example.com,ann\n"
+    assert run("import", "-", "--format", "csv", "--on-conflict", "skip", input=data).exit_code == 0
+    assert [(user["email"], user["username"]) for user in users(run)] == [
+        ("bo@example.com", None),
+        ("ann@example.com", "ann"),
+    ]
 
 
 def test_dry_run_writes_nothing(run: Runner) -> None:

@@ -177,10 +177,23 @@ def _two_fresh_admins(db: Session, settings: Settings, round_number: int) -> tup
     return pair
 
 
-def test_two_admins_revoking_each_other_at_once(env: dict[str, str], db: Session, settings: Settings) -> None:
+LAST_ADMIN_CHANGES = {
+    "revoke-admin": (["revoke-admin"], ["revoke-admin"]),
+    "disable": (["disable"], ["disable"]),
+    "delete": (["delete", "--yes"], ["delete", "--yes"]),
+    "disable and delete": (["disable"], ["delete", "--yes"]),
+    "delete and revoke-admin": (["delete", "--yes"], ["revoke-admin"]),
+}
+
+
+@pytest.mark.parametrize("change", LAST_ADMIN_CHANGES.values(), ids=LAST_ADMIN_CHANGES)
+def test_two_admins_removing_each_other_at_once(
+    env: dict[str, str], db: Session, settings: Settings, change: tuple[list[str], list[str]]
+) -> None:
+    """Each process takes a different one of the two last admins: one must be refused."""
     for round_number in range(ADMIN_RACE_ROUNDS):
         left, right = _two_fresh_admins(db, settings, round_number)
-        outcomes = race([["revoke-admin", left], ["revoke-admin", right]], env, first_table="roles")
+        outcomes = race([[*change[0], left], [*change[1], right]], env, first_table="roles")
         assert_clean_stderr(outcomes)
         assert sorted(outcome.returncode for outcome in outcomes) == [0, 5], outcomes  # never both
         (loser,) = [outcome for outcome in outcomes if outcome.returncode == 5]
@@ -331,3 +344,167 @@ def test_an_api_change_to_a_user_deleted_meanwhile_is_404(
     finally:
         engine.dispose()
     assert answers == [404]
+
+
+def _waiting(connection: Connection, locktype: str) -> int:
+    sql = "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = :locktype"
+    return connection.execute(text(sql), {"locktype": locktype}).scalar_one()
+
+
+def test_a_change_during_a_long_import_waits_for_it_and_never_deadlocks(
+    env: dict[str, str], db_url: str, db: Session, settings: Settings, backend: str, tmp_path: Path
+) -> None:
+    """An import writes its first chunk of 1,000 rows, then waits on a row of its second chunk
+    (held here); meanwhile `revoke-tokens` locks another row the import will update next and
+    appends its event. The import must not already hold the audit chain's lock then (the
+    commands take it last, after their rows): the two would wait on each other, and PostgreSQL
+    would end one of them (`deadlock detected`)."""
+    if backend == "sqlite":
+        pytest.skip("SQLite runs one writer at a time")
+    for email in ("dee@example.com", "carol@example.com"):
+        service.create_user(db, settings, service.new_user(email=email))
+    rows = [{"email": f"new{number:04}@example.com"} for number in range(1000)]
+    rows += [{"email": "dee@example.com", "full_name": "Dee"}, {"email": "carol@example.com", "full_name": "Carol"}]
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    engine = create_engine(db_url)
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        with engine.connect() as holder:
+            holder.execute(text("SELECT id FROM users WHERE email = 'dee@example.com' FOR UPDATE"))
+            deadline = time.monotonic() + HANG_TIMEOUT
+            processes += start([["import", str(source), "--on-conflict", "update"]], env)
+            while _waiting(holder, "transactionid") < 1:  # the import, on dee's row
+                assert processes[0].poll() is None, finish(processes)
+                assert time.monotonic() < deadline, "the import never reached dee's row"
+                time.sleep(0.05)
+            processes += start([["revoke-tokens", "carol@example.com"]], env)
+            while processes[1].poll() is None and _waiting(holder, "advisory") < 1:
+                assert time.monotonic() < deadline, "revoke-tokens neither ended nor queued on the chain"
+                time.sleep(0.05)
+            holder.rollback()
+        outcomes = finish(processes)
+    finally:
+        engine.dispose()
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert_clean_stderr(outcomes)
+    assert [outcome.returncode for outcome in outcomes] == [0, 0], outcomes
+    assert outcomes[0].stderr.endswith("usermgr: imported: 1000 created, 2 updated, 0 skipped\n"), outcomes
+
+
+def _waiting_processes(connection: Connection) -> int:
+    return connection.execute(text("SELECT count(DISTINCT pid) FROM pg_locks WHERE NOT granted")).scalar_one()
+
+
+def test_two_batches_naming_the_same_users_in_other_forms_never_deadlock(
+    env: dict[str, str], db_url: str, db: Session, settings: Settings, backend: str
+) -> None:
+    """`disable -` names ada by email and bob by id, `revoke-tokens -` bob by email and ada by id.
+    Each row is held here until both commands wait on one; let go together, each command must
+    lock its users in one order (by id), or each takes one and waits on the other's: a deadlock."""
+    if backend == "sqlite":
+        pytest.skip("SQLite runs one writer at a time")
+    ada, bob = (
+        service.create_user(db, settings, service.new_user(email=email)).id
+        for email in ("ada@example.com", "bob@example.com")
+    )
+    engine = create_engine(db_url)
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        with engine.connect() as holds_ada, engine.connect() as holds_bob, engine.connect() as watcher:
+            holds_ada.execute(text(f"SELECT id FROM users WHERE id = {ada} FOR UPDATE"))
+            holds_bob.execute(text(f"SELECT id FROM users WHERE id = {bob} FOR UPDATE"))
+            deadline = time.monotonic() + HANG_TIMEOUT
+            for number, (command, stdin) in enumerate(
+                [("disable", f"ada@example.com\n{bob}\n"), ("revoke-tokens", f"bob@example.com\n{ada}\n")], start=1
+            ):
+                processes += start([[command, "-"]], env, stdin=stdin)
+                while _waiting_processes(watcher) < number:
+                    assert all(process.poll() is None for process in processes), finish(processes)
+                    assert time.monotonic() < deadline, f"{command} never queued on a held row"
+                    time.sleep(0.05)
+            holds_ada.rollback()
+            holds_bob.rollback()
+        outcomes = finish(processes)
+    finally:
+        engine.dispose()
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert_clean_stderr(outcomes)
+    assert [outcome.returncode for outcome in outcomes] == [0, 0], outcomes
+
+
+def test_granting_admin_while_another_process_disables_that_user_never_deadlocks(
+    env: dict[str, str], db_url: str, db: Session, settings: Settings, backend: str
+) -> None:
+    """`grant-admin ada` links ada to the admin role (PostgreSQL locks the role's row to keep
+    the link's key), `disable ada` locks the admin role's row first (the last-admin rule).
+    Ada's row is held here until both wait on it: the grant must take the role's row before
+    ada's too, or it holds ada and waits on the role while disable holds the role and waits
+    on ada."""
+    if backend == "sqlite":
+        pytest.skip("SQLite runs one writer at a time")
+    service.create_user(db, settings, service.new_user(email="root@example.com"), admin=True)
+    ada = service.create_user(db, settings, service.new_user(email="ada@example.com")).id
+    engine = create_engine(db_url)
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        with engine.connect() as holder, engine.connect() as watcher:
+            holder.execute(text(f"SELECT id FROM users WHERE id = {ada} FOR UPDATE"))
+            deadline = time.monotonic() + HANG_TIMEOUT
+            for number, command in enumerate([["grant-admin", "ada@example.com"], ["disable", "ada@example.com"]], 1):
+                processes += start([command], env)
+                while _waiting_processes(watcher) < number:
+                    assert all(process.poll() is None for process in processes), finish(processes)
+                    assert time.monotonic() < deadline, f"{command} never queued"
+                    time.sleep(0.05)
+            holder.rollback()
+        outcomes = finish(processes)
+    finally:
+        engine.dispose()
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert_clean_stderr(outcomes)
+    assert [outcome.returncode for outcome in outcomes] == [0, 0], outcomes
+
+
+def test_an_import_whose_new_role_another_process_creates_meanwhile_takes_that_role(
+    env: dict[str, str], db_url: str, db: Session, settings: Settings, backend: str, tmp_path: Path
+) -> None:
+    """The import reads the roles, then creates `ops` for its row; another transaction (held
+    open here) created `ops` first and commits while the import waits on the role's unique
+    name. The import must take that role, as grant-role does, not fail on the name."""
+    if backend == "sqlite":
+        pytest.skip("SQLite runs one writer at a time")
+    source = tmp_path / "rows.jsonl"
+    source.write_text(json.dumps({"email": "ada@example.com", "roles": ["ops"]}) + "\n")
+    engine = create_engine(db_url)
+    processes: list[subprocess.Popen[str]] = []
+    try:
+        with engine.connect() as creator, engine.connect() as watcher:
+            creator.execute(text("INSERT INTO roles (name) VALUES ('ops')"))
+            processes += start([["import", str(source)]], env)
+            deadline = time.monotonic() + HANG_TIMEOUT
+            while _waiting_processes(watcher) < 1:
+                assert processes[0].poll() is None, finish(processes)
+                assert time.monotonic() < deadline, "the import never waited on the role's name"
+                time.sleep(0.05)
+            creator.commit()
+        outcomes = finish(processes)
+    finally:
+        engine.dispose()
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert_clean_stderr(outcomes)
+    assert [outcome.returncode for outcome in outcomes] == [0], outcomes
+    members = [record["email"] for record in service.iter_user_records(db, UserFilter(role="ops"))]
+    assert members == ["ada@example.com"]

@@ -395,6 +395,18 @@ def test_import_validates_expires_at(run: Runner) -> None:
     assert users(run) == []
 
 
+@pytest.mark.parametrize("field", ["expires_at", "created_at", "last_login_at"])
+@pytest.mark.parametrize("number", [20270331, 1.8e9, 0], ids=["date-like", "seconds", "zero"])
+def test_import_refuses_a_json_number_as_a_time(run: Runner, field: str, number: float) -> None:
+    """`20270331` reads as seconds (1970-08-23) and as a date alike: refused as `--expires`
+    refuses it, and as the same digits in a string are, never stored as seconds."""
+    rows = json.dumps({"email": "ok@example.com"}) + "\n" + json.dumps({"email": "ada@example.com", field: number})
+    result = run("import", "-", "--format", "jsonl", input=rows + "\n")
+    assert result.exit_code == 3, result.stderr
+    assert result.stderr.startswith(f"usermgr: error: line 2: {field}: a number is not a time: "), result.stderr
+    assert users(run) == []
+
+
 def test_import_takes_a_past_expiry_and_update_makes_the_user_match(run: Runner) -> None:
     """An export of an expired account must come back as it was; with --on-conflict update a
     row without expires_at leaves the user without one, as for every other field."""
@@ -425,7 +437,7 @@ def test_patch_sets_and_clears_the_expiry(client: TestClient, admin: dict[str, s
     assert expires_at(run, "ada@example.com") is None
 
 
-@pytest.mark.parametrize("value", ["10000-01-01", "0000-01-01", "tomorrow", "90d", 10**30, ["2999-01-01"]])
+@pytest.mark.parametrize("value", ["10000-01-01", "0000-01-01", "tomorrow", "90d", 10**30, 20270331, ["2999-01-01"]])
 def test_patch_refuses_a_bad_expiry(client: TestClient, admin: dict[str, str], run: Runner, value: Any) -> None:
     user_id = create_user(run, "ada@example.com", "--expires", FUTURE)
     answer = client.patch(f"/users/{user_id}", json={"expires_at": value}, headers=admin)

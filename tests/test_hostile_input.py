@@ -47,6 +47,8 @@ EMAILS = [
     Case("carriage return inside", "ada\r@example.com", REJECTED),
     Case("leading and trailing spaces", "  Ada@Example.com  ", "ada@example.com"),
     Case("inner space", "a da@example.com", REJECTED),
+    Case("trailing dot in the domain", "ada@example.com.", REJECTED),
+    Case("upper-case domain and local part", "ADA@EXAMPLE.COM", "ada@example.com"),
 ]
 
 USERNAMES = [
@@ -63,6 +65,9 @@ USERNAMES = [
     Case("trailing newline", "ada\n", "ada"),
     Case("leading and trailing spaces", "  ada  ", "ada"),
     Case("only spaces", "   ", REJECTED),
+    Case("Cyrillic a", "\u0430da", REJECTED),  # usernames are ASCII: no look-alike can be one
+    Case("zero-width space", "a\u200bda", REJECTED),
+    Case("a uid's form", "123e4567-e89b-42d3-a456-426614174000", "123e4567-e89b-42d3-a456-426614174000"),
 ]
 
 FULL_NAMES = [
@@ -320,6 +325,29 @@ def test_a_nul_in_a_user_reference_is_an_unknown_user(run: Runner, existing: dic
     before = snapshot(run)
     assert "no user matches" in error_line(run("disable", "-", input=f"{ref}\n"), 4)
     assert "no user matches" in error_line(run("show", ref), 4)
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "where"),
+    [
+        (["show"], None, ""),
+        (["disable", "-"], "target@example.com\n", " (line 2)"),
+        (["audit", "--user"], None, ""),
+    ],
+    ids=["show", "disable -", "audit --user"],
+)
+def test_a_megabyte_user_reference_is_not_echoed_whole(
+    run: Runner, existing: dict[str, Any], args: list[str], stdin: str | None, where: str
+) -> None:
+    """One line a person can read (and a log can keep): the first characters, then `...`."""
+    ref = "x" * 1_000_000
+    before = snapshot(run)
+    command = args if stdin is not None else [*args, ref]
+    result = run(*command, input=None if stdin is None else stdin + ref + "\n")
+    line = error_line(result, 4)
+    assert line.startswith(f"usermgr: error: no user matches '{'x' * 60}...'{where}"), line[:200]
+    assert len(line) < 300
     assert snapshot(run) == before
 
 

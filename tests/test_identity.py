@@ -346,6 +346,28 @@ def test_a_user_is_found_by_id_email_and_username(run: Runner) -> None:
     assert run("show", "ADA.L").exit_code == 4  # usernames are exact, as stored
 
 
+def test_audit_of_a_deleted_user_by_uid_or_any_form_of_their_email(run: Runner) -> None:
+    """A username may read as a uid (hex and dashes): it must not take over the deleted user's
+    trail. Their email is normalised as on write (full-width forms, a display name), as every
+    USER is: the trail of a deleted person is found by every form `create` took for them."""
+    create_user(run, "admin@example.com", "--admin")
+    create_user(run, "carol@example.com")
+    carol_uid = uid_of(run, "carol@example.com")
+    ok_delete = run("delete", "carol@example.com", "--yes")
+    assert ok_delete.exit_code == 0, ok_delete.stderr
+    create_user(run, "mallory@example.com", "--username", carol_uid)
+
+    def about(ref: str) -> list[tuple[str, str]]:
+        result = run("audit", "--user", ref, "-o", "jsonl")
+        assert result.exit_code == 0, result.stderr
+        return [(event["action"], event["target_uid"]) for event in map(json.loads, result.stdout.splitlines())]
+
+    carols = [("user.create", carol_uid), ("user.delete", carol_uid)]
+    assert about(carol_uid) == carols
+    for form in ("carol@example.com", "CAROL@Example.com", "\uff23AROL@example.com", "Carol <carol@example.com>"):
+        assert about(form) == carols, form
+
+
 def test_an_all_digit_username_is_refused(run: Runner) -> None:
     result = run("create", "--email", "ada@example.com", "--username", "12345", "--no-password")
     assert result.exit_code == 3

@@ -46,6 +46,17 @@ def test_update_and_import_refuse_a_lookalike(run: Runner) -> None:
     assert emails(run) == ["ada@example.com", "bob@example.com"]
 
 
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["import", "dry run"])
+def test_import_refuses_a_lookalike_of_an_earlier_row_of_the_same_input(run: Runner, dry_run: list[str]) -> None:
+    """The earlier row is not in the database yet (rows are written a chunk at a time), and
+    still `create` would refuse the second email once the first exists: so must import."""
+    rows = json.dumps({"email": "ada@example.com"}) + "\n" + json.dumps({"email": LOOKALIKES[0]}) + "\n"
+    imported = run("import", "-", "--format", "jsonl", *dry_run, input=rows)
+    reason = f"'{LOOKALIKES[0]}' looks like the existing user 'ada@example.com' (letters from another script)"
+    assert error_line(imported, 5) == f"usermgr: error: line 2: {reason}; use a different email"
+    assert emails(run) == []
+
+
 def test_signup_refuses_a_lookalike(run: Runner, client: TestClient) -> None:
     create_user(run, "ada@example.com", password=None)
     response = client.post("/auth/signup", json={"email": LOOKALIKES[0], "password": PASSWORD})

@@ -225,7 +225,13 @@ Uid = Annotated[str, AfterValidator(_check_uid)]
 
 
 def _naive_is_utc(value: Any) -> Any:
-    """Timestamps without an offset are taken as UTC, as usermgr writes them; a date alone is its start."""
+    """Timestamps without an offset are taken as UTC, as usermgr writes them; a date alone is its start.
+    A number is refused, as `--expires` refuses one: pydantic would take it as seconds, and
+    20270331 would be 1970-08-23."""
+    if isinstance(value, int | float) and not isinstance(value, bool):  # a JSON number
+        raise ValueError(
+            "a number is not a time: give an ISO 8601 date or time such as 2027-01-31 or 2027-01-31T17:00Z"
+        )
     if isinstance(value, str) and _DATE.fullmatch(value):
         return value + "T00:00:00+00:00"
     if isinstance(value, str) and value and not _HAS_OFFSET.search(value):

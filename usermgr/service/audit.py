@@ -32,7 +32,17 @@ from usermgr.contract import EVENT_FIELDS, USER_FIELDS
 from usermgr.database import utcnow
 from usermgr.errors import ConfigurationError, IntegrityCheckFailed, InvalidInput, NotFound, UnreadableTimestamp
 from usermgr.models import ADDRESS_LENGTH, AuditEvent, User
-from usermgr.service.core import MAX_ROW_COUNT, find_user, insert_many, reading, storable, writing
+from usermgr.service.core import (
+    MAX_ROW_COUNT,
+    email_named,
+    find_user,
+    insert_many,
+    is_uid,
+    reading,
+    shown_ref,
+    storable,
+    writing,
+)
 
 EVENTS = AuditEvent.metadata.tables[AuditEvent.__tablename__]  # the Core table, for batched inserts
 
@@ -485,16 +495,21 @@ def parse_time(value: str, what: str) -> datetime:
 
 
 def _target_condition(db: Session, ref: str) -> Any:
-    """The events about USER: by their uid while they exist; a deleted user by uid or email."""
+    """The events about USER: by their uid while they exist; a deleted user by uid or email.
+    A uid names its one identity first: a username may be written like one."""
+    text_ref = ref.strip()
+    if is_uid(text_ref):
+        return AuditEvent.target_uid == text_ref
     user = find_user(db, ref)
     if user is not None:
         return AuditEvent.target_uid == user.uid
-    text_ref = ref.strip()
-    if "@" in text_ref:
-        return AuditEvent.target_email == text_ref.lower()
+    if "@" in text_ref:  # as stored when written; text no email can be, as it is
+        return AuditEvent.target_email == (email_named(ref) or text_ref.lower())
     if len(text_ref) == 36 and storable(text_ref):
         return AuditEvent.target_uid == text_ref
-    raise NotFound(f"no user matches {text_ref!r}: give an email, a username, an id or a deleted user's uid or email")
+    raise NotFound(
+        f"no user matches {shown_ref(ref)}: give an email, a username, an id or a deleted user's uid or email"
+    )
 
 
 def _filtered(db: Session, filters: AuditFilter) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import unicodedata
-import uuid
 from datetime import datetime, timedelta
 from typing import Any, NoReturn
 
@@ -14,9 +13,9 @@ from usermgr.config import Settings
 from usermgr.contract import USER_FIELDS
 from usermgr.database import Database, UtcDateTime, earlier_than, later_than, utcnow
 from usermgr.errors import AuthenticationFailed, Forbidden, InvalidInput, TokenInvalid
-from usermgr.models import UID_LENGTH, Role, User, user_roles
+from usermgr.models import Role, User, user_roles
 from usermgr.service.audit import jsonable, record
-from usermgr.service.core import find_user, reading, writing
+from usermgr.service.core import find_user, is_uid, reading, writing
 
 
 def _is_locked(user: User, now: datetime) -> bool:
@@ -214,7 +213,7 @@ def check_token_holder(db: Session, claims: dict[str, Any], required_role: str |
     """
     subject = claims.get("sub")
     with reading(db):
-        user = db.scalars(_HOLDER, {"uid": subject}).unique().first() if _is_uid(subject) else None
+        user = db.scalars(_HOLDER, {"uid": subject}).unique().first() if is_uid(subject) else None
     if user is None:
         raise TokenInvalid(_GONE)
     _check_holder(user, user.role_names, claims, required_role)
@@ -233,7 +232,7 @@ def holder_record(
 
     claims = decode_token(token, settings, keys)
     subject = claims.get("sub")
-    if not _is_uid(subject):
+    if not is_uid(subject):
         raise TokenInvalid(_GONE)
     with database.engine.connect() as connection:
         rows = connection.execute(_HOLDER_ROWS, {"uid": subject}).all()
@@ -263,16 +262,6 @@ def _check_holder(holder: Any, roles: list[str], claims: dict[str, Any], require
         raise TokenInvalid("token invalid: revoked")
     if required_role is not None and required_role not in roles:
         raise Forbidden(f"forbidden: the user does not have the role {required_role!r}")
-
-
-def _is_uid(value: Any) -> bool:
-    """True for a UUID in its canonical text form, as `uid` stores it."""
-    if not isinstance(value, str) or len(value) != UID_LENGTH:
-        return False
-    try:
-        return str(uuid.UUID(value)) == value
-    except ValueError:
-        return False
 
 
 def holder_of_token(

@@ -36,7 +36,7 @@ from usermgr.service.audit import (
 )
 from usermgr.service.core import insert_many, writing
 from usermgr.service.revocation import Access, revokes_tokens
-from usermgr.service.roles import keeping_an_admin
+from usermgr.service.roles import ensured_role, keeping_an_admin
 from usermgr.service.users import refuse_lookalike
 
 USERS = User.metadata.tables[User.__tablename__]  # the Core table, for bulk statements
@@ -196,7 +196,8 @@ def hash_passwords(plan: ImportPlan, settings: Settings, progress: Callable[[int
 
 
 class _RoleIds:
-    """Role name -> id, creating roles on first use, within the import's transaction."""
+    """Role name -> id, creating roles on first use, within the import's transaction, as
+    grant-role does (`ensured_role`): a role another process creates meanwhile is taken."""
 
     def __init__(self, db: Session) -> None:
         self.db = db
@@ -204,7 +205,7 @@ class _RoleIds:
 
     def __call__(self, name: str) -> int:
         if name not in self.ids:
-            self.ids[name] = self.db.execute(insert(Role).values(name=name).returning(Role.id)).scalar_one()
+            self.ids[name] = ensured_role(self.db, name).id
         return self.ids[name]
 
 
@@ -223,16 +224,43 @@ def apply_import(
     `progress` is told how many rows each chunk held once it is written (not yet committed).
     """
     result = ImportResult()
-    with writing(db, dry_run=dry_run), keeping_an_admin(db), _import_page_cache(db):
+    with (
+        writing(db, dry_run=dry_run),
+        keeping_an_admin(db),
+        _import_page_cache(db),
+        tempfile.TemporaryFile() as spool,
+    ):
         role_ids = _RoleIds(db)
-        head = None  # the audit chain's newest hash, once this import has appended to it
+        batches = 0
         for chunk in plan.chunks():
-            head = _import_chunk(db, plan, chunk, role_ids, on_conflict, result, head)
+            batches += _spool(spool, _import_chunk(db, plan, chunk, role_ids, on_conflict, result))
             if progress is not None:
                 progress(len(chunk))
         summary = {"created": result.created, "updated": result.updated, "skipped": result.skipped}
-        record_stored(db, [("import.summary", None, None, canonical_changes(summary))], head=head)
+        batches += _spool(spool, [("import.summary", None, None, canonical_changes(summary))])
+        _append_events(db, spool, batches)
     return result
+
+
+def _spool(spool: IO[bytes], events: list[StoredEvent]) -> int:
+    """Keep a chunk's events in `spool` (a length, then the pickled list); how many batches that adds."""
+    if not events:
+        return 0
+    record = pickle.dumps(events, protocol=pickle.HIGHEST_PROTOCOL)
+    spool.write(len(record).to_bytes(8, "big") + record)
+    return 1
+
+
+def _append_events(db: Session, spool: IO[bytes], batches: int) -> None:
+    """Append the spooled events to the audit trail, once every row is written: the chain's lock
+    (PostgreSQL) is then the import's last, as it is every command's. Taken after the first
+    chunk, it would be held while the import waits on a row a command has locked, the command
+    waiting on the chain: a deadlock, and PostgreSQL ends one of them."""
+    spool.seek(0)
+    head = None  # the audit chain's newest hash, once this import has appended to it
+    for _ in range(batches):
+        size = int.from_bytes(spool.read(8), "big")
+        head = record_stored(db, pickle.loads(spool.read(size)), head=head)
 
 
 IMPORT_PAGE_CACHE_KIB = 32 * 1024
@@ -272,13 +300,13 @@ def _import_chunk(
     role_ids: _RoleIds,
     on_conflict: str,
     result: ImportResult,
-    head: str | None,
-) -> str | None:
-    """Write one chunk and its events, chained after `head` (None: read it); the new head."""
+) -> list[StoredEvent]:
+    """Write one chunk; its events, for the audit trail once the import is written."""
     emails = [row["email"] for row in chunk]
     existing: dict[str, int] = {email: user_id for email, user_id in db.execute(_IDS_BY_EMAIL, {"emails": emails})}
     _check_uids(db, chunk)
     pending: dict[str, SpooledRow] = {}  # to be inserted, by email; a later row with that email meets it
+    usernames: dict[str, SpooledRow] = {}  # the rows written so far, by username
     events: list[StoredEvent] = []  # one per user changed, written with the chunk
 
     def insert_pending() -> None:
@@ -292,20 +320,37 @@ def _import_chunk(
         line, email = row["line"], row["email"]
         if email not in existing and email not in pending:
             if not email.isascii():
-                refuse_lookalike(db, email, line)
+                refuse_lookalike(db, email, line, pending)
+            _claim_username(usernames, row)
             pending[email] = row
         elif on_conflict == "error":
             raise Conflict(f"line {line}: a user with email {email!r} already exists; use --on-conflict skip or update")
         elif on_conflict == "skip":
             result.skipped += 1
         else:
+            _claim_username(usernames, row)
             if email in pending:
                 insert_pending()
             _update_from_row(db, plan, existing[email], row, role_ids, events)
             result.updated += 1
     if pending:
         insert_pending()
-    return record_stored(db, events, head=head)
+    return events
+
+
+def _claim_username(usernames: dict[str, SpooledRow], row: SpooledRow) -> None:
+    """Refuse a username that an earlier written row of the chunk gave another email: its line
+    named, where the unique index would only say that some username was taken. (Across chunks,
+    and against the database, the index still refuses it.)"""
+    name = row["username"]
+    if name is None:
+        return
+    first = usernames.setdefault(name, row)
+    if first["email"] != row["email"]:
+        raise Conflict(
+            f"line {row['line']}: the username {name!r} is also line {first['line']}'s ({first['email']});"
+            " nothing was imported"
+        )
 
 
 def _check_uids(db: Session, chunk: list[SpooledRow]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from usermgr.database import WRITE
 from usermgr.errors import Conflict, InvalidInput, NotFound
-from usermgr.models import User
+from usermgr.models import UID_LENGTH, User
 
 if TYPE_CHECKING:
     pass
@@ -118,6 +119,23 @@ def _key_of(ref: str) -> _Key | None:
     return _Key("username", text)
 
 
+def email_named(ref: str) -> str | None:
+    """The email `ref` names as a USER (normalised exactly as on write), or None when it
+    names no email: how a deleted user, whom no lookup finds any more, is named."""
+    key = _key_of(ref)
+    return cast(str, key.value) if key is not None and key.column == "email" else None
+
+
+def is_uid(value: Any) -> bool:
+    """True for a UUID in its canonical text form, as `uid` stores it."""
+    if not isinstance(value, str) or len(value) != UID_LENGTH:
+        return False
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
+
 def storable(text: str) -> bool:
     """False for text no database column can hold: a NUL (PostgreSQL refuses it) or a lone
     surrogate (what Python makes of bytes that are not UTF-8)."""
@@ -144,10 +162,20 @@ def find_user(db: Session, ref: str, *, email_only: bool = False, lock: bool = F
     return db.scalars(statement.with_for_update() if lock else statement).first()
 
 
+SHOWN_REF_LENGTH = 60
+
+
+def shown_ref(ref: str) -> str:
+    """A USER as an error message quotes it: its first characters only, so that a megabyte
+    line of input is not echoed whole to a terminal or a log."""
+    text = ref.strip()
+    return repr(text if len(text) <= SHOWN_REF_LENGTH else text[:SHOWN_REF_LENGTH] + "...")
+
+
 def user_named(db: Session, ref: str, *, lock: bool = False) -> User:
     user = find_user(db, ref, lock=lock)
     if user is None:
-        raise NotFound(f"no user matches {ref.strip()!r}: give an email, a username or a numeric id")
+        raise NotFound(f"no user matches {shown_ref(ref)}: give an email, a username or a numeric id")
     return user
 
 
@@ -158,30 +186,44 @@ def resolve_many(db: Session, refs: Sequence[str | None], origin: str) -> list[U
     ref (a blank line of input) names no one, and no ref at all changes nothing: an empty
     pipeline is not an error.
 
-    The users are about to be changed, so their rows are locked (FOR UPDATE, in id order;
-    SQLite's write transaction already runs alone): a user that a concurrent transaction
-    deletes is then either found and kept until this one ends, or not found (exit 4), never
-    found and then written as a row that is gone (the ORM's "0 rows matched": exit 1).
+    The users are about to be changed, so their rows are locked (FOR UPDATE; SQLite's write
+    transaction already runs alone): a user that a concurrent transaction deletes (or renames
+    away from the email or username given) is then either found and kept until this one ends,
+    or not found (exit 4), never found and then written as a row that is gone (the ORM's
+    "0 rows matched": exit 1). The rows are locked in id order, all of them, whatever forms
+    named them: locked a form at a time (emails, then ids), two batches naming the same users
+    in other forms could each hold one and wait on the other (PostgreSQL: `deadlock detected`).
     """
     keys = [None if ref is None else _key_of(ref) for ref in refs]
     wanted: dict[str, list[Any]] = {}
     for key in keys:
         if key is not None:
             wanted.setdefault(key.column, []).append(key.value)
-    found_by: dict[_Key, User] = {}
+    ids_by: dict[_Key, int] = {}
     for column, values in wanted.items():
+        named = getattr(User, column)
         for start in range(0, len(values), _LOOKUP_CHUNK):
-            chunk = values[start : start + _LOOKUP_CHUNK]
-            locked = select(User).where(getattr(User, column).in_(chunk)).order_by(User.id).with_for_update()
-            for user in db.scalars(locked):
-                found_by[_Key(column, getattr(user, column))] = user
+            for user_id, value in db.execute(
+                select(User.id, named).where(named.in_(values[start : start + _LOOKUP_CHUNK]))
+            ):
+                ids_by[_Key(column, value)] = user_id
+    ids = sorted(set(ids_by.values()))
+    locked: dict[int, User] = {}
+    for start in range(0, len(ids), _LOOKUP_CHUNK):
+        statement = select(User).where(User.id.in_(ids[start : start + _LOOKUP_CHUNK])).order_by(User.id)
+        locked.update((user.id, user) for user in db.scalars(statement.with_for_update()))
+    found_by = {
+        key: user
+        for key, user_id in ids_by.items()
+        if (user := locked.get(user_id)) is not None and getattr(user, key.column) == key.value
+    }
     found: dict[int, User] = {}
     for position, (ref, key) in enumerate(zip(refs, keys, strict=True), start=1):
         if ref is None:
             continue  # a blank line of input: no one, and an empty argument is still a mistake
         match = found_by.get(key) if key is not None else None
         if match is None:
-            raise NotFound(f"no user matches {ref.strip()!r} ({origin} {position}); nothing was changed")
+            raise NotFound(f"no user matches {shown_ref(ref)} ({origin} {position}); nothing was changed")
         found.setdefault(match.id, match)
     return list(found.values())
 

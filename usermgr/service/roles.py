@@ -58,6 +58,14 @@ def _an_active_admin(db: Session) -> bool:
     return bool(db.scalar(select(select(User.id).where(has_role(ADMIN_ROLE), User.is_active.is_(True)).exists())))
 
 
+def lock_admin_role(db: Session) -> None:
+    """Lock the admin role's row until the transaction ends (FOR UPDATE on PostgreSQL), before
+    any user's row: the last-admin rule's lock. A writer that links a user to the role takes it
+    first too, since PostgreSQL then locks the role's row to keep the link's key; taken after
+    the user's row, it would wait on a `disable` that holds the role and waits on that user."""
+    db.execute(select(Role.id).where(Role.name == ADMIN_ROLE).with_for_update())
+
+
 @contextmanager
 def keeping_an_admin(db: Session) -> Iterator[None]:
     """Refuse a change that takes the number of active admins from some to none.
@@ -68,7 +76,7 @@ def keeping_an_admin(db: Session) -> Iterator[None]:
     transaction already serialises), so two admins demoting each other at once cannot
     both succeed.
     """
-    db.execute(select(Role.id).where(Role.name == ADMIN_ROLE).with_for_update())
+    lock_admin_role(db)
     before = _an_active_admin(db)
     yield
     db.flush()
@@ -83,6 +91,8 @@ def granted_role_names(roles: Sequence[str], admin: bool) -> list[str]:
 def grant_role(db: Session, refs: Sequence[str | None], role_name: str, origin: str = "argument") -> list[User]:
     name = validated_role(role_name)
     with writing(db):
+        if name == ADMIN_ROLE:
+            lock_admin_role(db)
         users = resolve_many(db, refs, origin)
         if users:  # a role comes into being with its first member
             role = ensured_role(db, name)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -35,13 +35,17 @@ def _ensure_unique(db: Session, email: str | None, username: str | None, except_
             raise Conflict(f"a user with username {username!r} already exists")
 
 
-def refuse_lookalike(db: Session, email: str, line: int | None = None) -> None:
+def refuse_lookalike(db: Session, email: str, line: int | None = None, pending: Container[str] = ()) -> None:
     """Refuse an email that reads as an existing user's (`аda@` with a Cyrillic а beside
-    `ada@`): an admin or a mail reader could not tell the two accounts apart."""
+    `ada@`): an admin or a mail reader could not tell the two accounts apart. `pending`:
+    emails about to be written in the same transaction (an import's earlier rows), which
+    count as existing."""
     from usermgr.schemas import latin_lookalike
 
     lookalike = latin_lookalike(email)
-    if lookalike is not None and db.scalar(select(User.id).where(User.email == lookalike)) is not None:
+    if lookalike is not None and (
+        lookalike in pending or db.scalar(select(User.id).where(User.email == lookalike)) is not None
+    ):
         where = f"line {line}: " if line is not None else ""
         raise Conflict(
             f"{where}{email!r} looks like the existing user {lookalike!r} (letters from another script); "
