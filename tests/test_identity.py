@@ -346,16 +346,25 @@ def test_a_user_is_found_by_id_email_and_username(run: Runner) -> None:
     assert run("show", "ADA.L").exit_code == 4  # usernames are exact, as stored
 
 
-def test_audit_of_a_deleted_user_by_uid_or_any_form_of_their_email(run: Runner) -> None:
-    """A username may read as a uid (hex and dashes): it must not take over the deleted user's
-    trail. Their email is normalised as on write (full-width forms, a display name), as every
-    USER is: the trail of a deleted person is found by every form `create` took for them."""
+def test_audit_of_a_deleted_user_by_uid_or_any_form_of_their_email(run: Runner, db_url: str) -> None:
+    """A username that reads as a uid is refused now, but one may predate that rule (or another
+    tool wrote it): it must not take over the deleted user's trail. Their email is normalised
+    as on write (full-width forms, a display name), as every USER is: the trail of a deleted
+    person is found by every form `create` took for them."""
     create_user(run, "admin@example.com", "--admin")
     create_user(run, "carol@example.com")
     carol_uid = uid_of(run, "carol@example.com")
     ok_delete = run("delete", "carol@example.com", "--yes")
     assert ok_delete.exit_code == 0, ok_delete.stderr
-    create_user(run, "mallory@example.com", "--username", carol_uid)
+    refused = run("create", "--email", "mallory@example.com", "--username", carol_uid, "--no-password")
+    assert refused.exit_code == 3 and "must not be a UUID" in refused.stderr
+    create_user(run, "mallory@example.com")
+    engine = create_engine(db_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE users SET username = :uid WHERE email = 'mallory@example.com'"), {"uid": carol_uid})
+    finally:
+        engine.dispose()
 
     def about(ref: str) -> list[tuple[str, str]]:
         result = run("audit", "--user", ref, "-o", "jsonl")

@@ -11,9 +11,24 @@ list, export, the API's user) and import carry it from there.
 from __future__ import annotations
 
 import re
+import uuid
 from datetime import datetime
 
 ADMIN_ROLE = "admin"
+
+UID_LENGTH = 36
+"""A uid's text: a UUID in its canonical form (lowercase hex, dashed)."""
+
+
+def is_uid(value: object) -> bool:
+    """True for a UUID in its canonical text form, as a uid is stored and a token's `sub` holds it."""
+    if not isinstance(value, str) or len(value) != UID_LENGTH:
+        return False
+    try:
+        return str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
+
 
 ROLE_NAME = re.compile(r"[a-z0-9_-]{1,64}")
 """What a role may be called. Checked here, without pydantic, so that `usermgr list --role R`

@@ -9,10 +9,9 @@ from datetime import datetime
 from sqlalchemy import Column, ForeignKey, Index, Integer, String, Table, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from usermgr.contract import ADMIN_ROLE
+from usermgr.contract import ADMIN_ROLE, UID_LENGTH
 from usermgr.database import Base, StrictBoolean, UtcDateTime, utcnow
 
-UID_LENGTH = 36  # a UUID's canonical text form
 ADDRESS_LENGTH = 64  # an audit event's client address: any IPv6 address's text, with room to spare
 
 

@@ -32,7 +32,14 @@ from pydantic import (
 from pydantic.networks import validate_email as pydantic_validate_email
 
 # The role-name rule lives in contract.py (no pydantic there); api.py imports it from here.
-from usermgr.contract import EVENT_RECORD, IMPORTED_FIELDS, UNPRINTABLE_CATEGORIES, USER_RECORD, validate_role_name
+from usermgr.contract import (
+    EVENT_RECORD,
+    IMPORTED_FIELDS,
+    UNPRINTABLE_CATEGORIES,
+    USER_RECORD,
+    is_uid,
+    validate_role_name,
+)
 from usermgr.contract import ROLE_NAME as ROLE_NAME
 
 PASSWORD_MIN_LENGTH = 8
@@ -113,20 +120,9 @@ def _check_username(value: str) -> str:
         raise ValueError("invalid username: use 1 to 150 of A-Z, a-z, 0-9 and . _ @ + -")
     if value.isdigit():
         raise ValueError("invalid username: it must not be all digits (a USER of digits is an id)")
-    if _is_uid(value):  # else a user named after a deleted user's uid hides their audit trail
+    if is_uid(value.lower()):  # else a user named after a deleted user's uid hides their audit trail
         raise ValueError(UID_AS_USERNAME)
     return value
-
-
-def _is_uid(value: str) -> bool:
-    """True for a UUID in its canonical text form (a uid's), in either case. (The length first:
-    nearly every username is answered without building a UUID, a microsecond an import row.)"""
-    if len(value) != 36:
-        return False
-    try:
-        return str(uuid.UUID(value)) == value.lower()
-    except ValueError:
-        return False
 
 
 def _check_full_name(value: str) -> str:

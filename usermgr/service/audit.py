@@ -28,7 +28,7 @@ from sqlalchemy import CursorResult, String, delete, func, or_, select, text, ty
 from sqlalchemy.orm import Session
 
 from usermgr.config import parse_duration
-from usermgr.contract import EVENT_FIELDS, USER_FIELDS
+from usermgr.contract import EVENT_FIELDS, USER_FIELDS, is_uid
 from usermgr.database import utcnow
 from usermgr.errors import ConfigurationError, IntegrityCheckFailed, InvalidInput, NotFound, UnreadableTimestamp
 from usermgr.models import ADDRESS_LENGTH, AuditEvent, User
@@ -37,7 +37,6 @@ from usermgr.service.core import (
     email_named,
     find_user,
     insert_many,
-    is_uid,
     reading,
     shown_ref,
     storable,

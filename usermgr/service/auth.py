@@ -10,12 +10,12 @@ from sqlalchemy import bindparam, case, null, or_, select, update
 from sqlalchemy.orm import Session, joinedload
 
 from usermgr.config import Settings
-from usermgr.contract import USER_FIELDS
+from usermgr.contract import USER_FIELDS, is_uid
 from usermgr.database import Database, UtcDateTime, earlier_than, later_than, utcnow
 from usermgr.errors import AuthenticationFailed, Forbidden, InvalidInput, TokenInvalid
 from usermgr.models import Role, User, user_roles
 from usermgr.service.audit import jsonable, record
-from usermgr.service.core import find_user, is_uid, reading, writing
+from usermgr.service.core import find_user, reading, writing
 
 
 def _is_locked(user: User, now: datetime) -> bool:

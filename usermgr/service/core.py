@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from usermgr.database import WRITE
 from usermgr.errors import Conflict, InvalidInput, NotFound
-from usermgr.models import UID_LENGTH, User
+from usermgr.models import User
 
 if TYPE_CHECKING:
     pass
@@ -124,16 +123,6 @@ def email_named(ref: str) -> str | None:
     names no email: how a deleted user, whom no lookup finds any more, is named."""
     key = _key_of(ref)
     return cast(str, key.value) if key is not None and key.column == "email" else None
-
-
-def is_uid(value: Any) -> bool:
-    """True for a UUID in its canonical text form, as `uid` stores it."""
-    if not isinstance(value, str) or len(value) != UID_LENGTH:
-        return False
-    try:
-        return str(uuid.UUID(value)) == value
-    except ValueError:
-        return False
 
 
 def storable(text: str) -> bool:
