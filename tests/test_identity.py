@@ -362,7 +362,8 @@ def test_audit_of_a_deleted_user_by_uid_or_any_form_of_their_email(run: Runner, 
     engine = create_engine(db_url)
     try:
         with engine.begin() as connection:
-            connection.execute(text("UPDATE users SET username = :uid WHERE email = 'mallory@example.com'"), {"uid": carol_uid})
+            renamed = text("UPDATE users SET username = :uid WHERE email = 'mallory@example.com'")
+            connection.execute(renamed, {"uid": carol_uid})
     finally:
         engine.dispose()
 
