@@ -331,6 +331,29 @@ def test_an_expiry_or_lock_that_is_no_time_is_refused_as_show_refuses_it(run: Ru
         assert "timestamp usermgr cannot read" in error_line(login(run, user), 1)
 
 
+def test_an_expired_admin_does_not_count_as_the_one_kept(run: Runner, db_url: str) -> None:
+    """The last-admin rule counted an expired admin: with one expired and one who could log in,
+    the second could be disabled, deleted or demoted, and no admin could log in any more."""
+    create_user(run, "old@example.com", "--admin")
+    create_user(run, "ada@example.com", "--admin")
+    set_expiry_by_sql(db_url, "old@example.com", datetime.now(UTC) - timedelta(seconds=1))
+    before = users(run)
+    for command in (["disable", "ada@example.com"], ["delete", "ada@example.com", "--yes"], ["revoke-admin", "ada@example.com"]):
+        assert "last active admin" in error_line(run(*command), 5), command
+    assert users(run) == before
+
+
+def test_the_last_admin_cannot_be_given_an_expiry_that_has_passed(run: Runner, client: TestClient, admin: dict[str, str], admin_id: int) -> None:
+    """Expiry is not disable, but an admin who cannot log in keeps no one able to administer:
+    the last-admin rule holds for `update --expires` and PATCH as for `disable`."""
+    [only] = [user["email"] for user in users(run) if "admin" in user["roles"]]
+    assert "last active admin" in error_line(run("update", only, "--expires", "2020-01-01"), 5)
+    answer = client.patch(f"/users/{admin_id}", json={"expires_at": PAST}, headers=admin)
+    assert answer.status_code == 409, answer.text
+    assert expires_at(run, only) is None
+    ok(run("update", only, "--expires", "1d"))  # ahead: the admin can still log in, and grant admin to another
+
+
 # ---- list, show, export, import ----------------------------------------------------------------
 
 

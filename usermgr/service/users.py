@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Container, Sequence
+from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -162,7 +163,8 @@ def user_changes(*, expires: str | None = None, **fields: Any) -> UserUpdate:
 def update_user(db: Session, ref: str, changes: UserUpdate) -> User:
     if not changes.model_fields_set:
         raise InvalidInput("nothing to change: give a new email, username, full name or expiry")
-    with writing(db):
+    expiring = "expires_at" in changes.model_fields_set  # an expiry may end the last admin's logins
+    with writing(db), keeping_an_admin(db) if expiring else nullcontext():
         user = user_named(db, ref, lock=True)
         values = changes.model_dump(include=changes.model_fields_set)
         _ensure_unique(db, values.get("email"), values.get("username"), except_id=user.id)
