@@ -338,12 +338,15 @@ def test_an_expired_admin_does_not_count_as_the_one_kept(run: Runner, db_url: st
     create_user(run, "ada@example.com", "--admin")
     set_expiry_by_sql(db_url, "old@example.com", datetime.now(UTC) - timedelta(seconds=1))
     before = users(run)
-    for command in (["disable", "ada@example.com"], ["delete", "ada@example.com", "--yes"], ["revoke-admin", "ada@example.com"]):
+    changes = (["disable", "ada@example.com"], ["delete", "ada@example.com", "--yes"], ["revoke-admin", "ada@example.com"])
+    for command in changes:
         assert "last active admin" in error_line(run(*command), 5), command
     assert users(run) == before
 
 
-def test_the_last_admin_cannot_be_given_an_expiry_that_has_passed(run: Runner, client: TestClient, admin: dict[str, str], admin_id: int) -> None:
+def test_the_last_admin_cannot_be_given_an_expiry_that_has_passed(
+    run: Runner, client: TestClient, admin: dict[str, str], admin_id: int
+) -> None:
     """Expiry is not disable, but an admin who cannot log in keeps no one able to administer:
     the last-admin rule holds for `update --expires` and PATCH as for `disable`."""
     [only] = [user["email"] for user in users(run) if "admin" in user["roles"]]
