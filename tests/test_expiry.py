@@ -338,8 +338,8 @@ def test_an_expired_admin_does_not_count_as_the_one_kept(run: Runner, db_url: st
     create_user(run, "ada@example.com", "--admin")
     set_expiry_by_sql(db_url, "old@example.com", datetime.now(UTC) - timedelta(seconds=1))
     before = users(run)
-    changes = (["disable", "ada@example.com"], ["delete", "ada@example.com", "--yes"], ["revoke-admin", "ada@example.com"])
-    for command in changes:
+    ada = "ada@example.com"
+    for command in (["disable", ada], ["delete", ada, "--yes"], ["revoke-admin", ada]):
         assert "last active admin" in error_line(run(*command), 5), command
     assert users(run) == before
 
