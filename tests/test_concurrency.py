@@ -14,7 +14,7 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Connection, create_engine, select, text
+from sqlalchemy import Connection, Engine, create_engine, select, text
 from sqlalchemy.orm import Session
 
 from tests.conftest import HANG_TIMEOUT, USERMGR, process_env, user_count
@@ -229,10 +229,7 @@ def _racing_carols_delete(
             deleter.execute(text("DELETE FROM users WHERE email = 'carol@example.com'"))
             running = start([command], env, stdin)
             deadline = time.monotonic() + HANG_TIMEOUT
-            while not _waiting_on_a_lock(deleter):
-                assert running[0].poll() is None, finish(running)
-                assert time.monotonic() < deadline, "the command never waited on the delete"
-                time.sleep(0.05)
+            _until(lambda: _waiting_on_a_lock(deleter), running, "the command never waited on the delete", deadline)
             deleter.commit()
         (outcome,) = finish(running)
         with engine.connect() as reader:
@@ -369,27 +366,19 @@ def test_a_change_during_a_long_import_waits_for_it_and_never_deadlocks(
     source.write_text("".join(json.dumps(row) + "\n" for row in rows))
     engine = create_engine(db_url)
     processes: list[subprocess.Popen[str]] = []
-    try:
+    with _reaped(engine, processes):
         with engine.connect() as holder:
             holder.execute(text("SELECT id FROM users WHERE email = 'dee@example.com' FOR UPDATE"))
             deadline = time.monotonic() + HANG_TIMEOUT
             processes += start([["import", str(source), "--on-conflict", "update"]], env)
-            while _waiting(holder, "transactionid") < 1:  # the import, on dee's row
-                assert processes[0].poll() is None, finish(processes)
-                assert time.monotonic() < deadline, "the import never reached dee's row"
-                time.sleep(0.05)
+            on_dees_row = "the import never reached dee's row"
+            _until(lambda: _waiting(holder, "transactionid") >= 1, processes, on_dees_row, deadline)
             processes += start([["revoke-tokens", "carol@example.com"]], env)
             while processes[1].poll() is None and _waiting(holder, "advisory") < 1:
                 assert time.monotonic() < deadline, "revoke-tokens neither ended nor queued on the chain"
                 time.sleep(0.05)
             holder.rollback()
         outcomes = finish(processes)
-    finally:
-        engine.dispose()
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
     assert_clean_stderr(outcomes)
     assert [outcome.returncode for outcome in outcomes] == [0, 0], outcomes
     assert outcomes[0].stderr.endswith("usermgr: imported: 1000 created, 2 updated, 0 skipped\n"), outcomes
@@ -397,6 +386,27 @@ def test_a_change_during_a_long_import_waits_for_it_and_never_deadlocks(
 
 def _waiting_processes(connection: Connection) -> int:
     return connection.execute(text("SELECT count(DISTINCT pid) FROM pg_locks WHERE NOT granted")).scalar_one()
+
+
+def _until(ready: Callable[[], bool], processes: list[subprocess.Popen[str]], what: str, deadline: float) -> None:
+    """Wait until `ready()`; fail if one of `processes` ends first, or at `deadline` (`what` never happened)."""
+    while not ready():
+        assert all(process.poll() is None for process in processes), finish(processes)
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@contextmanager
+def _reaped(engine: Engine, processes: list[subprocess.Popen[str]]) -> Iterator[None]:
+    """Dispose of `engine` and kill whatever of `processes` still runs, however the test ends."""
+    try:
+        yield
+    finally:
+        engine.dispose()
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def test_two_batches_naming_the_same_users_in_other_forms_never_deadlock(
@@ -413,7 +423,7 @@ def test_two_batches_naming_the_same_users_in_other_forms_never_deadlock(
     )
     engine = create_engine(db_url)
     processes: list[subprocess.Popen[str]] = []
-    try:
+    with _reaped(engine, processes):
         with engine.connect() as holds_ada, engine.connect() as holds_bob, engine.connect() as watcher:
             holds_ada.execute(text(f"SELECT id FROM users WHERE id = {ada} FOR UPDATE"))
             holds_bob.execute(text(f"SELECT id FROM users WHERE id = {bob} FOR UPDATE"))
@@ -422,19 +432,11 @@ def test_two_batches_naming_the_same_users_in_other_forms_never_deadlock(
                 [("disable", f"ada@example.com\n{bob}\n"), ("revoke-tokens", f"bob@example.com\n{ada}\n")], start=1
             ):
                 processes += start([[command, "-"]], env, stdin=stdin)
-                while _waiting_processes(watcher) < number:
-                    assert all(process.poll() is None for process in processes), finish(processes)
-                    assert time.monotonic() < deadline, f"{command} never queued on a held row"
-                    time.sleep(0.05)
+                queued = f"{command} never queued on a held row"
+                _until(lambda count=number: _waiting_processes(watcher) >= count, processes, queued, deadline)
             holds_ada.rollback()
             holds_bob.rollback()
         outcomes = finish(processes)
-    finally:
-        engine.dispose()
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
     assert_clean_stderr(outcomes)
     assert [outcome.returncode for outcome in outcomes] == [0, 0], outcomes
 
@@ -453,24 +455,16 @@ def test_granting_admin_while_another_process_disables_that_user_never_deadlocks
     ada = service.create_user(db, settings, service.new_user(email="ada@example.com")).id
     engine = create_engine(db_url)
     processes: list[subprocess.Popen[str]] = []
-    try:
+    with _reaped(engine, processes):
         with engine.connect() as holder, engine.connect() as watcher:
             holder.execute(text(f"SELECT id FROM users WHERE id = {ada} FOR UPDATE"))
             deadline = time.monotonic() + HANG_TIMEOUT
             for number, command in enumerate([["grant-admin", "ada@example.com"], ["disable", "ada@example.com"]], 1):
                 processes += start([command], env)
-                while _waiting_processes(watcher) < number:
-                    assert all(process.poll() is None for process in processes), finish(processes)
-                    assert time.monotonic() < deadline, f"{command} never queued"
-                    time.sleep(0.05)
+                queued = f"{command} never queued"
+                _until(lambda count=number: _waiting_processes(watcher) >= count, processes, queued, deadline)
             holder.rollback()
         outcomes = finish(processes)
-    finally:
-        engine.dispose()
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
     assert_clean_stderr(outcomes)
     assert [outcome.returncode for outcome in outcomes] == [0, 0], outcomes
 
@@ -487,23 +481,15 @@ def test_an_import_whose_new_role_another_process_creates_meanwhile_takes_that_r
     source.write_text(json.dumps({"email": "ada@example.com", "roles": ["ops"]}) + "\n")
     engine = create_engine(db_url)
     processes: list[subprocess.Popen[str]] = []
-    try:
+    with _reaped(engine, processes):
         with engine.connect() as creator, engine.connect() as watcher:
             creator.execute(text("INSERT INTO roles (name) VALUES ('ops')"))
             processes += start([["import", str(source)]], env)
             deadline = time.monotonic() + HANG_TIMEOUT
-            while _waiting_processes(watcher) < 1:
-                assert processes[0].poll() is None, finish(processes)
-                assert time.monotonic() < deadline, "the import never waited on the role's name"
-                time.sleep(0.05)
+            waiting = "the import never waited on the role's name"
+            _until(lambda: _waiting_processes(watcher) >= 1, processes, waiting, deadline)
             creator.commit()
         outcomes = finish(processes)
-    finally:
-        engine.dispose()
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
     assert_clean_stderr(outcomes)
     assert [outcome.returncode for outcome in outcomes] == [0], outcomes
     members = [record["email"] for record in service.iter_user_records(db, UserFilter(role="ops"))]
