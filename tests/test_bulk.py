@@ -165,6 +165,28 @@ def test_csv_with_a_row_of_the_wrong_width(run: Runner) -> None:
     assert "line 2: 3 cells where the header has 2" in result.stderr
 
 
+TWICE_CSV, TWICE_JSON = "line 1: the CSV header names 'email' twice", "line 1: the JSON object names 'email' twice"
+
+
+@pytest.mark.parametrize(
+    ("fmt", "data", "problem"),
+    [
+        ("csv", "email,full_name,email\na@example.com,A,admin@example.com\n", TWICE_CSV),
+        ("csv", "email, email \na@example.com,b@example.com\n", TWICE_CSV),
+        ("jsonl", '{"email": "a@example.com", "email": "admin@example.com"}\n', TWICE_JSON),
+        ("jsonl", '{"email": "a@example.com", "roles": ["x"], "roles": ["admin"]}\n', "names 'roles' twice"),
+    ],
+    ids=["csv", "csv-spaced", "jsonl", "jsonl-roles"],
+)
+def test_a_field_named_twice_in_one_row_is_refused(run: Runner, fmt: str, data: str, problem: str) -> None:
+    """The last of two equal names won, where a reviewer of the file (or a tool that checked it
+    first) may read the first: the two would disagree on who is imported, and with what roles."""
+    result = run("import", "-", "--format", fmt, input=data)
+    assert result.exit_code == 3, result.stderr
+    assert problem in result.stderr
+    assert emails(run) == []
+
+
 def test_input_that_is_not_utf8(run: Runner, tmp_path: Path) -> None:
     source = tmp_path / "latin1.csv"
     source.write_bytes("email,full_name\nz@example.com,Jos\xe9\n".encode("latin-1"))

@@ -541,7 +541,10 @@ def _read_jsonl(lines: Iterable[str]) -> Iterator[InputRow]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
+            value = json.loads(line, object_pairs_hook=_object_named_once)
+        except _NamedTwice as error:
+            yield InputRow(line_number, None, f"the JSON object names {error} twice")
+            continue
         except ValueError:
             yield InputRow(line_number, None, "not valid JSON")
             continue
@@ -554,6 +557,29 @@ def _read_jsonl(lines: Iterable[str]) -> Iterator[InputRow]:
         yield InputRow(line_number, value)
 
 
+class _NamedTwice(Exception):
+    """A JSON object of the input that names a key twice (the key's repr is the message)."""
+
+
+def _object_named_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object as json.loads makes it, refused if it names a key twice: the decoder keeps
+    the last, where whoever checked the file may have read the first."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise _NamedTwice(_repeated([name for name, _ in pairs]))
+    return value
+
+
+def _repeated(names: Sequence[str]) -> str | None:
+    """The first name that `names` holds twice, quoted; None if each is there once."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return repr(name)
+        seen.add(name)
+    return None
+
+
 def _read_csv(lines: Iterable[str], list_fields: Sequence[str], guard: bool) -> Iterator[InputRow]:
     reader = csv.reader(lines)
     try:
@@ -564,6 +590,10 @@ def _read_csv(lines: Iterable[str], list_fields: Sequence[str], guard: bool) -> 
     if header is None:
         return
     names = [name.strip() for name in header]
+    repeated = _repeated(names)
+    if repeated:
+        yield InputRow(1, None, f"the CSV header names {repeated} twice")
+        return
     width = len(names)
     lists = [name for name in list_fields if name in names]
     try:
