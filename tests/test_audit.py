@@ -1132,7 +1132,7 @@ def test_each_filter_of_the_trail_selects_exactly_its_events(run: Runner, db: Se
         "limit-too-large": ({"limit": MAX_ROW_COUNT + 1}, f"limit and offset must be at most {MAX_ROW_COUNT}"),
         "offset-too-large": ({"offset": MAX_ROW_COUNT + 1}, f"limit and offset must be at most {MAX_ROW_COUNT}"),
         "action": ({"action": "user.explode"}, f"unknown action 'user.explode': one of {ALL_ACTIONS}"),
-        "actor": ({"actor": "a\x00b"}, "--actor must not contain a NUL character or bytes that are not UTF-8"),
+        "actor": ({"actor": "a\x00b"}, "the actor must not contain a NUL character or bytes that are not UTF-8"),
     }
     for case, (filters, message) in refusals.items():
         with pytest.raises(InvalidInput) as refused:

@@ -523,7 +523,7 @@ def _filtered(db: Session, filters: AuditFilter) -> Any:
         statement = statement.where(_target_condition(db, filters.user))
     if filters.actor is not None:
         if not storable(filters.actor):
-            raise InvalidInput("--actor must not contain a NUL character or bytes that are not UTF-8")
+            raise InvalidInput("the actor must not contain a NUL character or bytes that are not UTF-8")
         statement = statement.where(or_(AuditEvent.actor == filters.actor, AuditEvent.on_behalf_of == filters.actor))
     if filters.action is not None:
         statement = statement.where(AuditEvent.action == filters.action)
