@@ -54,7 +54,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from usermgr import __version__, database, errors, security, service, tokens
+from usermgr import __version__, database, errors, output, security, service, tokens
 from usermgr.config import Settings, load_settings
 from usermgr.contract import ADMIN_ROLE
 from usermgr.models import User
@@ -408,20 +408,15 @@ REPEATED_PARAMETER = "given more than once: give it once"
 REPEATED_FORM_FIELD = "the form names a field more than once"
 
 
-def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object, refused if it names a key twice (400, as any body that cannot be parsed)."""
-    parsed = dict(pairs)
-    if len(parsed) != len(pairs):
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, REPEATED_FIELD)
-    return parsed
-
-
 class _UnambiguousRequest(Request):
     """A request whose JSON body, or form, names each key once."""
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
-            self._json = json.loads(await self.body(), object_pairs_hook=_object_without_repeats)
+            try:
+                self._json = json.loads(await self.body(), object_pairs_hook=output.object_named_once)
+            except output.NamedTwice:  # 400, as any body that cannot be parsed
+                raise HTTPException(status.HTTP_400_BAD_REQUEST, REPEATED_FIELD) from None
         return self._json
 
     async def _get_form(

@@ -541,8 +541,8 @@ def _read_jsonl(lines: Iterable[str]) -> Iterator[InputRow]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line, object_pairs_hook=_object_named_once)
-        except _NamedTwice as error:
+            value = json.loads(line, object_pairs_hook=object_named_once)
+        except NamedTwice as error:
             yield InputRow(line_number, None, f"the JSON object names {error} twice")
             continue
         except ValueError:
@@ -557,16 +557,17 @@ def _read_jsonl(lines: Iterable[str]) -> Iterator[InputRow]:
         yield InputRow(line_number, value)
 
 
-class _NamedTwice(Exception):
-    """A JSON object of the input that names a key twice (the key's repr is the message)."""
+class NamedTwice(ValueError):
+    """A JSON object that names a key twice (the key's repr is the message)."""
 
 
-def _object_named_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object as json.loads makes it, refused if it names a key twice: the decoder keeps
-    the last, where whoever checked the file may have read the first."""
+def object_named_once(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads's `object_pairs_hook` for input that names each key once (an import row, an
+    API body): the decoder keeps the last of two, where whoever checked the text first (a
+    reviewer of the file, a proxy in front of the API) may have read the first."""
     value = dict(pairs)
     if len(value) != len(pairs):
-        raise _NamedTwice(_repeated([name for name, _ in pairs]))
+        raise NamedTwice(_repeated([name for name, _ in pairs]))
     return value
 
 
