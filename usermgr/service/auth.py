@@ -11,11 +11,11 @@ from sqlalchemy.orm import Session, joinedload
 
 from usermgr.config import Settings
 from usermgr.contract import USER_FIELDS, is_uid
-from usermgr.database import Database, UtcDateTime, earlier_than, later_than, utcnow
+from usermgr.database import Database, UtcDateTime, earlier_than, utcnow
 from usermgr.errors import AuthenticationFailed, Forbidden, InvalidInput, TokenInvalid
 from usermgr.models import Role, User, user_roles
 from usermgr.service.audit import jsonable, record
-from usermgr.service.core import find_user, reading, writing
+from usermgr.service.core import find_user, reading, unexpired, writing
 
 
 def _is_locked(user: User, now: datetime) -> bool:
@@ -24,12 +24,6 @@ def _is_locked(user: User, now: datetime) -> bool:
 
 def _is_expired(user: User, now: datetime) -> bool:
     return user.expires_at is not None and user.expires_at <= now
-
-
-def _unexpired(now: datetime) -> Any:
-    """The SQL condition "no expiry, or one still ahead": `_is_expired`'s negation (an expiry
-    SQLite cannot read as a time is not ahead: the login is refused)."""
-    return or_(User.expires_at.is_(None), later_than(User.expires_at, now))
 
 
 def _unlocked(now: datetime) -> Any:
@@ -134,7 +128,7 @@ def _take_success(
             .where(
                 User.id == user_id,
                 User.is_active.is_(True),
-                _unexpired(now),
+                unexpired(now),
                 User.hashed_password == checked,
                 may_enter,
             )

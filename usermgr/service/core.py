@@ -8,15 +8,16 @@ import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
 from itertools import chain
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import insert, select
+from sqlalchemy import insert, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from usermgr.database import WRITE
+from usermgr.database import WRITE, later_than
 from usermgr.errors import Conflict, InvalidInput, NotFound
 from usermgr.models import User
 
@@ -123,6 +124,12 @@ def email_named(ref: str) -> str | None:
     names no email: how a deleted user, whom no lookup finds any more, is named."""
     key = _key_of(ref)
     return cast(str, key.value) if key is not None and key.column == "email" else None
+
+
+def unexpired(now: datetime) -> Any:
+    """The SQL condition "no expiry, or one still ahead" at `now` (an expiry SQLite cannot read
+    as a time is not ahead): who may log in, and who counts as an admin kept (roles)."""
+    return or_(User.expires_at.is_(None), later_than(User.expires_at, now))
 
 
 def storable(text: str) -> bool:

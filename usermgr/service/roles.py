@@ -6,16 +6,16 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from usermgr.contract import ADMIN_ROLE, validate_role_name
-from usermgr.database import later_than, utcnow
+from usermgr.database import utcnow
 from usermgr.errors import Conflict
 from usermgr.models import Role, User, user_roles
 from usermgr.service.audit import audited
-from usermgr.service.core import checked, resolve_many, writing
+from usermgr.service.core import checked, resolve_many, unexpired, writing
 from usermgr.service.revocation import revoking_tokens_on_change
 
 
@@ -58,10 +58,8 @@ def _an_active_admin(db: Session) -> bool:
     """Whether some user who can log in holds the admin role: enabled and not expired (an
     expired admin counted, and the last admin who could log in was disabled beside them).
     Stops at the first one found."""
-    unexpired = or_(User.expires_at.is_(None), later_than(User.expires_at, utcnow()))
-    return bool(
-        db.scalar(select(select(User.id).where(has_role(ADMIN_ROLE), User.is_active.is_(True), unexpired).exists()))
-    )
+    can_log_in = (User.is_active.is_(True), unexpired(utcnow()))
+    return bool(db.scalar(select(select(User.id).where(has_role(ADMIN_ROLE), *can_log_in).exists())))
 
 
 def lock_admin_role(db: Session) -> None:
