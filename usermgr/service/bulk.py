@@ -55,16 +55,41 @@ _IMPORT_CHUNK = 1000
 ON_CONFLICT = ("error", "skip", "update")
 
 
+class _Spool:
+    """Lists of picklable things kept in a private temporary file (this process's own, unlinked),
+    read back in the order they were put: what an import holds a chunk at a time, so that its
+    memory stays flat. A list a record, behind its length, pickled: one C call a thousand rows,
+    and it takes datetimes as they are."""
+
+    def __init__(self) -> None:
+        self._file: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (close() closes it)
+        self._records = 0
+
+    def put(self, items: list[Any]) -> None:
+        if items:
+            record = pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)
+            self._file.write(len(record).to_bytes(8, "big") + record)
+            self._records += 1
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        self._file.seek(0)
+        for _ in range(self._records):
+            size = int.from_bytes(self._file.read(8), "big")
+            yield pickle.loads(self._file.read(size))
+
+    def close(self) -> None:
+        self._file.close()
+
+
 @dataclass
 class ImportPlan:
-    """Rows that passed validation, spooled to a private temporary file so memory stays
-    flat, and the plaintext passwords still to be hashed (by line number)."""
+    """Rows that passed validation, spooled so memory stays flat, and the plaintext passwords
+    still to be hashed (by line number)."""
 
-    spool: IO[bytes]
+    spool: _Spool = field(default_factory=_Spool, repr=False)
     rows: int = 0
     passwords: dict[int, str] = field(default_factory=dict, repr=False)
     hashes: dict[int, str] = field(default_factory=dict, repr=False)
-    _chunks: int = 0
     _pending: list[SpooledRow] = field(default_factory=list, repr=False)
 
     def add(self, line: int, row: ImportRow) -> None:
@@ -83,21 +108,13 @@ class ImportPlan:
             self._spool_pending()
 
     def _spool_pending(self) -> None:
-        # A chunk a record, behind its length, pickled: one C call a thousand rows, and it
-        # takes datetimes as they are. The spool is this process's own unlinked file.
-        if self._pending:
-            record = pickle.dumps(self._pending, protocol=pickle.HIGHEST_PROTOCOL)
-            self.spool.write(len(record).to_bytes(8, "big") + record)
-            self._chunks += 1
-            self._pending = []
+        self.spool.put(self._pending)
+        self._pending = []
 
     def chunks(self) -> Iterator[list[SpooledRow]]:
         """The spooled rows, a chunk of up to a thousand at a time, in input order."""
         self._spool_pending()
-        self.spool.seek(0)
-        for _ in range(self._chunks):
-            size = int.from_bytes(self.spool.read(8), "big")
-            yield pickle.loads(self.spool.read(size))
+        return iter(self.spool)
 
     def close(self) -> None:
         self.spool.close()
@@ -121,7 +138,7 @@ def plan_import(rows: Iterable[Any]) -> ImportPlan:
     `rows` are `output.InputRow`s. Bad rows are reported with their line numbers, the
     first twenty and then a count, as one InvalidInput.
     """
-    plan = ImportPlan(spool=tempfile.TemporaryFile())  # noqa: SIM115 (ImportPlan.close closes it)
+    plan = ImportPlan()
     try:
         _validate_into(plan, rows)
     except BaseException:
@@ -224,43 +241,30 @@ def apply_import(
     `progress` is told how many rows each chunk held once it is written (not yet committed).
     """
     result = ImportResult()
-    with (
-        writing(db, dry_run=dry_run),
-        keeping_an_admin(db),
-        _import_page_cache(db),
-        tempfile.TemporaryFile() as spool,
-    ):
-        role_ids = _RoleIds(db)
-        batches = 0
-        for chunk in plan.chunks():
-            batches += _spool(spool, _import_chunk(db, plan, chunk, role_ids, on_conflict, result))
-            if progress is not None:
-                progress(len(chunk))
-        summary = {"created": result.created, "updated": result.updated, "skipped": result.skipped}
-        batches += _spool(spool, [("import.summary", None, None, canonical_changes(summary))])
-        _append_events(db, spool, batches)
+    events = _Spool()
+    try:
+        with writing(db, dry_run=dry_run), keeping_an_admin(db), _import_page_cache(db):
+            role_ids = _RoleIds(db)
+            for chunk in plan.chunks():
+                events.put(_import_chunk(db, plan, chunk, role_ids, on_conflict, result))
+                if progress is not None:
+                    progress(len(chunk))
+            summary = {"created": result.created, "updated": result.updated, "skipped": result.skipped}
+            events.put([("import.summary", None, None, canonical_changes(summary))])
+            _append_events(db, events)
+    finally:
+        events.close()
     return result
 
 
-def _spool(spool: IO[bytes], events: list[StoredEvent]) -> int:
-    """Keep a chunk's events in `spool` (a length, then the pickled list); how many batches that adds."""
-    if not events:
-        return 0
-    record = pickle.dumps(events, protocol=pickle.HIGHEST_PROTOCOL)
-    spool.write(len(record).to_bytes(8, "big") + record)
-    return 1
-
-
-def _append_events(db: Session, spool: IO[bytes], batches: int) -> None:
+def _append_events(db: Session, events: _Spool) -> None:
     """Append the spooled events to the audit trail, once every row is written: the chain's lock
     (PostgreSQL) is then the import's last, as it is every command's. Taken after the first
     chunk, it would be held while the import waits on a row a command has locked, the command
     waiting on the chain: a deadlock, and PostgreSQL ends one of them."""
-    spool.seek(0)
     head = None  # the audit chain's newest hash, once this import has appended to it
-    for _ in range(batches):
-        size = int.from_bytes(spool.read(8), "big")
-        head = record_stored(db, pickle.loads(spool.read(size)), head=head)
+    for batch in events:
+        head = record_stored(db, batch, head=head)
 
 
 IMPORT_PAGE_CACHE_KIB = 32 * 1024
