@@ -55,7 +55,18 @@ class Terminal:
         self._seen += self.transcript[self._seen :].index(text) + len(text)
 
     def type(self, keys: str) -> None:
+        """Type once usermgr waits in its read of the terminal, as a person does. Typed sooner, in
+        the instant between the prompt being written and that read, Ctrl-C is lost: Python runs
+        its signal handler between bytecodes, and none run before the read blocks (only a person
+        faster than the scheduler could hit it; a loaded test machine did)."""
+        self._wait_until_reading()
         os.write(self.fd, keys.encode())
+
+    def _wait_until_reading(self) -> None:
+        deadline = time.monotonic() + HANG_TIMEOUT
+        while _process_state(self.pid) != "S":  # sleeping: after a prompt, only the read blocks
+            assert time.monotonic() < deadline, f"usermgr never waited for input; it showed {self.transcript!r}"
+            time.sleep(0.01)
 
     def finish(self) -> int:
         """Read what is left, and return the exit code; fail, not hang, if the process is still
@@ -81,6 +92,12 @@ class Terminal:
             return False
         self.transcript += data.decode(errors="replace").replace("\r\n", "\n")
         return bool(data)
+
+
+def _process_state(pid: int) -> str:
+    """R running, S sleeping in a system call, ... (proc(5)); the name may hold spaces and ')'."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
 
 
 @contextmanager
