@@ -633,3 +633,49 @@ def test_a_key_file_that_is_a_symlink_loop_is_a_configuration_error_for_every_co
         with pytest.raises(ConfigurationError) as refused_:
             read()
         assert str(refused_.value) == expected
+
+
+@pytest.mark.parametrize("option", ["--key-file", "--public-key", "--jwks"])
+@pytest.mark.parametrize("case", ["huge-file", "endless-pipe"])
+def test_key_material_larger_than_any_key_is_refused_not_read_into_memory(
+    tmp_path: Path, ring_file: Path, option: str, case: str
+) -> None:
+    """A wrong path to a multi-gigabyte file, or `<(yes)`, was read whole (out of memory, or
+    never ending): every key source stops after 1 MiB with a one-line configuration error."""
+    huge = tmp_path / "huge"
+    with huge.open("wb") as handle:  # sparse: 2 GiB of zeros that take no disk
+        handle.truncate(2 << 30)
+    huge.chmod(0o600)
+    source = {"--key-file": "key file", "--public-key": "public key", "--jwks": "JWK Set"}[option]
+    env = {"USERMGR_DATABASE_URL": str(tmp_path / "absent.db"), "USERMGR_KEY_FILE": str(ring_file)}
+    where = '"$KEY"' if case == "huge-file" else "<(yes)"
+    if option == "--key-file":
+        script = f'"$USERMGR" --key-file {where} verify "$TOKEN"'
+    else:
+        script = f'"$USERMGR" verify {option} {where} "$TOKEN"'
+    result = subprocess.run(
+        ["bash", "-c", script],
+        env=process_env({**env, "USERMGR": str(USERMGR), "KEY": str(huge), "TOKEN": "a.b.c"}),
+        capture_output=True,
+        text=True,
+        timeout=HANG_TIMEOUT,
+    )
+    message = refused(result, 2)
+    assert message.startswith(f"usermgr: error: {source} ")
+    assert message.endswith("holds more than 1 MiB, which no key does: is it the right file?")
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [
+        ("--public-key", "public key {path} is not a PEM public key usermgr verifies with"),
+        ("--jwks", "JWK Set {path} is not JSON"),
+    ],
+)
+def test_a_public_key_pipe_nobody_writes_to_is_refused_not_waited_on(
+    offline: Runner, tmp_path: Path, option: str, expected: str
+) -> None:
+    path = tmp_path / "key.pipe"
+    os.mkfifo(path, 0o600)  # read_bytes() waited for a writer forever
+    message = refused(offline("verify", option, str(path), "a.b.c"), 2)
+    assert message.startswith("usermgr: error: " + expected.format(path=path))

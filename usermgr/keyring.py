@@ -391,34 +391,49 @@ def _ring_entry(entry: object, number: int, source: str) -> RingKey | None:
 # ---- the key file: read with checks, cached, written whole --------------------------------------
 
 
-def read_private_file(path: Path) -> tuple[bytes, os.stat_result]:
-    """The key file's bytes and the stat they were read under; refused when group or others can
-    read it. Opened without blocking, so that a named pipe nobody writes to reads as empty
-    instead of hanging; a pipe with a writer (`--key-file <(vault ...)`) is read to its end."""
+KEY_MATERIAL_LIMIT = 1 << 20
+"""Bytes read from a key file, public key or JWK Set at most: a ring of hundreds of RSA-4096
+keys fits many times over, and a wrong path to a huge file (or an endless pipe) is refused
+instead of filling memory."""
+
+
+def read_key_material(path: Path, source: str, *, private: bool) -> tuple[bytes, os.stat_result]:
+    """A key file's bytes and the stat they were read under; a private one is refused when group
+    or others can read it. Opened without blocking, so that a named pipe nobody writes to reads
+    as empty instead of hanging; a pipe with a writer (`--key-file <(vault ...)`) is read to its
+    end, up to KEY_MATERIAL_LIMIT."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise ConfigurationError(
-            f"no key file at {path}: run `usermgr init` to create one, or set USERMGR_SECRET_KEY"
-        ) from None
     except OSError as error:
-        raise ConfigurationError(f"cannot read key file {path}: {error.strerror}") from None
+        if private and isinstance(error, FileNotFoundError):
+            raise ConfigurationError(
+                f"no key file at {path}: run `usermgr init` to create one, or set USERMGR_SECRET_KEY"
+            ) from None
+        raise ConfigurationError(f"cannot read {source}: {error.strerror}") from None
     try:
         status = os.fstat(fd)
         if stat.S_ISDIR(status.st_mode):
-            raise ConfigurationError(f"key file {path} is a directory")
-        if status.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigurationError(f"{source} is a directory")
+        if private and status.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise ConfigurationError(
-                f"key file {path} is accessible by group or others (mode {stat.S_IMODE(status.st_mode):04o}):"
+                f"{source} is accessible by group or others (mode {stat.S_IMODE(status.st_mode):04o}):"
                 f" run `chmod 600 {path}`"
             )
         os.set_blocking(fd, True)
         with open(fd, "rb", closefd=False) as handle:
-            return handle.read(), status
+            material = handle.read(KEY_MATERIAL_LIMIT + 1)
     except OSError as error:
-        raise ConfigurationError(f"cannot read key file {path}: {error.strerror}") from None
+        raise ConfigurationError(f"cannot read {source}: {error.strerror}") from None
     finally:
         os.close(fd)
+    if len(material) > KEY_MATERIAL_LIMIT:
+        raise ConfigurationError(f"{source} holds more than 1 MiB, which no key does: is it the right file?")
+    return material, status
+
+
+def read_private_file(path: Path) -> tuple[bytes, os.stat_result]:
+    """The key file's bytes and stat (see read_key_material)."""
+    return read_key_material(path, f"key file {path}", private=True)
 
 
 def _signature(status: os.stat_result) -> tuple[int, ...]:
@@ -695,10 +710,9 @@ def pem_key_set(path: Path) -> KeySet:
     algorithms = _crypto()
     from cryptography.hazmat.primitives import serialization
 
+    material, _ = read_key_material(path, f"public key {path}", private=False)
     try:
-        public = serialization.load_pem_public_key(path.read_bytes())
-    except OSError as error:
-        raise ConfigurationError(f"cannot read public key {path}: {error.strerror}") from None
+        public = serialization.load_pem_public_key(material)
     except (ValueError, TypeError):
         public = None
     alg = _public_key_alg(public) if public is not None else None
@@ -728,10 +742,9 @@ def jwks_key_set(path: Path) -> KeySet:
     key); a kid that several keys share names none of them; a secret (`oct`) key, or a key
     with private members, is refused: the file leaks a signing key and must be replaced."""
     source = f"JWK Set {path}"
+    material, _ = read_key_material(path, source, private=False)
     try:
-        document = json.loads(path.read_bytes())
-    except OSError as error:
-        raise ConfigurationError(f"cannot read {source}: {error.strerror}") from None
+        document = json.loads(material)
     except (ValueError, RecursionError):
         raise ConfigurationError(f"{source} is not JSON") from None
     entries = document.get("keys") if isinstance(document, dict) else None
