@@ -260,6 +260,56 @@ def test_one_username_for_two_emails_within_the_input_names_its_line(run: Runner
     assert emails(run) == []
 
 
+def _spread(first: str, last: str) -> str:
+    """`first` and `last` as CSV rows (email,username) with a chunk's worth of rows between."""
+    between = "".join(f"filler{number}@example.com,\n" for number in range(1100))
+    return f"email,username\n{first}\n{between}{last}\n"
+
+
+@pytest.mark.parametrize("on_conflict", ["error", "skip", "update"])
+def test_a_username_taken_across_chunks_or_in_the_database_names_its_line(run: Runner, on_conflict: str) -> None:
+    """The unique index refused these with "already exists: a user with that username", no line."""
+    run("create", "--email", "ada@example.com", "--username", "ada", "--no-password")
+    across_chunks = run("import", "-", "--format", "csv", "--on-conflict", on_conflict,
+                        input=_spread("zed@example.com,email", "zoe@example.com,email"))  # fmt: skip
+    assert (across_chunks.exit_code, across_chunks.stderr) == (
+        5,
+        "usermgr: error: line 1103: the username 'email' is zed@example.com's already; nothing was imported\n",
+    )
+    in_the_database = run("import", "-", "--format", "csv", "--on-conflict", on_conflict,
+                          input="email,username\nbob@example.com,bob\nbea@example.com,ada\n")  # fmt: skip
+    assert (in_the_database.exit_code, in_the_database.stderr) == (
+        5,
+        "usermgr: error: line 3: the username 'ada' is ada@example.com's already; nothing was imported\n",
+    )
+    assert emails(run) == ["ada@example.com"]
+
+
+def test_a_skipped_row_holds_no_username(run: Runner) -> None:
+    run("create", "--email", "ada@example.com", "--username", "ada", "--no-password")
+    data = _spread("ada@example.com,zed", "zoe@example.com,zed\nyan@example.com,ada")
+    result = run("import", "-", "--format", "csv", "--on-conflict", "skip", input=data)
+    assert result.stderr == (
+        "usermgr: error: line 1104: the username 'ada' is ada@example.com's already; nothing was imported\n"
+    )
+
+
+def test_a_username_freed_by_an_earlier_line_moves_without_conflict(run: Runner) -> None:
+    run("create", "--email", "ada@example.com", "--username", "ada", "--no-password")
+    moved = _spread("ada@example.com,countess", "bea@example.com,ada")
+    assert run("import", "-", "--format", "csv", "--on-conflict", "update", input=moved).exit_code == 0
+    assert {(user["email"], user["username"]) for user in users(run) if user["username"]} == {
+        ("ada@example.com", "countess"),
+        ("bea@example.com", "ada"),
+    }
+    moved_then_clash = _spread("bea@example.com,bee\ncid@example.com,ada\ndee@example.com,cat",
+                               "eve@example.com,cat")  # fmt: skip
+    result = run("import", "-", "--format", "csv", "--on-conflict", "update", input=moved_then_clash)
+    assert result.stderr == (
+        "usermgr: error: line 1105: the username 'cat' is dee@example.com's already; nothing was imported\n"
+    )
+
+
 def test_a_username_given_again_to_the_same_email_or_in_a_skipped_row_is_no_conflict(run: Runner) -> None:
     run("create", "--email", "bo@example.com", "--no-password")
     data = "email,username\nann@example.com,ann\nANN@example.com,ann\nbo@example.com,ann\n"

@@ -60,6 +60,15 @@ class Conflict(UsermgrError):
     """Already exists, or the change would remove the last active admin."""
 
 
+class AlreadyExists(Conflict):
+    """A unique index refused a write; `field` names the index's column (email, username, uid)
+    or is None, for a caller that can then name the row at fault."""
+
+    def __init__(self, field: str | None) -> None:
+        super().__init__(f"already exists: a {'user with that ' + field if field else 'row with those values'}")
+        self.field = field
+
+
 class AuthenticationFailed(UsermgrError):
     """Wrong password, unknown user, disabled or locked: one message for all."""
 

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from usermgr.config import Settings
 from usermgr.contract import IMPORTED_FIELDS
 from usermgr.database import utcnow
-from usermgr.errors import Conflict, InvalidInput
+from usermgr.errors import AlreadyExists, Conflict, InvalidInput
 from usermgr.models import DeletedUid, Role, User, new_uids, user_roles
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ from usermgr.service.audit import (
     jsonable,
     record_stored,
 )
-from usermgr.service.core import insert_many, writing
+from usermgr.service.core import insert_many, reading, writing
 from usermgr.service.revocation import Access, revokes_tokens
 from usermgr.service.roles import ensured_role, keeping_an_admin
 from usermgr.service.users import refuse_lookalike
@@ -252,9 +252,40 @@ def apply_import(
             summary = {"created": result.created, "updated": result.updated, "skipped": result.skipped}
             events.put([("import.summary", None, None, canonical_changes(summary))])
             _append_events(db, events)
+    except AlreadyExists as refused:
+        if refused.field != "username":
+            raise
+        raise _username_clash(db, plan, on_conflict) or refused from None
     finally:
         events.close()
     return result
+
+
+def _username_clash(db: Session, plan: ImportPlan, on_conflict: str) -> Conflict | None:
+    """The line whose username the index refused without naming it: the first one whose
+    username another email holds, in the database as it was (the import rolled back) or on
+    an earlier line, unless an earlier line moved that email to another username. Read only
+    on this error path; a chunk's own clash is caught in `_claim_username` as it is written."""
+    holders: dict[str, str] = {}  # username -> the email that lines gave it
+    names: dict[str, str | None] = {}  # email -> the username lines gave it
+    with reading(db):
+        for chunk in plan.chunks():
+            wanted = [row["username"] for row in chunk if row["username"] is not None]
+            stored = dict(db.execute(select(User.username, User.email).where(User.username.in_(wanted))).all())
+            existing = set(db.scalars(select(User.email).where(User.email.in_([row["email"] for row in chunk]))))
+            for row in chunk:
+                email, name = row["email"], row["username"]
+                if on_conflict == "skip" and email in existing:
+                    continue
+                holder = next((other for other in (holders.get(name), stored.get(name)) if other), None)
+                if name is not None and holder not in (None, email) and names.get(holder, name) == name:
+                    return Conflict(
+                        f"line {row['line']}: the username {name!r} is {holder}'s already; nothing was imported"
+                    )
+                if name is not None:
+                    holders[name] = email
+                names[email] = name
+    return None
 
 
 def _append_events(db: Session, events: _Spool) -> None:

@@ -11,19 +11,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from itertools import chain
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from sqlalchemy import insert, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from usermgr.database import WRITE, later_than
-from usermgr.errors import Conflict, InvalidInput, NotFound
+from usermgr.errors import AlreadyExists, InvalidInput, NotFound
 from usermgr.models import User
-
-if TYPE_CHECKING:
-    pass
-
 
 _LOOKUP_CHUNK = 500
 
@@ -37,7 +33,7 @@ MAX_ROW_COUNT = 2**63 - 1  # the largest LIMIT and OFFSET that SQLite and Postgr
 @contextmanager
 def writing(db: Session, *, dry_run: bool = False) -> Iterator[None]:
     """One write transaction, rolled back instead of committed for a dry run; a
-    unique-constraint race surfaces as a Conflict."""
+    unique-constraint race surfaces as AlreadyExists (a Conflict)."""
     try:
         with db.begin() as transaction:
             db.connection(execution_options=WRITE)
@@ -45,7 +41,7 @@ def writing(db: Session, *, dry_run: bool = False) -> Iterator[None]:
             if dry_run:
                 transaction.rollback()
     except IntegrityError as error:
-        raise Conflict(f"already exists: {_constraint_hint(error)}") from None
+        raise AlreadyExists(_constrained_field(error)) from None
 
 
 @contextmanager
@@ -54,15 +50,11 @@ def reading(db: Session) -> Iterator[None]:
         yield
 
 
-def _constraint_hint(error: IntegrityError) -> str:
-    text = str(error.orig).lower()
-    if "email" in text:
-        return "a user with that email"
-    if "username" in text:
-        return "a user with that username"
-    if "uid" in text:
-        return "a user with that uid"
-    return "a row with those values"
+def _constrained_field(error: IntegrityError) -> str | None:
+    """The column of the index that refused: from the error's first line, which names the
+    index (PostgreSQL's next line quotes the value, which may itself say 'email')."""
+    text = str(error.orig).partition("\n")[0].lower()
+    return next((field for field in ("email", "username", "uid") if field in text), None)
 
 
 def validated(model: type, **fields: Any) -> Any:
