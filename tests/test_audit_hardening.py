@@ -6,11 +6,14 @@ line; concurrent writers on PostgreSQL leave one chain whatever the server's def
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine, create_engine, make_url, text
 
 from tests.conftest import ADMIN, ADMIN_PASSWORD, Runner, create_user, error_line, ok
 from usermgr.models import AuditEvent
@@ -128,3 +131,32 @@ def test_reading_an_event_whose_changes_are_of_another_type_is_refused_in_one_li
     some_events(run)
     store(engine, f"UPDATE audit_events SET changes = {changes} WHERE id = 3")
     assert stream_error(run("audit", "-o", "jsonl")) == NOT_JSON
+
+
+# ---- migrations: a database written by a newer usermgr -------------------------------------------
+
+
+def test_init_leaves_a_database_at_a_revision_it_does_not_know_unchanged(
+    run: Runner, engine: Engine, db_url: str
+) -> None:
+    """A newer usermgr's schema (revision 0099 here) is refused in one line, exit 2, before
+    anything is written: not even SQLite's journal mode, which `init` otherwise sets."""
+    sqlite_file = Path(make_url(db_url).database or "") if engine.dialect.name == "sqlite" else None
+    if sqlite_file is not None:  # before any connection is open
+        with closing(sqlite3.connect(sqlite_file, isolation_level=None)) as connection:
+            assert connection.execute("PRAGMA journal_mode = DELETE").fetchone() == ("delete",)
+    some_events(run)
+    store(engine, "UPDATE alembic_version SET version_num = '0099'")
+    before = sqlite_file.read_bytes() if sqlite_file is not None else None
+
+    line = error_line(run("init"), 2)
+
+    assert line == (
+        "usermgr: error: the database is at schema revision '0099', which this usermgr does not know"
+        " (a newer usermgr wrote it): use that usermgr or a newer one; nothing was changed"
+    )
+    if sqlite_file is not None:
+        assert sqlite_file.read_bytes() == before
+    with engine.connect() as connection:
+        assert connection.scalar(text("SELECT version_num FROM alembic_version")) == "0099"
+    ok(run("audit", "verify"))
