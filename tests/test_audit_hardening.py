@@ -15,8 +15,11 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, create_engine, make_url, text
 
-from tests.conftest import ADMIN, ADMIN_PASSWORD, Runner, create_user, error_line, ok
+from tests.conftest import ADMIN, ADMIN_PASSWORD, Runner, create_user, error_line, ok, run_usermgr
+from usermgr.database import Database
 from usermgr.models import AuditEvent
+from usermgr.service.audit import record
+from usermgr.service.core import find_user, writing
 
 BOB = "bob@example.com"
 EVENTS = AuditEvent.__table__
@@ -159,4 +162,33 @@ def test_init_leaves_a_database_at_a_revision_it_does_not_know_unchanged(
         assert sqlite_file.read_bytes() == before
     with engine.connect() as connection:
         assert connection.scalar(text("SELECT version_num FROM alembic_version")) == "0099"
+    ok(run("audit", "verify"))
+
+
+# ---- the chain under concurrent writers, whatever the server's default isolation -----------------
+
+
+@pytest.mark.parametrize("isolation", ["repeatable read", "serializable"])
+def test_a_writer_whose_snapshot_predates_another_append_still_chains_after_it(
+    run: Runner, engine: Engine, db_url: str, isolation: str
+) -> None:
+    """A PostgreSQL server whose default isolation is stricter than READ COMMITTED (an
+    `ALTER DATABASE ... SET default_transaction_isolation`) gave a writer the chain's head as
+    its snapshot saw it, taken before it queued for the chain's lock: two concurrent writers
+    then both followed the same event, and the chain forked (or, serializable, one failed).
+    Here writer A reads (its snapshot starts), writer B appends and commits, then A appends."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's write transaction holds the one write lock from its BEGIN")
+    some_events(run)
+    database_name = make_url(db_url).database
+    store(engine, f"ALTER DATABASE \"{database_name}\" SET default_transaction_isolation = '{isolation}'")
+    opened = Database(db_url)
+    try:
+        with opened.SessionLocal() as db, writing(db):
+            bob = find_user(db, BOB)
+            assert bob is not None  # writer A's snapshot is taken
+            ok(run_usermgr("disable", BOB, env=run.env))  # writer B appends event 5, and commits
+            record(db, "tokens.revoke", bob, {"tokens": "revoked"})  # event 6
+    finally:
+        opened.dispose()
     ok(run("audit", "verify"))
