@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 
 from tests.conftest import ADMIN, ADMIN_PASSWORD, Runner, create_user, error_line, ok, run_usermgr
 from usermgr.database import Database
 from usermgr.models import AuditEvent
-from usermgr.service.audit import record
+from usermgr.service.audit import jsonable, record, verify_chain
 from usermgr.service.core import find_user, writing
 
 BOB = "bob@example.com"
@@ -192,3 +192,30 @@ def test_a_writer_whose_snapshot_predates_another_append_still_chains_after_it(
     finally:
         opened.dispose()
     ok(run("audit", "verify"))
+
+
+def test_verify_sees_one_state_of_the_trail_while_a_prune_commits(run: Runner, engine: Engine, db_url: str) -> None:
+    """`audit verify` reads the last prune's checkpoint, then walks the events: a prune that
+    committed between the two (cron's prune beside a monitor's verify) made an untouched trail
+    look broken on PostgreSQL (exit 9). Here the prune runs, as its own process, just before
+    the walk's statement is sent."""
+    some_events(run)
+    with engine.connect() as connection:
+        cut = connection.scalar(text("SELECT occurred_at FROM audit_events WHERE id = 3"))
+    opened = Database(db_url)
+    pruned: list[bool] = []
+
+    def prune_before_the_walk(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if not pruned and "ORDER BY audit_events.id" in statement and "LIMIT" not in statement:
+            pruned.append(True)
+            ok(run_usermgr("audit", "prune", "--before", jsonable(cut), env=run.env))
+
+    event.listen(opened.engine, "before_cursor_execute", prune_before_the_walk)
+    try:
+        with opened.SessionLocal() as db:
+            report = verify_chain(db)
+    finally:
+        opened.dispose()
+    assert pruned
+    assert report.events == 4  # the trail as it stood when verify began
+    ok(run("audit", "verify"))  # and as it stands now, events 3 to 5

@@ -603,10 +603,19 @@ def _anchor(db: Session) -> str:
     return checkpoint
 
 
+def _one_snapshot(db: Session) -> None:
+    """Read the anchor and the events from one state of the trail: on PostgreSQL (READ
+    COMMITTED, each statement its own snapshot) a prune committed between the two would make
+    an untouched trail look broken. SQLite's read transaction keeps one snapshot already."""
+    if db.get_bind().dialect.name == "postgresql":
+        db.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+
+
 def verify_chain(db: Session) -> ChainReport:
     """Walk the chain oldest first (streamed); IntegrityCheckFailed naming the first event
     that was edited, inserted or that follows deleted ones."""
     with reading(db):
+        _one_snapshot(db)
         expected = _anchor(db)
         columns = [_STORED_TIME if name == "occurred_at" else getattr(AuditEvent, name) for name in EVENT_FIELDS]
         rows = db.execute(select(*columns).order_by(AuditEvent.id))
