@@ -6,6 +6,7 @@ line; concurrent writers on PostgreSQL leave one chain whatever the server's def
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, create_engine, event, make_url, text
 
-from tests.conftest import ADMIN, ADMIN_PASSWORD, Runner, create_user, error_line, ok, run_usermgr
+from tests.conftest import ADMIN, ADMIN_PASSWORD, Runner, create_user, error_line, login, ok, run_usermgr
 from usermgr.database import Database
 from usermgr.models import AuditEvent
 from usermgr.service.audit import jsonable, record, verify_chain
@@ -219,3 +220,23 @@ def test_verify_sees_one_state_of_the_trail_while_a_prune_commits(run: Runner, e
     assert pruned
     assert report.events == 4  # the trail as it stood when verify began
     ok(run("audit", "verify"))  # and as it stands now, events 3 to 5
+
+
+# ---- events: each says what happened ------------------------------------------------------------
+
+
+def last_event(engine: Engine) -> dict[str, Any]:
+    with engine.connect() as connection:
+        row = connection.execute(text("SELECT * FROM audit_events ORDER BY id DESC LIMIT 1")).one()
+    return {**row._asdict(), "changes": json.loads(row.changes)}
+
+
+def test_an_expired_accounts_refused_login_is_recorded_as_expired_not_locked(run: Runner, engine: Engine) -> None:
+    """The right password of an expired account is refused (exit 6, the one message); the
+    trail gave the reason as "locked", sending an auditor after a lockout that never was."""
+    create_user(run, ADMIN, "--admin", password=ADMIN_PASSWORD)
+    create_user(run, BOB)
+    ok(run("update", BOB, "--expires", "2020-01-01"))
+    error_line(login(run, BOB), 6)
+    event = last_event(engine)
+    assert (event["action"], event["target_email"], event["changes"]) == ("login.failure", BOB, {"reason": "expired"})

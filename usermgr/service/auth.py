@@ -141,16 +141,19 @@ def _take_success(
             record(db, "login.success", entered, {"password": "rehashed"} if new_hash is not None else None)
             return entered
         now_is = db.scalars(select(User).where(User.id == user_id).execution_options(populate_existing=True)).first()
-    _refuse(db, now_is, _refusal(now_is, checked))
+    _refuse(db, now_is, _refusal(now_is, checked, now))
 
 
-def _refusal(now_is: User | None, checked: str | None) -> str:
-    """Why a right password was not taken, for the audit trail only."""
+def _refusal(now_is: User | None, checked: str | None, now: datetime) -> str:
+    """Why a right password was not taken, for the audit trail only (the opposite of each
+    condition of `_take_success`, the lock last: it is what is left)."""
     if now_is is None:
         return "deleted meanwhile"
     if not now_is.is_active:
         return "disabled"
-    return "password changed meanwhile" if now_is.hashed_password != checked else "locked"
+    if now_is.hashed_password != checked:
+        return "password changed meanwhile"
+    return "expired" if now_is.expires_at is not None and now_is.expires_at <= now else "locked"
 
 
 def login(
