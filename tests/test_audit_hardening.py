@@ -95,6 +95,28 @@ def test_verify_names_a_prune_event_whose_checkpoint_cannot_be_read(run: Runner,
     assert error_line(run("audit", "prune", "--before", "2000-01-01"), 9) == line
 
 
+@pytest.mark.parametrize(
+    "column, message",
+    [
+        ("changes", "it does not match its hash (it was edited)"),
+        ("actor", "it does not match its hash (it was edited)"),
+        ("hash", "it does not match its hash (it was edited)"),
+        ("occurred_at", "its time is not a timestamp (it was edited)"),
+    ],
+)
+def test_verify_names_an_event_edited_to_text_that_is_not_utf8(
+    run: Runner, engine: Engine, column: str, message: str
+) -> None:
+    """SQLite stores TEXT that is not UTF-8 (CAST of bytes), which its driver cannot read:
+    `verify` said "cannot use the database" (exit 1); it is an edit of that event (exit 9)."""
+    sqlite_only(engine)
+    some_events(run)
+    store(engine, f"UPDATE audit_events SET {column} = CAST(X'ff41' AS TEXT) WHERE id = 3")
+    line = error_line(run("audit", "verify"), 9)
+    assert line == f"usermgr: error: audit chain broken at event 3: {message}"
+    ok(run("audit", "--until", "2000-01-01"))  # the connection reads text as before
+
+
 # ---- reading: stored garbage is refused in one line --------------------------------------------
 
 
