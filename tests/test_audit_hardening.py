@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, create_engine, event, make_url, text
 
-from tests.conftest import ADMIN, ADMIN_PASSWORD, Runner, create_user, error_line, login, ok, run_usermgr
+from tests.conftest import ADMIN, ADMIN_PASSWORD, Runner, create_user, error_line, login, ok, run_usermgr, uid_of
 from usermgr.database import Database
 from usermgr.models import AuditEvent
 from usermgr.service.audit import jsonable, record, verify_chain
@@ -262,3 +262,23 @@ def test_an_expired_accounts_refused_login_is_recorded_as_expired_not_locked(run
     error_line(login(run, BOB), 6)
     event = last_event(engine)
     assert (event["action"], event["target_email"], event["changes"]) == ("login.failure", BOB, {"reason": "expired"})
+
+
+# ---- reading: --user ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("deleted", [False, True], ids=["live", "deleted"])
+def test_audit_user_takes_a_uid_in_capitals(run: Runner, engine: Engine, deleted: bool) -> None:
+    """A UUID's text is case-insensitive (RFC 9562: read in either case), and a uid is stored
+    lowercase: a uid pasted in capitals listed nothing (exit 0), an empty trail for a user
+    who has one."""
+    create_user(run, ADMIN, "--admin", password=ADMIN_PASSWORD)
+    ok(run("create", "--email", BOB, "--no-password"))
+    uid = uid_of(run, BOB)
+    ok(run("disable", BOB))
+    if deleted:
+        ok(run("delete", BOB, "--yes"))
+    listed = ok(run("audit", "--user", uid.upper(), "-o", "jsonl")).stdout.splitlines()
+    expected = ["user.create", "user.disable", *(["user.delete"] if deleted else [])]
+    assert [json.loads(line)["action"] for line in listed] == expected
+    assert {json.loads(line)["target_uid"] for line in listed} == {uid}

@@ -502,10 +502,11 @@ def parse_time(value: str, what: str) -> datetime:
 
 def _target_condition(db: Session, ref: str) -> Any:
     """The events about USER: by their uid while they exist; a deleted user by uid or email.
-    A uid names its one identity first: a username may be written like one."""
+    A uid names its one identity first: a username may be written like one. A UUID's text
+    is read in either case, as RFC 9562 says; a uid is stored lowercase."""
     text_ref = ref.strip()
-    if is_uid(text_ref):
-        return AuditEvent.target_uid == text_ref
+    if is_uid(text_ref.lower()):
+        return AuditEvent.target_uid == text_ref.lower()
     user = find_user(db, ref)
     if user is not None:
         return AuditEvent.target_uid == user.uid
