@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -16,7 +18,21 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, create_engine, event, make_url, text
 
-from tests.conftest import ADMIN, ADMIN_PASSWORD, Runner, create_user, error_line, login, ok, run_usermgr, uid_of
+from tests.conftest import (
+    ADMIN,
+    ADMIN_PASSWORD,
+    HANG_TIMEOUT,
+    USERMGR,
+    Runner,
+    create_user,
+    error_line,
+    login,
+    ok,
+    process_env,
+    run_usermgr,
+    uid_of,
+)
+from usermgr import database, migrations
 from usermgr.database import Database
 from usermgr.models import AuditEvent
 from usermgr.service.audit import jsonable, record, verify_chain
@@ -282,3 +298,51 @@ def test_audit_user_takes_a_uid_in_capitals(run: Runner, engine: Engine, deleted
     expected = ["user.create", "user.disable", *(["user.delete"] if deleted else [])]
     assert [json.loads(line)["action"] for line in listed] == expected
     assert {json.loads(line)["target_uid"] for line in listed} == {uid}
+
+
+# ---- migrations: two inits at once ------------------------------------------------------------
+
+
+def test_two_inits_at_once_on_postgresql_both_succeed(empty_db_url: str, tmp_path: Path) -> None:
+    """Two replicas of a deployment each run `usermgr init` on the same new database: the
+    second read "no schema yet" while the first was creating it, then failed on the first's
+    tables. Here the second starts while the first has created its first table, uncommitted."""
+    if make_url(empty_db_url).get_backend_name() != "postgresql":
+        pytest.skip("SQLite's migration transaction takes the write lock at BEGIN")
+    env = {"USERMGR_DATABASE_URL": empty_db_url, "USERMGR_SECRET_KEY": "k" * 64}
+    first = database.make_engine(empty_db_url)
+    second: list[subprocess.Popen[str]] = []
+
+    def start_the_second(connection: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if not second and statement.lstrip().startswith("CREATE TABLE users"):
+            second.append(subprocess.Popen([USERMGR, "init"], env=process_env(env), stderr=subprocess.PIPE, text=True))
+            _wait_until_another_waits_for_a_lock(connection)
+
+    event.listen(first, "after_cursor_execute", start_the_second)
+    try:
+        migrations.upgrade(first)
+    finally:
+        first.dispose()
+    assert second
+    _, stderr = second[0].communicate()
+    assert second[0].returncode == 0, stderr
+    assert "is at schema revision 0006" in stderr
+
+
+def _wait_until_another_waits_for_a_lock(connection: Any) -> None:
+    """Until another connection to the database waits for a lock (the second init), seen from
+    a third connection; HANG_TIMEOUT at most (a generous bound, no timing assert)."""
+    watcher = create_engine(connection.engine.url.render_as_string(hide_password=False))
+    deadline = time.monotonic() + HANG_TIMEOUT
+    try:
+        with watcher.connect() as watching:
+            while time.monotonic() < deadline and not watching.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ):
+                watching.rollback()
+                time.sleep(0.05)
+    finally:
+        watcher.dispose()
