@@ -346,3 +346,39 @@ def _wait_until_another_waits_for_a_lock(connection: Any) -> None:
                 time.sleep(0.05)
     finally:
         watcher.dispose()
+
+
+# ---- verify: the newest events deleted ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "deleted, message",
+    [
+        ("id >= 3", "audit chain broken after event 2: events up to 4 were recorded (the newest were deleted)"),
+        ("id = 4", "audit chain broken after event 3: events up to 4 were recorded (the newest were deleted)"),
+        ("1 = 1", "audit chain broken at the start of the trail: events up to 4 were recorded (all were deleted)"),
+    ],
+)
+def test_verify_on_sqlite_sees_the_newest_events_deleted(
+    run: Runner, engine: Engine, deleted: str, message: str
+) -> None:
+    """A cut tail leaves a chain that links up: but SQLite's AUTOINCREMENT counter remembers
+    the highest id ever recorded (a rolled-back insert takes its count back with it), so on
+    SQLite verify sees the newest events gone (exit 9). PostgreSQL's sequence also counts
+    rolled-back inserts: there, only a head kept elsewhere shows it (README)."""
+    sqlite_only(engine)
+    some_events(run)
+    error_line(run("create", "--email", BOB, "--no-password"), 5)  # refused: takes no id
+    store(engine, f"DELETE FROM audit_events WHERE {deleted}")
+    assert error_line(run("audit", "verify"), 9) == f"usermgr: error: {message}"
+
+
+def test_verify_after_refused_changes_and_a_prune_of_everything_is_intact(run: Runner, engine: Engine) -> None:
+    """No false alarm: refused changes leave no gap, and a prune keeps the newest event (its own)."""
+    some_events(run)
+    error_line(run("create", "--email", BOB, "--no-password"), 5)
+    rows = json.dumps({"email": "carol@example.com"}) + "\n" + json.dumps({"email": BOB}) + "\n"
+    error_line(run("import", "-", "--format", "jsonl", input=rows), 5)
+    ok(run("audit", "verify"))
+    ok(run("audit", "prune", "--before", "9999-01-01"))
+    ok(run("audit", "verify"))

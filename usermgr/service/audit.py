@@ -659,7 +659,27 @@ def verify_chain(db: Session) -> ChainReport:
             before_previous, expected, previous_id = expected, row["hash"], row["id"]
             count += 1
             row = following
+        _check_nothing_newer(db, previous_id)
         return ChainReport(count, expected)
+
+
+def _check_nothing_newer(db: Session, newest: int | None) -> None:
+    """On SQLite, the table's AUTOINCREMENT counter (sqlite_sequence) remembers the highest id
+    ever recorded, and a rolled-back insert takes its count back: an event newer than the
+    newest left was deleted (a cut tail links up). PostgreSQL's sequence also counts
+    rolled-back inserts, so there only a head kept elsewhere shows a cut tail."""
+    if db.get_bind().dialect.name != "sqlite":
+        return
+    recorded = db.scalar(text("SELECT seq FROM sqlite_sequence WHERE name = 'audit_events'"))
+    if type(recorded) is int and recorded > (newest or 0):
+        if newest is None:
+            raise IntegrityCheckFailed(
+                f"audit chain broken at the start of the trail: events up to {recorded} were recorded"
+                " (all were deleted)"
+            )
+        raise IntegrityCheckFailed(
+            f"audit chain broken after event {newest}: events up to {recorded} were recorded (the newest were deleted)"
+        )
 
 
 _TEXT_COLUMNS = tuple(name for name in EVENT_FIELDS if name not in ("id", "occurred_at"))
