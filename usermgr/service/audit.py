@@ -638,7 +638,8 @@ def _one_snapshot(db: Session) -> None:
 
 def verify_chain(db: Session) -> ChainReport:
     """Walk the chain oldest first (streamed); IntegrityCheckFailed naming the first event
-    that was edited, inserted or that follows deleted ones."""
+    that was edited, inserted or that follows deleted ones (on SQLite, also the newest
+    deleted). Any stored value usermgr never writes is an edit, never a crash."""
     with reading(db), _undecodable_text_as_bytes(db):
         _one_snapshot(db)
         expected = _anchor(db)
