@@ -22,6 +22,7 @@ from tests.conftest import (
     ADMIN,
     ADMIN_PASSWORD,
     HANG_TIMEOUT,
+    PASSWORD,
     USERMGR,
     Runner,
     create_user,
@@ -34,12 +35,10 @@ from tests.conftest import (
 )
 from usermgr import database, migrations
 from usermgr.database import Database
-from usermgr.models import AuditEvent
 from usermgr.service.audit import jsonable, record, verify_chain
 from usermgr.service.core import find_user, writing
 
 BOB = "bob@example.com"
-EVENTS = AuditEvent.__table__
 
 
 @pytest.fixture
@@ -382,3 +381,19 @@ def test_verify_after_refused_changes_and_a_prune_of_everything_is_intact(run: R
     ok(run("audit", "verify"))
     ok(run("audit", "prune", "--before", "9999-01-01"))
     ok(run("audit", "verify"))
+
+
+def test_a_right_password_that_locks_then_enters_records_the_lock_ended(run: Runner, engine: Engine) -> None:
+    """The guess that reaches the lockout threshold locks the account before it is checked;
+    when it is the right password it enters and ends that lock. The trail said "locked until
+    T", then a success that did not say the lock was gone: an auditor saw a locked account."""
+    create_user(run, ADMIN, "--admin", password=ADMIN_PASSWORD)
+    create_user(run, BOB)
+    ok(login(run, BOB, PASSWORD, env={"USERMGR_LOCKOUT_THRESHOLD": "1"}))
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT action, changes FROM audit_events ORDER BY id DESC LIMIT 2")).all()
+    locked, entered = (json.loads(changes) for _, changes in reversed(rows))
+    assert [action for action, _ in reversed(rows)] == ["login.locked", "login.success"]
+    assert entered == {"locked_until": [locked["locked_until"][1], None]}
+    shown = ok(run("show", BOB, "-o", "json")).stdout
+    assert json.loads(shown)["locked_until"] is None

@@ -138,7 +138,10 @@ def _take_success(
         ).first()
         if taken is not None:
             entered = db.scalars(select(User).where(User.id == user_id).execution_options(populate_existing=True)).one()
-            record(db, "login.success", entered, {"password": "rehashed"} if new_hash is not None else None)
+            changes: dict[str, Any] = {"password": "rehashed"} if new_hash is not None else {}
+            if my_lock is not None:  # this guess locked the account, and being right it ends that lock
+                changes["locked_until"] = [jsonable(my_lock), None]
+            record(db, "login.success", entered, changes)
             return entered
         now_is = db.scalars(select(User).where(User.id == user_id).execution_options(populate_existing=True)).first()
     _refuse(db, now_is, _refusal(now_is, checked, now))
