@@ -194,7 +194,9 @@ def make_engine(url: str | URL, *, pool_size: int | None = None) -> Engine:
         event.listen(engine, "connect", _on_sqlite_connect)
         event.listen(engine, "begin", _on_sqlite_begin)
         return engine
-    return create_engine(url, pool_pre_ping=True, hide_parameters=True, **pool)
+    # READ COMMITTED whatever the server's default: a writer reads the audit chain's head after
+    # it takes the chain's lock, and must see the event the writer before it committed.
+    return create_engine(url, pool_pre_ping=True, hide_parameters=True, isolation_level="READ COMMITTED", **pool)
 
 
 def masked(url: URL) -> str:

@@ -5,6 +5,7 @@ from alembic import context
 from usermgr import models  # noqa: F401  (registers the tables on Base.metadata)
 from usermgr.database import WRITE, Base
 
+_MIGRATION_LOCK = 0x7573_6D67_726D_6967  # "usmgrmig": the PostgreSQL advisory lock that orders migrations
 engine = context.config.attributes["engine"]
 
 with engine.connect() as connection:
@@ -18,6 +19,8 @@ with engine.connect() as connection:
         connection = connection.execution_options(**WRITE)
         context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=sqlite)
         with context.begin_transaction():
+            if not sqlite:  # one migrator at a time: a second `init` waits, then finds the schema at head
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
             context.run_migrations()
             if sqlite:
                 broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()

@@ -30,7 +30,14 @@ from sqlalchemy.orm import Session
 from usermgr.config import parse_duration
 from usermgr.contract import EVENT_FIELDS, USER_FIELDS, is_uid
 from usermgr.database import utcnow
-from usermgr.errors import ConfigurationError, IntegrityCheckFailed, InvalidInput, NotFound, UnreadableTimestamp
+from usermgr.errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    IntegrityCheckFailed,
+    InvalidInput,
+    NotFound,
+    UnreadableTimestamp,
+)
 from usermgr.models import ADDRESS_LENGTH, AuditEvent, User
 from usermgr.service.core import (
     MAX_ROW_COUNT,
@@ -495,10 +502,11 @@ def parse_time(value: str, what: str) -> datetime:
 
 def _target_condition(db: Session, ref: str) -> Any:
     """The events about USER: by their uid while they exist; a deleted user by uid or email.
-    A uid names its one identity first: a username may be written like one."""
+    A uid names its one identity first: a username may be written like one. A UUID's text
+    is read in either case, as RFC 9562 says; a uid is stored lowercase."""
     text_ref = ref.strip()
-    if is_uid(text_ref):
-        return AuditEvent.target_uid == text_ref
+    if is_uid(text_ref.lower()):
+        return AuditEvent.target_uid == text_ref.lower()
     user = find_user(db, ref)
     if user is not None:
         return AuditEvent.target_uid == user.uid
@@ -544,8 +552,25 @@ def iter_events(db: Session, filters: AuditFilter = AuditFilter()) -> Iterator[d
         statement = _filtered(db, filters)
         for row in db.execute(statement.execution_options(yield_per=_STREAM_CHUNK)):
             event = row._asdict()
-            event["changes"] = json.loads(event["changes"])
+            event["changes"] = _stored_changes(event)
             yield event
+
+
+def _stored_changes(event: Mapping[str, Any]) -> dict[str, Any]:
+    """An event's `changes` read back: usermgr only ever stores a JSON object there, so anything
+    else (text that is no JSON, a list, SQLite's BLOB or number) was put there by an edit, and
+    reading the trail refuses it, naming the event, rather than fail somewhere inside."""
+    stored = event["changes"]
+    try:
+        changes = json.loads(stored) if isinstance(stored, str) else None
+    except ValueError:
+        changes = None
+    if not isinstance(changes, dict):
+        raise DatabaseUnavailable(
+            f"audit event {event['id']} holds changes that are not a JSON object (it was edited: see"
+            " `usermgr audit verify`): correct that row with SQL or restore a backup"
+        )
+    return changes
 
 
 # ---- verifying and pruning -----------------------------------------------------------------------
@@ -558,17 +583,65 @@ class ChainReport:
 
 
 def _anchor(db: Session) -> str:
-    """What the oldest kept event must follow: the last prune's checkpoint, or the genesis."""
-    changes = db.scalar(
-        select(AuditEvent.changes).where(AuditEvent.action == "audit.prune").order_by(AuditEvent.id.desc()).limit(1)
-    )
-    return json.loads(changes)["checkpoint"] if changes else GENESIS
+    """What the oldest kept event must follow: the last prune's checkpoint, or the genesis. A
+    prune event whose checkpoint cannot be read (no JSON object, no text there) was edited."""
+    last_prune = db.execute(
+        select(AuditEvent.id, AuditEvent.changes)
+        .where(AuditEvent.action == "audit.prune")
+        .order_by(AuditEvent.id.desc())
+        .limit(1)
+    ).first()
+    if last_prune is None:
+        return GENESIS
+    try:
+        checkpoint = _stored_changes(last_prune._asdict()).get("checkpoint")
+    except DatabaseUnavailable:
+        checkpoint = None
+    if not isinstance(checkpoint, str):
+        raise IntegrityCheckFailed(
+            f"audit chain broken at event {last_prune.id}: its checkpoint cannot be read (it was edited)"
+        )
+    return checkpoint
+
+
+@contextmanager
+def _undecodable_text_as_bytes(db: Session) -> Iterator[None]:
+    """While verify reads, SQLite TEXT that is not UTF-8 (no usermgr writes it: an edit) comes
+    back as its bytes, which `_matches_its_hash` and the time reader take as an edit of that
+    event, instead of failing the whole read in the driver."""
+    if db.get_bind().dialect.name != "sqlite":
+        yield
+        return
+    driver = db.connection().connection.driver_connection
+    before = driver.text_factory
+    driver.text_factory = _text_or_bytes
+    try:
+        yield
+    finally:
+        driver.text_factory = before
+
+
+def _text_or_bytes(stored: bytes) -> str | bytes:
+    try:
+        return stored.decode()
+    except UnicodeDecodeError:
+        return stored
+
+
+def _one_snapshot(db: Session) -> None:
+    """Read the anchor and the events from one state of the trail: on PostgreSQL (READ
+    COMMITTED, each statement its own snapshot) a prune committed between the two would make
+    an untouched trail look broken. SQLite's read transaction keeps one snapshot already."""
+    if db.get_bind().dialect.name == "postgresql":
+        db.connection(execution_options={"isolation_level": "REPEATABLE READ"})
 
 
 def verify_chain(db: Session) -> ChainReport:
     """Walk the chain oldest first (streamed); IntegrityCheckFailed naming the first event
-    that was edited, inserted or that follows deleted ones."""
-    with reading(db):
+    that was edited, inserted or that follows deleted ones (on SQLite, also the newest
+    deleted). Any stored value usermgr never writes is an edit, never a crash."""
+    with reading(db), _undecodable_text_as_bytes(db):
+        _one_snapshot(db)
         expected = _anchor(db)
         columns = [_STORED_TIME if name == "occurred_at" else getattr(AuditEvent, name) for name in EVENT_FIELDS]
         rows = db.execute(select(*columns).order_by(AuditEvent.id))
@@ -578,7 +651,7 @@ def verify_chain(db: Session) -> ChainReport:
         row = next(events, None)
         while row is not None:
             following = next(events, None)
-            if event_hash(row) != row["hash"]:
+            if not _matches_its_hash(row):
                 raise IntegrityCheckFailed(
                     f"audit chain broken at event {row['id']}: it does not match its hash (it was edited)"
                 )
@@ -587,7 +660,39 @@ def verify_chain(db: Session) -> ChainReport:
             before_previous, expected, previous_id = expected, row["hash"], row["id"]
             count += 1
             row = following
+        _check_nothing_newer(db, previous_id)
         return ChainReport(count, expected)
+
+
+def _check_nothing_newer(db: Session, newest: int | None) -> None:
+    """On SQLite, the table's AUTOINCREMENT counter (sqlite_sequence) remembers the highest id
+    ever recorded, and a rolled-back insert takes its count back: an event newer than the
+    newest left was deleted (a cut tail links up). PostgreSQL's sequence also counts
+    rolled-back inserts, so there only a head kept elsewhere shows a cut tail."""
+    if db.get_bind().dialect.name != "sqlite":
+        return
+    recorded = db.scalar(text("SELECT seq FROM sqlite_sequence WHERE name = 'audit_events'"))
+    if type(recorded) is int and recorded > (newest or 0):
+        if newest is None:
+            raise IntegrityCheckFailed(
+                f"audit chain broken at the start of the trail: events up to {recorded} were recorded"
+                " (all were deleted)"
+            )
+        raise IntegrityCheckFailed(
+            f"audit chain broken after event {newest}: events up to {recorded} were recorded (the newest were deleted)"
+        )
+
+
+_TEXT_COLUMNS = tuple(name for name in EVENT_FIELDS if name not in ("id", "occurred_at"))
+
+
+def _matches_its_hash(row: Mapping[str, Any]) -> bool:
+    """Whether the event still carries the hash of its content. usermgr stores text (or NULL)
+    in every column but the id and the time: a value of another type (SQLite keeps a BLOB in
+    any column) was put there by an edit, and cannot be hashed as the writer hashed it."""
+    if any(not isinstance(row[name], str) for name in _TEXT_COLUMNS if row[name] is not None):
+        return False
+    return event_hash(row) == row["hash"]
 
 
 _STORED_TIME = type_coerce(AuditEvent.occurred_at, String).label("occurred_at")

@@ -138,19 +138,25 @@ def _take_success(
         ).first()
         if taken is not None:
             entered = db.scalars(select(User).where(User.id == user_id).execution_options(populate_existing=True)).one()
-            record(db, "login.success", entered, {"password": "rehashed"} if new_hash is not None else None)
+            changes: dict[str, Any] = {"password": "rehashed"} if new_hash is not None else {}
+            if my_lock is not None:  # this guess locked the account, and being right it ends that lock
+                changes["locked_until"] = [jsonable(my_lock), None]
+            record(db, "login.success", entered, changes)
             return entered
         now_is = db.scalars(select(User).where(User.id == user_id).execution_options(populate_existing=True)).first()
-    _refuse(db, now_is, _refusal(now_is, checked))
+    _refuse(db, now_is, _refusal(now_is, checked, now))
 
 
-def _refusal(now_is: User | None, checked: str | None) -> str:
-    """Why a right password was not taken, for the audit trail only."""
+def _refusal(now_is: User | None, checked: str | None, now: datetime) -> str:
+    """Why a right password was not taken, for the audit trail only (the opposite of each
+    condition of `_take_success`, the lock last: it is what is left)."""
     if now_is is None:
         return "deleted meanwhile"
     if not now_is.is_active:
         return "disabled"
-    return "password changed meanwhile" if now_is.hashed_password != checked else "locked"
+    if now_is.hashed_password != checked:
+        return "password changed meanwhile"
+    return "expired" if now_is.expires_at is not None and now_is.expires_at <= now else "locked"
 
 
 def login(
