@@ -612,7 +612,9 @@ def _undecodable_text_as_bytes(db: Session) -> Iterator[None]:
     if db.get_bind().dialect.name != "sqlite":
         yield
         return
-    driver = db.connection().connection.driver_connection
+    import sqlite3  # the driver's own module, loaded already
+
+    driver = cast(sqlite3.Connection, db.connection().connection.driver_connection)
     before = driver.text_factory
     driver.text_factory = _text_or_bytes
     try:
