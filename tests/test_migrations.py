@@ -353,3 +353,35 @@ def test_init_where_the_directory_does_not_exist(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert not missing.exists()
     assert not missing.parent.exists()
+
+
+UNREACHABLE = {
+    "12345": "all digits",
+    "ann@work": "an @",
+    " spaced ": "spaces around",
+    "０７": "digits after NFKC",
+    "tab\t": "a space other than ' ' around",
+    "007": "all digits again: one more than the report shows",
+}
+REACHABLE = ["9lives", "ok.name", "zoë"]
+
+
+def test_init_reports_the_usernames_no_user_argument_can_name(empty_db_url: str, engine: Engine, tmp_path: Path) -> None:
+    """Usernames were not checked before the USER-by-username rule: `init` names the users
+    whose username reads as an id or an email (or loses its spaces), so an admin renames them."""
+    migrations.upgrade(engine, REVISIONS[0])
+    for row, username in enumerate([*REACHABLE, *UNREACHABLE], 1):
+        insert_row(engine, "users", {"email": f"u{row}@example.com", "username": username}, row)
+    run = Runner({"USERMGR_DATABASE_URL": empty_db_url, "USERMGR_KEY_FILE": str(tmp_path / "usermgr.key")})
+    for _ in range(2):  # upgrading, then at head: the report stands until they are renamed
+        result = run("init")
+        assert result.exit_code == 0, result.stderr
+        warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+        assert warnings == [
+            "usermgr: warning: 6 usernames no USER argument can name (all digits reads as an id, an @ as an email;"
+            " spaces around are dropped): id 4 ('12345'), id 5 ('ann@work'), id 6 (' spaced '), id 7 ('０７'),"
+            " id 8 ('tab\\t') and 1 more; name each user by id, and rename with `usermgr update ID --username NEW`"
+        ]
+    for user_id in range(4, 10):
+        assert run("update", str(user_id), "--username", f"renamed{user_id}").exit_code == 0
+    assert "warning" not in run("init").stderr

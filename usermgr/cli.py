@@ -295,10 +295,27 @@ def init(app: App) -> None:
         f"database {engine.url.render_as_string(hide_password=True)}"
         f" is at schema revision {migrations.current_revision(engine)}"
     )
+    _report_unreachable_usernames(app)
     if settings.key_file is None:
         note("no key file for this database: set USERMGR_SECRET_KEY or give --key-file to sign tokens")
     elif tokens.create_key_file(settings.key_file, settings.token_algorithm):
         note(f"created key file {settings.key_file} (mode 0600)")
+
+
+UNREACHABLE_EXAMPLES = 5
+
+
+def _report_unreachable_usernames(app: App) -> None:
+    with app.session() as db:
+        count, examples = service.unreachable_usernames(db, UNREACHABLE_EXAMPLES)
+    if count:
+        shown = ", ".join(f"id {user_id} ({errors.cut_repr(username)})" for user_id, username in examples)
+        more = f" and {count - len(examples)} more" if count > len(examples) else ""
+        note(
+            f"warning: {count} username{'s' if count != 1 else ''} no USER argument can name (all digits reads as"
+            f" an id, an @ as an email; spaces around are dropped): {shown}{more}; name each user by id,"
+            " and rename with `usermgr update ID --username NEW`"
+        )
 
 
 @cli.command()

@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and readers
         plan_import,
         seconds_to_hash,
     )
-    from usermgr.service.core import MAX_ROW_COUNT, MAX_USER_ID, get_user, ping
+    from usermgr.service.core import MAX_ROW_COUNT, MAX_USER_ID, get_user, ping, unreachable_usernames
     from usermgr.service.records import UserFilter, iter_user_records, iter_user_rows, list_roles, user_record
     from usermgr.service.revocation import Access, access_of, revoke_tokens, revokes_tokens
     from usermgr.service.roles import grant_role, revoke_role
@@ -68,7 +68,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and readers
     )
 
 _EXPORTS = {
-    "core": ("MAX_ROW_COUNT", "MAX_USER_ID", "get_user", "ping"),
+    "core": ("MAX_ROW_COUNT", "MAX_USER_ID", "get_user", "ping", "unreachable_usernames"),
     "audit": (
         "ACTIONS",
         "ANONYMOUS",
@@ -171,6 +171,7 @@ __all__ = [
     "set_active",
     "set_password",
     "unlock",
+    "unreachable_usernames",
     "update_user",
     "user_changes",
     "user_record",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,7 +13,7 @@ from functools import lru_cache
 from itertools import chain
 from typing import Any, cast
 
-from sqlalchemy import insert, or_, select
+from sqlalchemy import func, insert, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -148,6 +148,34 @@ def find_user(db: Session, ref: str, *, email_only: bool = False, lock: bool = F
         return None
     statement = select(User).where(_column(key) == key.value)
     return db.scalars(statement.with_for_update() if lock else statement).first()
+
+
+def unreachable_usernames(db: Session, examples: int) -> tuple[int, list[tuple[int, str]]]:
+    """How many users have a username no USER argument names, and the first `examples` of them
+    (id, username): stored before usernames were checked, or by another tool. All digits
+    reads as an id, text with `@` as an email, and a USER's surrounding spaces are dropped;
+    each such user is still named by id; so is a spelling that NFKC changes (only another
+    tool writes one: a USER is normalised). Found by SQL among the candidates (a digit first,
+    an `@`, a space at either end, any character beyond printable ASCII), then judged by
+    `_key_of`, the rule lookups use."""
+    name = User.username
+    beyond_ascii = (
+        name.op("GLOB")("*[^ -~]*") if db.get_bind().dialect.name == "sqlite" else name.regexp_match("[^ -~]")
+    )
+    candidates = (
+        select(User.id, name)
+        .where(or_(name.like("%@%"), func.substr(name, 1, 1).between("0", "9"), name != func.trim(name), beyond_ascii))
+        .order_by(User.id)
+    )
+    count, found = 0, list[tuple[int, str]]()
+    with reading(db):
+        rows = cast(Iterable[tuple[int, str]], db.execute(candidates))  # a NULL username meets no condition
+        for user_id, username in rows:
+            if _key_of(username) != _Key("username", username):
+                count += 1
+                if len(found) < examples:
+                    found.append((user_id, username))
+    return count, found
 
 
 SHOWN_REF_LENGTH = 60
