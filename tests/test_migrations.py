@@ -366,7 +366,9 @@ UNREACHABLE = {
 REACHABLE = ["9lives", "ok.name", "zoë"]
 
 
-def test_init_reports_the_usernames_no_user_argument_can_name(empty_db_url: str, engine: Engine, tmp_path: Path) -> None:
+def test_init_reports_the_usernames_no_user_argument_can_name(
+    empty_db_url: str, engine: Engine, tmp_path: Path
+) -> None:
     """Usernames were not checked before the USER-by-username rule: `init` names the users
     whose username reads as an id or an email (or loses its spaces), so an admin renames them."""
     migrations.upgrade(engine, REVISIONS[0])
