@@ -759,10 +759,17 @@ def test_a_public_key_verifies_the_tokens_that_name_it_in_process(eddsa: tuple[R
 
 def test_unreadable_public_key_says_why(tmp_path: Path) -> None:
     """`verify --public-key` has click check that the file exists; one it then cannot read (a mode
-    that root ignores, so a directory stands in for it here) is a configuration error (exit 2)."""
-    with pytest.raises(ConfigurationError) as refused:
-        keyring.pem_key_set(tmp_path)
-    assert str(refused.value) == f"cannot read public key {tmp_path}: Is a directory"
+    that root ignores, so a symlink loop stands in for it here; a directory) is a configuration
+    error (exit 2)."""
+    loop = tmp_path / "loop.pem"
+    loop.symlink_to(loop)
+    for path, expected in (
+        (loop, f"cannot read public key {loop}: Too many levels of symbolic links"),
+        (tmp_path, f"public key {tmp_path} is a directory"),
+    ):
+        with pytest.raises(ConfigurationError) as refused:
+            keyring.pem_key_set(path)
+        assert str(refused.value) == expected
 
 
 def test_public_key_that_is_not_a_public_key_is_refused(offline: Runner, key_file: Path) -> None:
