@@ -39,6 +39,7 @@ import yaml
 import usermgr
 from tests.conftest import HANG_TIMEOUT, PASSWORD, USERMGR, PostgresAdmin, process_env
 from tests.pg_server import free_port
+from tests.server_process import START_ATTEMPTS, listens
 from usermgr import api, tokens
 from usermgr.config import Settings
 
@@ -346,14 +347,19 @@ def _owned_by_container_user(path: Path) -> None:
         os.chown(path, options["user"], options["group"])
 
 
-def _wait_for_health(process: subprocess.Popen[str], base_url: str) -> None:
+def _wait_for_health(process: subprocess.Popen[str], port: int) -> bool:
+    """True once the server answers /healthz on `port` from a socket of its own; False if
+    another process took the port after it was picked (tests/server_process.py)."""
     deadline = time.monotonic() + HANG_TIMEOUT  # a hang guard, not a budget
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"usermgr serve exited with {process.returncode}: {process.communicate()}")
+            out, err = process.communicate()
+            if "address already in use" in err:
+                return False
+            pytest.fail(f"usermgr serve exited with {process.returncode}: {(out, err)}")
         try:
-            if httpx.get(f"{base_url}/healthz", timeout=HANG_TIMEOUT).status_code == 200:
-                return
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=HANG_TIMEOUT).status_code == 200:
+                return listens(process.pid, port)
         except httpx.TransportError:
             time.sleep(0.1)
     pytest.fail("usermgr serve never answered /healthz")
@@ -367,6 +373,20 @@ def _serve(release: Release, env: dict[str, str], cwd: Path) -> tuple[subprocess
         command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **_container_user()
     )
     return process, port
+
+
+def _serve_healthy(release: Release, env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen[str], int]:
+    """`_serve`, answering /healthz; on a fresh port again while another process took the one picked."""
+    for _ in range(START_ATTEMPTS):
+        process, port = _serve(release, env, cwd)
+        try:
+            if _wait_for_health(process, port):
+                return process, port
+        except BaseException:
+            _stop(process)
+            raise
+        _stop(process)
+    pytest.fail(f"usermgr serve lost its port to another process {START_ATTEMPTS} times")
 
 
 def _stop(process: subprocess.Popen[str]) -> str:
@@ -416,9 +436,8 @@ def _check_the_containers_steps_run_init_and_serve_on_postgresql_as_its_user(
         _owned_by_container_user(key)
         env = release.env(USERMGR_DATABASE_URL=url, USERMGR_KEY_FILE=str(key))
         _run(release, "init", env=env, cwd=home)
-        process, port = _serve(release, env, home)
+        process, port = _serve_healthy(release, env, home)
         try:
-            _wait_for_health(process, f"http://127.0.0.1:{port}")
             healthcheck = [part.replace(":8000/", f":{port}/") for part in (dockerfile_stages()[-1].healthcheck or [])]
             checked = subprocess.run(healthcheck, env=env, capture_output=True, text=True, timeout=HANG_TIMEOUT)
             assert checked.returncode == 0, checked.stderr
@@ -455,10 +474,9 @@ def _check_the_wheel_alone_runs_init_create_login_verify_and_serve(release: Rele
     token = _run(release, "login", "ada@example.com", "--password-stdin", env=env, cwd=home, input=f"{PASSWORD}\n")
     claims = json.loads(_run(release, "verify", token.strip(), "-o", "json", env=env, cwd=home))
     assert claims["email"] == "ada@example.com", claims
-    process, port = _serve(release, env, home)
+    process, port = _serve_healthy(release, env, home)
     try:
         base_url = f"http://127.0.0.1:{port}"
-        _wait_for_health(process, base_url)
         with httpx.Client(base_url=base_url, timeout=HANG_TIMEOUT) as http:
             token = http.post("/auth/login", data={"username": "ada@example.com", "password": PASSWORD})
             me = http.get("/users/me", headers={"Authorization": f"Bearer {token.json()['access_token']}"})

@@ -610,16 +610,42 @@ def test_a_key_file_that_is_no_plain_private_file(tmp_path: Path, ring_file: Pat
 
 def test_a_key_file_from_a_pipe_with_a_slow_writer_is_read_to_its_end(tmp_path: Path, ring_file: Path) -> None:
     """`--key-file <(vault read ...)`: the key arrives after the command started; opening
-    without blocking must not turn that into an empty or unreadable key file."""
+    without blocking must not turn that into an empty or unreadable key file. The pipe is
+    the test's own (as bash's `<(...)`, it reaches usermgr as /dev/fd/N), and the key is
+    written only once usermgr waits in its read: a writer that merely sleeps first (it did,
+    for a second) is no slower than a loaded machine's usermgr start, and then a read
+    that does not wait passed too."""
     settings = load_settings(key_file=str(ring_file))
     token = tokens.issue_token(settings, subject=UID, email="ada@example.com", roles=[], token_version=0, ttl=600)
-    script = '"$USERMGR" --key-file <(sleep 1; cat "$RING") verify "$TOKEN" -o email'
-    env = {"USERMGR": str(USERMGR), "RING": str(ring_file), "TOKEN": token}
-    env["USERMGR_DATABASE_URL"] = str(tmp_path / "absent.db")
-    result = subprocess.run(
-        ["bash", "-c", script], env=process_env(env), capture_output=True, text=True, timeout=HANG_TIMEOUT
-    )
-    assert (result.returncode, result.stdout, result.stderr) == (0, "ada@example.com\n", "")
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "wb") as writer:
+        try:
+            process = subprocess.Popen(
+                [str(USERMGR), "--key-file", f"/dev/fd/{read_end}", "verify", token, "-o", "email"],
+                env=process_env({"USERMGR_DATABASE_URL": str(tmp_path / "absent.db")}),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                pass_fds=[read_end],
+            )
+        finally:
+            os.close(read_end)
+        _wait_until_waiting_on_a_pipe(process)
+        writer.write(ring_file.read_bytes())
+    stdout, stderr = process.communicate(timeout=HANG_TIMEOUT)
+    assert (process.returncode, stdout, stderr) == (0, "ada@example.com\n", "")
+
+
+def _wait_until_waiting_on_a_pipe(process: subprocess.Popen[str]) -> None:
+    """Until `process` sleeps in a read of a pipe (Linux: /proc/PID/wchan; its standard input
+    is /dev/null, so the pipe is the key's); fail if it ends first: it did not wait for its key."""
+    wchan = Path(f"/proc/{process.pid}/wchan")
+    deadline = time.monotonic() + HANG_TIMEOUT  # a guard against a hang only
+    while not any(name in wchan.read_text() for name in ("pipe_read", "pipe_wait")):
+        assert process.poll() is None, f"usermgr did not wait for the key: {process.communicate()}"
+        assert time.monotonic() < deadline, "usermgr never waited on the key's pipe"
+        time.sleep(0.01)
 
 
 def test_a_key_file_that_is_a_symlink_loop_is_a_configuration_error_for_every_command(tmp_path: Path) -> None:

@@ -437,8 +437,9 @@ def read_private_file(path: Path) -> tuple[bytes, os.stat_result]:
 
 
 def _signature(status: os.stat_result) -> tuple[int, ...]:
-    """What changes whenever the file does: a replace (new inode), a write, a chmod."""
-    return (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+    """What changes whenever the file does: a replace (new inode), a write, a chmod. The mode
+    itself is part of it: a chmod within one tick of the file system's clock leaves ctime as it was."""
+    return (status.st_dev, status.st_ino, status.st_mode, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
 
 
 def _iso(seconds: float) -> str:
