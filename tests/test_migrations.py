@@ -387,3 +387,29 @@ def test_init_reports_the_usernames_no_user_argument_can_name(
     for user_id in range(4, 10):
         assert run("update", str(user_id), "--username", f"renamed{user_id}").exit_code == 0
     assert "warning" not in run("init").stderr
+
+
+def test_init_reports_sqlite_usernames_that_are_no_text_and_still_succeeds(tmp_path: Path) -> None:
+    """Another tool may store a BLOB or bytes that are no UTF-8 in SQLite's username column (a
+    number becomes text there: '7.5' is a username like any other): no USER equals such a
+    value, and reading it failed `init` ("unexpected TypeError (a bug)", "Could not decode to
+    UTF-8") after the schema was upgraded."""
+    url = f"sqlite:///{tmp_path / 'users.db'}"
+    run = Runner({"USERMGR_DATABASE_URL": url, "USERMGR_KEY_FILE": str(tmp_path / "usermgr.key")})
+    assert run("init").exit_code == 0
+    for email in ("a@example.com", "b@example.com", "c@example.com", "d@example.com"):
+        assert run("create", "--email", email, "--no-password").exit_code == 0
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            for user_id, stored in ((1, "X'616263'"), (2, "CAST(X'ff41' AS TEXT)"), (3, "7.5"), (4, "'fine'")):
+                connection.exec_driver_sql(f"UPDATE users SET username = {stored} WHERE id = {user_id}")
+    finally:
+        engine.dispose()
+    result = run("init")
+    assert result.exit_code == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if "warning" in line] == [
+        "usermgr: warning: 2 usernames no USER argument can name (all digits reads as an id, an @ as an email;"
+        " spaces around are dropped): id 1 ('abc'), id 2 ('\\\\xffA'); name each user by id, and"
+        " rename with `usermgr update ID --username NEW`"
+    ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,7 +13,8 @@ from functools import lru_cache
 from itertools import chain
 from typing import Any, cast
 
-from sqlalchemy import func, insert, or_, select
+from sqlalchemy import LargeBinary, func, insert, or_, select, true
+from sqlalchemy import cast as cast_as
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -155,27 +156,39 @@ def unreachable_usernames(db: Session, examples: int) -> tuple[int, list[tuple[i
     (id, username): stored before usernames were checked, or by another tool. All digits
     reads as an id, text with `@` as an email, and a USER's surrounding spaces are dropped;
     each such user is still named by id; so is a spelling that NFKC changes (only another
-    tool writes one: a USER is normalised). Found by SQL among the candidates (a digit first,
-    an `@`, a space at either end, any character beyond printable ASCII), then judged by
-    `_key_of`, the rule lookups use."""
+    tool writes one: a USER is normalised), and on SQLite a value that is no UTF-8 text (a
+    BLOB, a number, undecodable bytes), which no USER equals and which must not fail `init`.
+    Found by SQL among the candidates (a digit first, an `@`, a space at either end, any
+    character beyond printable ASCII), then judged by `_key_of`, the rule lookups use."""
     name = User.username
-    beyond_ascii = (
-        name.op("GLOB")("*[^ -~]*") if db.get_bind().dialect.name == "sqlite" else name.regexp_match("[^ -~]")
-    )
-    candidates = (
-        select(User.id, name)
-        .where(or_(name.like("%@%"), func.substr(name, 1, 1).between("0", "9"), name != func.trim(name), beyond_ascii))
-        .order_by(User.id)
-    )
+    # `name != trim(name)` also holds for a SQLite BLOB: trim() returns text, never equal to a BLOB.
+    conditions = [name.like("%@%"), func.substr(name, 1, 1).between("0", "9"), name != func.trim(name)]
+    if db.get_bind().dialect.name == "sqlite":
+        conditions += [name.op("GLOB")("*[^ -~]*")]
+        stored: Any = [cast_as(name, LargeBinary), func.typeof(name) == "text"]  # bytes: the driver decodes nothing
+    else:
+        conditions += [name.regexp_match("[^ -~]")]
+        stored = [name, true()]
+    candidates = select(User.id, *stored).where(or_(*conditions)).order_by(User.id)
     count, found = 0, list[tuple[int, str]]()
     with reading(db):
-        rows = cast(Iterable[tuple[int, str]], db.execute(candidates))  # a NULL username meets no condition
-        for user_id, username in rows:
-            if _key_of(username) != _Key("username", username):
+        for user_id, value, is_text in db.execute(candidates):  # a NULL username meets no condition
+            username, decoded = _stored_text(value)
+            if not (is_text and decoded and _key_of(username) == _Key("username", username)):
                 count += 1
                 if len(found) < examples:
                     found.append((user_id, username))
     return count, found
+
+
+def _stored_text(value: str | bytes) -> tuple[str, bool]:
+    """A stored username as text to show, and whether it was UTF-8 (SQLite's come as bytes)."""
+    if isinstance(value, str):
+        return value, True
+    try:
+        return value.decode(), True
+    except UnicodeDecodeError:
+        return value.decode("utf-8", "backslashreplace"), False
 
 
 SHOWN_REF_LENGTH = 60
