@@ -4,10 +4,11 @@ connection settings."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote
 
 from sqlalchemy import URL, Boolean, DateTime, Engine, and_, bindparam, create_engine, event, exc
@@ -180,6 +181,30 @@ def _on_sqlite_connect(dbapi_connection: sqlite3.Connection, _record: Connection
 def _on_sqlite_begin(connection: Connection) -> None:
     mode = "IMMEDIATE" if connection.get_execution_options().get("usermgr_write") else "DEFERRED"
     connection.exec_driver_sql(f"BEGIN {mode}")
+
+
+@contextmanager
+def undecodable_text_as_bytes(connection: Connection) -> Iterator[None]:
+    """While it holds, SQLite TEXT that is no UTF-8 (usermgr never writes it: another tool or an
+    edit did) comes back from `connection` as its bytes, which the reader can name, instead of
+    failing the whole read in the driver ("Could not decode to UTF-8"). A BLOB is bytes anyway."""
+    if connection.dialect.name != "sqlite":
+        yield
+        return
+    driver = cast(sqlite3.Connection, connection.connection.driver_connection)
+    before = driver.text_factory
+    driver.text_factory = _text_or_bytes
+    try:
+        yield
+    finally:
+        driver.text_factory = before
+
+
+def _text_or_bytes(stored: bytes) -> str | bytes:
+    try:
+        return stored.decode()
+    except UnicodeDecodeError:
+        return stored
 
 
 def make_engine(url: str | URL, *, pool_size: int | None = None) -> Engine:

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from usermgr.config import parse_duration
 from usermgr.contract import EVENT_FIELDS, USER_FIELDS, is_uid
-from usermgr.database import utcnow
+from usermgr.database import undecodable_text_as_bytes, utcnow
 from usermgr.errors import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -604,32 +604,6 @@ def _anchor(db: Session) -> str:
     return checkpoint
 
 
-@contextmanager
-def _undecodable_text_as_bytes(db: Session) -> Iterator[None]:
-    """While verify reads, SQLite TEXT that is not UTF-8 (no usermgr writes it: an edit) comes
-    back as its bytes, which `_matches_its_hash` and the time reader take as an edit of that
-    event, instead of failing the whole read in the driver."""
-    if db.get_bind().dialect.name != "sqlite":
-        yield
-        return
-    import sqlite3  # the driver's own module, loaded already
-
-    driver = cast(sqlite3.Connection, db.connection().connection.driver_connection)
-    before = driver.text_factory
-    driver.text_factory = _text_or_bytes
-    try:
-        yield
-    finally:
-        driver.text_factory = before
-
-
-def _text_or_bytes(stored: bytes) -> str | bytes:
-    try:
-        return stored.decode()
-    except UnicodeDecodeError:
-        return stored
-
-
 def _one_snapshot(db: Session) -> None:
     """Read the anchor and the events from one state of the trail: on PostgreSQL (READ
     COMMITTED, each statement its own snapshot) a prune committed between the two would make
@@ -642,28 +616,29 @@ def verify_chain(db: Session) -> ChainReport:
     """Walk the chain oldest first (streamed); IntegrityCheckFailed naming the first event
     that was edited, inserted or that follows deleted ones (on SQLite, also the newest
     deleted). Any stored value usermgr never writes is an edit, never a crash."""
-    with reading(db), _undecodable_text_as_bytes(db):
-        _one_snapshot(db)
-        expected = _anchor(db)
-        columns = [_STORED_TIME if name == "occurred_at" else getattr(AuditEvent, name) for name in EVENT_FIELDS]
-        rows = db.execute(select(*columns).order_by(AuditEvent.id))
-        read_time = _time_reader(db)
-        events = iter(_with_time(row._asdict(), read_time) for row in rows.yield_per(_STREAM_CHUNK))
-        count, before_previous, previous_id = 0, None, None
-        row = next(events, None)
-        while row is not None:
-            following = next(events, None)
-            if not _matches_its_hash(row):
-                raise IntegrityCheckFailed(
-                    f"audit chain broken at event {row['id']}: it does not match its hash (it was edited)"
-                )
-            if row["prev_hash"] != expected:
-                _broken_link(row, following, before_previous, previous_id, expected)
-            before_previous, expected, previous_id = expected, row["hash"], row["id"]
-            count += 1
-            row = following
-        _check_nothing_newer(db, previous_id)
-        return ChainReport(count, expected)
+    with reading(db):
+        _one_snapshot(db)  # first: it chooses how the transaction's connection begins
+        with undecodable_text_as_bytes(db.connection()):
+            expected = _anchor(db)
+            columns = [_STORED_TIME if name == "occurred_at" else getattr(AuditEvent, name) for name in EVENT_FIELDS]
+            rows = db.execute(select(*columns).order_by(AuditEvent.id))
+            read_time = _time_reader(db)
+            events = iter(_with_time(row._asdict(), read_time) for row in rows.yield_per(_STREAM_CHUNK))
+            count, before_previous, previous_id = 0, None, None
+            row = next(events, None)
+            while row is not None:
+                following = next(events, None)
+                if not _matches_its_hash(row):
+                    raise IntegrityCheckFailed(
+                        f"audit chain broken at event {row['id']}: it does not match its hash (it was edited)"
+                    )
+                if row["prev_hash"] != expected:
+                    _broken_link(row, following, before_previous, previous_id, expected)
+                before_previous, expected, previous_id = expected, row["hash"], row["id"]
+                count += 1
+                row = following
+            _check_nothing_newer(db, previous_id)
+            return ChainReport(count, expected)
 
 
 def _check_nothing_newer(db: Session, newest: int | None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -13,12 +13,11 @@ from functools import lru_cache
 from itertools import chain
 from typing import Any, cast
 
-from sqlalchemy import LargeBinary, func, insert, or_, select, true
-from sqlalchemy import cast as cast_as
+from sqlalchemy import func, insert, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from usermgr.database import WRITE, later_than
+from usermgr.database import WRITE, later_than, undecodable_text_as_bytes
 from usermgr.errors import AlreadyExists, InvalidInput, NotFound
 from usermgr.models import User
 
@@ -163,32 +162,19 @@ def unreachable_usernames(db: Session, examples: int) -> tuple[int, list[tuple[i
     name = User.username
     # `name != trim(name)` also holds for a SQLite BLOB: trim() returns text, never equal to a BLOB.
     conditions = [name.like("%@%"), func.substr(name, 1, 1).between("0", "9"), name != func.trim(name)]
-    if db.get_bind().dialect.name == "sqlite":
-        conditions += [name.op("GLOB")("*[^ -~]*")]
-        stored: Any = [cast_as(name, LargeBinary), func.typeof(name) == "text"]  # bytes: the driver decodes nothing
-    else:
-        conditions += [name.regexp_match("[^ -~]")]
-        stored = [name, true()]
-    candidates = select(User.id, *stored).where(or_(*conditions)).order_by(User.id)
+    sqlite = db.get_bind().dialect.name == "sqlite"
+    conditions.append(name.op("GLOB")("*[^ -~]*") if sqlite else name.regexp_match("[^ -~]"))
+    candidates = select(User.id, name).where(or_(*conditions)).order_by(User.id)
     count, found = 0, list[tuple[int, str]]()
-    with reading(db):
-        for user_id, value, is_text in db.execute(candidates):  # a NULL username meets no condition
-            username, decoded = _stored_text(value)
-            if not (is_text and decoded and _key_of(username) == _Key("username", username)):
+    with reading(db), undecodable_text_as_bytes(db.connection()):
+        rows = cast(Iterable[tuple[int, str | bytes]], db.execute(candidates))  # a NULL meets no condition
+        for user_id, stored in rows:
+            if not (isinstance(stored, str) and _key_of(stored) == _Key("username", stored)):
                 count += 1
                 if len(found) < examples:
-                    found.append((user_id, username))
+                    shown = stored if isinstance(stored, str) else stored.decode("utf-8", "backslashreplace")
+                    found.append((user_id, shown))
     return count, found
-
-
-def _stored_text(value: str | bytes) -> tuple[str, bool]:
-    """A stored username as text to show, and whether it was UTF-8 (SQLite's come as bytes)."""
-    if isinstance(value, str):
-        return value, True
-    try:
-        return value.decode(), True
-    except UnicodeDecodeError:
-        return value.decode("utf-8", "backslashreplace"), False
 
 
 SHOWN_REF_LENGTH = 60
