@@ -6,6 +6,7 @@ unless USERMGR_TEST_POSTGRES_URL names one. In CI its half must run, never skip.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -133,6 +134,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         on_postgres = callspec is not None and callspec.params.get("backend") == "postgres"
         if on_postgres or "postgres" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.postgres)
+
+
+OPEN_FILES_BEFORE_COLLECTING = 256
+
+
+@pytest.fixture(autouse=True)
+def _few_open_files() -> Iterator[None]:
+    """Close what finished tests left for the garbage collector: each in-process command opens a
+    database engine (SQLite: the file, its WAL and shared memory) that lives in reference cycles
+    until a full collection, and one worker reached file descriptor 1024 between collections,
+    where `select()` fails (tests/test_e2e.py). Counted after each test; collected past 256."""
+    yield
+    if len(os.listdir("/proc/self/fd")) > OPEN_FILES_BEFORE_COLLECTING:
+        gc.collect()
 
 
 @pytest.fixture(scope="session")

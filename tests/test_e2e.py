@@ -83,8 +83,9 @@ class Terminal:
         return os.waitstatus_to_exitcode(status)
 
     def _read(self) -> bool:
-        ready, _, _ = select.select([self.fd], [], [], HANG_TIMEOUT)
-        if not ready:
+        waiting = select.poll()  # not select(): no limit on the descriptor's number
+        waiting.register(self.fd, select.POLLIN)
+        if not waiting.poll(HANG_TIMEOUT * 1000):
             return False
         try:
             data = os.read(self.fd, 4096)
@@ -249,6 +250,21 @@ def test_ctrl_c_at_the_prompt_changes_nothing(env: dict[str, str]) -> None:
         assert terminal.finish() == 130
     assert "usermgr: error: interrupted; nothing was changed" in terminal.transcript
     assert "Traceback" not in terminal.transcript
+    assert emails(Runner(env)) == []
+
+
+def test_a_terminal_test_works_in_a_worker_with_a_thousand_files_open(env: dict[str, str]) -> None:
+    """A test worker once held over 1,024 descriptors (engines waiting for the collector), and
+    the pseudo-terminal's number was past what `select()` takes: nine terminal tests failed."""
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with on_terminal("create", "--email", "x@example.com", env=env) as terminal:
+            terminal.expect("Password: ")
+            terminal.type("\x03")
+            assert terminal.finish() == 130
+    finally:
+        for fd in held:
+            os.close(fd)
     assert emails(Runner(env)) == []
 
 
