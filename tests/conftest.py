@@ -136,7 +136,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.postgres)
 
 
-OPEN_FILES_BEFORE_COLLECTING = 256
+OPEN_FILES_BETWEEN_COLLECTIONS = 256
+_open_after_collecting = [0]
 
 
 @pytest.fixture(autouse=True)
@@ -144,10 +145,12 @@ def _few_open_files() -> Iterator[None]:
     """Close what finished tests left for the garbage collector: each in-process command opens a
     database engine (SQLite: the file, its WAL and shared memory) that lives in reference cycles
     until a full collection, and one worker reached file descriptor 1024 between collections,
-    where `select()` fails (tests/test_e2e.py). Counted after each test; collected past 256."""
+    where `select()` fails (tests/test_e2e.py). Counted after each test; collected once 256 more
+    are open than after the last collection (files that stay open are not collected again and again)."""
     yield
-    if len(os.listdir("/proc/self/fd")) > OPEN_FILES_BEFORE_COLLECTING:
+    if len(os.listdir("/proc/self/fd")) > _open_after_collecting[0] + OPEN_FILES_BETWEEN_COLLECTIONS:
         gc.collect()
+        _open_after_collecting[0] = len(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture(scope="session")
